@@ -1,0 +1,190 @@
+//! Fan-out of every accepted message to live subscribers, with a bounded history for resuming
+//! streams. Store updates and fan-out happen under one lock, so a new subscriber's retained
+//! snapshot and its live messages neither overlap nor leave a gap.
+
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use tokio::sync::broadcast;
+
+use super::message::Message;
+use super::store::RetainedStore;
+use super::topic::TopicFilter;
+
+/// A message with its place in the gateway's sequence.
+#[derive(Debug, Clone)]
+pub struct Event {
+    /// Position in this process's sequence, from 1.
+    pub seq: u64,
+    /// The message.
+    pub message: Arc<Message>,
+}
+
+/// Where a new subscription starts.
+#[derive(Debug)]
+pub enum Start {
+    /// The events missed since the given id, oldest first.
+    Resume(Vec<Event>),
+    /// The retained messages matching the filter; `reset` when a resume was asked but is not
+    /// possible any more.
+    Snapshot {
+        /// Whether a resume was refused.
+        reset: bool,
+        /// Retained messages, sorted by topic.
+        retained: Vec<Arc<Message>>,
+    },
+}
+
+/// A live subscription: where it starts, then every event after `at`.
+#[derive(Debug)]
+pub struct Subscription {
+    /// What to send first.
+    pub start: Start,
+    /// The sequence number the start covers up to.
+    pub at: u64,
+    /// Later events; falls behind by at most the configured buffer.
+    pub live: broadcast::Receiver<Event>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    seq: u64,
+    history: VecDeque<Event>,
+}
+
+/// The fan-out point.
+#[derive(Debug)]
+pub(crate) struct Hub {
+    epoch: u64,
+    history_cap: usize,
+    inner: Mutex<Inner>,
+    tx: broadcast::Sender<Event>,
+}
+
+impl Hub {
+    pub(crate) fn new(buffer: usize, history_cap: usize) -> Self {
+        let (tx, _) = broadcast::channel(buffer.max(1));
+        let epoch = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        Self {
+            epoch,
+            history_cap,
+            inner: Mutex::new(Inner {
+                seq: 0,
+                history: VecDeque::with_capacity(history_cap.min(4096)),
+            }),
+            tx,
+        }
+    }
+
+    /// Identifies this process in event ids, so ids from an earlier run are never resumed.
+    pub(crate) fn epoch(&self) -> u64 {
+        self.epoch
+    }
+
+    /// Applies `message` to `store` and sends it to every subscriber.
+    pub(crate) fn publish(&self, message: Arc<Message>, store: &RetainedStore) {
+        let mut inner = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
+        store.apply(&message);
+        inner.seq += 1;
+        let event = Event {
+            seq: inner.seq,
+            message,
+        };
+        if self.history_cap > 0 {
+            if inner.history.len() == self.history_cap {
+                inner.history.pop_front();
+            }
+            inner.history.push_back(event.clone());
+        }
+        // No receiver is not an error: nobody is streaming.
+        let _ = self.tx.send(event);
+    }
+
+    /// Subscribes to `filter`, resuming after `last_event_id` when it is still in the history.
+    pub(crate) fn subscribe(
+        &self,
+        filter: &TopicFilter,
+        last_event_id: Option<&str>,
+        store: &RetainedStore,
+    ) -> Subscription {
+        let inner = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
+        let live = self.tx.subscribe();
+        let at = inner.seq;
+        let start = match last_event_id.map(|id| self.resume_point(id, &inner)) {
+            Some(Some(after)) => Start::Resume(
+                inner
+                    .history
+                    .iter()
+                    .filter(|e| e.seq > after && filter.matches(&e.message.topic))
+                    .cloned()
+                    .collect(),
+            ),
+            asked => Start::Snapshot {
+                reset: asked.is_some(),
+                retained: store.matching(filter),
+            },
+        };
+        Subscription { start, at, live }
+    }
+
+    /// The sequence number to resume after, if `id` names a point still covered.
+    fn resume_point(&self, id: &str, inner: &Inner) -> Option<u64> {
+        let (epoch, seq) = id.trim().split_once('-')?;
+        let (epoch, seq): (u64, u64) = (epoch.parse().ok()?, seq.parse().ok()?);
+        if epoch != self.epoch || seq > inner.seq {
+            return None;
+        }
+        let oldest = inner.history.front().map_or(inner.seq + 1, |e| e.seq);
+        (seq + 1 >= oldest).then_some(seq)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::bridge::message::Origin;
+    use crate::bridge::topic::Topic;
+
+    fn send(hub: &Hub, store: &RetainedStore, topic: &str) {
+        let m = Message::new(Topic::parse(topic).unwrap(), "v", Origin::Http);
+        hub.publish(Arc::new(m), store);
+    }
+
+    #[test]
+    fn resumes_within_history_and_resets_beyond_it() {
+        let store = RetainedStore::new();
+        let hub = Hub::new(16, 3);
+        let all = TopicFilter::parse("#").unwrap();
+        for t in ["a", "b", "c", "d"] {
+            send(&hub, &store, t);
+        }
+        let id = |seq: u64| format!("{}-{seq}", hub.epoch());
+        // History holds 2, 3, 4: resuming after 1 misses nothing.
+        match hub.subscribe(&all, Some(&id(1)), &store).start {
+            Start::Resume(events) => {
+                assert_eq!(events.iter().map(|e| e.seq).collect::<Vec<_>>(), [2, 3, 4]);
+            }
+            other => panic!("expected a resume, got {other:?}"),
+        }
+        // After 0, event 1 is gone.
+        assert!(matches!(
+            hub.subscribe(&all, Some(&id(0)), &store).start,
+            Start::Snapshot { reset: true, .. }
+        ));
+        // Another process's ids and future ids are not resumed.
+        assert!(matches!(
+            hub.subscribe(&all, Some("1-1"), &store).start,
+            Start::Snapshot { reset: true, .. }
+        ));
+        assert!(matches!(
+            hub.subscribe(&all, Some(&id(9)), &store).start,
+            Start::Snapshot { reset: true, .. }
+        ));
+        let sub = hub.subscribe(&all, None, &store);
+        assert!(matches!(sub.start, Start::Snapshot { reset: false, .. }));
+        assert_eq!(sub.at, 4);
+    }
+}

@@ -1,0 +1,243 @@
+//! The core every adapter calls: topic rules, the retained store, limits and fan-out. HTTP and
+//! CoAP parse requests into these types and call one [`Bridge`] method; MQTT publishes arrive
+//! through the broker link.
+
+mod hub;
+mod message;
+mod store;
+mod topic;
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use tokio_util::sync::CancellationToken;
+
+pub use hub::{Event, Start, Subscription};
+pub use message::{
+    Envelope, Message, Origin, PayloadEncoding, Properties, Qos, UserProperty, is_textual,
+};
+pub use store::{Page, RetainedStore};
+pub use topic::{Topic, TopicError, TopicFilter};
+
+use crate::metrics::Metrics;
+use crate::mqtt::{Link, LinkStats, MqttPublish, RetainedSource};
+
+/// Why the bridge refused a request.
+#[derive(Debug, thiserror::Error)]
+pub enum BridgeError {
+    /// The payload is over the shared limit.
+    #[error("the payload is {size} bytes, over the limit of {limit} bytes")]
+    PayloadTooLarge {
+        /// Payload size.
+        size: usize,
+        /// The limit.
+        limit: usize,
+    },
+    /// The broker cannot take publishes now.
+    #[error("the broker is not available")]
+    BrokerUnavailable,
+}
+
+/// A cheap, cloneable handle to the gateway's core.
+#[derive(Clone)]
+pub struct Bridge {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    store: Arc<RetainedStore>,
+    hub: hub::Hub,
+    link: Link,
+    link_stats: Arc<LinkStats>,
+    metrics: Arc<Metrics>,
+    max_payload: usize,
+    /// Keeps the broker's order and the store's order the same for gateway publishes.
+    order: tokio::sync::Mutex<()>,
+}
+
+impl Bridge {
+    /// A bridge over a running broker link.
+    pub fn new(
+        store: Arc<RetainedStore>,
+        link: Link,
+        metrics: Arc<Metrics>,
+        max_payload: usize,
+        sse_buffer: usize,
+        history: usize,
+    ) -> Self {
+        let link_stats = link.stats();
+        Self {
+            inner: Arc::new(Inner {
+                store,
+                hub: hub::Hub::new(sse_buffer, history),
+                link,
+                link_stats,
+                metrics,
+                max_payload,
+                order: tokio::sync::Mutex::new(()),
+            }),
+        }
+    }
+
+    /// Feeds client publishes from the broker into the store and the hub until cancelled.
+    pub async fn run(self, cancel: CancellationToken) {
+        let Some(mut inbound) = self.inner.link.take_inbound() else {
+            return;
+        };
+        loop {
+            let next: Option<MqttPublish> = tokio::select! {
+                m = inbound.recv() => m,
+                () = cancel.cancelled() => break,
+            };
+            let Some(publish) = next else { break };
+            match from_mqtt(publish) {
+                Ok(message) => self.accept(message),
+                Err(e) => {
+                    tracing::warn!(error = %e, "dropped a broker message with an invalid topic")
+                }
+            }
+        }
+    }
+
+    /// Publishes through the broker, then updates the store and the streams.
+    pub async fn publish(&self, message: Message) -> Result<(), BridgeError> {
+        let size = message.payload.len();
+        if size > self.inner.max_payload {
+            return Err(BridgeError::PayloadTooLarge {
+                size,
+                limit: self.inner.max_payload,
+            });
+        }
+        let _order = self.inner.order.lock().await;
+        self.inner
+            .link
+            .publish(to_mqtt(&message))
+            .await
+            .map_err(|_| BridgeError::BrokerUnavailable)?;
+        self.accept(message);
+        Ok(())
+    }
+
+    /// Clears a retained value with an empty retained publish; `false` when there was none.
+    pub async fn clear(&self, topic: &Topic, origin: Origin) -> Result<bool, BridgeError> {
+        if self.inner.store.get(topic).is_none() {
+            return Ok(false);
+        }
+        let mut message = Message::new(topic.clone(), bytes::Bytes::new(), origin);
+        message.retain = true;
+        self.publish(message).await?;
+        Ok(true)
+    }
+
+    /// The live retained message of a topic.
+    pub fn retained(&self, topic: &Topic) -> Option<Arc<Message>> {
+        self.inner.store.get(topic)
+    }
+
+    /// One page of retained messages matching `filter`.
+    pub fn list(&self, filter: &TopicFilter, after: Option<&str>, limit: usize) -> Page {
+        self.inner.store.page(filter, after, limit)
+    }
+
+    /// Subscribes to live messages, resuming after `last_event_id` when possible.
+    pub fn subscribe(&self, filter: &TopicFilter, last_event_id: Option<&str>) -> Subscription {
+        self.inner
+            .hub
+            .subscribe(filter, last_event_id, &self.inner.store)
+    }
+
+    /// The `<epoch>-<seq>` id of an event.
+    pub fn event_id(&self, seq: u64) -> String {
+        format!("{}-{seq}", self.inner.hub.epoch())
+    }
+
+    /// Whether publishes can reach the broker.
+    pub fn is_ready(&self) -> bool {
+        self.inner.link_stats.is_up()
+    }
+
+    /// The largest payload accepted.
+    pub fn max_payload(&self) -> usize {
+        self.inner.max_payload
+    }
+
+    /// The gateway's metrics, refreshed from the broker link and the store.
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        let m = &self.inner.metrics;
+        let stats = &self.inner.link_stats;
+        m.retained.set(self.inner.store.len() as i64);
+        m.broker_link_up.set(i64::from(stats.is_up()));
+        Metrics::mirror(&m.broker_link_wakeups, stats.wakeups());
+        Metrics::mirror(
+            &m.lag_dropped.get_or_create(&crate::metrics::StreamLabel {
+                stream: "broker_link",
+            }),
+            stats.lag_dropped(),
+        );
+        Metrics::mirror(
+            &m.deliveries
+                .get_or_create(&crate::metrics::ProtocolLabel { protocol: "mqtt" }),
+            stats.delivered(),
+        );
+        m
+    }
+
+    fn accept(&self, message: Message) {
+        self.inner.metrics.published(message.origin.label());
+        self.inner.hub.publish(Arc::new(message), &self.inner.store);
+    }
+}
+
+/// Serves retained messages to MQTT clients when they subscribe.
+pub struct StoreSource(pub Arc<RetainedStore>);
+
+impl RetainedSource for StoreSource {
+    fn retained_matching(&self, filter: &str) -> Vec<MqttPublish> {
+        let Ok(filter) = TopicFilter::parse(filter) else {
+            return Vec::new();
+        };
+        let now = SystemTime::now();
+        self.0
+            .matching(&filter)
+            .iter()
+            .map(|m| {
+                let mut p = to_mqtt(m);
+                p.expiry_secs = m.remaining_expiry(now);
+                p
+            })
+            .collect()
+    }
+}
+
+fn to_mqtt(m: &Message) -> MqttPublish {
+    MqttPublish {
+        topic: m.topic.to_string(),
+        payload: m.payload.clone(),
+        qos: m.qos.level(),
+        retain: m.retain,
+        content_type: m.content_type.clone(),
+        user_properties: m.user_properties.clone(),
+        response_topic: m.response_topic.clone(),
+        correlation_data: m.correlation_data.clone(),
+        expiry_secs: m.remaining_expiry(SystemTime::now()),
+    }
+}
+
+fn from_mqtt(p: MqttPublish) -> Result<Message, TopicError> {
+    let now = SystemTime::now();
+    Ok(Message {
+        topic: Topic::parse(&p.topic)?,
+        payload: p.payload,
+        content_type: p.content_type,
+        user_properties: p.user_properties,
+        response_topic: p.response_topic,
+        correlation_data: p.correlation_data,
+        qos: Qos::new(p.qos).unwrap_or_default(),
+        retain: p.retain,
+        expires_at: p
+            .expiry_secs
+            .map(|s| now + Duration::from_secs(u64::from(s))),
+        updated_at: now,
+        origin: Origin::Mqtt,
+    })
+}

@@ -1,0 +1,361 @@
+//! Typed configuration: the documented default file, strict parsing that names the bad key, and
+//! validation. Flags and environment variables are applied on top by `main`.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Deserializer};
+
+/// The documented default configuration, printed by `topicgate print-config`.
+pub const DEFAULT_TOML: &str = include_str!("../config/topicgate.toml");
+
+/// Largest payload any protocol allows: MQTT's maximum remaining length less room for headers.
+const MAX_PAYLOAD_CEILING: usize = 256 * 1024 * 1024 - 128 * 1024;
+
+/// The whole configuration.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Where state is kept.
+    pub data_dir: PathBuf,
+    /// Log line format.
+    pub log_format: LogFormat,
+    /// Time allowed for a graceful shutdown.
+    #[serde(with = "humantime_serde")]
+    pub shutdown_grace: Duration,
+    /// Largest payload on every protocol, bytes.
+    #[serde(deserialize_with = "size")]
+    pub max_payload: usize,
+    /// The embedded broker.
+    pub mqtt: MqttConfig,
+    /// The HTTP API.
+    pub http: HttpConfig,
+    /// The CoAP endpoint.
+    pub coap: CoapConfig,
+    /// The bridge between the broker and the adapters.
+    pub bridge: BridgeConfig,
+}
+
+/// Log line format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// `[mqtt]`: the embedded broker.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MqttConfig {
+    /// TCP listener address.
+    pub addr: SocketAddr,
+    /// Most concurrent client connections.
+    pub max_connections: usize,
+    /// Time allowed between accept and CONNECT.
+    #[serde(with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    /// Most packets read from one connection in a batch.
+    pub max_inflight: usize,
+    /// Size of one in-memory log segment, bytes.
+    #[serde(deserialize_with = "size")]
+    pub segment_size: usize,
+    /// Segments kept per subscribed filter.
+    pub segment_count: usize,
+}
+
+/// `[http]`: the HTTP API.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HttpConfig {
+    /// TCP listener address.
+    pub addr: SocketAddr,
+    /// Time limit of a non-streaming request.
+    #[serde(with = "humantime_serde")]
+    pub request_timeout: Duration,
+    /// Default and largest page of a wildcard GET.
+    pub list_limit: usize,
+    /// Interval of SSE heartbeat comments.
+    #[serde(with = "humantime_serde")]
+    pub sse_heartbeat: Duration,
+    /// Messages a stream may fall behind before it is told it lagged.
+    pub sse_buffer: usize,
+    /// Messages kept for `Last-Event-ID` resumption.
+    pub sse_history: usize,
+}
+
+/// `[coap]`: the CoAP endpoint.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CoapConfig {
+    /// UDP socket address.
+    pub addr: SocketAddr,
+}
+
+/// `[bridge]`: between the broker and the adapters.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BridgeConfig {
+    /// Client publishes queued between the broker and the gateway.
+    pub link_buffer: usize,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            data_dir: PathBuf::from("./data"),
+            log_format: LogFormat::Text,
+            shutdown_grace: Duration::from_secs(5),
+            max_payload: 1024 * 1024,
+            mqtt: MqttConfig::default(),
+            http: HttpConfig::default(),
+            coap: CoapConfig::default(),
+            bridge: BridgeConfig::default(),
+        }
+    }
+}
+
+impl Default for MqttConfig {
+    fn default() -> Self {
+        Self {
+            addr: SocketAddr::from(([0, 0, 0, 0], 1883)),
+            max_connections: 10_000,
+            connect_timeout: Duration::from_secs(5),
+            max_inflight: 100,
+            segment_size: 1024 * 1024,
+            segment_count: 3,
+        }
+    }
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        Self {
+            addr: SocketAddr::from(([0, 0, 0, 0], 8080)),
+            request_timeout: Duration::from_secs(30),
+            list_limit: 1000,
+            sse_heartbeat: Duration::from_secs(15),
+            sse_buffer: 1024,
+            sse_history: 10_000,
+        }
+    }
+}
+
+impl Default for CoapConfig {
+    fn default() -> Self {
+        Self {
+            addr: SocketAddr::from(([0, 0, 0, 0], 5683)),
+        }
+    }
+}
+
+impl Default for BridgeConfig {
+    fn default() -> Self {
+        Self { link_buffer: 4096 }
+    }
+}
+
+/// A configuration that cannot be used, with the file, key or value at fault.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML or has a wrong key or value.
+    #[error("config file {path}{line}: {message}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// ` line N` when known.
+        line: LineRef,
+        /// What is wrong, naming the key.
+        message: String,
+    },
+    /// A value parses but cannot work.
+    #[error("invalid config: `{key}` {reason}")]
+    Invalid {
+        /// The dotted key.
+        key: &'static str,
+        /// Why.
+        reason: String,
+    },
+}
+
+/// A line number for messages, printed as ` line N`, or nothing.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct LineRef(Option<usize>);
+
+impl fmt::Display for LineRef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.0 {
+            Some(n) => write!(f, " line {n}"),
+            None => Ok(()),
+        }
+    }
+}
+
+impl Config {
+    /// Reads `path`, or returns the defaults when there is none; then validates.
+    pub fn load(path: Option<&Path>) -> Result<Self, ConfigError> {
+        let config = match path {
+            None => Self::default(),
+            Some(path) => {
+                let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+                    path: path.to_owned(),
+                    source,
+                })?;
+                Self::parse(&text, path)?
+            }
+        };
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Parses TOML text; `origin` names it in errors.
+    pub fn parse(text: &str, origin: &Path) -> Result<Self, ConfigError> {
+        toml::from_str(text).map_err(|e| {
+            let line = e
+                .span()
+                .map(|span| text[..span.start.min(text.len())].lines().count().max(1));
+            ConfigError::Parse {
+                path: origin.to_owned(),
+                line: LineRef(line),
+                message: e.message().trim().replace('\n', " "),
+            }
+        })
+    }
+
+    /// Checks values that parse but cannot work.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |key, reason: &str| {
+            Err(ConfigError::Invalid {
+                key,
+                reason: reason.to_owned(),
+            })
+        };
+        if self.max_payload == 0 || self.max_payload > MAX_PAYLOAD_CEILING {
+            return invalid("max_payload", "must be between 1 byte and 255.8 MiB");
+        }
+        if self.mqtt.max_connections == 0 {
+            return invalid("mqtt.max_connections", "must be at least 1");
+        }
+        if self.mqtt.connect_timeout.is_zero() || self.mqtt.connect_timeout.as_millis() > 65_535 {
+            return invalid("mqtt.connect_timeout", "must be between 1ms and 65s");
+        }
+        if self.mqtt.max_inflight == 0 {
+            return invalid("mqtt.max_inflight", "must be at least 1");
+        }
+        if self.mqtt.segment_size < 1024 {
+            return invalid("mqtt.segment_size", "must be at least 1KiB");
+        }
+        if self.mqtt.segment_count == 0 {
+            return invalid("mqtt.segment_count", "must be at least 1");
+        }
+        if self.http.list_limit == 0 {
+            return invalid("http.list_limit", "must be at least 1");
+        }
+        if self.http.sse_heartbeat.is_zero() {
+            return invalid("http.sse_heartbeat", "must be longer than 0s");
+        }
+        if self.http.request_timeout.is_zero() {
+            return invalid("http.request_timeout", "must be longer than 0s");
+        }
+        if self.http.sse_buffer == 0 {
+            return invalid("http.sse_buffer", "must be at least 1");
+        }
+        if self.bridge.link_buffer == 0 {
+            return invalid("bridge.link_buffer", "must be at least 1");
+        }
+        Ok(())
+    }
+}
+
+/// Parses `"512KiB"`, `"1MiB"`, `"1000"` or an integer into bytes.
+fn parse_size(text: &str) -> Result<usize, String> {
+    let t = text.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (digits, unit) = t.split_at(split);
+    let n: usize = digits
+        .parse()
+        .map_err(|_| format!("invalid size {text:?}: expected a number of bytes like \"1MiB\""))?;
+    let factor: usize = match unit.trim() {
+        "" | "B" => 1,
+        "KiB" | "K" | "KB" | "k" | "kB" => 1024,
+        "MiB" | "M" | "MB" => 1024 * 1024,
+        "GiB" | "G" | "GB" => 1024 * 1024 * 1024,
+        other => {
+            return Err(format!(
+                "invalid size unit {other:?} in {text:?}: use B, KiB, MiB or GiB"
+            ));
+        }
+    };
+    n.checked_mul(factor)
+        .ok_or_else(|| format!("size {text:?} is too large"))
+}
+
+fn size<'de, D: Deserializer<'de>>(d: D) -> Result<usize, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Raw {
+        Int(u64),
+        Text(String),
+    }
+    match Raw::deserialize(d)? {
+        Raw::Int(n) => usize::try_from(n).map_err(serde::de::Error::custom),
+        Raw::Text(t) => parse_size(&t).map_err(serde::de::Error::custom),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn documented_file_is_exactly_the_defaults() {
+        let parsed = Config::parse(DEFAULT_TOML, Path::new("config/topicgate.toml"))
+            .expect("the default config parses");
+        assert_eq!(parsed, Config::default());
+        parsed.validate().expect("the defaults are valid");
+    }
+
+    #[test]
+    fn unknown_key_is_named_with_its_line() {
+        let err = Config::parse(
+            "[http]\naddr = \"127.0.0.1:1\"\nbogus = 1\n",
+            Path::new("x.toml"),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("bogus"), "{err}");
+        assert!(err.contains("x.toml line 3"), "{err}");
+        assert!(!err.contains('\n'), "{err}");
+    }
+
+    #[test]
+    fn sizes_parse_with_units() {
+        assert_eq!(parse_size("1MiB"), Ok(1024 * 1024));
+        assert_eq!(parse_size("512 KiB"), Ok(512 * 1024));
+        assert_eq!(parse_size("100"), Ok(100));
+        assert!(parse_size("1 parsec").is_err());
+        assert!(parse_size("MiB").is_err());
+    }
+
+    #[test]
+    fn invalid_values_name_their_key() {
+        let c = Config {
+            max_payload: 0,
+            ..Config::default()
+        };
+        let err = c.validate().unwrap_err().to_string();
+        assert!(err.contains("`max_payload`"), "{err}");
+    }
+}

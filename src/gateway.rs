@@ -1,0 +1,142 @@
+//! Binds every listener, exposes the bound addresses, and runs the gateway until it is told to
+//! stop, then shuts down within the grace period.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::bridge::{Bridge, RetainedStore, StoreSource};
+use crate::config::Config;
+use crate::http;
+use crate::metrics::Metrics;
+use crate::mqtt::{Broker, MqttError};
+
+/// Why the gateway could not start or stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum GatewayError {
+    /// A TCP or UDP address could not be bound.
+    #[error("cannot listen for {protocol} on {addr}: {source}")]
+    Bind {
+        /// `HTTP` or `MQTT`.
+        protocol: &'static str,
+        /// The address asked for.
+        addr: SocketAddr,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The broker failed.
+    #[error(transparent)]
+    Mqtt(#[from] MqttError),
+    /// The HTTP server failed while running.
+    #[error("the HTTP server stopped: {0}")]
+    Http(std::io::Error),
+}
+
+/// A gateway with every listener bound, ready to run.
+pub struct Gateway {
+    config: Config,
+    http: TcpListener,
+    broker: Broker,
+    store: Arc<RetainedStore>,
+}
+
+impl Gateway {
+    /// Binds the HTTP and MQTT listeners and starts the broker's router.
+    pub async fn bind(config: Config) -> Result<Self, GatewayError> {
+        let http = TcpListener::bind(config.http.addr)
+            .await
+            .map_err(|source| GatewayError::Bind {
+                protocol: "HTTP",
+                addr: config.http.addr,
+                source,
+            })?;
+        let store = Arc::new(RetainedStore::new());
+        let broker = match Broker::bind(
+            &config.mqtt,
+            config.max_payload,
+            Arc::new(StoreSource(store.clone())),
+        ) {
+            Ok(b) => b,
+            Err(MqttError::Bind { addr, source }) => {
+                return Err(GatewayError::Bind {
+                    protocol: "MQTT",
+                    addr,
+                    source,
+                });
+            }
+            Err(e) => return Err(e.into()),
+        };
+        Ok(Self {
+            config,
+            http,
+            broker,
+            store,
+        })
+    }
+
+    /// The bound HTTP address.
+    pub fn http_addr(&self) -> SocketAddr {
+        self.http.local_addr().unwrap_or(self.config.http.addr)
+    }
+
+    /// The bound MQTT address.
+    pub fn mqtt_addr(&self) -> SocketAddr {
+        self.broker.addr()
+    }
+
+    /// Serves until `shutdown` completes, then stops within `shutdown_grace`.
+    pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<(), GatewayError> {
+        let Self {
+            config,
+            http,
+            broker,
+            store,
+        } = self;
+        let cancel = CancellationToken::new();
+        let tracker = TaskTracker::new();
+        let http_addr = http.local_addr().unwrap_or(config.http.addr);
+        let mqtt_addr = broker.addr();
+
+        let link = broker
+            .run(config.bridge.link_buffer, &tracker, cancel.clone())
+            .await?;
+        tracing::info!(protocol = "mqtt", addr = %mqtt_addr, "listening");
+
+        let bridge = Bridge::new(
+            store,
+            link,
+            Arc::new(Metrics::default()),
+            config.max_payload,
+            config.http.sse_buffer,
+            config.http.sse_history,
+        );
+        tracker.spawn(bridge.clone().run(cancel.clone()));
+
+        let router = http::router(bridge, config.http.clone(), cancel.clone());
+        let mut http_task = tracker.spawn(http::serve(http, router, cancel.clone()));
+        tracing::info!(protocol = "http", addr = %http_addr, "listening");
+
+        let outcome = tokio::select! {
+            () = shutdown => Ok(()),
+            res = &mut http_task => match res {
+                Ok(Ok(())) => Ok(()),
+                Ok(Err(e)) => Err(GatewayError::Http(e)),
+                Err(e) => Err(GatewayError::Http(std::io::Error::other(e))),
+            },
+        };
+        tracing::info!(grace = ?config.shutdown_grace, "shutting down");
+        cancel.cancel();
+        tracker.close();
+        if tokio::time::timeout(config.shutdown_grace, tracker.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!("grace period over with work still running; stopping anyway");
+        }
+        outcome
+    }
+}

@@ -1,0 +1,128 @@
+//! The one error type of the HTTP API and its JSON form `{"error", "message"}`.
+
+use axum::Json;
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde::Serialize;
+use utoipa::ToSchema;
+
+use crate::bridge::{BridgeError, TopicError};
+
+/// Every way a request can fail, each with its status and snake_case code.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    /// The topic or filter in the path is not acceptable.
+    #[error("{0}")]
+    InvalidTopic(TopicError),
+    /// A query parameter has a bad value.
+    #[error("{0}")]
+    InvalidParameter(String),
+    /// A header has a bad value.
+    #[error("{0}")]
+    InvalidHeader(String),
+    /// Nothing retained at that topic.
+    #[error("no retained message on topic '{0}'")]
+    NotRetained(String),
+    /// No such resource.
+    #[error("no resource at this path")]
+    NotFound,
+    /// The path exists, the method does not.
+    #[error("this method is not allowed here")]
+    MethodNotAllowed,
+    /// The body is over the payload limit.
+    #[error("the payload is over the limit of {0} bytes")]
+    PayloadTooLarge(usize),
+    /// The body could not be read.
+    #[error("the request body could not be read")]
+    BadBody,
+    /// The request took longer than allowed.
+    #[error("the request took too long")]
+    Timeout,
+    /// The broker cannot take publishes.
+    #[error("the broker is not available, try again later")]
+    Unavailable,
+    /// A bug; details go to the log, never to the client.
+    #[error("internal error")]
+    Internal,
+}
+
+/// The JSON body of every error response.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ErrorBody {
+    /// Machine-readable snake_case code.
+    #[schema(example = "invalid_topic")]
+    pub error: &'static str,
+    /// One sentence for people.
+    #[schema(example = "a topic to publish to cannot contain the wildcards '+' or '#'")]
+    pub message: String,
+}
+
+impl ApiError {
+    /// The HTTP status.
+    pub fn status(&self) -> StatusCode {
+        match self {
+            ApiError::InvalidTopic(_)
+            | ApiError::InvalidParameter(_)
+            | ApiError::InvalidHeader(_)
+            | ApiError::BadBody => StatusCode::BAD_REQUEST,
+            ApiError::NotRetained(_) | ApiError::NotFound => StatusCode::NOT_FOUND,
+            ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            ApiError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::Timeout => StatusCode::REQUEST_TIMEOUT,
+            ApiError::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Internal => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    /// The snake_case code.
+    pub fn code(&self) -> &'static str {
+        match self {
+            ApiError::InvalidTopic(_) => "invalid_topic",
+            ApiError::InvalidParameter(_) => "invalid_parameter",
+            ApiError::InvalidHeader(_) => "invalid_header",
+            ApiError::NotRetained(_) => "not_retained",
+            ApiError::NotFound => "not_found",
+            ApiError::MethodNotAllowed => "method_not_allowed",
+            ApiError::PayloadTooLarge(_) => "payload_too_large",
+            ApiError::BadBody => "bad_body",
+            ApiError::Timeout => "timeout",
+            ApiError::Unavailable => "broker_unavailable",
+            ApiError::Internal => "internal_error",
+        }
+    }
+}
+
+impl From<TopicError> for ApiError {
+    fn from(e: TopicError) -> Self {
+        ApiError::InvalidTopic(e)
+    }
+}
+
+impl From<BridgeError> for ApiError {
+    fn from(e: BridgeError) -> Self {
+        match e {
+            BridgeError::PayloadTooLarge { limit, .. } => ApiError::PayloadTooLarge(limit),
+            BridgeError::BrokerUnavailable => ApiError::Unavailable,
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let status = self.status();
+        let mut response = (
+            status,
+            Json(ErrorBody {
+                error: self.code(),
+                message: self.to_string(),
+            }),
+        )
+            .into_response();
+        if status == StatusCode::SERVICE_UNAVAILABLE {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        }
+        response
+    }
+}

@@ -1,0 +1,411 @@
+//! `/topics/{topic}`: publish, read, list, stream and clear, mapped onto one bridge call each.
+
+use std::time::{Duration, SystemTime};
+
+use axum::Json;
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{Query, State};
+use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode, Uri, header};
+use axum::response::{IntoResponse, Response};
+use percent_encoding::percent_decode_str;
+use serde::{Deserialize, Serialize};
+use utoipa::{IntoParams, ToSchema};
+
+use super::AppState;
+use super::error::{ApiError, ErrorBody};
+use super::sse;
+use crate::bridge::{Envelope, Message, Origin, Qos, Topic, TopicError, TopicFilter};
+
+/// Prefix of headers carrying MQTT 5 user properties.
+const USER_PREFIX: &str = "mqtt-user-";
+const RESPONSE_TOPIC: &str = "mqtt-response-topic";
+const CORRELATION_DATA: &str = "mqtt-correlation-data";
+const EXPIRY: &str = "mqtt-message-expiry-interval";
+
+/// Query of a publish.
+#[derive(Debug, Default, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct PublishQuery {
+    /// MQTT QoS of the publish: 0, 1 or 2 (default 0).
+    qos: Option<String>,
+    /// `true` to make the broker retain the message (POST only; PUT always retains).
+    retain: Option<String>,
+    /// MQTT 5 message expiry, in seconds (1 to 4294967295).
+    expiry: Option<String>,
+}
+
+/// Query of a read.
+#[derive(Debug, Default, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct ReadQuery {
+    /// Page size of a wildcard listing (default and maximum: `http.list_limit`, 1000).
+    limit: Option<String>,
+    /// Continue a wildcard listing after this topic (the `next` of the previous page).
+    cursor: Option<String>,
+    /// `true` for an event stream, as with `Accept: text/event-stream`.
+    stream: Option<String>,
+}
+
+/// A page of retained messages.
+#[derive(Debug, Serialize, ToSchema)]
+pub(crate) struct MessageList {
+    /// Messages sorted by topic.
+    messages: Vec<Envelope>,
+    /// Pass as `cursor` to get the next page; null on the last one.
+    next: Option<String>,
+}
+
+/// Publish the request body to a topic.
+#[utoipa::path(
+    post,
+    path = "/topics/{*topic}",
+    tag = "topics",
+    params(
+        ("topic" = String, Path, description = "Topic name, the rest of the path, percent-decoded"),
+        PublishQuery,
+    ),
+    request_body(content = Vec<u8>, description = "The payload, raw. Content-Type becomes the MQTT 5 content type; `mqtt-user-NAME` headers become user properties; `mqtt-response-topic` and `mqtt-correlation-data` the MQTT 5 fields.", content_type = "*/*"),
+    responses(
+        (status = 204, description = "Published"),
+        (status = 400, description = "Bad topic, parameter or header", body = ErrorBody),
+        (status = 413, description = "Payload over the limit", body = ErrorBody),
+        (status = 503, description = "Broker unavailable", body = ErrorBody),
+    )
+)]
+pub(crate) async fn publish(
+    State(state): State<AppState>,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<StatusCode, ApiError> {
+    let topic = Topic::parse(&path_text(&uri)?)?;
+    let query = parse_query::<PublishQuery>(&uri)?;
+    let retain = match query.retain.as_deref() {
+        None => false,
+        Some(v) => parse_bool("retain", v)?,
+    };
+    let message = build_message(&state, topic, &query, &headers, body, retain)?;
+    state.bridge.publish(message).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// Publish the request body as the topic's retained value.
+#[utoipa::path(
+    put,
+    path = "/topics/{*topic}",
+    tag = "topics",
+    params(
+        ("topic" = String, Path, description = "Topic name, the rest of the path, percent-decoded"),
+        PublishQuery,
+    ),
+    request_body(content = Vec<u8>, description = "The payload, raw, with the same metadata headers as POST.", content_type = "*/*"),
+    responses(
+        (status = 204, description = "Retained; `Location` names the resource", headers(("Location" = String))),
+        (status = 400, description = "Bad topic, parameter or header", body = ErrorBody),
+        (status = 413, description = "Payload over the limit", body = ErrorBody),
+        (status = 503, description = "Broker unavailable", body = ErrorBody),
+    )
+)]
+pub(crate) async fn put_retained(
+    State(state): State<AppState>,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let topic = Topic::parse(&path_text(&uri)?)?;
+    let query = parse_query::<PublishQuery>(&uri)?;
+    if let Some(v) = query.retain.as_deref()
+        && !parse_bool("retain", v)?
+    {
+        return Err(ApiError::InvalidParameter(
+            "PUT always retains; use POST to publish without retaining".to_owned(),
+        ));
+    }
+    let message = build_message(&state, topic, &query, &headers, body, true)?;
+    state.bridge.publish(message).await?;
+    let location = HeaderValue::from_str(uri.path()).map_err(|_| ApiError::Internal)?;
+    Ok((StatusCode::NO_CONTENT, [(header::LOCATION, location)]).into_response())
+}
+
+/// Read a retained value, list retained values under a filter, or stream messages.
+#[utoipa::path(
+    get,
+    path = "/topics/{*topic}",
+    tag = "topics",
+    params(
+        ("topic" = String, Path, description = "Topic name, or a filter with `+` and `#` (written `%23`)"),
+        ReadQuery,
+        ("If-None-Match" = Option<String>, Header, description = "ETag of a copy already held"),
+        ("Last-Event-ID" = Option<String>, Header, description = "Resume an event stream after this id"),
+    ),
+    responses(
+        (status = 200, description = "A topic: its retained payload, raw, with its Content-Type, `ETag`, `Last-Modified` and `mqtt-*` metadata headers. A filter: a JSON page of retained messages. With `Accept: text/event-stream` or `?stream=true`: server-sent events, retained messages first, then live ones.",
+            content(
+                (Vec<u8> = "application/octet-stream"),
+                (MessageList = "application/json"),
+                (String = "text/event-stream"),
+            )),
+        (status = 304, description = "Unchanged since the given ETag"),
+        (status = 400, description = "Bad topic, filter or parameter", body = ErrorBody),
+        (status = 404, description = "Nothing retained on the topic", body = ErrorBody),
+    )
+)]
+pub(crate) async fn read(
+    State(state): State<AppState>,
+    uri: Uri,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let filter = TopicFilter::parse(&path_text(&uri)?)?;
+    let query = parse_query::<ReadQuery>(&uri)?;
+    let wants_stream = match query.stream.as_deref() {
+        Some(v) => parse_bool("stream", v)?,
+        None => accepts_event_stream(&headers),
+    };
+    if wants_stream {
+        let last_id = headers
+            .get("last-event-id")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
+        return Ok(sse::stream(&state, filter, last_id.as_deref()).into_response());
+    }
+    if filter.is_wildcard() {
+        return list(&state, &filter, &query);
+    }
+    if query.limit.is_some() || query.cursor.is_some() {
+        return Err(ApiError::InvalidParameter(
+            "limit and cursor apply only to filters with '+' or '#'".to_owned(),
+        ));
+    }
+    let topic = filter.as_topic().ok_or(TopicError::Reserved)?;
+    let message = state
+        .bridge
+        .retained(&topic)
+        .ok_or_else(|| ApiError::NotRetained(topic.to_string()))?;
+    Ok(single(&message, &headers))
+}
+
+/// Clear a topic's retained value (an empty retained publish, seen by MQTT subscribers too).
+#[utoipa::path(
+    delete,
+    path = "/topics/{*topic}",
+    tag = "topics",
+    params(("topic" = String, Path, description = "Topic name")),
+    responses(
+        (status = 204, description = "Cleared"),
+        (status = 400, description = "Bad topic", body = ErrorBody),
+        (status = 404, description = "Nothing retained on the topic", body = ErrorBody),
+        (status = 503, description = "Broker unavailable", body = ErrorBody),
+    )
+)]
+pub(crate) async fn clear(State(state): State<AppState>, uri: Uri) -> Result<StatusCode, ApiError> {
+    let topic = Topic::parse(&path_text(&uri)?)?;
+    parse_query::<Empty>(&uri)?;
+    if state.bridge.clear(&topic, Origin::Http).await? {
+        Ok(StatusCode::NO_CONTENT)
+    } else {
+        Err(ApiError::NotRetained(topic.to_string()))
+    }
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Empty {}
+
+fn list(state: &AppState, filter: &TopicFilter, query: &ReadQuery) -> Result<Response, ApiError> {
+    let max = state.config.list_limit;
+    let limit = match query.limit.as_deref() {
+        None => max,
+        Some(v) => match v.parse::<usize>() {
+            Ok(n) if (1..=max).contains(&n) => n,
+            _ => {
+                return Err(ApiError::InvalidParameter(format!(
+                    "limit must be a whole number from 1 to {max}"
+                )));
+            }
+        },
+    };
+    let page = state.bridge.list(filter, query.cursor.as_deref(), limit);
+    let now = SystemTime::now();
+    Ok(Json(MessageList {
+        messages: page.messages.iter().map(|m| m.envelope(now)).collect(),
+        next: page.next,
+    })
+    .into_response())
+}
+
+fn single(message: &Message, request: &HeaderMap) -> Response {
+    let etag = message.etag();
+    let mut headers = HeaderMap::new();
+    if let Ok(v) = HeaderValue::from_str(&etag) {
+        headers.insert(header::ETAG, v);
+    }
+    if let Ok(v) = HeaderValue::from_str(&httpdate::fmt_http_date(message.updated_at)) {
+        headers.insert(header::LAST_MODIFIED, v);
+    }
+    let unchanged = request
+        .get_all(header::IF_NONE_MATCH)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(|t| t.trim().trim_start_matches("W/"))
+        .any(|t| t == "*" || t == etag);
+    if unchanged {
+        return (StatusCode::NOT_MODIFIED, headers).into_response();
+    }
+    let content_type = message
+        .content_type
+        .as_deref()
+        .and_then(|ct| HeaderValue::from_str(ct).ok())
+        .unwrap_or(HeaderValue::from_static("application/octet-stream"));
+    headers.insert(header::CONTENT_TYPE, content_type);
+    for (name, value) in &message.user_properties {
+        let name = HeaderName::try_from(format!("{USER_PREFIX}{name}"));
+        if let (Ok(name), Ok(value)) = (name, HeaderValue::from_str(value)) {
+            headers.append(name, value);
+        }
+    }
+    if let Some(v) = message
+        .response_topic
+        .as_deref()
+        .and_then(|t| HeaderValue::from_str(t).ok())
+    {
+        headers.insert(RESPONSE_TOPIC, v);
+    }
+    if let Some(v) = message
+        .correlation_data
+        .as_ref()
+        .and_then(|d| HeaderValue::from_bytes(d).ok())
+    {
+        headers.insert(CORRELATION_DATA, v);
+    }
+    if let Some(secs) = message.remaining_expiry(SystemTime::now()) {
+        headers.insert(EXPIRY, HeaderValue::from(secs));
+    }
+    (StatusCode::OK, headers, message.payload.clone()).into_response()
+}
+
+fn build_message(
+    state: &AppState,
+    topic: Topic,
+    query: &PublishQuery,
+    headers: &HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+    retain: bool,
+) -> Result<Message, ApiError> {
+    let payload = body.map_err(|rejection| {
+        if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            ApiError::PayloadTooLarge(state.bridge.max_payload())
+        } else {
+            ApiError::BadBody
+        }
+    })?;
+    let mut message = Message::new(topic, payload, Origin::Http);
+    message.retain = retain;
+    message.qos = match query.qos.as_deref() {
+        None => Qos::default(),
+        Some(v) => v
+            .parse::<u8>()
+            .ok()
+            .and_then(Qos::new)
+            .ok_or_else(|| ApiError::InvalidParameter("qos must be 0, 1 or 2".to_owned()))?,
+    };
+    if let Some(v) = query.expiry.as_deref() {
+        let secs = v.parse::<u32>().ok().filter(|s| *s > 0).ok_or_else(|| {
+            ApiError::InvalidParameter(
+                "expiry must be a number of seconds from 1 to 4294967295".to_owned(),
+            )
+        })?;
+        message.expires_at = Some(message.updated_at + Duration::from_secs(u64::from(secs)));
+    }
+    message.content_type = content_type(headers)?;
+    for (name, value) in headers {
+        let Some(prop) = name.as_str().strip_prefix(USER_PREFIX) else {
+            continue;
+        };
+        let value = text_header(name.as_str(), value)?;
+        message.user_properties.push((prop.to_owned(), value));
+    }
+    if let Some(v) = headers.get(RESPONSE_TOPIC) {
+        let text = text_header(RESPONSE_TOPIC, v)?;
+        let topic = Topic::parse(&text).map_err(|e| {
+            ApiError::InvalidHeader(format!("{RESPONSE_TOPIC} is not a valid topic: {e}"))
+        })?;
+        message.response_topic = Some(topic.to_string());
+    }
+    if let Some(v) = headers.get(CORRELATION_DATA) {
+        message.correlation_data = Some(Bytes::copy_from_slice(v.as_bytes()));
+    }
+    Ok(message)
+}
+
+/// The body's content type. curl's `-d` labels every body as a form, which no device means, so
+/// that label counts as none.
+fn content_type(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
+    let Some(v) = headers.get(header::CONTENT_TYPE) else {
+        return Ok(None);
+    };
+    let text = text_header("content-type", v)?;
+    let essence = text.split(';').next().unwrap_or("").trim();
+    if essence.is_empty() || essence.eq_ignore_ascii_case("application/x-www-form-urlencoded") {
+        return Ok(None);
+    }
+    Ok(Some(text))
+}
+
+fn text_header(name: &str, value: &HeaderValue) -> Result<String, ApiError> {
+    let text = std::str::from_utf8(value.as_bytes())
+        .map_err(|_| ApiError::InvalidHeader(format!("header {name} is not valid UTF-8")))?;
+    if text.contains('\0') {
+        return Err(ApiError::InvalidHeader(format!(
+            "header {name} contains the character U+0000"
+        )));
+    }
+    Ok(text.to_owned())
+}
+
+fn accepts_event_stream(headers: &HeaderMap) -> bool {
+    headers
+        .get_all(header::ACCEPT)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.split(';').next().unwrap_or("").trim() == "text/event-stream")
+}
+
+fn parse_bool(name: &str, value: &str) -> Result<bool, ApiError> {
+    match value {
+        "true" | "1" => Ok(true),
+        "false" | "0" => Ok(false),
+        _ => Err(ApiError::InvalidParameter(format!(
+            "{name} must be true or false"
+        ))),
+    }
+}
+
+fn parse_query<T: serde::de::DeserializeOwned + Default>(uri: &Uri) -> Result<T, ApiError> {
+    match uri.query() {
+        None => Ok(T::default()),
+        Some(_) => Query::<T>::try_from_uri(uri)
+            .map(|q| q.0)
+            .map_err(|e| ApiError::InvalidParameter(query_message(&e.body_text()))),
+    }
+}
+
+/// Turns serde's wording into one sentence about the query.
+fn query_message(detail: &str) -> String {
+    let detail = detail
+        .trim_start_matches("Failed to deserialize query string: ")
+        .trim_end_matches('.');
+    format!("bad query string: {detail}")
+}
+
+/// The topic part of the path, percent-decoded; refuses bytes that are not UTF-8.
+pub(crate) fn path_text(uri: &Uri) -> Result<String, ApiError> {
+    let rest = uri.path().strip_prefix("/topics").unwrap_or_default();
+    let rest = rest.strip_prefix('/').unwrap_or(rest);
+    let bytes: Vec<u8> = percent_decode_str(rest).collect();
+    String::from_utf8(bytes).map_err(|_| ApiError::InvalidTopic(TopicError::NotUtf8))
+}

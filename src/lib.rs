@@ -1,0 +1,21 @@
+//! topicgate: one process in which MQTT clients, HTTP clients and (soon) CoAP devices share one
+//! topic space.
+//!
+//! Codemap (dependencies point down):
+//! - [`gateway`]: binds every listener and runs the whole until shutdown.
+//! - [`http`]: the axum router, handlers, event streams and the OpenAPI document.
+//! - [`bridge`]: topics and filters, the retained store, fan-out to streams; the one place that
+//!   decides.
+//! - [`mqtt`]: the embedded rumqttd broker and the gateway's link into it; the only module that
+//!   names rumqttd.
+//! - [`config`]: the typed configuration; [`metrics`]: the Prometheus registry.
+
+pub mod bridge;
+pub mod config;
+pub mod gateway;
+pub mod http;
+pub mod metrics;
+pub mod mqtt;
+
+pub use config::Config;
+pub use gateway::{Gateway, GatewayError};

@@ -1,0 +1,137 @@
+//! The `topicgate` command: flags, logging, configuration, then the gateway until a signal.
+
+use std::io::Write;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use topicgate::config::{DEFAULT_TOML, LogFormat};
+use topicgate::{Config, Gateway};
+
+/// MQTT broker, HTTP API and CoAP endpoint sharing one topic space.
+#[derive(Debug, Parser)]
+#[command(name = "topicgate", version, about)]
+struct Cli {
+    /// Configuration file (TOML); see `topicgate print-config`.
+    #[arg(long, env = "TOPICGATE_CONFIG", value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// MQTT listener address [default: 0.0.0.0:1883].
+    #[arg(long, env = "TOPICGATE_MQTT_ADDR", value_name = "ADDR")]
+    mqtt_addr: Option<SocketAddr>,
+    /// HTTP listener address [default: 0.0.0.0:8080].
+    #[arg(long, env = "TOPICGATE_HTTP_ADDR", value_name = "ADDR")]
+    http_addr: Option<SocketAddr>,
+    /// CoAP socket address [default: 0.0.0.0:5683].
+    #[arg(long, env = "TOPICGATE_COAP_ADDR", value_name = "ADDR")]
+    coap_addr: Option<SocketAddr>,
+    /// Directory for the gateway's state [default: ./data].
+    #[arg(long, env = "TOPICGATE_DATA_DIR", value_name = "DIR")]
+    data_dir: Option<PathBuf>,
+    /// Log format [default: text].
+    #[arg(long, env = "TOPICGATE_LOG_FORMAT", value_enum)]
+    log_format: Option<LogFormat>,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Print the documented default configuration file.
+    PrintConfig,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    if let Some(Command::PrintConfig) = cli.command {
+        return match std::io::stdout().write_all(DEFAULT_TOML.as_bytes()) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(_) => ExitCode::FAILURE,
+        };
+    }
+    let config = match load(&cli) {
+        Ok(c) => c,
+        Err(e) => return fail(&e),
+    };
+    init_tracing(config.log_format);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => return fail(&anyhow::anyhow!("cannot start the runtime: {e}")),
+    };
+    let result = runtime.block_on(async {
+        let gateway = Gateway::bind(config).await?;
+        gateway.run(shutdown_signal()).await
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => fail(&e.into()),
+    }
+}
+
+fn load(cli: &Cli) -> anyhow::Result<Config> {
+    let mut config = Config::load(cli.config.as_deref())?;
+    if let Some(a) = cli.mqtt_addr {
+        config.mqtt.addr = a;
+    }
+    if let Some(a) = cli.http_addr {
+        config.http.addr = a;
+    }
+    if let Some(a) = cli.coap_addr {
+        config.coap.addr = a;
+    }
+    if let Some(d) = &cli.data_dir {
+        config.data_dir.clone_from(d);
+    }
+    if let Some(f) = cli.log_format {
+        config.log_format = f;
+    }
+    config.validate()?;
+    Ok(config)
+}
+
+/// One line on stderr and exit code 2, for every startup error.
+fn fail(error: &anyhow::Error) -> ExitCode {
+    let _ = writeln!(std::io::stderr(), "topicgate: error: {error:#}");
+    ExitCode::from(2)
+}
+
+fn init_tracing(format: LogFormat) {
+    use tracing_subscriber::EnvFilter;
+    // rumqttd logs ordinary client disconnects as errors; its listener problems surface through
+    // the gateway's own messages.
+    let filter = EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| EnvFilter::new("info,rumqttd=off,tower_http=warn"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        if tokio::signal::ctrl_c().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {},
+        () = term => {},
+    }
+}

@@ -1,0 +1,135 @@
+//! The gateway's Prometheus metrics: one registry per gateway, rendered as text by `/metrics`.
+
+use std::sync::atomic::Ordering;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+
+/// A `protocol` label.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct ProtocolLabel {
+    /// `mqtt`, `http`, `coap` or `sse`.
+    pub protocol: &'static str,
+}
+
+/// A `status` label.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct StatusLabel {
+    /// HTTP status code.
+    pub status: u16,
+}
+
+/// A `stream` label for lag counters.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct StreamLabel {
+    /// `sse` or `broker_link`.
+    pub stream: &'static str,
+}
+
+/// Every metric the gateway exports.
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    /// Messages accepted, by the protocol they were published with.
+    pub publishes: Family<ProtocolLabel, Counter>,
+    /// Messages sent to subscribers, by protocol.
+    pub deliveries: Family<ProtocolLabel, Counter>,
+    /// Topics holding a retained message.
+    pub retained: Gauge,
+    /// Open event streams.
+    pub sse_clients: Gauge,
+    /// Messages skipped because a reader fell behind.
+    pub lag_dropped: Family<StreamLabel, Counter>,
+    /// HTTP responses by status code.
+    pub http_responses: Family<StatusLabel, Counter>,
+    /// 1 while the gateway's link into the broker is up.
+    pub broker_link_up: Gauge,
+    /// Times the broker paused the gateway's link and it was woken again.
+    pub broker_link_wakeups: Counter,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let mut registry = Registry::with_prefix("topicgate");
+        let publishes = Family::default();
+        registry.register(
+            "publishes",
+            "Messages accepted, by origin protocol",
+            publishes.clone(),
+        );
+        let deliveries = Family::default();
+        registry.register(
+            "deliveries",
+            "Messages sent to subscribers, by protocol",
+            deliveries.clone(),
+        );
+        let retained = Gauge::default();
+        registry.register(
+            "retained_messages",
+            "Topics holding a retained message",
+            retained.clone(),
+        );
+        let sse_clients = Gauge::default();
+        registry.register("sse_clients", "Open event streams", sse_clients.clone());
+        let lag_dropped = Family::default();
+        registry.register(
+            "lag_dropped",
+            "Messages skipped because a reader fell behind",
+            lag_dropped.clone(),
+        );
+        let http_responses = Family::default();
+        registry.register(
+            "http_responses",
+            "HTTP responses by status code",
+            http_responses.clone(),
+        );
+        let broker_link_up = Gauge::default();
+        registry.register(
+            "broker_link_up",
+            "1 while the gateway's link into the broker is up",
+            broker_link_up.clone(),
+        );
+        let broker_link_wakeups = Counter::default();
+        registry.register(
+            "broker_link_wakeups",
+            "Times the broker paused the gateway's link and it was woken again",
+            broker_link_wakeups.clone(),
+        );
+        Self {
+            registry,
+            publishes,
+            deliveries,
+            retained,
+            sse_clients,
+            lag_dropped,
+            http_responses,
+            broker_link_up,
+            broker_link_wakeups,
+        }
+    }
+}
+
+impl Metrics {
+    /// Counts one publish from `protocol`.
+    pub fn published(&self, protocol: &'static str) {
+        self.publishes
+            .get_or_create(&ProtocolLabel { protocol })
+            .inc();
+    }
+
+    /// Sets a counter mirrored from a value kept elsewhere.
+    pub fn mirror(counter: &Counter, value: u64) {
+        counter.inner().store(value, Ordering::Relaxed);
+    }
+
+    /// The Prometheus text exposition.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+}

@@ -1,0 +1,187 @@
+//! The embedded rumqttd: router thread, client listener on the gateway's runtime, and the
+//! gateway's own link into the router.
+
+use std::io;
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener as StdTcpListener};
+use std::sync::Arc;
+use std::time::Duration;
+
+use rumqttd::local::LinkBuilder;
+use rumqttd::{
+    ConnectionSettings, LinkType, Router, RouterConfig, Server, ServerSettings, Strategy,
+};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use super::MqttError;
+use super::link::{Link, LinkParts, LinkStats};
+use super::message::RetainedSource;
+use super::protocol::{GatewayProtocol, Shared};
+use crate::config::MqttConfig;
+
+/// Room for the topic, properties and packet id around the largest payload.
+const PACKET_OVERHEAD: usize = 64 * 1024 + 4096;
+
+/// The broker, bound and ready to run.
+pub struct Broker {
+    addr: SocketAddr,
+    server: Server<GatewayProtocol>,
+    link_parts: LinkParts,
+    stats: Arc<LinkStats>,
+}
+
+impl Broker {
+    /// Starts the router, opens the gateway's link and reserves the client listener's address.
+    pub fn bind(
+        config: &MqttConfig,
+        max_payload: usize,
+        retained: Arc<dyn RetainedSource>,
+    ) -> Result<Self, MqttError> {
+        // rumqttd binds its listener itself from an address, so the port is resolved here first:
+        // a busy port is reported now, and port 0 becomes a concrete one.
+        let addr = StdTcpListener::bind(config.addr)
+            .and_then(|l| l.local_addr())
+            .map_err(|source| MqttError::Bind {
+                addr: config.addr,
+                source,
+            })?;
+
+        let router = Router::new(0, router_config(config));
+        let router_tx = router.spawn();
+        let (link_tx, link_rx) = LinkBuilder::new(&link_client_id(), router_tx.clone())
+            .build()
+            .map(|(tx, rx, _ack)| (tx, rx))
+            .map_err(|e| MqttError::Link(e.to_string()))?;
+        let link_parts = LinkParts::new(link_tx, link_rx)?;
+
+        let settings = ServerSettings {
+            name: "mqtt".to_owned(),
+            listen: addr,
+            tls: None,
+            next_connection_delay_ms: 0,
+            connections: ConnectionSettings {
+                connection_timeout_ms: u16::try_from(config.connect_timeout.as_millis())
+                    .unwrap_or(u16::MAX),
+                max_payload_size: max_payload + PACKET_OVERHEAD,
+                max_inflight_count: config.max_inflight,
+                auth: None,
+                external_auth: None,
+                // Every topic a client may publish to matches the gateway's own `#`
+                // subscription, so no per-topic logs are ever needed.
+                dynamic_filters: false,
+            },
+        };
+        let stats = Arc::new(LinkStats::default());
+        let protocol = GatewayProtocol::new(Arc::new(Shared {
+            max_payload,
+            retained,
+            stats: stats.clone(),
+        }));
+        Ok(Self {
+            addr,
+            server: Server::new(settings, router_tx, protocol),
+            link_parts,
+            stats,
+        })
+    }
+
+    /// The address MQTT clients connect to.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Starts accepting clients and the gateway's link; returns once the listener answers.
+    pub async fn run(
+        self,
+        link_buffer: usize,
+        tracker: &TaskTracker,
+        cancel: CancellationToken,
+    ) -> Result<Link, MqttError> {
+        let Self {
+            addr,
+            mut server,
+            link_parts,
+            stats,
+        } = self;
+        let server_cancel = cancel.clone();
+        let server_task = tracker.spawn(async move {
+            tokio::select! {
+                res = server.start(LinkType::Remote) => res.map_err(|e| e.to_string()),
+                () = server_cancel.cancelled() => Ok(()),
+            }
+        });
+        let link = link_parts.run(stats, link_buffer, tracker, cancel);
+
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        loop {
+            if server_task.is_finished() {
+                let reason = match server_task.await {
+                    Ok(Err(e)) => e,
+                    _ => "listener stopped".to_owned(),
+                };
+                return Err(MqttError::Bind {
+                    addr,
+                    source: io::Error::other(reason),
+                });
+            }
+            if probe(addr).await.is_ok() {
+                return Ok(link);
+            }
+            if tokio::time::Instant::now() > deadline {
+                return Err(MqttError::NotReady(addr));
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+}
+
+/// A client id no MQTT client can guess, so none can take the gateway's session over.
+fn link_client_id() -> String {
+    format!("topicgate-bridge-{:016x}", rand::random::<u64>())
+}
+
+/// Every router setting chosen on purpose: rumqttd's `RouterConfig::default()` is all zeros.
+fn router_config(config: &MqttConfig) -> RouterConfig {
+    RouterConfig {
+        max_connections: config.max_connections,
+        // Publishes read from a log in one pass for a QoS 0 subscriber.
+        max_outgoing_packet_count: 200,
+        // Each subscribed filter keeps at most `segment_count` segments of this size in memory:
+        // this bounds the broker's memory whatever the message rate.
+        max_segment_size: config.segment_size.max(1024),
+        max_segment_count: config.segment_count.max(1),
+        custom_segment: None,
+        initialized_filters: None,
+        shared_subscriptions_strategy: Strategy::RoundRobin,
+    }
+}
+
+/// One MQTT 3.1.1 CONNECT/CONNACK/DISCONNECT round trip: the listener is up and the router answers.
+async fn probe(addr: SocketAddr) -> io::Result<()> {
+    let target = match addr {
+        SocketAddr::V4(a) if a.ip().is_unspecified() => {
+            SocketAddr::from((Ipv4Addr::LOCALHOST, a.port()))
+        }
+        SocketAddr::V6(a) if a.ip().is_unspecified() => {
+            SocketAddr::from((Ipv6Addr::LOCALHOST, a.port()))
+        }
+        other => other,
+    };
+    let attempt = async {
+        let mut stream = TcpStream::connect(target).await?;
+        stream
+            .write_all(&[0x10, 12, 0, 4, b'M', b'Q', b'T', b'T', 4, 0x02, 0, 5, 0, 0])
+            .await?;
+        let mut connack = [0u8; 4];
+        stream.read_exact(&mut connack).await?;
+        if connack[0] != 0x20 || connack[3] != 0 {
+            return Err(io::Error::other("unexpected CONNACK"));
+        }
+        stream.write_all(&[0xE0, 0]).await
+    };
+    tokio::time::timeout(Duration::from_secs(1), attempt)
+        .await
+        .map_err(|_| io::Error::from(io::ErrorKind::TimedOut))?
+}

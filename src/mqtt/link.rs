@@ -1,0 +1,217 @@
+//! The gateway's own connection into rumqttd's router: publishes go in through a dedicated
+//! thread, and a `#` subscription brings every client publish out, without ever stalling.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::thread;
+
+use bytes::Bytes;
+use futures_util::FutureExt;
+use rumqttd::Notification;
+use rumqttd::local::{LinkRx, LinkTx};
+use rumqttd::protocol::{Packet, Publish};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use super::MqttError;
+use super::message::{Meta, MqttPublish};
+
+/// Publishes the link thread hands to the router in one batch, at most.
+const PUBLISH_BATCH: usize = 256;
+
+/// Counters of the link, read by the gateway's metrics.
+#[derive(Debug, Default)]
+pub struct LinkStats {
+    up: AtomicBool,
+    received: AtomicU64,
+    lag_events: AtomicU64,
+    lag_dropped: AtomicU64,
+    wakeups: AtomicU64,
+    pub(crate) delivered: AtomicU64,
+}
+
+impl LinkStats {
+    /// Whether the link to the router is alive.
+    pub fn is_up(&self) -> bool {
+        self.up.load(Ordering::Relaxed)
+    }
+    /// Client publishes received from the router.
+    pub fn received(&self) -> u64 {
+        self.received.load(Ordering::Relaxed)
+    }
+    /// Times the router skipped messages the link had not read yet.
+    pub fn lag_events(&self) -> u64 {
+        self.lag_events.load(Ordering::Relaxed)
+    }
+    /// Messages skipped by those lags.
+    pub fn lag_dropped(&self) -> u64 {
+        self.lag_dropped.load(Ordering::Relaxed)
+    }
+    /// Publishes written to MQTT client connections.
+    pub fn delivered(&self) -> u64 {
+        self.delivered.load(Ordering::Relaxed)
+    }
+    /// Times the router paused the link because its buffer was full, and was woken again.
+    pub fn wakeups(&self) -> u64 {
+        self.wakeups.load(Ordering::Relaxed)
+    }
+}
+
+/// The link, connected to the router and subscribed, not yet running.
+pub(crate) struct LinkParts {
+    tx: LinkTx,
+    rx: LinkRx,
+}
+
+impl LinkParts {
+    pub(crate) fn new(mut tx: LinkTx, rx: LinkRx) -> Result<Self, MqttError> {
+        tx.subscribe("#")
+            .map_err(|e| MqttError::Link(e.to_string()))?;
+        Ok(Self { tx, rx })
+    }
+
+    pub(crate) fn run(
+        self,
+        stats: Arc<LinkStats>,
+        buffer: usize,
+        tracker: &TaskTracker,
+        cancel: CancellationToken,
+    ) -> Link {
+        stats.up.store(true, Ordering::Relaxed);
+        let (publish_tx, publish_rx) = flume::bounded::<MqttPublish>(buffer.max(1));
+        let (inbound_tx, inbound_rx) = mpsc::channel(buffer.max(1));
+
+        let thread_stats = stats.clone();
+        let mut tx = self.tx;
+        // LinkTx hands each batch to the router with a blocking channel send, so it runs on a
+        // thread of its own instead of stalling a runtime worker.
+        let spawned = thread::Builder::new()
+            .name("mqtt-link-tx".to_owned())
+            .spawn(move || {
+                while let Ok(first) = publish_rx.recv() {
+                    let mut batch = vec![first];
+                    batch.extend(publish_rx.try_iter().take(PUBLISH_BATCH - 1));
+                    let last = batch.pop().map(into_packet);
+                    tx.buffer().extend(batch.into_iter().map(into_packet));
+                    let sent = last.and_then(|p| tx.send(p).now_or_never());
+                    if !matches!(sent, Some(Ok(_))) {
+                        thread_stats.up.store(false, Ordering::Relaxed);
+                        break;
+                    }
+                }
+            });
+        if spawned.is_err() {
+            stats.up.store(false, Ordering::Relaxed);
+        }
+
+        tracker.spawn(receive(self.rx, inbound_tx, stats.clone(), cancel));
+        Link {
+            publish_tx,
+            inbound: std::sync::Mutex::new(Some(inbound_rx)),
+            stats,
+        }
+    }
+}
+
+/// A handle to the running link.
+pub struct Link {
+    publish_tx: flume::Sender<MqttPublish>,
+    inbound: std::sync::Mutex<Option<mpsc::Receiver<MqttPublish>>>,
+    stats: Arc<LinkStats>,
+}
+
+impl Link {
+    /// Hands a publish to the broker; waits while the router is saturated.
+    pub async fn publish(&self, publish: MqttPublish) -> Result<(), MqttError> {
+        if !self.stats.is_up() {
+            return Err(MqttError::LinkDown);
+        }
+        self.publish_tx
+            .send_async(publish)
+            .await
+            .map_err(|_| MqttError::LinkDown)
+    }
+
+    /// The stream of client publishes; can be taken once.
+    pub fn take_inbound(&self) -> Option<mpsc::Receiver<MqttPublish>> {
+        self.inbound
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take()
+    }
+
+    /// The link's counters.
+    pub fn stats(&self) -> Arc<LinkStats> {
+        self.stats.clone()
+    }
+}
+
+fn into_packet(p: MqttPublish) -> Packet {
+    let meta = Meta {
+        retain: p.retain,
+        qos: p.qos,
+        from_gateway: true,
+    };
+    let props = p.properties(Some(meta));
+    // The router delivers at each subscriber's granted QoS whatever the publish QoS, so the link
+    // publishes at QoS 0 (all rumqttd lets a local link use) and carries the real QoS in `meta`.
+    let publish = Publish::new(Bytes::from(p.topic), p.payload, false);
+    Packet::Publish(publish, Some(props))
+}
+
+async fn receive(
+    mut rx: LinkRx,
+    inbound: mpsc::Sender<MqttPublish>,
+    stats: Arc<LinkStats>,
+    cancel: CancellationToken,
+) {
+    let mut last_offset: Option<u64> = None;
+    loop {
+        let next = tokio::select! {
+            n = rx.next() => n,
+            () = cancel.cancelled() => break,
+        };
+        match next {
+            Ok(Some(Notification::Forward(forward))) => {
+                if let Some((_, offset)) = forward.cursor {
+                    if let Some(last) = last_offset.filter(|l| offset > l + 1) {
+                        stats.lag_events.fetch_add(1, Ordering::Relaxed);
+                        stats
+                            .lag_dropped
+                            .fetch_add(offset - last - 1, Ordering::Relaxed);
+                        tracing::warn!(
+                            dropped = offset - last - 1,
+                            "bridge link lagged behind the broker"
+                        );
+                    }
+                    last_offset = Some(offset);
+                }
+                let publish = forward.publish;
+                let Some(message) =
+                    MqttPublish::from_forward(publish.topic, publish.payload, forward.properties)
+                else {
+                    continue;
+                };
+                stats.received.fetch_add(1, Ordering::Relaxed);
+                if inbound.send(message).await.is_err() {
+                    break;
+                }
+            }
+            // The router stops scheduling a link whose buffer filled up until it says it is
+            // ready again; without this the link would stall for good.
+            Ok(Some(Notification::Unschedule)) => {
+                stats.wakeups.fetch_add(1, Ordering::Relaxed);
+                if rx.wake().await.is_err() {
+                    break;
+                }
+            }
+            Ok(_) => {}
+            Err(e) => {
+                tracing::error!(error = %e, "bridge link to the broker closed");
+                break;
+            }
+        }
+    }
+    stats.up.store(false, Ordering::Relaxed);
+}

@@ -1,0 +1,339 @@
+//! The MQTT codec every client connection goes through: picks MQTT 3.1.1 or 5 from the CONNECT
+//! packet, and corrects rumqttd where it departs from the specification (retained messages, empty
+//! publishes, keep-alive 0, properties sent to 3.1.1 clients).
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex, PoisonError};
+
+use bytes::{Bytes, BytesMut};
+use rumqttd::protocol::v4::V4;
+use rumqttd::protocol::v5::V5;
+use rumqttd::protocol::{
+    Error, LastWillProperties, Packet, Protocol, Publish, RetainForwardRule, SubscribeReasonCode,
+};
+
+use super::link::LinkStats;
+use super::message::{Meta, RetainedSource};
+
+/// Keep-alive given to clients that ask for none (rumqttd refuses 0): about 27 hours.
+const UNLIMITED_KEEP_ALIVE: u16 = u16::MAX;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Version {
+    V311,
+    V5,
+}
+
+/// A subscription the client asked for, remembered until its SUBACK is written.
+#[derive(Debug)]
+struct PendingFilter {
+    path: String,
+    rule: RetainForwardRule,
+    is_new: bool,
+}
+
+#[derive(Debug, Default)]
+struct ConnState {
+    version: Option<Version>,
+    pending: HashMap<u16, Vec<PendingFilter>>,
+    subscribed: HashSet<String>,
+}
+
+/// Settings shared by every connection of one listener.
+pub(crate) struct Shared {
+    pub(crate) max_payload: usize,
+    pub(crate) retained: Arc<dyn RetainedSource>,
+    pub(crate) stats: Arc<LinkStats>,
+}
+
+/// One value per connection: rumqttd clones the listener's protocol for each accepted socket,
+/// and `Clone` here starts a fresh connection state.
+pub(crate) struct GatewayProtocol {
+    shared: Arc<Shared>,
+    state: Mutex<ConnState>,
+}
+
+impl GatewayProtocol {
+    pub(crate) fn new(shared: Arc<Shared>) -> Self {
+        Self {
+            shared,
+            state: Mutex::new(ConnState::default()),
+        }
+    }
+
+    fn inspect_inbound(&mut self, header: u8, packet: Packet) -> Result<Packet, Error> {
+        let state = self.state.get_mut().unwrap_or_else(PoisonError::into_inner);
+        match packet {
+            Packet::Connect(mut connect, props, mut will, will_props, login) => {
+                if connect.keep_alive == 0 {
+                    connect.keep_alive = UNLIMITED_KEEP_ALIVE;
+                }
+                let mut will_props = will_props;
+                if let Some(will) = will.as_mut() {
+                    let meta = Meta::from_client(will.retain, will.qos as u8);
+                    let topic =
+                        std::str::from_utf8(&will.topic).map_err(|_| Error::TopicNotUtf8)?;
+                    check_publish_topic(topic)?;
+                    will.retain = false;
+                    let mut p = will_props.unwrap_or(LastWillProperties {
+                        delay_interval: None,
+                        payload_format_indicator: None,
+                        message_expiry_interval: None,
+                        content_type: None,
+                        response_topic: None,
+                        correlation_data: None,
+                        user_properties: Vec::new(),
+                    });
+                    meta.attach(&mut p.user_properties);
+                    will_props = Some(p);
+                }
+                Ok(Packet::Connect(connect, props, will, will_props, login))
+            }
+            Packet::Publish(mut publish, props) => {
+                if publish.payload.len() > self.shared.max_payload {
+                    return Err(Error::PayloadSizeLimitExceeded(publish.payload.len()));
+                }
+                let has_alias = props.as_ref().is_some_and(|p| p.topic_alias.is_some());
+                if !(publish.topic.is_empty() && has_alias) {
+                    let topic =
+                        std::str::from_utf8(&publish.topic).map_err(|_| Error::TopicNotUtf8)?;
+                    check_publish_topic(topic)?;
+                }
+                // The retain and QoS bits of the fixed header: rumqttd clears the first and does
+                // not expose the second, so they travel to the gateway's own subscriber here.
+                let meta = Meta::from_client(header & 0b0001 != 0, (header >> 1) & 0b11);
+                // rumqttd keeps no retained messages at all: the gateway's store is the only one,
+                // so an empty non-retained publish can no longer wipe a retained value.
+                publish.retain = false;
+                let mut props = props.unwrap_or_default();
+                meta.attach(&mut props.user_properties);
+                Ok(Packet::Publish(publish, Some(props)))
+            }
+            Packet::Subscribe(subscribe, props) => {
+                let filters = subscribe
+                    .filters
+                    .iter()
+                    .map(|f| PendingFilter {
+                        path: f.path.clone(),
+                        rule: f.retain_forward_rule.clone(),
+                        is_new: state.subscribed.insert(f.path.clone()),
+                    })
+                    .collect();
+                state.pending.insert(subscribe.pkid, filters);
+                Ok(Packet::Subscribe(subscribe, props))
+            }
+            Packet::Unsubscribe(unsubscribe, props) => {
+                for f in &unsubscribe.filters {
+                    state.subscribed.remove(f);
+                }
+                Ok(Packet::Unsubscribe(unsubscribe, props))
+            }
+            other => Ok(other),
+        }
+    }
+
+    /// Writes the retained messages matching the filters acknowledged by `return_codes`.
+    fn write_retained(
+        &self,
+        pkid: u16,
+        return_codes: &[SubscribeReasonCode],
+        version: Version,
+        buffer: &mut BytesMut,
+    ) -> Result<usize, Error> {
+        let pending = {
+            let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+            state.pending.remove(&pkid)
+        };
+        let Some(filters) = pending else {
+            return Ok(0);
+        };
+        let mut written = 0;
+        for (filter, code) in filters.iter().zip(return_codes) {
+            let granted = matches!(
+                code,
+                SubscribeReasonCode::QoS0
+                    | SubscribeReasonCode::QoS1
+                    | SubscribeReasonCode::QoS2
+                    | SubscribeReasonCode::Success(_)
+            );
+            let wanted = match filter.rule {
+                RetainForwardRule::OnEverySubscribe => true,
+                RetainForwardRule::OnNewSubscribe => filter.is_new,
+                RetainForwardRule::Never => false,
+            };
+            // MQTT 5 §4.8.2: retained messages are not sent for shared subscriptions.
+            if !granted || !wanted || filter.path.starts_with("$share/") {
+                continue;
+            }
+            for message in self.shared.retained.retained_matching(&filter.path) {
+                let props = match version {
+                    Version::V311 => None,
+                    Version::V5 => Some(message.properties(None)),
+                };
+                let publish = Publish::new(Bytes::from(message.topic), message.payload, true);
+                written += codec_write(version, Packet::Publish(publish, props), buffer)?;
+                self.shared.stats.delivered.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        Ok(written)
+    }
+}
+
+impl Clone for GatewayProtocol {
+    fn clone(&self) -> Self {
+        Self::new(self.shared.clone())
+    }
+}
+
+impl Protocol for GatewayProtocol {
+    fn read_mut(&mut self, stream: &mut BytesMut, max_size: usize) -> Result<Packet, Error> {
+        let state = self.state.get_mut().unwrap_or_else(PoisonError::into_inner);
+        let version = match state.version {
+            Some(v) => v,
+            None => {
+                let v = detect_version(stream)?;
+                state.version = Some(v);
+                v
+            }
+        };
+        let header = stream.first().copied().unwrap_or(0);
+        let packet = match version {
+            Version::V311 => V4.read_mut(stream, max_size)?,
+            Version::V5 => V5.read_mut(stream, max_size)?,
+        };
+        self.inspect_inbound(header, packet)
+    }
+
+    fn write(&self, packet: Packet, buffer: &mut BytesMut) -> Result<usize, Error> {
+        let version = {
+            let state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+            state.version.unwrap_or(Version::V311)
+        };
+        match packet {
+            Packet::Publish(publish, props) => {
+                let props = props.map(|mut p| {
+                    Meta::detach(&mut p.user_properties);
+                    p
+                });
+                self.shared.stats.delivered.fetch_add(1, Ordering::Relaxed);
+                codec_write(version, Packet::Publish(publish, props), buffer)
+            }
+            Packet::SubAck(suback, props) => {
+                let pkid = suback.pkid;
+                let codes = suback.return_codes.clone();
+                let n = codec_write(version, Packet::SubAck(suback, props), buffer)?;
+                Ok(n + self.write_retained(pkid, &codes, version, buffer)?)
+            }
+            other => codec_write(version, other, buffer),
+        }
+    }
+}
+
+/// Writes with the connection's codec; 3.1.1 has no properties and rumqttd's V4 writer panics on
+/// any, so they are dropped first.
+fn codec_write(version: Version, packet: Packet, buffer: &mut BytesMut) -> Result<usize, Error> {
+    match version {
+        Version::V5 => V5.write(packet, buffer),
+        Version::V311 => V4.write(strip_properties(packet), buffer),
+    }
+}
+
+fn strip_properties(packet: Packet) -> Packet {
+    match packet {
+        Packet::Connect(c, _, w, _, l) => Packet::Connect(c, None, w, None, l),
+        Packet::ConnAck(a, _) => Packet::ConnAck(a, None),
+        Packet::Publish(p, _) => Packet::Publish(p, None),
+        Packet::PubAck(p, _) => Packet::PubAck(p, None),
+        Packet::Subscribe(s, _) => Packet::Subscribe(s, None),
+        Packet::SubAck(s, _) => Packet::SubAck(s, None),
+        Packet::PubRec(p, _) => Packet::PubRec(p, None),
+        Packet::PubRel(p, _) => Packet::PubRel(p, None),
+        Packet::PubComp(p, _) => Packet::PubComp(p, None),
+        Packet::Unsubscribe(u, _) => Packet::Unsubscribe(u, None),
+        Packet::UnsubAck(u, _) => Packet::UnsubAck(u, None),
+        Packet::Disconnect(d, _) => Packet::Disconnect(d, None),
+        other => other,
+    }
+}
+
+/// A client may not publish to a wildcard, an empty or a `$` topic, nor one holding U+0000.
+fn check_publish_topic(topic: &str) -> Result<(), Error> {
+    if topic.is_empty() || topic.starts_with('$') || topic.contains(['+', '#', '\0']) {
+        return Err(Error::MalformedPacket);
+    }
+    Ok(())
+}
+
+/// Reads the protocol level from a CONNECT packet without consuming it.
+fn detect_version(stream: &BytesMut) -> Result<Version, Error> {
+    let need = |n: usize| Error::InsufficientBytes(n.saturating_sub(stream.len()).max(1));
+    let Some(&byte1) = stream.first() else {
+        return Err(need(2));
+    };
+    if byte1 >> 4 != 1 {
+        return Err(Error::InvalidPacketType(byte1 >> 4));
+    }
+    // Skip the remaining-length varint (1 to 4 bytes).
+    let mut pos = 1;
+    loop {
+        let Some(&b) = stream.get(pos) else {
+            return Err(need(pos + 1));
+        };
+        pos += 1;
+        if b & 0x80 == 0 {
+            break;
+        }
+        if pos > 4 {
+            return Err(Error::MalformedRemainingLength);
+        }
+    }
+    let (Some(&hi), Some(&lo)) = (stream.get(pos), stream.get(pos + 1)) else {
+        return Err(need(pos + 2));
+    };
+    let level_at = pos + 2 + usize::from(u16::from_be_bytes([hi, lo]));
+    match stream.get(level_at) {
+        None => Err(need(level_at + 1)),
+        Some(4) => Ok(Version::V311),
+        Some(5) => Ok(Version::V5),
+        Some(&other) => Err(Error::InvalidProtocolLevel(other)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn connect(level: u8) -> BytesMut {
+        let mut b = BytesMut::new();
+        b.extend_from_slice(&[0x10, 10, 0, 4, b'M', b'Q', b'T', b'T', level, 2, 0, 60]);
+        b
+    }
+
+    #[test]
+    fn detects_both_versions_and_waits_for_more_bytes() {
+        assert_eq!(detect_version(&connect(4)).ok(), Some(Version::V311));
+        assert_eq!(detect_version(&connect(5)).ok(), Some(Version::V5));
+        let partial = BytesMut::from(&connect(5)[..5]);
+        assert!(matches!(
+            detect_version(&partial),
+            Err(Error::InsufficientBytes(_))
+        ));
+        assert!(matches!(
+            detect_version(&connect(3)),
+            Err(Error::InvalidProtocolLevel(3))
+        ));
+        assert!(matches!(
+            detect_version(&BytesMut::from(&[0x30u8, 0][..])),
+            Err(Error::InvalidPacketType(3))
+        ));
+    }
+
+    #[test]
+    fn refuses_topics_clients_may_not_publish_to() {
+        for bad in ["", "$SYS/x", "a/+", "a/#", "a\0b"] {
+            assert!(check_publish_topic(bad).is_err(), "{bad:?}");
+        }
+        assert!(check_publish_topic("a//b").is_ok());
+    }
+}
