@@ -225,7 +225,7 @@ impl Config {
         toml::from_str(text).map_err(|e| {
             let line = e
                 .span()
-                .map(|span| text[..span.start.min(text.len())].lines().count().max(1));
+                .map(|span| text[..span.start.min(text.len())].matches('\n').count() + 1);
             ConfigError::Parse {
                 path: origin.to_owned(),
                 line: LineRef(line),

@@ -42,7 +42,19 @@ enum Command {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        // --help and --version print and exit 0 as clap does.
+        Err(e) if !e.use_stderr() => e.exit(),
+        // A bad flag: one line, exit code 2, like every other startup error.
+        Err(e) => {
+            let text = e.to_string();
+            let line = text.lines().next().unwrap_or("invalid arguments");
+            let line = line.trim_start_matches("error: ");
+            let _ = writeln!(std::io::stderr(), "topicgate: error: {line}");
+            return ExitCode::from(2);
+        }
+    };
     if let Some(Command::PrintConfig) = cli.command {
         return match std::io::stdout().write_all(DEFAULT_TOML.as_bytes()) {
             Ok(()) => ExitCode::SUCCESS,

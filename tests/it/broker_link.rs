@@ -1,0 +1,62 @@
+//! The gateway's link into rumqttd never stalls: a burst far larger than its buffers flows
+//! through, and anything the broker had to skip is counted.
+
+use crate::support::{TestGateway, eventually, metric};
+
+const SENT: u64 = 50_000;
+
+async fn burst_is_received_or_counted(gw: &TestGateway) -> (f64, f64) {
+    let (client, _) = gw.mqtt_v4("burst", &[]).await;
+    for i in 0..SENT {
+        client
+            .publish(
+                format!("bulk/{}", i % 64),
+                rumqttc::QoS::AtMostOnce,
+                false,
+                vec![b'x'; 100],
+            )
+            .await
+            .unwrap();
+    }
+    let (received, dropped) = eventually("every message is received or counted as lag", || async {
+        let received = metric(gw, "topicgate_publishes_total{protocol=\"mqtt\"}").await;
+        let dropped = metric(gw, "topicgate_lag_dropped_total{stream=\"broker_link\"}").await;
+        (received + dropped >= SENT as f64).then_some((received, dropped))
+    })
+    .await;
+    assert_eq!(received + dropped, SENT as f64, "nothing is counted twice");
+
+    // The link still works after the burst.
+    client
+        .publish("bulk/after", rumqttc::QoS::AtLeastOnce, true, "done")
+        .await
+        .unwrap();
+    eventually("a publish after the burst arrives", || async {
+        (gw.get("/topics/bulk/after").await.status() == 200).then_some(())
+    })
+    .await;
+    assert_eq!(metric(gw, "topicgate_broker_link_up").await, 1.0);
+    (received, dropped)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fifty_thousand_messages_pass_through_the_link_with_default_buffers() {
+    let gw = TestGateway::start().await;
+    let (received, dropped) = burst_is_received_or_counted(&gw).await;
+    assert_eq!(
+        dropped, 0.0,
+        "the default segments hold a burst of 50k small messages"
+    );
+    assert_eq!(received, SENT as f64);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_tiny_broker_buffers_lag_is_counted_and_the_link_recovers() {
+    let gw = TestGateway::start_with(|c| {
+        c.mqtt.segment_size = 1024;
+        c.mqtt.segment_count = 1;
+        c.bridge.link_buffer = 1;
+    })
+    .await;
+    burst_is_received_or_counted(&gw).await;
+}

@@ -1,0 +1,242 @@
+//! The command line as a user meets it: help, print-config, precedence, errors with exit code 2,
+//! one log line per listener, graceful stop on SIGTERM.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+const BIN: &str = env!("CARGO_BIN_EXE_topicgate");
+
+fn run(args: &[&str], env: &[(&str, &str)]) -> Output {
+    let mut cmd = Command::new(BIN);
+    cmd.args(args).env_remove("RUST_LOG");
+    for key in [
+        "TOPICGATE_CONFIG",
+        "TOPICGATE_HTTP_ADDR",
+        "TOPICGATE_MQTT_ADDR",
+        "TOPICGATE_COAP_ADDR",
+        "TOPICGATE_DATA_DIR",
+        "TOPICGATE_LOG_FORMAT",
+    ] {
+        cmd.env_remove(key);
+    }
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let mut child = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while child.try_wait().unwrap().is_none() {
+        assert!(Instant::now() < deadline, "{args:?} exits in time");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    child.wait_with_output().unwrap()
+}
+
+fn expect_startup_error(out: &Output, needle: &str) {
+    assert_eq!(out.status.code(), Some(2), "exit code 2");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let lines: Vec<_> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert_eq!(lines.len(), 1, "one line: {stderr}");
+    assert!(lines[0].contains(needle), "{:?} names {needle:?}", lines[0]);
+}
+
+fn config_file(text: &str) -> tempfile::NamedTempFile {
+    let mut f = tempfile::Builder::new().suffix(".toml").tempfile().unwrap();
+    std::io::Write::write_all(&mut f, text.as_bytes()).unwrap();
+    f
+}
+
+#[test]
+fn help_lists_every_flag() {
+    let out = run(&["--help"], &[]);
+    assert!(out.status.success());
+    let text = String::from_utf8_lossy(&out.stdout);
+    for flag in [
+        "--config",
+        "--mqtt-addr",
+        "--http-addr",
+        "--coap-addr",
+        "--data-dir",
+        "--log-format",
+        "TOPICGATE_HTTP_ADDR",
+        "print-config",
+    ] {
+        assert!(text.contains(flag), "help mentions {flag}");
+    }
+}
+
+#[test]
+fn print_config_prints_the_documented_defaults() {
+    let out = run(&["print-config"], &[]);
+    assert!(out.status.success());
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        include_str!("../../config/topicgate.toml")
+    );
+}
+
+#[test]
+fn bad_flags_env_and_config_exit_2_with_one_line() {
+    expect_startup_error(&run(&["--http-addr", "nope"], &[]), "--http-addr");
+    expect_startup_error(&run(&["--log-format", "xml"], &[]), "xml");
+    expect_startup_error(&run(&["--no-such-flag"], &[]), "--no-such-flag");
+    expect_startup_error(
+        &run(&[], &[("TOPICGATE_MQTT_ADDR", "localhost")]),
+        "--mqtt-addr",
+    );
+    let f = config_file("[http]\naddr = \"127.0.0.1:0\"\ncolour = \"red\"\n");
+    expect_startup_error(
+        &run(&["--config", f.path().to_str().unwrap()], &[]),
+        "colour",
+    );
+    let f = config_file("[mqtt]\naddr = \"not an address\"\n");
+    expect_startup_error(
+        &run(&["--config", f.path().to_str().unwrap()], &[]),
+        "line 2",
+    );
+    let f = config_file("max_payload = \"0\"\n");
+    expect_startup_error(
+        &run(&["--config", f.path().to_str().unwrap()], &[]),
+        "max_payload",
+    );
+    expect_startup_error(
+        &run(&["--config", "/no/such/file.toml"], &[]),
+        "/no/such/file.toml",
+    );
+}
+
+#[test]
+fn a_busy_port_exits_2_naming_the_address() {
+    let busy = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = busy.local_addr().unwrap().to_string();
+    let out = run(&["--http-addr", &addr, "--mqtt-addr", "127.0.0.1:0"], &[]);
+    expect_startup_error(&out, &addr);
+    let out = run(&["--http-addr", "127.0.0.1:0", "--mqtt-addr", &addr], &[]);
+    expect_startup_error(&out, &addr);
+}
+
+struct Running {
+    child: Child,
+    lines: Vec<String>,
+}
+
+/// Starts the binary and reads stderr until both listeners are logged.
+fn start(args: &[&str], env: &[(&str, &str)]) -> Running {
+    let mut cmd = Command::new(BIN);
+    cmd.args(args)
+        .env_remove("RUST_LOG")
+        .env_remove("TOPICGATE_HTTP_ADDR")
+        .env_remove("TOPICGATE_MQTT_ADDR");
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let mut child = cmd
+        .stderr(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let mut lines = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while lines
+        .iter()
+        .filter(|l: &&String| l.contains("listening"))
+        .count()
+        < 2
+    {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let line = rx
+            .recv_timeout(left)
+            .unwrap_or_else(|_| panic!("listeners logged; got {lines:?}"));
+        lines.push(line);
+    }
+    Running { child, lines }
+}
+
+fn listening_line<'a>(r: &'a Running, protocol: &str) -> &'a str {
+    r.lines
+        .iter()
+        .find(|l| l.contains("listening") && l.contains(&format!("\"{protocol}\"")))
+        .map(String::as_str)
+        .unwrap_or_else(|| panic!("a {protocol} line in {:?}", r.lines))
+}
+
+fn terminate(mut r: Running) {
+    let status = Command::new("kill")
+        .args(["-TERM", &r.child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Some(status) = r.child.try_wait().unwrap() {
+            assert_eq!(status.code(), Some(0), "graceful exit");
+            return;
+        }
+        assert!(Instant::now() < deadline, "exits within the grace period");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+#[test]
+fn logs_each_bound_listener_and_stops_on_sigterm() {
+    let r = start(
+        &[
+            "--http-addr",
+            "127.0.0.1:0",
+            "--mqtt-addr",
+            "127.0.0.1:0",
+            "--log-format",
+            "json",
+        ],
+        &[],
+    );
+    let http = listening_line(&r, "http");
+    let v: serde_json::Value = serde_json::from_str(http).expect("json log line");
+    let addr = v["fields"]["addr"].as_str().unwrap();
+    assert!(
+        addr.starts_with("127.0.0.1:") && !addr.ends_with(":0"),
+        "the bound port: {addr}"
+    );
+    terminate(r);
+}
+
+#[test]
+fn flags_beat_env_which_beats_the_config_file() {
+    let f = config_file("[http]\naddr = \"127.0.0.2:0\"\n[mqtt]\naddr = \"127.0.0.2:0\"\n");
+    let path = f.path().to_str().unwrap();
+    let r = start(
+        &["--config", path],
+        &[("TOPICGATE_MQTT_ADDR", "127.0.0.3:0")],
+    );
+    assert!(
+        listening_line(&r, "http").contains("127.0.0.2:"),
+        "file beats default"
+    );
+    assert!(
+        listening_line(&r, "mqtt").contains("127.0.0.3:"),
+        "env beats file"
+    );
+    terminate(r);
+    let r = start(
+        &["--config", path, "--mqtt-addr", "127.0.0.4:0"],
+        &[("TOPICGATE_MQTT_ADDR", "127.0.0.3:0")],
+    );
+    assert!(
+        listening_line(&r, "mqtt").contains("127.0.0.4:"),
+        "flag beats env"
+    );
+    terminate(r);
+}

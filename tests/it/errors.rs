@@ -1,0 +1,259 @@
+//! Every error status of DESIGN §3, as JSON, and nothing a client sends can hurt others.
+
+use std::sync::Arc;
+
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use topicgate::bridge::{Bridge, RetainedStore, StoreSource};
+use topicgate::config::Config;
+use topicgate::metrics::Metrics;
+use topicgate::mqtt::Broker;
+
+use crate::support::{TestGateway, recv};
+
+async fn expect_error(resp: reqwest::Response, status: u16, code: &str) {
+    assert_eq!(resp.status(), status, "status");
+    assert_eq!(resp.headers()["content-type"], "application/json");
+    let body: serde_json::Value = resp.json().await.unwrap();
+    assert_eq!(body["error"], code, "{body}");
+    let message = body["message"].as_str().expect("a message");
+    assert!(!message.is_empty());
+}
+
+#[tokio::test]
+async fn bad_topics_are_refused_with_the_reason() {
+    let gw = TestGateway::start().await;
+    for path in [
+        "/topics/a/+/b".to_owned(),
+        "/topics/a/%23".to_owned(),
+        "/topics/$SYS/x".to_owned(),
+        "/topics/%24SYS/x".to_owned(),
+        "/topics/".to_owned(),
+        "/topics/a%00b".to_owned(),
+        "/topics/%FF%FE".to_owned(),
+    ] {
+        expect_error(gw.post(&path, "x").await, 400, "invalid_topic").await;
+    }
+    expect_error(gw.get("/topics/a/%23/b").await, 400, "invalid_topic").await;
+    let r = gw
+        .client
+        .delete(gw.url("/topics/a/+"))
+        .send()
+        .await
+        .unwrap();
+    expect_error(r, 400, "invalid_topic").await;
+    // A topic over 65535 bytes does not even fit in a request line that HTTP libraries accept;
+    // sent raw, it is refused before any handler runs.
+    let status = raw_status(
+        &gw,
+        &format!(
+            "POST /topics/{} HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\n\r\nx",
+            "a".repeat(65_536)
+        ),
+    )
+    .await;
+    assert!((400..500).contains(&status), "refused with {status}");
+    // Empty levels are legal MQTT.
+    assert_eq!(gw.post("/topics/a//b", "x").await.status(), 204);
+}
+
+/// Sends a raw HTTP/1.1 request and returns the response status.
+async fn raw_status(gw: &TestGateway, request: &str) -> u16 {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(gw.http).await.unwrap();
+    s.write_all(request.as_bytes()).await.unwrap();
+    let mut head = [0u8; 12];
+    crate::support::within("a response", s.read_exact(&mut head))
+        .await
+        .unwrap();
+    std::str::from_utf8(&head[9..12]).unwrap().parse().unwrap()
+}
+
+#[tokio::test]
+async fn bad_parameters_and_headers_are_refused() {
+    let gw = TestGateway::start().await;
+    for q in [
+        "qos=3",
+        "qos=x",
+        "retain=maybe",
+        "expiry=0",
+        "expiry=-1",
+        "expiry=99999999999",
+        "color=red",
+    ] {
+        expect_error(
+            gw.post(&format!("/topics/t?{q}"), "x").await,
+            400,
+            "invalid_parameter",
+        )
+        .await;
+    }
+    expect_error(
+        gw.get("/topics/t/%23?limit=0").await,
+        400,
+        "invalid_parameter",
+    )
+    .await;
+    expect_error(
+        gw.get("/topics/t/%23?limit=1001").await,
+        400,
+        "invalid_parameter",
+    )
+    .await;
+    let r = gw
+        .client
+        .put(gw.url("/topics/t?retain=false"))
+        .body("x")
+        .send()
+        .await
+        .unwrap();
+    expect_error(r, 400, "invalid_parameter").await;
+    let r = gw
+        .client
+        .post(gw.url("/topics/t"))
+        .header("mqtt-response-topic", "a/#")
+        .body("x")
+        .send()
+        .await
+        .unwrap();
+    expect_error(r, 400, "invalid_header").await;
+    let r = gw
+        .client
+        .post(gw.url("/topics/t"))
+        .header(
+            "mqtt-user-x",
+            reqwest::header::HeaderValue::from_bytes(&[0xff]).unwrap(),
+        )
+        .body("x")
+        .send()
+        .await
+        .unwrap();
+    expect_error(r, 400, "invalid_header").await;
+}
+
+#[tokio::test]
+async fn not_found_and_wrong_method() {
+    let gw = TestGateway::start().await;
+    expect_error(gw.get("/topics/never/published").await, 404, "not_retained").await;
+    expect_error(gw.get("/nothing/here").await, 404, "not_found").await;
+    let r = gw
+        .client
+        .patch(gw.url("/topics/a"))
+        .body("x")
+        .send()
+        .await
+        .unwrap();
+    assert!(r.headers().contains_key("allow"));
+    expect_error(r, 405, "method_not_allowed").await;
+    let r = gw.client.post(gw.url("/healthz")).send().await.unwrap();
+    expect_error(r, 405, "method_not_allowed").await;
+}
+
+#[tokio::test]
+async fn oversized_payloads_get_413_and_mqtt_clients_are_unaffected() {
+    let gw = TestGateway::start_with(|c| c.max_payload = 64 * 1024).await;
+    let (_c, mut rx) = gw.mqtt_v4("bystander", &[("big/#", 0)]).await;
+    expect_error(
+        gw.post("/topics/big/x", vec![0u8; 64 * 1024 + 1]).await,
+        413,
+        "payload_too_large",
+    )
+    .await;
+    // Without a Content-Length the limit still holds.
+    let body = reqwest::Body::wrap_stream(futures_util::stream::iter(
+        (0..100).map(|_| Ok::<_, std::io::Error>(vec![1u8; 1024])),
+    ));
+    expect_error(
+        gw.post("/topics/big/x", body).await,
+        413,
+        "payload_too_large",
+    )
+    .await;
+    assert_eq!(
+        gw.post("/topics/big/x", vec![7u8; 64 * 1024])
+            .await
+            .status(),
+        204
+    );
+    let p = recv(&mut rx).await;
+    assert_eq!(
+        p.payload.len(),
+        64 * 1024,
+        "only the publish within the limit arrives"
+    );
+
+    // An MQTT client over the limit is disconnected; the others go on.
+    let (big, _) = gw.mqtt_v4("too-big", &[]).await;
+    big.publish(
+        "big/mqtt",
+        rumqttc::QoS::AtMostOnce,
+        false,
+        vec![0u8; 64 * 1024 + 1],
+    )
+    .await
+    .unwrap();
+    assert_eq!(gw.post("/topics/big/y", "ok").await.status(), 204);
+    let p = recv(&mut rx).await;
+    assert_eq!(p.topic, "big/y");
+}
+
+#[tokio::test]
+async fn publishes_get_503_when_the_broker_link_is_down() {
+    let config = Config::default();
+    let mut mqtt = config.mqtt.clone();
+    mqtt.addr = "127.0.0.1:0".parse().unwrap();
+    let store = Arc::new(RetainedStore::new());
+    let broker = Broker::bind(
+        &mqtt,
+        config.max_payload,
+        Arc::new(StoreSource(store.clone())),
+    )
+    .unwrap();
+    let tracker = TaskTracker::new();
+    let link_cancel = CancellationToken::new();
+    let link = broker.run(16, &tracker, link_cancel.clone()).await.unwrap();
+    let bridge = Bridge::new(store, link, Arc::new(Metrics::default()), 1024, 16, 16);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let http_cancel = CancellationToken::new();
+    let router = topicgate::http::router(bridge.clone(), config.http.clone(), http_cancel.clone());
+    tokio::spawn(topicgate::http::serve(
+        listener,
+        router,
+        http_cancel.clone(),
+    ));
+    let client = reqwest::Client::new();
+    let url = |p: &str| format!("http://{addr}{p}");
+
+    assert_eq!(
+        client
+            .post(url("/topics/a"))
+            .body("x")
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        204
+    );
+    link_cancel.cancel();
+    crate::support::eventually("the link is down", || async {
+        (!bridge.is_ready()).then_some(())
+    })
+    .await;
+
+    let r = client
+        .post(url("/topics/a"))
+        .body("x")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.headers()["retry-after"], "1");
+    expect_error(r, 503, "broker_unavailable").await;
+    let r = client.get(url("/readyz")).send().await.unwrap();
+    assert_eq!(r.status(), 503);
+    assert_eq!(
+        client.get(url("/healthz")).send().await.unwrap().status(),
+        200
+    );
+    http_cancel.cancel();
+}

@@ -1,0 +1,9 @@
+//! One integration-test binary: every test talks to a real gateway over real sockets.
+
+mod broker_link;
+mod cli;
+mod errors;
+mod http_mqtt;
+mod openapi;
+mod sse;
+mod support;
