@@ -126,6 +126,7 @@ file_has_line() {
 
 # HTTP status and body of a request: sets STATUS and writes the body to $WORK/body.
 http() {
+    rm -f "$WORK/body"
     STATUS=$(curl -sS --max-time "$TIMEOUT" -o "$WORK/body" -w '%{http_code}' "$@" 2>"$WORK/curl.err") || true
 }
 
@@ -428,9 +429,14 @@ fi
 
 name="SIGTERM stops the gateway with status 0 within 10 s"
 started=$SECONDS
-kill -TERM "$GW_PID"
 gateway_gone() { ! kill -0 "$GW_PID" 2>/dev/null; }
-if TIMEOUT=10 wait_until gateway_gone; then
+if gateway_gone; then
+    rc=0
+    wait "$GW_PID" 2>/dev/null || rc=$?
+    GW_PID=
+    not_ok "$name" "the gateway had already exited (status $rc) before SIGTERM" \
+        "log tail: $(show "$(tail -n 5 "$WORK/gateway.log")")"
+elif kill -TERM "$GW_PID" && TIMEOUT=10 wait_until gateway_gone; then
     rc=0
     wait "$GW_PID" || rc=$?
     GW_PID=

@@ -69,6 +69,11 @@ impl GatewayProtocol {
                 if connect.keep_alive == 0 {
                     connect.keep_alive = UNLIMITED_KEEP_ALIVE;
                 }
+                // rumqttd drops, without a CONNACK, any client whose id holds one of these
+                // characters; MQTT allows them, so they are escaped, one-to-one.
+                if connect.client_id.contains(['+', '$', '#', '/', '%']) {
+                    connect.client_id = escape_client_id(&connect.client_id);
+                }
                 let mut will_props = will_props;
                 if let Some(will) = will.as_mut() {
                     let meta = Meta::from_client(will.retain, will.qos as u8);
@@ -257,6 +262,21 @@ fn strip_properties(packet: Packet) -> Packet {
     }
 }
 
+fn escape_client_id(id: &str) -> String {
+    let mut out = String::with_capacity(id.len() + 8);
+    for c in id.chars() {
+        match c {
+            '%' => out.push_str("%25"),
+            '/' => out.push_str("%2F"),
+            '+' => out.push_str("%2B"),
+            '#' => out.push_str("%23"),
+            '$' => out.push_str("%24"),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
 /// A client may not publish to a wildcard, an empty or a `$` topic, nor one holding U+0000.
 fn check_publish_topic(topic: &str) -> Result<(), Error> {
     if topic.is_empty() || topic.starts_with('$') || topic.contains(['+', '#', '\0']) {
@@ -327,6 +347,12 @@ mod tests {
             detect_version(&BytesMut::from(&[0x30u8, 0][..])),
             Err(Error::InvalidPacketType(3))
         ));
+    }
+
+    #[test]
+    fn client_ids_are_escaped_one_to_one() {
+        assert_eq!(escape_client_id("a/b+c#d$e%f"), "a%2Fb%2Bc%23d%24e%25f");
+        assert_ne!(escape_client_id("a/b"), escape_client_id("a%2Fb"));
     }
 
     #[test]

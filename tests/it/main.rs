@@ -4,6 +4,7 @@ mod broker_link;
 mod cli;
 mod errors;
 mod http_mqtt;
+mod mqtt_traps;
 mod openapi;
 mod sse;
 mod support;

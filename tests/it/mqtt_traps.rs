@@ -1,0 +1,120 @@
+//! rumqttd's traps, each contained by the gateway and checked here with real clients.
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use crate::support::{TestGateway, eventually, metric, recv, within};
+
+/// CONNECT (MQTT 3.1.1, clean session, client id `k0`) with the given keep-alive.
+fn connect_packet(keep_alive: u16) -> Vec<u8> {
+    let [hi, lo] = keep_alive.to_be_bytes();
+    vec![
+        0x10, 14, 0, 4, b'M', b'Q', b'T', b'T', 4, 0x02, hi, lo, 0, 2, b'k', b'0',
+    ]
+}
+
+#[tokio::test]
+async fn keep_alive_zero_is_accepted_as_with_mosquitto() {
+    let gw = TestGateway::start().await;
+    let mut s = tokio::net::TcpStream::connect(gw.mqtt).await.unwrap();
+    s.write_all(&connect_packet(0)).await.unwrap();
+    let mut connack = [0u8; 4];
+    within("CONNACK", s.read_exact(&mut connack)).await.unwrap();
+    assert_eq!(connack, [0x20, 2, 0, 0], "accepted");
+    // PINGREQ answered: the session is live.
+    s.write_all(&[0xC0, 0]).await.unwrap();
+    let mut pong = [0u8; 2];
+    within("PINGRESP", s.read_exact(&mut pong)).await.unwrap();
+    assert_eq!(pong, [0xD0, 0]);
+}
+
+#[tokio::test]
+async fn client_ids_with_slashes_and_dollars_connect() {
+    let gw = TestGateway::start().await;
+    let (c, mut rx) = gw.mqtt_v4("plant/sensor-1$a", &[("ids/#", 0)]).await;
+    c.publish("ids/x", rumqttc::QoS::AtLeastOnce, false, "hi")
+        .await
+        .unwrap();
+    assert_eq!(&recv(&mut rx).await.payload[..], b"hi");
+}
+
+#[tokio::test]
+async fn unsupported_protocol_levels_and_garbage_are_dropped_without_harm() {
+    let gw = TestGateway::start().await;
+    let (_c, mut rx) = gw.mqtt_v4("bystander", &[("ok/#", 0)]).await;
+    for junk in [
+        vec![
+            0x10, 14, 0, 6, b'M', b'Q', b'I', b's', b'd', b'p', 3, 0x02, 0, 60, 0, 0,
+        ],
+        vec![0x30, 0xff, 0xff, 0xff, 0xff, 0x7f],
+        vec![0xff; 64],
+        b"GET / HTTP/1.1\r\n\r\n".to_vec(),
+    ] {
+        let mut s = tokio::net::TcpStream::connect(gw.mqtt).await.unwrap();
+        s.write_all(&junk).await.unwrap();
+        let mut buf = [0u8; 16];
+        let n = within("the connection closes", s.read(&mut buf))
+            .await
+            .unwrap_or(0);
+        assert_eq!(n, 0, "closed without a reply for {junk:?}");
+    }
+    assert_eq!(gw.post("/topics/ok/still", "1").await.status(), 204);
+    assert_eq!(&recv(&mut rx).await.payload[..], b"1");
+}
+
+#[tokio::test]
+async fn publishes_to_reserved_or_wildcard_topics_disconnect_only_that_client() {
+    let gw = TestGateway::start().await;
+    let (_c, mut rx) = gw.mqtt_v4("watch", &[("#", 0)]).await;
+    let (bad, _) = gw.mqtt_v4("bad", &[]).await;
+    bad.publish("$SYS/fake", rumqttc::QoS::AtMostOnce, false, "x")
+        .await
+        .unwrap();
+    assert_eq!(gw.post("/topics/after", "y").await.status(), 204);
+    let p = recv(&mut rx).await;
+    assert_eq!(p.topic, "after", "the $ publish reached nobody");
+    assert_eq!(gw.get("/topics/%24SYS/fake").await.status(), 400);
+}
+
+#[tokio::test]
+async fn the_listener_closes_when_the_gateway_stops() {
+    let gw = TestGateway::start().await;
+    let mqtt = gw.mqtt;
+    gw.stop().await.expect("clean stop");
+    eventually("the MQTT port is closed", || async {
+        tokio::net::TcpStream::connect(mqtt)
+            .await
+            .is_err()
+            .then_some(())
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_link_paused_by_the_router_is_woken_again() {
+    // A one-message queue between the link and the bridge makes the router's buffer for the
+    // link fill up, so the router pauses the link (Unschedule) over and over.
+    let gw = TestGateway::start_with(|c| c.bridge.link_buffer = 1).await;
+    let (c, _) = gw.mqtt_v4("flood", &[]).await;
+    for i in 0..20_000u32 {
+        c.publish(
+            "flood/x",
+            rumqttc::QoS::AtMostOnce,
+            false,
+            i.to_be_bytes().to_vec(),
+        )
+        .await
+        .unwrap();
+    }
+    c.publish("flood/last", rumqttc::QoS::AtLeastOnce, true, "end")
+        .await
+        .unwrap();
+    eventually("the last message arrives after the flood", || async {
+        (gw.get("/topics/flood/last").await.status() == 200).then_some(())
+    })
+    .await;
+    let wakeups = metric(&gw, "topicgate_broker_link_wakeups_total").await;
+    assert!(
+        wakeups > 0.0,
+        "the router paused the link at least once ({wakeups})"
+    );
+}
