@@ -1,6 +1,6 @@
 //! The `topicgate` command: flags, logging, configuration, then the gateway until a signal.
 
-use std::io::Write;
+use std::io::{IsTerminal, Write};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -106,7 +106,8 @@ fn load(cli: &Cli) -> anyhow::Result<Config> {
 
 /// One line on stderr and exit code 2, for every startup error.
 fn fail(error: &anyhow::Error) -> ExitCode {
-    let _ = writeln!(std::io::stderr(), "topicgate: error: {error:#}");
+    // Each error's own message already names its cause; `{:#}` would repeat it.
+    let _ = writeln!(std::io::stderr(), "topicgate: error: {error}");
     ExitCode::from(2)
 }
 
@@ -118,6 +119,7 @@ fn init_tracing(format: LogFormat) {
         .unwrap_or_else(|_| EnvFilter::new("info,rumqttd=off,tower_http=warn"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none())
         .with_writer(std::io::stderr);
     match format {
         LogFormat::Text => builder.init(),

@@ -161,8 +161,14 @@ impl Bridge {
         self.inner.max_payload
     }
 
-    /// The gateway's metrics, refreshed from the broker link and the store.
+    /// The gateway's metrics.
     pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.inner.metrics
+    }
+
+    /// The gateway's metrics, with the values kept elsewhere (store, broker link) brought up to
+    /// date; for rendering.
+    pub fn refreshed_metrics(&self) -> &Arc<Metrics> {
         let m = &self.inner.metrics;
         let stats = &self.inner.link_stats;
         m.retained.set(self.inner.store.len() as i64);

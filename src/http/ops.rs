@@ -64,7 +64,7 @@ fn health(state: &AppState) -> Health {
 #[utoipa::path(get, path = "/metrics", tag = "operations",
     responses((status = 200, description = "Prometheus text", body = String, content_type = "text/plain")))]
 pub(crate) async fn metrics(State(state): State<AppState>) -> Response {
-    let text = state.bridge.metrics().render();
+    let text = state.bridge.refreshed_metrics().render();
     (
         [(
             header::CONTENT_TYPE,
