@@ -146,8 +146,10 @@ fn link_client_id() -> String {
 fn router_config(config: &MqttConfig) -> RouterConfig {
     RouterConfig {
         max_connections: config.max_connections,
-        // Publishes read from a log in one pass for a QoS 0 subscriber.
-        max_outgoing_packet_count: 200,
+        // Publishes read from a log in one pass for a QoS 0 subscriber. rumqttd pauses a
+        // connection whose buffer reaches 200 messages until it asks for more; reading half of
+        // that lets a subscriber that keeps up stay scheduled instead of waiting its turn again.
+        max_outgoing_packet_count: 100,
         // Each subscribed filter keeps at most `segment_count` segments of this size in memory:
         // this bounds the broker's memory whatever the message rate.
         max_segment_size: config.segment_size.max(1024),

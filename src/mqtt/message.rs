@@ -4,9 +4,6 @@
 use bytes::Bytes;
 use rumqttd::protocol::PublishProperties;
 
-/// User-property key of the marker; never leaves the broker (stripped on every write).
-const META_KEY: &str = "x-topicgate-meta";
-
 /// One MQTT publish, free of rumqttd types.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct MqttPublish {
@@ -32,13 +29,14 @@ pub struct MqttPublish {
 
 impl MqttPublish {
     pub(crate) fn properties(&self, meta: Option<Meta>) -> PublishProperties {
-        let mut user_properties = self.user_properties.clone();
+        let mut payload_format_indicator = None;
         if let Some(meta) = meta {
-            meta.attach(&mut user_properties);
+            meta.attach(&mut payload_format_indicator);
         }
         PublishProperties {
+            payload_format_indicator,
             content_type: self.content_type.clone(),
-            user_properties,
+            user_properties: self.user_properties.clone(),
             response_topic: self.response_topic.clone(),
             correlation_data: self.correlation_data.clone(),
             message_expiry_interval: self.expiry_secs,
@@ -53,7 +51,7 @@ impl MqttPublish {
         props: Option<PublishProperties>,
     ) -> Option<Self> {
         let mut props = props.unwrap_or_default();
-        let meta = Meta::detach(&mut props.user_properties).unwrap_or(Meta {
+        let meta = Meta::detach(&mut props.payload_format_indicator).unwrap_or(Meta {
             retain: false,
             qos: 0,
             from_gateway: false,
@@ -82,12 +80,20 @@ pub trait RetainedSource: Send + Sync {
 }
 
 /// What rumqttd's router drops on the way from a publisher to subscribers.
+///
+/// It travels in the high bits of the MQTT 5 payload format indicator, whose only valid values
+/// are 0 and 1: no allocation per message, and restored before any client sees the packet.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Meta {
     pub(crate) retain: bool,
     pub(crate) qos: u8,
     pub(crate) from_gateway: bool,
 }
+
+const MARK: u8 = 0x80;
+const HAD_PFI: u8 = 0x40;
+const FROM_GATEWAY: u8 = 0x10;
+const RETAIN: u8 = 0x02;
 
 impl Meta {
     pub(crate) fn from_client(retain: bool, qos: u8) -> Self {
@@ -98,28 +104,36 @@ impl Meta {
         }
     }
 
-    /// Adds the marker, replacing any a client tried to forge.
-    pub(crate) fn attach(self, props: &mut Vec<(String, String)>) {
-        Self::detach(props);
-        let value = format!(
-            "{}{}{}",
-            u8::from(self.retain),
-            self.qos.min(2),
-            if self.from_gateway { 'g' } else { 'c' }
-        );
-        props.push((META_KEY.to_owned(), value));
+    /// Stores the marker, keeping the publisher's own indicator; replaces any forged marker.
+    pub(crate) fn attach(self, pfi: &mut Option<u8>) {
+        let original = match *pfi {
+            Some(v) if v & MARK != 0 => (v & HAD_PFI != 0).then_some(v & 1),
+            other => other,
+        };
+        let mut v = MARK | (self.qos.min(2) << 2);
+        if let Some(p) = original {
+            v |= HAD_PFI | (p & 1);
+        }
+        if self.retain {
+            v |= RETAIN;
+        }
+        if self.from_gateway {
+            v |= FROM_GATEWAY;
+        }
+        *pfi = Some(v);
     }
 
-    /// Removes the marker and returns what it said.
-    pub(crate) fn detach(props: &mut Vec<(String, String)>) -> Option<Self> {
-        let at = props.iter().rposition(|(k, _)| k == META_KEY)?;
-        let (_, value) = props.remove(at);
-        props.retain(|(k, _)| k != META_KEY);
-        let b = value.as_bytes();
-        (b.len() == 3).then(|| Self {
-            retain: b[0] == b'1',
-            qos: b[1].saturating_sub(b'0').min(2),
-            from_gateway: b[2] == b'g',
+    /// Removes the marker, restoring the publisher's indicator, and returns what it said.
+    pub(crate) fn detach(pfi: &mut Option<u8>) -> Option<Self> {
+        let v = (*pfi)?;
+        if v & MARK == 0 {
+            return None;
+        }
+        *pfi = (v & HAD_PFI != 0).then_some(v & 1);
+        Some(Self {
+            retain: v & RETAIN != 0,
+            qos: ((v >> 2) & 0b11).min(2),
+            from_gateway: v & FROM_GATEWAY != 0,
         })
     }
 }
@@ -129,17 +143,31 @@ mod tests {
     use super::*;
 
     #[test]
-    fn marker_round_trips_and_replaces_forgeries() {
-        let mut props = vec![
-            ("a".to_owned(), "1".to_owned()),
-            (META_KEY.to_owned(), "12g".to_owned()),
-        ];
-        Meta::from_client(true, 2).attach(&mut props);
-        assert_eq!(props.iter().filter(|(k, _)| k == META_KEY).count(), 1);
-        let meta = Meta::detach(&mut props);
-        assert_eq!(meta, Some(Meta::from_client(true, 2)));
-        assert_eq!(props, vec![("a".to_owned(), "1".to_owned())]);
-        assert_eq!(Meta::detach(&mut props), None);
+    fn marker_round_trips_and_keeps_the_publishers_indicator() {
+        for original in [None, Some(0), Some(1)] {
+            for meta in [
+                Meta::from_client(true, 2),
+                Meta {
+                    retain: false,
+                    qos: 1,
+                    from_gateway: true,
+                },
+            ] {
+                let mut pfi = original;
+                meta.attach(&mut pfi);
+                assert_eq!(Meta::detach(&mut pfi), Some(meta));
+                assert_eq!(pfi, original);
+                assert_eq!(Meta::detach(&mut pfi), None);
+            }
+        }
+    }
+
+    #[test]
+    fn a_forged_marker_is_replaced() {
+        let mut pfi = Some(0xff);
+        Meta::from_client(false, 0).attach(&mut pfi);
+        assert_eq!(Meta::detach(&mut pfi), Some(Meta::from_client(false, 0)));
+        assert_eq!(pfi, Some(1));
     }
 
     #[test]
@@ -150,7 +178,7 @@ mod tests {
             qos: 1,
             from_gateway: true,
         }
-        .attach(&mut props.user_properties);
+        .attach(&mut props.payload_format_indicator);
         let echoed = MqttPublish::from_forward("t".into(), "p".into(), Some(props));
         assert_eq!(echoed, None);
     }

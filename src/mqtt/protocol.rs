@@ -90,7 +90,7 @@ impl GatewayProtocol {
                         correlation_data: None,
                         user_properties: Vec::new(),
                     });
-                    meta.attach(&mut p.user_properties);
+                    meta.attach(&mut p.payload_format_indicator);
                     will_props = Some(p);
                 }
                 Ok(Packet::Connect(connect, props, will, will_props, login))
@@ -112,7 +112,7 @@ impl GatewayProtocol {
                 // so an empty non-retained publish can no longer wipe a retained value.
                 publish.retain = false;
                 let mut props = props.unwrap_or_default();
-                meta.attach(&mut props.user_properties);
+                meta.attach(&mut props.payload_format_indicator);
                 Ok(Packet::Publish(publish, Some(props)))
             }
             Packet::Subscribe(subscribe, props) => {
@@ -218,7 +218,7 @@ impl Protocol for GatewayProtocol {
         match packet {
             Packet::Publish(publish, props) => {
                 let props = props.map(|mut p| {
-                    Meta::detach(&mut p.user_properties);
+                    Meta::detach(&mut p.payload_format_indicator);
                     p
                 });
                 self.shared.stats.delivered.fetch_add(1, Ordering::Relaxed);

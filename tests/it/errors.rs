@@ -260,15 +260,21 @@ async fn publishes_get_503_when_the_broker_link_is_down() {
 
 #[tokio::test]
 async fn a_request_slower_than_the_timeout_gets_408() {
-    let gw = TestGateway::start_with(|c| c.http.request_timeout = std::time::Duration::from_millis(200)).await;
+    let gw =
+        TestGateway::start_with(|c| c.http.request_timeout = std::time::Duration::from_millis(200))
+            .await;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut s = tokio::net::TcpStream::connect(gw.http).await.unwrap();
     // The body never comes.
-    s.write_all(b"POST /topics/slow HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\n").await.unwrap();
+    s.write_all(b"POST /topics/slow HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\n")
+        .await
+        .unwrap();
     let mut response = Vec::new();
     let mut buf = [0u8; 1024];
     while !String::from_utf8_lossy(&response).contains("}") {
-        let n = crate::support::within("the 408", s.read(&mut buf)).await.unwrap();
+        let n = crate::support::within("the 408", s.read(&mut buf))
+            .await
+            .unwrap();
         assert!(n > 0, "answered before closing");
         response.extend_from_slice(&buf[..n]);
     }
