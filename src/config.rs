@@ -94,6 +94,23 @@ pub struct HttpConfig {
 pub struct CoapConfig {
     /// UDP socket address.
     pub addr: SocketAddr,
+    /// RFC 7252 ACK_TIMEOUT: first wait for the ACK of a confirmable notification.
+    #[serde(with = "humantime_serde")]
+    pub ack_timeout: Duration,
+    /// RFC 7252 MAX_RETRANSMIT: resends of an unacknowledged notification before the observer
+    /// is dropped.
+    pub max_retransmit: u8,
+    /// Most concurrent observations; a registration beyond it gets 5.03.
+    pub max_observers: usize,
+    /// Largest block of a block-wise transfer, bytes: 16, 32, ... 1024.
+    #[serde(deserialize_with = "size")]
+    pub block_size: usize,
+    /// Responses remembered to answer duplicate requests.
+    pub dedup_capacity: usize,
+    /// Most concurrent block-wise uploads.
+    pub max_uploads: usize,
+    /// Most publishes waiting for the broker; beyond it requests get 5.03.
+    pub max_pending: usize,
 }
 
 /// `[bridge]`: between the broker and the adapters.
@@ -149,6 +166,13 @@ impl Default for CoapConfig {
     fn default() -> Self {
         Self {
             addr: SocketAddr::from(([0, 0, 0, 0], 5683)),
+            ack_timeout: Duration::from_secs(2),
+            max_retransmit: 4,
+            max_observers: 10_000,
+            block_size: 1024,
+            dedup_capacity: 10_000,
+            max_uploads: 64,
+            max_pending: 1024,
         }
     }
 }
@@ -271,6 +295,27 @@ impl Config {
         }
         if self.http.sse_buffer == 0 {
             return invalid("http.sse_buffer", "must be at least 1");
+        }
+        if self.coap.ack_timeout.is_zero() || self.coap.ack_timeout > Duration::from_secs(60) {
+            return invalid("coap.ack_timeout", "must be between 1ms and 60s");
+        }
+        if self.coap.max_retransmit > 10 {
+            return invalid("coap.max_retransmit", "must be at most 10");
+        }
+        if !(16..=1024).contains(&self.coap.block_size) || !self.coap.block_size.is_power_of_two() {
+            return invalid(
+                "coap.block_size",
+                "must be 16, 32, 64, 128, 256, 512 or 1024",
+            );
+        }
+        if self.coap.max_observers == 0 {
+            return invalid("coap.max_observers", "must be at least 1");
+        }
+        if self.coap.dedup_capacity == 0 {
+            return invalid("coap.dedup_capacity", "must be at least 1");
+        }
+        if self.coap.max_pending == 0 {
+            return invalid("coap.max_pending", "must be at least 1");
         }
         if self.bridge.link_buffer == 0 {
             return invalid("bridge.link_buffer", "must be at least 1");

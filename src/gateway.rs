@@ -10,6 +10,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::bridge::{Bridge, RetainedStore, StoreSource};
+use crate::coap::CoapServer;
 use crate::config::Config;
 use crate::http;
 use crate::metrics::Metrics;
@@ -21,7 +22,7 @@ pub enum GatewayError {
     /// A TCP or UDP address could not be bound.
     #[error("cannot listen for {protocol} on {addr}: {source}")]
     Bind {
-        /// `HTTP` or `MQTT`.
+        /// `HTTP`, `MQTT` or `CoAP`.
         protocol: &'static str,
         /// The address asked for.
         addr: SocketAddr,
@@ -40,18 +41,26 @@ pub enum GatewayError {
 pub struct Gateway {
     config: Config,
     http: TcpListener,
+    coap: CoapServer,
     broker: Broker,
     store: Arc<RetainedStore>,
 }
 
 impl Gateway {
-    /// Binds the HTTP and MQTT listeners and starts the broker's router.
+    /// Binds the HTTP, CoAP and MQTT listeners and starts the broker's router.
     pub async fn bind(config: Config) -> Result<Self, GatewayError> {
         let http = TcpListener::bind(config.http.addr)
             .await
             .map_err(|source| GatewayError::Bind {
                 protocol: "HTTP",
                 addr: config.http.addr,
+                source,
+            })?;
+        let coap = CoapServer::bind(&config.coap)
+            .await
+            .map_err(|source| GatewayError::Bind {
+                protocol: "CoAP",
+                addr: config.coap.addr,
                 source,
             })?;
         let store = Arc::new(RetainedStore::new());
@@ -73,6 +82,7 @@ impl Gateway {
         Ok(Self {
             config,
             http,
+            coap,
             broker,
             store,
         })
@@ -81,6 +91,11 @@ impl Gateway {
     /// The bound HTTP address.
     pub fn http_addr(&self) -> SocketAddr {
         self.http.local_addr().unwrap_or(self.config.http.addr)
+    }
+
+    /// The bound CoAP address.
+    pub fn coap_addr(&self) -> SocketAddr {
+        self.coap.addr()
     }
 
     /// The bound MQTT address.
@@ -93,6 +108,7 @@ impl Gateway {
         let Self {
             config,
             http,
+            coap,
             broker,
             store,
         } = self;
@@ -100,6 +116,7 @@ impl Gateway {
         let tracker = TaskTracker::new();
         let http_addr = http.local_addr().unwrap_or(config.http.addr);
         let mqtt_addr = broker.addr();
+        let coap_addr = coap.addr();
 
         let link = broker
             .run(config.bridge.link_buffer, &tracker, cancel.clone())
@@ -115,6 +132,9 @@ impl Gateway {
             config.http.sse_history,
         );
         tracker.spawn(bridge.clone().run(cancel.clone()));
+
+        tracker.spawn(coap.run(bridge.clone(), tracker.clone(), cancel.clone()));
+        tracing::info!(protocol = "coap", addr = %coap_addr, "listening");
 
         let router = http::router(bridge, config.http.clone(), cancel.clone());
         let mut http_task = tracker.spawn(http::serve(http, router, cancel.clone()));

@@ -1,9 +1,10 @@
-//! topicgate: one process in which MQTT clients, HTTP clients and (soon) CoAP devices share one
-//! topic space.
+//! topicgate: one process in which MQTT clients, HTTP clients and CoAP devices share one topic
+//! space.
 //!
 //! Codemap (dependencies point down):
 //! - [`gateway`]: binds every listener and runs the whole until shutdown.
 //! - [`http`]: the axum router, handlers, event streams and the OpenAPI document.
+//! - [`coap`]: the UDP endpoint: exchanges, deduplication, Observe, block-wise transfer.
 //! - [`bridge`]: topics and filters, the retained store, fan-out to streams; the one place that
 //!   decides.
 //! - [`mqtt`]: the embedded rumqttd broker and the gateway's link into it; the only module that
@@ -11,6 +12,7 @@
 //! - [`config`]: the typed configuration; [`metrics`]: the Prometheus registry.
 
 pub mod bridge;
+pub mod coap;
 pub mod config;
 pub mod gateway;
 pub mod http;

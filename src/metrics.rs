@@ -29,6 +29,22 @@ pub struct StreamLabel {
     pub stream: &'static str,
 }
 
+/// Labels of a CoAP request count.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct CoapRequestLabel {
+    /// `GET`, `PUT`, `POST`, `DELETE` or `other`.
+    pub method: &'static str,
+    /// Response code, `2.05` style.
+    pub code: String,
+}
+
+/// A `reason` label.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct ReasonLabel {
+    /// Why it happened.
+    pub reason: &'static str,
+}
+
 /// Every metric the gateway exports.
 #[derive(Debug)]
 pub struct Metrics {
@@ -49,6 +65,16 @@ pub struct Metrics {
     pub broker_link_up: Gauge,
     /// Times the broker paused the gateway's link and it was woken again.
     pub broker_link_wakeups: Counter,
+    /// CoAP requests by method and response code.
+    pub coap_requests: Family<CoapRequestLabel, Counter>,
+    /// Active CoAP observations.
+    pub coap_observers: Gauge,
+    /// Duplicate CoAP requests answered from the cache.
+    pub coap_duplicates: Counter,
+    /// Confirmable CoAP notifications sent again for want of an ACK.
+    pub coap_retransmissions: Counter,
+    /// CoAP observations ended, by reason.
+    pub coap_observers_removed: Family<ReasonLabel, Counter>,
 }
 
 impl Default for Metrics {
@@ -98,6 +124,36 @@ impl Default for Metrics {
             "Times the broker paused the gateway's link and it was woken again",
             broker_link_wakeups.clone(),
         );
+        let coap_requests = Family::default();
+        registry.register(
+            "coap_requests",
+            "CoAP requests by method and response code",
+            coap_requests.clone(),
+        );
+        let coap_observers = Gauge::default();
+        registry.register(
+            "coap_observers",
+            "Active CoAP observations",
+            coap_observers.clone(),
+        );
+        let coap_duplicates = Counter::default();
+        registry.register(
+            "coap_duplicates",
+            "Duplicate CoAP requests answered from the cache",
+            coap_duplicates.clone(),
+        );
+        let coap_retransmissions = Counter::default();
+        registry.register(
+            "coap_retransmissions",
+            "Confirmable CoAP notifications sent again for want of an ACK",
+            coap_retransmissions.clone(),
+        );
+        let coap_observers_removed = Family::default();
+        registry.register(
+            "coap_observers_removed",
+            "CoAP observations ended: deregistered, reset (RST), timeout (no ACK), replaced, shutdown",
+            coap_observers_removed.clone(),
+        );
         Self {
             registry,
             publishes,
@@ -108,6 +164,11 @@ impl Default for Metrics {
             http_responses,
             broker_link_up,
             broker_link_wakeups,
+            coap_requests,
+            coap_observers,
+            coap_duplicates,
+            coap_retransmissions,
+            coap_observers_removed,
         }
     }
 }

@@ -103,6 +103,11 @@ impl Hub {
         let _ = self.tx.send(event);
     }
 
+    /// Every later event.
+    pub(crate) fn live(&self) -> broadcast::Receiver<Event> {
+        self.tx.subscribe()
+    }
+
     /// Subscribes to `filter`, resuming after `last_event_id` when it is still in the history.
     pub(crate) fn subscribe(
         &self,

@@ -1,5 +1,6 @@
 //! A message as the gateway holds it, whatever protocol it came from, and its JSON envelope.
 
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use base64::Engine;
@@ -106,16 +107,15 @@ impl Message {
         })
     }
 
-    /// A strong validator of payload and content type, for `ETag`.
+    /// A strong validator of payload and content type, as an HTTP `ETag`.
     pub fn etag(&self) -> String {
-        // FNV-1a: stable across processes and releases, unlike std's hasher.
-        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+        format!("\"{:016x}\"", self.validator())
+    }
+
+    /// A strong validator of payload and content type; the CoAP ETag is its 8 bytes.
+    pub fn validator(&self) -> u64 {
         let ct = self.content_type.as_deref().unwrap_or("").as_bytes();
-        for b in self.payload.iter().chain(&[0u8]).chain(ct) {
-            h ^= u64::from(*b);
-            h = h.wrapping_mul(0x0100_0000_01b3);
-        }
-        format!("\"{h:016x}\"")
+        fnv1a(self.payload.iter().chain(&[0u8]).chain(ct))
     }
 
     /// The JSON form shared by wildcard GET and event streams.
@@ -148,6 +148,16 @@ impl Message {
             },
         }
     }
+}
+
+/// FNV-1a: stable across processes and releases, unlike std's hasher.
+pub fn fnv1a<'a>(bytes: impl IntoIterator<Item = &'a u8>) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in bytes {
+        h ^= u64::from(*b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    h
 }
 
 /// Whether a content type denotes text, so that a UTF-8 payload can be shown as is.
@@ -195,6 +205,25 @@ pub struct Envelope {
     pub updated_at: String,
     /// MQTT 5 properties.
     pub properties: Properties,
+}
+
+/// A page of retained messages as JSON, the body of a wildcard read on every protocol.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct Listing {
+    /// Messages sorted by topic.
+    pub messages: Vec<Envelope>,
+    /// Pass as `cursor` to get the next page; null on the last one.
+    pub next: Option<String>,
+}
+
+impl Listing {
+    /// The JSON form of a page, with expiry counted from `now`.
+    pub fn new(messages: &[Arc<Message>], next: Option<String>, now: SystemTime) -> Self {
+        Self {
+            messages: messages.iter().map(|m| m.envelope(now)).collect(),
+            next,
+        }
+    }
 }
 
 /// MQTT 5 properties of a message.

@@ -2,8 +2,10 @@
 //! CoAP parse requests into these types and call one [`Bridge`] method; MQTT publishes arrive
 //! through the broker link.
 
+mod content;
 mod hub;
 mod message;
+mod params;
 mod store;
 mod topic;
 
@@ -12,10 +14,13 @@ use std::time::{Duration, SystemTime};
 
 use tokio_util::sync::CancellationToken;
 
+pub use content::{content_format_for, content_type_for};
 pub use hub::{Event, Start, Subscription};
 pub use message::{
-    Envelope, Message, Origin, PayloadEncoding, Properties, Qos, UserProperty, is_textual,
+    Envelope, Listing, Message, Origin, PayloadEncoding, Properties, Qos, UserProperty, fnv1a,
+    is_textual,
 };
+pub use params::{ParamError, apply_expiry, parse_flag, parse_limit, parse_qos};
 pub use store::{Page, RetainedStore};
 pub use topic::{Topic, TopicError, TopicFilter};
 
@@ -144,6 +149,12 @@ impl Bridge {
         self.inner
             .hub
             .subscribe(filter, last_event_id, &self.inner.store)
+    }
+
+    /// Every message accepted from now on, whatever its topic; falls behind by at most the
+    /// configured buffer.
+    pub fn live(&self) -> tokio::sync::broadcast::Receiver<Event> {
+        self.inner.hub.live()
     }
 
     /// The `<epoch>-<seq>` id of an event.

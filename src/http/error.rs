@@ -6,7 +6,7 @@ use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 use utoipa::ToSchema;
 
-use crate::bridge::{BridgeError, TopicError};
+use crate::bridge::{BridgeError, ParamError, TopicError};
 
 /// Every way a request can fail, each with its status and snake_case code.
 #[derive(Debug, thiserror::Error)]
@@ -95,6 +95,12 @@ impl ApiError {
 impl From<TopicError> for ApiError {
     fn from(e: TopicError) -> Self {
         ApiError::InvalidTopic(e)
+    }
+}
+
+impl From<ParamError> for ApiError {
+    fn from(e: ParamError) -> Self {
+        ApiError::InvalidParameter(e.0)
     }
 }
 

@@ -1,6 +1,6 @@
 //! `/topics/{topic}`: publish, read, list, stream and clear, mapped onto one bridge call each.
 
-use std::time::{Duration, SystemTime};
+use std::time::SystemTime;
 
 use axum::Json;
 use axum::body::Bytes;
@@ -9,13 +9,16 @@ use axum::extract::{Query, State};
 use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
 use percent_encoding::percent_decode_str;
-use serde::{Deserialize, Serialize};
-use utoipa::{IntoParams, ToSchema};
+use serde::Deserialize;
+use utoipa::IntoParams;
 
 use super::AppState;
 use super::error::{ApiError, ErrorBody};
 use super::sse;
-use crate::bridge::{Envelope, Message, Origin, Qos, Topic, TopicError, TopicFilter};
+use crate::bridge::{
+    Listing, Message, Origin, Qos, Topic, TopicError, TopicFilter, apply_expiry, parse_flag,
+    parse_limit, parse_qos,
+};
 
 /// Prefix of headers carrying MQTT 5 user properties.
 const USER_PREFIX: &str = "mqtt-user-";
@@ -47,15 +50,6 @@ pub(crate) struct ReadQuery {
     cursor: Option<String>,
     /// `true` for an event stream, as with `Accept: text/event-stream`.
     stream: Option<String>,
-}
-
-/// A page of retained messages.
-#[derive(Debug, Serialize, ToSchema)]
-pub(crate) struct MessageList {
-    /// Messages sorted by topic.
-    messages: Vec<Envelope>,
-    /// Pass as `cursor` to get the next page; null on the last one.
-    next: Option<String>,
 }
 
 /// Publish the request body to a topic.
@@ -145,7 +139,7 @@ pub(crate) async fn put_retained(
         (status = 200, description = "A topic: its retained payload, raw, with its Content-Type, `ETag`, `Last-Modified` and `mqtt-*` metadata headers. A filter: a JSON page of retained messages. With `Accept: text/event-stream` or `?stream=true`: server-sent events, retained messages first, then live ones.",
             content(
                 (Vec<u8> = "application/octet-stream"),
-                (MessageList = "application/json"),
+                (Listing = "application/json"),
                 (String = "text/event-stream"),
             )),
         (status = 304, description = "Unchanged since the given ETag"),
@@ -218,22 +212,10 @@ fn list(state: &AppState, filter: &TopicFilter, query: &ReadQuery) -> Result<Res
     let max = state.config.list_limit;
     let limit = match query.limit.as_deref() {
         None => max,
-        Some(v) => match v.parse::<usize>() {
-            Ok(n) if (1..=max).contains(&n) => n,
-            _ => {
-                return Err(ApiError::InvalidParameter(format!(
-                    "limit must be a whole number from 1 to {max}"
-                )));
-            }
-        },
+        Some(v) => parse_limit(v, max)?,
     };
     let page = state.bridge.list(filter, query.cursor.as_deref(), limit);
-    let now = SystemTime::now();
-    Ok(Json(MessageList {
-        messages: page.messages.iter().map(|m| m.envelope(now)).collect(),
-        next: page.next,
-    })
-    .into_response())
+    Ok(Json(Listing::new(&page.messages, page.next, SystemTime::now())).into_response())
 }
 
 fn single(message: &Message, request: &HeaderMap) -> Response {
@@ -306,19 +288,10 @@ fn build_message(
     message.retain = retain;
     message.qos = match query.qos.as_deref() {
         None => Qos::default(),
-        Some(v) => v
-            .parse::<u8>()
-            .ok()
-            .and_then(Qos::new)
-            .ok_or_else(|| ApiError::InvalidParameter("qos must be 0, 1 or 2".to_owned()))?,
+        Some(v) => parse_qos(v)?,
     };
     if let Some(v) = query.expiry.as_deref() {
-        let secs = v.parse::<u32>().ok().filter(|s| *s > 0).ok_or_else(|| {
-            ApiError::InvalidParameter(
-                "expiry must be a number of seconds from 1 to 4294967295".to_owned(),
-            )
-        })?;
-        message.expires_at = Some(message.updated_at + Duration::from_secs(u64::from(secs)));
+        apply_expiry(&mut message, v)?;
     }
     message.content_type = content_type(headers)?;
     for (name, value) in headers {
@@ -376,13 +349,7 @@ fn accepts_event_stream(headers: &HeaderMap) -> bool {
 }
 
 fn parse_bool(name: &str, value: &str) -> Result<bool, ApiError> {
-    match value {
-        "true" | "1" => Ok(true),
-        "false" | "0" => Ok(false),
-        _ => Err(ApiError::InvalidParameter(format!(
-            "{name} must be true or false"
-        ))),
-    }
+    Ok(parse_flag(name, value)?)
 }
 
 fn parse_query<T: serde::de::DeserializeOwned + Default>(uri: &Uri) -> Result<T, ApiError> {

@@ -113,10 +113,45 @@ fn bad_flags_env_and_config_exit_2_with_one_line() {
 fn a_busy_port_exits_2_naming_the_address() {
     let busy = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = busy.local_addr().unwrap().to_string();
-    let out = run(&["--http-addr", &addr, "--mqtt-addr", "127.0.0.1:0"], &[]);
+    let out = run(
+        &[
+            "--http-addr",
+            &addr,
+            "--mqtt-addr",
+            "127.0.0.1:0",
+            "--coap-addr",
+            "127.0.0.1:0",
+        ],
+        &[],
+    );
     expect_startup_error(&out, &addr);
-    let out = run(&["--http-addr", "127.0.0.1:0", "--mqtt-addr", &addr], &[]);
+    let out = run(
+        &[
+            "--http-addr",
+            "127.0.0.1:0",
+            "--mqtt-addr",
+            &addr,
+            "--coap-addr",
+            "127.0.0.1:0",
+        ],
+        &[],
+    );
     expect_startup_error(&out, &addr);
+    let busy_udp = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let udp = busy_udp.local_addr().unwrap().to_string();
+    let out = run(
+        &[
+            "--http-addr",
+            "127.0.0.1:0",
+            "--mqtt-addr",
+            "127.0.0.1:0",
+            "--coap-addr",
+            &udp,
+        ],
+        &[],
+    );
+    expect_startup_error(&out, &udp);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("CoAP"));
 }
 
 struct Running {
@@ -124,13 +159,15 @@ struct Running {
     lines: Vec<String>,
 }
 
-/// Starts the binary and reads stderr until both listeners are logged.
+/// Starts the binary and reads stderr until all three listeners are logged.
 fn start(args: &[&str], env: &[(&str, &str)]) -> Running {
     let mut cmd = Command::new(BIN);
     cmd.args(args)
         .env_remove("RUST_LOG")
         .env_remove("TOPICGATE_HTTP_ADDR")
-        .env_remove("TOPICGATE_MQTT_ADDR");
+        .env_remove("TOPICGATE_MQTT_ADDR")
+        // Every test gateway takes a free CoAP port unless a test says otherwise.
+        .env("TOPICGATE_COAP_ADDR", "127.0.0.1:0");
     for (k, v) in env {
         cmd.env(k, v);
     }
@@ -154,7 +191,7 @@ fn start(args: &[&str], env: &[(&str, &str)]) -> Running {
         .iter()
         .filter(|l: &&String| l.contains("listening"))
         .count()
-        < 2
+        < 3
     {
         let left = deadline.saturating_duration_since(Instant::now());
         let line = rx
@@ -203,6 +240,14 @@ fn logs_each_bound_listener_and_stops_on_sigterm() {
         ],
         &[],
     );
+    let coap: serde_json::Value =
+        serde_json::from_str(listening_line(&r, "coap")).expect("json log line");
+    assert!(
+        coap["fields"]["addr"]
+            .as_str()
+            .unwrap()
+            .starts_with("127.0.0.1:")
+    );
     let http = listening_line(&r, "http");
     let v: serde_json::Value = serde_json::from_str(http).expect("json log line");
     let addr = v["fields"]["addr"].as_str().unwrap();
@@ -215,7 +260,9 @@ fn logs_each_bound_listener_and_stops_on_sigterm() {
 
 #[test]
 fn flags_beat_env_which_beats_the_config_file() {
-    let f = config_file("[http]\naddr = \"127.0.0.2:0\"\n[mqtt]\naddr = \"127.0.0.2:0\"\n");
+    let f = config_file(
+        "[http]\naddr = \"127.0.0.2:0\"\n[mqtt]\naddr = \"127.0.0.2:0\"\n[coap]\naddr = \"127.0.0.2:0\"\n",
+    );
     let path = f.path().to_str().unwrap();
     let r = start(
         &["--config", path],
@@ -229,14 +276,26 @@ fn flags_beat_env_which_beats_the_config_file() {
         listening_line(&r, "mqtt").contains("127.0.0.3:"),
         "env beats file"
     );
+    assert!(
+        listening_line(&r, "coap").contains("127.0.0.1:"),
+        "env beats file for CoAP too"
+    );
     terminate(r);
     let r = start(
-        &["--config", path, "--mqtt-addr", "127.0.0.4:0"],
+        &[
+            "--config",
+            path,
+            "--mqtt-addr",
+            "127.0.0.4:0",
+            "--coap-addr",
+            "127.0.0.4:0",
+        ],
         &[("TOPICGATE_MQTT_ADDR", "127.0.0.3:0")],
     );
     assert!(
         listening_line(&r, "mqtt").contains("127.0.0.4:"),
         "flag beats env"
     );
+    assert!(listening_line(&r, "coap").contains("127.0.0.4:"));
     terminate(r);
 }

@@ -2,6 +2,9 @@
 
 mod broker_link;
 mod cli;
+mod coap;
+mod coap_client;
+mod coap_observe;
 mod errors;
 mod http_mqtt;
 mod mqtt_traps;

@@ -18,6 +18,7 @@ pub(crate) const DEADLINE: Duration = Duration::from_secs(20);
 pub(crate) struct TestGateway {
     pub(crate) http: SocketAddr,
     pub(crate) mqtt: SocketAddr,
+    pub(crate) coap: SocketAddr,
     pub(crate) client: reqwest::Client,
     cancel: CancellationToken,
     task: JoinHandle<Result<(), GatewayError>>,
@@ -35,7 +36,11 @@ impl TestGateway {
         config.coap.addr = "127.0.0.1:0".parse().unwrap();
         tweak(&mut config);
         let gateway = Gateway::bind(config).await.expect("gateway binds");
-        let (http, mqtt) = (gateway.http_addr(), gateway.mqtt_addr());
+        let (http, mqtt, coap) = (
+            gateway.http_addr(),
+            gateway.mqtt_addr(),
+            gateway.coap_addr(),
+        );
         let cancel = CancellationToken::new();
         let stop = cancel.clone();
         let task = tokio::spawn(gateway.run(async move { stop.cancelled().await }));
@@ -46,6 +51,7 @@ impl TestGateway {
         let gw = Self {
             http,
             mqtt,
+            coap,
             client,
             cancel,
             task,

@@ -1,0 +1,477 @@
+//! Requests on `/topics/...`, `/ps/...` and `/.well-known/core`, each mapped onto one bridge
+//! call; and the representations that responses and notifications carry.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Instant, SystemTime};
+
+use bytes::Bytes;
+use coap_lite::{CoapOption, RequestType, ResponseType};
+
+use super::block::{Progress, UploadError, Uploads, slice};
+use super::discovery;
+use super::request::{Reply, Request};
+use super::wire::Block;
+use crate::bridge::{
+    Bridge, BridgeError, Listing, Message, Origin, ParamError, Qos, Topic, TopicFilter,
+    apply_expiry, content_format_for, content_type_for, fnv1a, parse_flag, parse_limit, parse_qos,
+};
+
+/// Max-Age of a representation without an expiry: the CoAP default, stated.
+const DEFAULT_MAX_AGE: u32 = 60;
+/// Content-Format of JSON.
+const JSON: u16 = 50;
+/// Content-Format of link format.
+const LINK_FORMAT: u16 = 40;
+/// Largest page of a filter GET.
+const LIST_LIMIT: usize = 1000;
+
+/// What the endpoint does with a request.
+#[derive(Debug)]
+pub(crate) enum Action {
+    /// Answer now.
+    Reply(Reply),
+    /// Register an observation, then answer with `reply` plus the Observe option.
+    Observe {
+        /// The filter observed.
+        filter: TopicFilter,
+        /// Block size exponent for its notifications.
+        szx: u8,
+        /// The registration response.
+        reply: Reply,
+    },
+    /// End the observation with this request's token, then answer.
+    Deregister(Reply),
+    /// Publish through the bridge, then answer `reply` on success.
+    Publish(Message, Reply),
+    /// Clear a retained value through the bridge.
+    Clear(Topic),
+}
+
+/// A representation of a topic or filter.
+#[derive(Debug, Clone)]
+pub(crate) struct Representation {
+    /// The bytes.
+    pub(crate) payload: Bytes,
+    /// Its Content-Format, if the table has one.
+    pub(crate) format: Option<u16>,
+    /// Strong validator.
+    pub(crate) etag: u64,
+    /// Seconds it stays fresh.
+    pub(crate) max_age: u32,
+}
+
+impl Representation {
+    /// A message as the resource of its topic.
+    pub(crate) fn of_message(message: &Message, now: SystemTime) -> Self {
+        Self {
+            payload: message.payload.clone(),
+            format: message.content_type.as_deref().and_then(content_format_for),
+            etag: message.validator(),
+            max_age: message.remaining_expiry(now).unwrap_or(DEFAULT_MAX_AGE),
+        }
+    }
+
+    /// Messages as the JSON listing of a filter.
+    pub(crate) fn of_listing(messages: &[Arc<Message>], next: Option<String>) -> Self {
+        let listing = Listing::new(messages, next, SystemTime::now());
+        // Serializing plain strings and numbers cannot fail.
+        let payload = Bytes::from(serde_json::to_vec(&listing).unwrap_or_default());
+        Self {
+            etag: fnv1a(payload.iter()),
+            payload,
+            format: Some(JSON),
+            max_age: DEFAULT_MAX_AGE,
+        }
+    }
+
+    /// The nothing-retained state of an observed topic: an empty payload.
+    pub(crate) fn empty() -> Self {
+        Self {
+            payload: Bytes::new(),
+            format: None,
+            etag: 0,
+            max_age: DEFAULT_MAX_AGE,
+        }
+    }
+
+    /// A 2.05 carrying block `block` of this representation (RFC 7959), or 4.02 past the end.
+    pub(crate) fn content(&self, block: Option<Block>, max_szx: u8) -> Reply {
+        let mut reply = Reply::new(ResponseType::Content);
+        if let Some(format) = self.format {
+            reply = reply.with_uint(CoapOption::ContentFormat, u32::from(format));
+        }
+        if !self.payload.is_empty() {
+            reply = reply.with(CoapOption::ETag, self.etag.to_be_bytes().to_vec());
+        }
+        reply = reply.with_uint(CoapOption::MaxAge, self.max_age);
+        let whole = self.payload.len()
+            <= Block {
+                num: 0,
+                more: false,
+                szx: max_szx,
+            }
+            .size();
+        if whole && block.is_none_or(|b| b.num == 0 && b.size() >= self.payload.len()) {
+            reply.payload = self.payload.clone();
+            return reply;
+        }
+        let Some(part) = slice(&self.payload, block, max_szx) else {
+            return Reply::error(ResponseType::BadOption, "Block2 asks past the end");
+        };
+        reply.payload = part.payload;
+        if part.block.num == 0 {
+            reply = reply.with_uint(CoapOption::Size2, self.payload.len() as u32);
+        }
+        reply.with(CoapOption::Block2, part.block.encode())
+    }
+}
+
+/// Maps requests to actions.
+#[derive(Clone)]
+pub(crate) struct Handler {
+    bridge: Bridge,
+    max_szx: u8,
+}
+
+impl Handler {
+    /// A handler over `bridge` sending blocks of at most `16 << max_szx` bytes.
+    pub(crate) fn new(bridge: Bridge, max_szx: u8) -> Self {
+        Self { bridge, max_szx }
+    }
+
+    /// The bridge.
+    pub(crate) fn bridge(&self) -> &Bridge {
+        &self.bridge
+    }
+
+    /// Decides what to do with a request from `peer`.
+    pub(crate) fn handle(
+        &self,
+        req: &Request,
+        peer: SocketAddr,
+        uploads: &mut Uploads,
+        now: Instant,
+    ) -> Action {
+        match self.route(req, peer, uploads, now) {
+            Ok(action) => action,
+            Err(reply) => Action::Reply(reply),
+        }
+    }
+
+    fn route(
+        &self,
+        req: &Request,
+        peer: SocketAddr,
+        uploads: &mut Uploads,
+        now: Instant,
+    ) -> Result<Action, Reply> {
+        let segments: Vec<&str> = req.path.iter().map(String::as_str).collect();
+        let rest = match segments.as_slice() {
+            [".well-known", "core"] => return self.discover(req, true),
+            ["topics" | "ps"] if req.method == RequestType::Get => {
+                return self.discover(req, false);
+            }
+            ["topics" | "ps", rest @ ..] => rest.join("/"),
+            _ => {
+                return Err(Reply::error(
+                    ResponseType::NotFound,
+                    "no such resource; topics are under /topics/",
+                ));
+            }
+        };
+        match req.method {
+            RequestType::Get => self.read(req, &rest),
+            RequestType::Put | RequestType::Post => self.publish(req, &rest, peer, uploads, now),
+            RequestType::Delete => {
+                query(req, &[])?;
+                Ok(Action::Clear(topic(&rest)?))
+            }
+            _ => Err(method_not_allowed()),
+        }
+    }
+
+    fn discover(&self, req: &Request, collections: bool) -> Result<Action, Reply> {
+        if req.method != RequestType::Get {
+            return Err(method_not_allowed());
+        }
+        let filter = match req.query.as_slice() {
+            [] => None,
+            [(name, value)] => Some((name.as_str(), value.as_str())),
+            _ => {
+                return Err(Reply::error(
+                    ResponseType::BadRequest,
+                    "discovery takes at most one query filter",
+                ));
+            }
+        };
+        let body = Bytes::from(discovery::links(&self.bridge, collections, filter));
+        let repr = Representation {
+            etag: fnv1a(body.iter()),
+            payload: body,
+            format: Some(LINK_FORMAT),
+            max_age: DEFAULT_MAX_AGE,
+        };
+        self.respond(req, &repr).map(Action::Reply)
+    }
+
+    fn read(&self, req: &Request, path: &str) -> Result<Action, Reply> {
+        if req.observe == Some(1) {
+            // Deregistration ends the observation whatever the answer (RFC 7641 §3.6).
+            let reply = match self.read_once(req, path) {
+                Ok(Action::Reply(reply)) | Err(reply) => reply,
+                Ok(other) => return Ok(other),
+            };
+            return Ok(Action::Deregister(reply));
+        }
+        self.read_once(req, path)
+    }
+
+    fn read_once(&self, req: &Request, path: &str) -> Result<Action, Reply> {
+        let filter = TopicFilter::parse(path)
+            .map_err(|e| Reply::error(ResponseType::BadRequest, e.to_string()))?;
+        // A Block2 follow-up of an observed resource is a plain GET (RFC 7959 §2.4).
+        let first_block = req.block2.is_none_or(|b| b.num == 0);
+        let registering = req.observe == Some(0) && first_block;
+        let observing = registering || req.observe == Some(1);
+        let repr = if filter.is_wildcard() {
+            let params = query(req, &["limit", "cursor"])?;
+            let limit = match params.get("limit") {
+                Some(v) => parse_limit(v, LIST_LIMIT).map_err(bad_param)?,
+                None => LIST_LIMIT,
+            };
+            let page = self
+                .bridge
+                .list(&filter, params.get("cursor").map(String::as_str), limit);
+            Representation::of_listing(&page.messages, page.next)
+        } else {
+            query(req, &[])?;
+            let topic = filter
+                .as_topic()
+                .ok_or_else(|| Reply::error(ResponseType::BadRequest, "not a topic"))?;
+            match self.bridge.retained(&topic) {
+                Some(m) => Representation::of_message(&m, SystemTime::now()),
+                None if observing => Representation::empty(),
+                None => {
+                    return Err(Reply::error(
+                        ResponseType::NotFound,
+                        format!("nothing is retained on {topic}"),
+                    ));
+                }
+            }
+        };
+        let reply = self.respond(req, &repr)?;
+        let registered = matches!(reply.code, ResponseType::Content | ResponseType::Valid);
+        Ok(if registering && registered {
+            Action::Observe {
+                filter,
+                szx: req.block2.map_or(self.max_szx, |b| b.szx.min(self.max_szx)),
+                reply,
+            }
+        } else {
+            Action::Reply(reply)
+        })
+    }
+
+    /// Content negotiation and validation, then the block asked for.
+    fn respond(&self, req: &Request, repr: &Representation) -> Result<Reply, Reply> {
+        if let (Some(accept), Some(format)) = (req.accept, repr.format)
+            && accept != format
+        {
+            return Err(Reply::error(
+                ResponseType::NotAcceptable,
+                format!("the representation is Content-Format {format}"),
+            ));
+        }
+        let etag = repr.etag.to_be_bytes();
+        if !repr.payload.is_empty() && req.etags.iter().any(|e| e[..] == etag[..]) {
+            return Ok(Reply::new(ResponseType::Valid)
+                .with(CoapOption::ETag, etag.to_vec())
+                .with_uint(CoapOption::MaxAge, repr.max_age));
+        }
+        Ok(repr.content(req.block2, self.max_szx))
+    }
+
+    fn publish(
+        &self,
+        req: &Request,
+        path: &str,
+        peer: SocketAddr,
+        uploads: &mut Uploads,
+        now: Instant,
+    ) -> Result<Action, Reply> {
+        let topic = topic(path)?;
+        let params = query(req, &["qos", "retain", "expiry"])?;
+        let put = req.method == RequestType::Put;
+        let retain = match params.get("retain") {
+            Some(v) => parse_flag("retain", v).map_err(bad_param)?,
+            None => put,
+        };
+        if put && !retain {
+            return Err(Reply::error(
+                ResponseType::BadRequest,
+                "PUT always retains; use POST to publish without retaining",
+            ));
+        }
+        let content_type = match req.content_format {
+            None => None,
+            Some(n) => Some(content_type_for(n).ok_or_else(|| {
+                Reply::error(
+                    ResponseType::UnsupportedContentFormat,
+                    format!("Content-Format {n} is not supported"),
+                )
+            })?),
+        };
+        let max = self.bridge.max_payload();
+        if req.size1.is_some_and(|s| s as usize > max) || req.payload.len() > max {
+            return Err(too_large(max));
+        }
+        if put {
+            self.check_preconditions(req, &topic)?;
+        }
+        let mut ok = Reply::new(ResponseType::Changed);
+        let payload = match req.block1 {
+            None => req.payload.clone(),
+            Some(block) => {
+                let key = (peer, format!("{:?} {path}?{:?}", req.method, req.query));
+                match uploads.receive(key, block, &req.payload, now) {
+                    Ok(Progress::Continue) => {
+                        return Ok(Action::Reply(
+                            Reply::new(ResponseType::Continue)
+                                .with(CoapOption::Block1, block.encode()),
+                        ));
+                    }
+                    Ok(Progress::Done(body)) => {
+                        ok = ok.with(CoapOption::Block1, block.encode());
+                        body
+                    }
+                    Err(e) => return Err(upload_error(e, max)),
+                }
+            }
+        };
+        let mut message = Message::new(topic, payload, Origin::Coap);
+        message.retain = retain;
+        message.content_type = content_type.map(str::to_owned);
+        message.qos = match params.get("qos") {
+            Some(v) => parse_qos(v).map_err(bad_param)?,
+            None => Qos::new(u8::from(req.confirmable)).unwrap_or_default(),
+        };
+        if let Some(v) = params.get("expiry") {
+            apply_expiry(&mut message, v).map_err(bad_param)?;
+        }
+        Ok(Action::Publish(message, ok))
+    }
+
+    /// If-Match and If-None-Match on a PUT (RFC 7252 §5.10.8).
+    fn check_preconditions(&self, req: &Request, topic: &Topic) -> Result<(), Reply> {
+        let current = self.bridge.retained(topic);
+        let failed = if req.if_none_match {
+            current.is_some()
+        } else if req.if_match.is_empty() {
+            false
+        } else {
+            current.as_ref().is_none_or(|m| {
+                let etag = m.validator().to_be_bytes();
+                !req.if_match
+                    .iter()
+                    .any(|e| e.is_empty() || e[..] == etag[..])
+            })
+        };
+        if failed {
+            return Err(Reply::error(
+                ResponseType::PreconditionFailed,
+                "the retained value does not match the precondition",
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Performs a publish or clear and maps the outcome to a response.
+pub(crate) async fn perform(bridge: &Bridge, action: Action) -> Reply {
+    let outcome = match action {
+        Action::Publish(message, ok) => bridge.publish(message).await.map(|()| ok),
+        Action::Clear(topic) => match bridge.clear(&topic, Origin::Coap).await {
+            Ok(true) => Ok(Reply::new(ResponseType::Deleted)),
+            Ok(false) => Ok(Reply::error(
+                ResponseType::NotFound,
+                format!("nothing is retained on {topic}"),
+            )),
+            Err(e) => Err(e),
+        },
+        Action::Reply(reply) | Action::Deregister(reply) | Action::Observe { reply, .. } => {
+            Ok(reply)
+        }
+    };
+    match outcome {
+        Ok(reply) => reply,
+        Err(BridgeError::PayloadTooLarge { limit, .. }) => too_large(limit),
+        Err(BridgeError::BrokerUnavailable) => unavailable("the broker is not available"),
+    }
+}
+
+/// 5.03 with Max-Age 1: try again in a second (RFC 7252 §5.9.3.4).
+pub(crate) fn unavailable(why: &str) -> Reply {
+    Reply::error(ResponseType::ServiceUnavailable, why).with_uint(CoapOption::MaxAge, 1)
+}
+
+fn too_large(limit: usize) -> Reply {
+    Reply::error(
+        ResponseType::RequestEntityTooLarge,
+        format!("the payload is over the limit of {limit} bytes"),
+    )
+    .with_uint(CoapOption::Size1, u32::try_from(limit).unwrap_or(u32::MAX))
+}
+
+fn upload_error(e: UploadError, limit: usize) -> Reply {
+    match e {
+        UploadError::Incomplete => Reply::error(
+            ResponseType::RequestEntityIncomplete,
+            "a block is missing; start again from block 0",
+        ),
+        UploadError::TooLarge => too_large(limit),
+        UploadError::ShortBlock => Reply::error(
+            ResponseType::BadRequest,
+            "a block other than the last must be full",
+        ),
+        UploadError::Busy => unavailable("too many block-wise uploads at once"),
+    }
+}
+
+fn method_not_allowed() -> Reply {
+    Reply::error(
+        ResponseType::MethodNotAllowed,
+        "allowed: GET, PUT, POST, DELETE on topics; GET on discovery",
+    )
+}
+
+fn bad_param(e: ParamError) -> Reply {
+    Reply::error(ResponseType::BadRequest, e.0)
+}
+
+fn topic(path: &str) -> Result<Topic, Reply> {
+    Topic::parse(path).map_err(|e| Reply::error(ResponseType::BadRequest, e.to_string()))
+}
+
+/// The Uri-Query parameters, refusing names not in `allowed` and repeated names.
+fn query(
+    req: &Request,
+    allowed: &[&str],
+) -> Result<std::collections::HashMap<String, String>, Reply> {
+    let mut params = std::collections::HashMap::new();
+    for (name, value) in &req.query {
+        if !allowed.contains(&name.as_str()) {
+            return Err(Reply::error(
+                ResponseType::BadRequest,
+                format!("unknown query parameter {name:?}"),
+            ));
+        }
+        if params.insert(name.clone(), value.clone()).is_some() {
+            return Err(Reply::error(
+                ResponseType::BadRequest,
+                format!("query parameter {name:?} is repeated"),
+            ));
+        }
+    }
+    Ok(params)
+}

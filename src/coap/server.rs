@@ -1,0 +1,465 @@
+//! The endpoint's event loop: one task owns the socket's receive side and every piece of
+//! exchange state (dedup cache, observers, uploads, retransmission timers), so none of it needs a
+//! lock. Publishes wait for the broker in tracked tasks of their own and never hold the loop up.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use bytes::Bytes;
+use coap_lite::{CoapOption, MessageClass, MessageType, Packet, RequestType, ResponseType};
+use futures_util::StreamExt;
+use tokio::net::UdpSocket;
+use tokio::sync::broadcast::error::RecvError;
+use tokio::sync::{Semaphore, mpsc};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tokio_util::time::DelayQueue;
+
+use super::block::Uploads;
+use super::exchange::{ACK_RANDOM_FACTOR, ExchangeKey, Exchanges, Seen, exchange_lifetime};
+use super::handler::{Action, Handler, Representation, perform, unavailable};
+use super::observe::{Full, Inflight, ObserverKey, Observers};
+use super::request::{self, Reply};
+use super::wire::{self, Inbound};
+use crate::bridge::Message;
+use crate::config::CoapConfig;
+use crate::metrics::{CoapRequestLabel, Metrics, ProtocolLabel, ReasonLabel, StreamLabel};
+
+/// A finished exchange: its key and the datagram that answered it.
+type Answered = (ExchangeKey, Option<Bytes>);
+
+/// Everything the loop owns.
+pub(crate) struct Endpoint {
+    socket: Arc<UdpSocket>,
+    handler: Handler,
+    exchanges: Exchanges,
+    observers: Observers,
+    uploads: Uploads,
+    timers: DelayQueue<(ObserverKey, u16)>,
+    next_mid: u16,
+    ack_timeout: Duration,
+    max_retransmit: u8,
+    pending: Arc<Semaphore>,
+    answered: mpsc::UnboundedSender<Answered>,
+    metrics: Arc<Metrics>,
+    tracker: TaskTracker,
+}
+
+impl Endpoint {
+    /// Serves on `socket` until `cancel`, then tells every observer the endpoint is going away.
+    pub(crate) async fn run(
+        socket: UdpSocket,
+        config: &CoapConfig,
+        handler: Handler,
+        tracker: TaskTracker,
+        cancel: CancellationToken,
+    ) {
+        let lifetime = exchange_lifetime(config.ack_timeout, config.max_retransmit);
+        let (answered, mut answers) = mpsc::unbounded_channel();
+        let bridge = handler.bridge().clone();
+        let mut endpoint = Endpoint {
+            socket: Arc::new(socket),
+            exchanges: Exchanges::new(lifetime, config.dedup_capacity),
+            observers: Observers::new(config.max_observers),
+            uploads: Uploads::new(bridge.max_payload(), config.max_uploads, lifetime),
+            timers: DelayQueue::new(),
+            next_mid: rand::random(),
+            ack_timeout: config.ack_timeout,
+            max_retransmit: config.max_retransmit,
+            pending: Arc::new(Semaphore::new(config.max_pending)),
+            answered,
+            metrics: bridge.metrics().clone(),
+            tracker,
+            handler,
+        };
+        let mut live = bridge.live();
+        // The largest UDP payload; a longer datagram cannot arrive.
+        let mut buf = vec![0u8; 65_536];
+        loop {
+            tokio::select! {
+                () = cancel.cancelled() => break,
+                received = endpoint.socket.recv_from(&mut buf) => match received {
+                    Ok((len, peer)) => endpoint.datagram(&buf[..len], peer).await,
+                    // An ICMP error from an earlier send surfaces here; the socket is fine.
+                    Err(e) => tracing::debug!(error = %e, "CoAP receive error"),
+                },
+                event = live.recv() => match event {
+                    Ok(event) => endpoint.notify_all(&event.message).await,
+                    Err(RecvError::Lagged(n)) => endpoint.lagged(n).await,
+                    Err(RecvError::Closed) => break,
+                },
+                Some(expired) = endpoint.timers.next(), if !endpoint.timers.is_empty() => {
+                    endpoint.retransmit(expired.into_inner()).await;
+                }
+                Some((key, bytes)) = answers.recv() => endpoint.exchanges.answer(key, bytes),
+            }
+        }
+        endpoint.farewell().await;
+    }
+
+    async fn datagram(&mut self, data: &[u8], peer: SocketAddr) {
+        match wire::decode(data) {
+            Inbound::Ignore => {}
+            Inbound::Reject(mid) => self.reset_peer(mid, peer).await,
+            Inbound::Message(packet) => self.message(packet, peer).await,
+        }
+    }
+
+    async fn message(&mut self, packet: Packet, peer: SocketAddr) {
+        let mid = packet.header.message_id;
+        match (packet.header.get_type(), packet.header.code) {
+            (MessageType::Acknowledgement, MessageClass::Empty) => self.acked(peer, mid).await,
+            (MessageType::Reset, _) => {
+                if let Some(key) = self.observers.by_mid(peer, mid) {
+                    self.drop_observer(&key, "reset");
+                }
+            }
+            (
+                MessageType::Confirmable | MessageType::NonConfirmable,
+                MessageClass::Request(method),
+            ) => self.request(packet, method, peer).await,
+            // A method code this endpoint does not know (0.08 to 0.31).
+            (MessageType::Confirmable | MessageType::NonConfirmable, MessageClass::Reserved(c))
+                if c >> 5 == 0 =>
+            {
+                self.request(packet, RequestType::UnKnown, peer).await;
+            }
+            // A ping, a response nobody asked for, or a reserved class: Reset (RFC 7252 §4.2).
+            (MessageType::Confirmable, _) => self.reset_peer(mid, peer).await,
+            _ => {}
+        }
+    }
+
+    async fn request(&mut self, packet: Packet, method: RequestType, peer: SocketAddr) {
+        let key = (peer, packet.header.message_id);
+        let now = Instant::now();
+        match self.exchanges.check(key, now) {
+            Seen::New => {}
+            Seen::Pending => {
+                self.metrics.coap_duplicates.inc();
+                return;
+            }
+            Seen::Answered(bytes) => {
+                self.metrics.coap_duplicates.inc();
+                if let Some(bytes) = bytes {
+                    self.send(&bytes, peer).await;
+                }
+                return;
+            }
+        }
+        let token: Box<[u8]> = packet.get_token().into();
+        let mut exchange = Exchange {
+            key,
+            confirmable: packet.header.get_type() == MessageType::Confirmable,
+            mid: 0,
+            token,
+            method,
+            no_response: 0,
+        };
+        exchange.mid = if exchange.confirmable {
+            key.1
+        } else {
+            self.next_mid()
+        };
+        let req = match request::parse(&packet, method) {
+            Ok(req) => req,
+            Err(reply) => return self.answer(&exchange, reply).await,
+        };
+        exchange.no_response = req.no_response;
+        if method == RequestType::UnKnown {
+            let reply = Reply::error(ResponseType::MethodNotAllowed, "unknown method");
+            return self.answer(&exchange, reply).await;
+        }
+        match self.handler.handle(&req, peer, &mut self.uploads, now) {
+            Action::Reply(reply) => self.answer(&exchange, reply).await,
+            Action::Observe { filter, szx, reply } => {
+                let okey = ObserverKey {
+                    peer,
+                    token: exchange.token.clone(),
+                };
+                let reply = match self.observers.register(okey, filter, szx, now) {
+                    Ok((seq, replaced)) => {
+                        if let Some(inflight) = replaced.and_then(|o| o.inflight) {
+                            self.timers.remove(&inflight.timer);
+                        }
+                        reply.with_uint(CoapOption::Observe, seq)
+                    }
+                    Err(Full) => unavailable("too many observers"),
+                };
+                self.metrics.coap_observers.set(self.observers.len() as i64);
+                self.answer(&exchange, reply).await;
+            }
+            Action::Deregister(reply) => {
+                let okey = ObserverKey {
+                    peer,
+                    token: exchange.token.clone(),
+                };
+                self.drop_observer(&okey, "deregistered");
+                self.answer(&exchange, reply).await;
+            }
+            work => self.spawn_work(exchange, work).await,
+        }
+    }
+
+    /// Runs a publish or clear in its own task; the loop goes on serving.
+    async fn spawn_work(&mut self, exchange: Exchange, work: Action) {
+        let Ok(permit) = self.pending.clone().try_acquire_owned() else {
+            let reply = unavailable("too many publishes are waiting for the broker");
+            return self.answer(&exchange, reply).await;
+        };
+        let bridge = self.handler.bridge().clone();
+        let socket = self.socket.clone();
+        let metrics = self.metrics.clone();
+        let answered = self.answered.clone();
+        self.tracker.spawn(async move {
+            let reply = perform(&bridge, work).await;
+            let bytes = exchange.frame(reply, &metrics);
+            if let Some(bytes) = &bytes {
+                send(&socket, bytes, exchange.key.0).await;
+            }
+            // The loop may be gone at shutdown; nothing is left to remember then.
+            let _ = answered.send((exchange.key, bytes));
+            drop(permit);
+        });
+    }
+
+    async fn answer(&mut self, exchange: &Exchange, reply: Reply) {
+        let bytes = exchange.frame(reply, &self.metrics);
+        if let Some(bytes) = &bytes {
+            self.send(bytes, exchange.key.0).await;
+        }
+        self.exchanges.answer(exchange.key, bytes);
+    }
+
+    async fn notify_all(&mut self, message: &Arc<Message>) {
+        if message.is_expired(SystemTime::now()) {
+            return;
+        }
+        for key in self.observers.matching(&message.topic) {
+            self.notify(&key, message.clone()).await;
+        }
+    }
+
+    /// Sends one notification, or keeps the message as the latest pending one while a
+    /// confirmable notification is in flight.
+    async fn notify(&mut self, key: &ObserverKey, message: Arc<Message>) {
+        let now = Instant::now();
+        let mid = self.next_mid();
+        let Some(observer) = self.observers.get_mut(key) else {
+            return;
+        };
+        if observer.inflight.is_some() {
+            observer.pending = Some(message);
+            return;
+        }
+        let confirmable = observer.take_con_turn(now);
+        let seq = observer.next_seq();
+        let repr = if observer.filter.is_wildcard() {
+            Representation::of_listing(&[message], None)
+        } else {
+            Representation::of_message(&message, SystemTime::now())
+        };
+        let reply = repr
+            .content(None, observer.szx)
+            .with_uint(CoapOption::Observe, seq);
+        let mut packet = reply.into_packet(false, mid, &key.token);
+        if confirmable {
+            packet.header.set_type(MessageType::Confirmable);
+        }
+        let Some(bytes) = encode(&packet) else { return };
+        if confirmable {
+            let timeout = self
+                .ack_timeout
+                .mul_f64(rand::random_range(1.0..ACK_RANDOM_FACTOR));
+            let timer = self.timers.insert((key.clone(), mid), timeout);
+            observer.inflight = Some(Inflight {
+                mid,
+                bytes: bytes.clone(),
+                resends: 0,
+                timeout,
+                timer,
+            });
+        }
+        self.observers.sent(key, mid);
+        self.metrics
+            .deliveries
+            .get_or_create(&ProtocolLabel { protocol: "coap" })
+            .inc();
+        self.send(&bytes, key.peer).await;
+    }
+
+    async fn acked(&mut self, peer: SocketAddr, mid: u16) {
+        let Some(key) = self.observers.by_mid(peer, mid) else {
+            return;
+        };
+        let Some(observer) = self.observers.get_mut(&key) else {
+            return;
+        };
+        if observer.inflight.as_ref().is_none_or(|i| i.mid != mid) {
+            return;
+        }
+        if let Some(inflight) = observer.inflight.take() {
+            self.timers.remove(&inflight.timer);
+        }
+        if let Some(next) = observer.pending.take() {
+            self.notify(&key, next).await;
+        }
+    }
+
+    /// A retransmission timer fired: send again, or give the observer up.
+    async fn retransmit(&mut self, (key, mid): (ObserverKey, u16)) {
+        let Some(observer) = self.observers.get_mut(&key) else {
+            return;
+        };
+        let Some(inflight) = observer.inflight.as_mut().filter(|i| i.mid == mid) else {
+            return;
+        };
+        if inflight.resends >= self.max_retransmit {
+            // The timer has fired and is gone; only the observer is left to drop.
+            observer.inflight = None;
+            self.drop_observer(&key, "timeout");
+            return;
+        }
+        inflight.resends += 1;
+        inflight.timeout *= 2;
+        inflight.timer = self.timers.insert((key.clone(), mid), inflight.timeout);
+        let bytes = inflight.bytes.clone();
+        self.metrics.coap_retransmissions.inc();
+        self.send(&bytes, key.peer).await;
+    }
+
+    /// The loop fell behind the bridge: observers of a topic get its current retained value.
+    async fn lagged(&mut self, missed: u64) {
+        self.metrics
+            .lag_dropped
+            .get_or_create(&StreamLabel { stream: "coap" })
+            .inc_by(missed);
+        for key in self.observers.keys() {
+            let topic = self
+                .observers
+                .get_mut(&key)
+                .and_then(|o| o.filter.as_topic());
+            if let Some(message) = topic.and_then(|t| self.handler.bridge().retained(&t)) {
+                self.notify(&key, message).await;
+            }
+        }
+    }
+
+    fn drop_observer(&mut self, key: &ObserverKey, reason: &'static str) {
+        if let Some(observer) = self.observers.remove(key) {
+            if let Some(inflight) = observer.inflight {
+                self.timers.remove(&inflight.timer);
+            }
+            self.metrics
+                .coap_observers_removed
+                .get_or_create(&ReasonLabel { reason })
+                .inc();
+            self.metrics.coap_observers.set(self.observers.len() as i64);
+        }
+    }
+
+    /// Ends every observation with a final 5.03 (RFC 7641 §3.2: an error ends it).
+    async fn farewell(&mut self) {
+        for key in self.observers.keys() {
+            let mid = self.next_mid();
+            let reply = unavailable("the gateway is shutting down");
+            if let Some(bytes) = encode(&reply.into_packet(false, mid, &key.token)) {
+                self.send(&bytes, key.peer).await;
+            }
+            if let Some(observer) = self.observers.remove(&key)
+                && let Some(inflight) = observer.inflight
+            {
+                self.timers.remove(&inflight.timer);
+            }
+            self.metrics
+                .coap_observers_removed
+                .get_or_create(&ReasonLabel { reason: "shutdown" })
+                .inc();
+        }
+        self.metrics.coap_observers.set(0);
+    }
+
+    async fn reset_peer(&self, mid: u16, peer: SocketAddr) {
+        let mut packet = Packet::new();
+        packet.header.set_type(MessageType::Reset);
+        packet.header.code = MessageClass::Empty;
+        packet.header.message_id = mid;
+        if let Some(bytes) = encode(&packet) {
+            self.send(&bytes, peer).await;
+        }
+    }
+
+    async fn send(&self, bytes: &[u8], peer: SocketAddr) {
+        send(&self.socket, bytes, peer).await;
+    }
+
+    fn next_mid(&mut self) -> u16 {
+        self.next_mid = self.next_mid.wrapping_add(1);
+        self.next_mid
+    }
+}
+
+/// One request's identity, for framing its response.
+struct Exchange {
+    key: ExchangeKey,
+    confirmable: bool,
+    mid: u16,
+    token: Box<[u8]>,
+    method: RequestType,
+    no_response: u8,
+}
+
+impl Exchange {
+    /// Counts and frames a response; `None` when No-Response suppresses it on a
+    /// non-confirmable request (a confirmable one still gets an empty ACK).
+    fn frame(&self, reply: Reply, metrics: &Metrics) -> Option<Bytes> {
+        let code = MessageClass::Response(reply.code);
+        metrics
+            .coap_requests
+            .get_or_create(&CoapRequestLabel {
+                method: method_label(self.method),
+                code: code.to_string(),
+            })
+            .inc();
+        let class = u8::from(code) >> 5;
+        let suppressed = self.no_response & (1 << (class - 1).min(7)) != 0;
+        if suppressed {
+            if !self.confirmable {
+                return None;
+            }
+            let mut ack = Packet::new();
+            ack.header.set_type(MessageType::Acknowledgement);
+            ack.header.code = MessageClass::Empty;
+            ack.header.message_id = self.mid;
+            return encode(&ack);
+        }
+        encode(&reply.into_packet(self.confirmable, self.mid, &self.token))
+    }
+}
+
+fn method_label(method: RequestType) -> &'static str {
+    match method {
+        RequestType::Get => "GET",
+        RequestType::Put => "PUT",
+        RequestType::Post => "POST",
+        RequestType::Delete => "DELETE",
+        _ => "other",
+    }
+}
+
+fn encode(packet: &Packet) -> Option<Bytes> {
+    match packet.to_bytes_unlimited() {
+        Ok(bytes) => Some(Bytes::from(bytes)),
+        Err(e) => {
+            tracing::warn!(error = ?e, "could not encode a CoAP message");
+            None
+        }
+    }
+}
+
+async fn send(socket: &UdpSocket, bytes: &[u8], peer: SocketAddr) {
+    if let Err(e) = socket.send_to(bytes, peer).await {
+        tracing::debug!(error = %e, %peer, "CoAP send failed");
+    }
+}
