@@ -159,6 +159,16 @@ struct Running {
     lines: Vec<String>,
 }
 
+impl Drop for Running {
+    /// A failed assertion must not leave the gateway running and holding its ports.
+    fn drop(&mut self) {
+        if self.child.try_wait().ok().flatten().is_none() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
 /// Starts the binary and reads stderr until all three listeners are logged.
 fn start(args: &[&str], env: &[(&str, &str)]) -> Running {
     let mut cmd = Command::new(BIN);
@@ -185,9 +195,14 @@ fn start(args: &[&str], env: &[(&str, &str)]) -> Running {
             }
         }
     });
-    let mut lines = Vec::new();
+    // Owned from here on, so a failed wait still stops the child.
+    let mut running = Running {
+        child,
+        lines: Vec::new(),
+    };
     let deadline = Instant::now() + Duration::from_secs(20);
-    while lines
+    while running
+        .lines
         .iter()
         .filter(|l: &&String| l.contains("listening"))
         .count()
@@ -196,10 +211,10 @@ fn start(args: &[&str], env: &[(&str, &str)]) -> Running {
         let left = deadline.saturating_duration_since(Instant::now());
         let line = rx
             .recv_timeout(left)
-            .unwrap_or_else(|_| panic!("listeners logged; got {lines:?}"));
-        lines.push(line);
+            .unwrap_or_else(|_| panic!("listeners logged; got {:?}", running.lines));
+        running.lines.push(line);
     }
-    Running { child, lines }
+    running
 }
 
 fn listening_line<'a>(r: &'a Running, protocol: &str) -> &'a str {
