@@ -26,6 +26,25 @@ async fn notification(coap: &CoapClient, token: &[u8]) -> Packet {
     }
 }
 
+/// Publishes 1, 2, ... over HTTP until a notification comes confirmable, which must happen
+/// within 100 (never acknowledging any); returns it.
+async fn publish_until_confirmable(
+    gw: &TestGateway,
+    coap: &CoapClient,
+    req: &Packet,
+    path: &str,
+) -> Packet {
+    for i in 1..=100 {
+        gw.post(path, i.to_string()).await;
+        let n = notification(coap, req.get_token()).await;
+        assert_eq!(text(&n), i.to_string());
+        if n.header.get_type() == MessageType::Confirmable {
+            return n;
+        }
+    }
+    panic!("no confirmable notification within 100");
+}
+
 #[tokio::test]
 async fn observers_are_notified_of_publishes_from_every_protocol() {
     let gw = TestGateway::start().await;
@@ -154,18 +173,7 @@ async fn an_observer_that_stops_acknowledging_is_removed_and_a_slow_one_gets_the
     .await;
     let coap = CoapClient::new(gw.coap).await;
     let (req, _) = observe(&coap, "topics/slow").await;
-    // Every 100th notification is confirmable.
-    let mut con = None;
-    for i in 1..=100 {
-        gw.post("/topics/slow", i.to_string()).await;
-        let n = notification(&coap, req.get_token()).await;
-        assert_eq!(text(&n), i.to_string());
-        if n.header.get_type() == MessageType::Confirmable {
-            con = Some(n);
-            break;
-        }
-    }
-    let con = con.expect("a confirmable notification within 100");
+    let con = publish_until_confirmable(&gw, &coap, &req, "/topics/slow").await;
     // While it waits for its ACK, newer values replace each other.
     for v in ["a", "b", "c"] {
         gw.post("/topics/slow", v).await;
@@ -185,16 +193,7 @@ async fn an_observer_that_stops_acknowledging_is_removed_and_a_slow_one_gets_the
     // Another observer that never acknowledges is given up after the retransmissions.
     let deaf = CoapClient::new(gw.coap).await;
     let (deaf_req, _) = observe(&deaf, "topics/deaf").await;
-    let mut got_con = false;
-    for i in 1..=100 {
-        gw.post("/topics/deaf", i.to_string()).await;
-        let n = notification(&deaf, deaf_req.get_token()).await;
-        if n.header.get_type() == MessageType::Confirmable {
-            got_con = true;
-            break;
-        }
-    }
-    assert!(got_con);
+    publish_until_confirmable(&gw, &deaf, &deaf_req, "/topics/deaf").await;
     eventually("the deaf observer is removed", || async {
         let gone = metric(
             &gw,
