@@ -9,7 +9,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::bridge::{Bridge, RetainedStore, StoreSource};
+use crate::bridge::{Bridge, Journal, JournalError, RetainedStore, StoreSource};
 use crate::coap::CoapServer;
 use crate::config::Config;
 use crate::http;
@@ -32,6 +32,9 @@ pub enum GatewayError {
     /// The broker failed.
     #[error(transparent)]
     Mqtt(#[from] MqttError),
+    /// The retained store on disk cannot be used.
+    #[error(transparent)]
+    Store(#[from] JournalError),
     /// The HTTP server failed while running.
     #[error("the HTTP server stopped: {0}")]
     Http(std::io::Error),
@@ -47,8 +50,11 @@ pub struct Gateway {
 }
 
 impl Gateway {
-    /// Binds the HTTP, CoAP and MQTT listeners and starts the broker's router.
+    /// Opens the retained store under the data dir, binds the HTTP, CoAP and MQTT listeners and
+    /// starts the broker's router.
     pub async fn bind(config: Config) -> Result<Self, GatewayError> {
+        let (journal, retained) = Journal::open(&config.data_dir)?;
+        let store = Arc::new(RetainedStore::durable(journal, retained));
         let http = TcpListener::bind(config.http.addr)
             .await
             .map_err(|source| GatewayError::Bind {
@@ -63,7 +69,6 @@ impl Gateway {
                 addr: config.coap.addr,
                 source,
             })?;
-        let store = Arc::new(RetainedStore::new());
         let broker = match Broker::bind(
             &config.mqtt,
             config.max_payload,
@@ -118,13 +123,18 @@ impl Gateway {
         let mqtt_addr = broker.addr();
         let coap_addr = coap.addr();
 
+        tracing::info!(
+            retained = store.len(),
+            dir = %config.data_dir.display(),
+            "retained store loaded"
+        );
         let link = broker
             .run(config.bridge.link_buffer, &tracker, cancel.clone())
             .await?;
         tracing::info!(protocol = "mqtt", addr = %mqtt_addr, "listening");
 
         let bridge = Bridge::new(
-            store,
+            store.clone(),
             link,
             Arc::new(Metrics::default()),
             config.max_payload,
@@ -156,6 +166,9 @@ impl Gateway {
             .is_err()
         {
             tracing::warn!("grace period over with work still running; stopping anyway");
+        }
+        if let Err(e) = store.close().await {
+            tracing::error!(error = %e, "the retained store could not be flushed");
         }
         outcome
     }

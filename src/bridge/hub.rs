@@ -8,6 +8,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use tokio::sync::broadcast;
 
+use super::journal::Durable;
 use super::message::Message;
 use super::store::RetainedStore;
 use super::topic::TopicFilter;
@@ -84,10 +85,12 @@ impl Hub {
         self.epoch
     }
 
-    /// Applies `message` to `store` and sends it to every subscriber.
-    pub(crate) fn publish(&self, message: Arc<Message>, store: &RetainedStore) {
+    /// Applies `message` to `store` and sends it to every subscriber; returns the receipt of the
+    /// store's write to disk, if any. Under the lock, the disk sees changes in the same order
+    /// as memory.
+    pub(crate) fn publish(&self, message: Arc<Message>, store: &RetainedStore) -> Option<Durable> {
         let mut inner = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
-        store.apply(&message);
+        let durable = store.apply(&message);
         inner.seq += 1;
         let event = Event {
             seq: inner.seq,
@@ -101,6 +104,7 @@ impl Hub {
         }
         // No receiver is not an error: nobody is streaming.
         let _ = self.tx.send(event);
+        durable
     }
 
     /// Every later event.

@@ -4,6 +4,7 @@
 
 mod content;
 mod hub;
+mod journal;
 mod message;
 mod params;
 mod store;
@@ -16,6 +17,7 @@ use tokio_util::sync::CancellationToken;
 
 pub use content::{content_format_for, content_type_for};
 pub use hub::{Event, Start, Subscription};
+pub use journal::{Journal, JournalError};
 pub use message::{
     Envelope, Listing, Message, Origin, PayloadEncoding, Properties, Qos, UserProperty, fnv1a,
     is_textual,
@@ -41,6 +43,9 @@ pub enum BridgeError {
     /// The broker cannot take publishes now.
     #[error("the broker is not available")]
     BrokerUnavailable,
+    /// The message was published but its retained value could not be written to disk.
+    #[error("the retained store cannot be written")]
+    Storage,
 }
 
 /// A cheap, cloneable handle to the gateway's core.
@@ -96,7 +101,9 @@ impl Bridge {
             };
             let Some(publish) = next else { break };
             match from_mqtt(publish) {
-                Ok(message) => self.accept(message),
+                // An MQTT publish is durable with the writer's next commit, a few milliseconds
+                // later; nobody waits for it.
+                Ok(message) => drop(self.accept(message)),
                 Err(e) => {
                     tracing::warn!(error = %e, "dropped a broker message with an invalid topic")
                 }
@@ -104,7 +111,8 @@ impl Bridge {
         }
     }
 
-    /// Publishes through the broker, then updates the store and the streams.
+    /// Publishes through the broker, then updates the store and the streams; a retained value
+    /// is on disk before this returns.
     pub async fn publish(&self, message: Message) -> Result<(), BridgeError> {
         let size = message.payload.len();
         if size > self.inner.max_payload {
@@ -113,13 +121,22 @@ impl Bridge {
                 limit: self.inner.max_payload,
             });
         }
-        let _order = self.inner.order.lock().await;
-        self.inner
-            .link
-            .publish(to_mqtt(&message))
-            .await
-            .map_err(|_| BridgeError::BrokerUnavailable)?;
-        self.accept(message);
+        let durable = {
+            let _order = self.inner.order.lock().await;
+            self.inner
+                .link
+                .publish(to_mqtt(&message))
+                .await
+                .map_err(|_| BridgeError::BrokerUnavailable)?;
+            self.accept(message)
+        };
+        // Waiting outside the order lock lets concurrent publishes share one commit.
+        if let Some(durable) = durable {
+            durable.wait().await.map_err(|e| {
+                tracing::error!(error = %e, "a retained value was not stored");
+                BridgeError::Storage
+            })?;
+        }
         Ok(())
     }
 
@@ -199,9 +216,9 @@ impl Bridge {
         m
     }
 
-    fn accept(&self, message: Message) {
+    fn accept(&self, message: Message) -> Option<journal::Durable> {
         self.inner.metrics.published(message.origin.label());
-        self.inner.hub.publish(Arc::new(message), &self.inner.store);
+        self.inner.hub.publish(Arc::new(message), &self.inner.store)
     }
 }
 

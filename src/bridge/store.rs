@@ -1,11 +1,13 @@
 //! The gateway's retained store: a topic trie holding the last retained message of each topic.
-//! It is the only retained store (the broker keeps none) and lives in memory.
+//! It is the only retained store (the broker keeps none); with a journal, every change is also
+//! written to disk and the trie is rebuilt from it at start.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, PoisonError, RwLock};
 use std::time::SystemTime;
 
+use super::journal::{Durable, Journal};
 use super::message::Message;
 use super::topic::{Topic, TopicFilter};
 
@@ -86,24 +88,51 @@ pub struct Page {
 pub struct RetainedStore {
     root: RwLock<Node>,
     count: AtomicUsize,
+    journal: Option<Journal>,
 }
 
 impl RetainedStore {
-    /// An empty store.
+    /// An empty store, in memory only.
     pub fn new() -> Self {
         Self::default()
     }
 
+    /// A store backed by `journal`, holding the messages it loaded.
+    pub fn durable(journal: Journal, messages: Vec<Message>) -> Self {
+        let store = Self::new();
+        for message in messages {
+            store.insert(&Arc::new(message));
+        }
+        Self {
+            journal: Some(journal),
+            ..store
+        }
+    }
+
+    /// Commits what the journal has queued and stops it; later changes stay in memory.
+    pub async fn close(&self) -> Result<(), String> {
+        match &self.journal {
+            Some(journal) => journal.close().await,
+            None => Ok(()),
+        }
+    }
+
     /// Applies a publish: a retained non-empty one replaces the topic's value, a retained empty
-    /// one deletes it (MQTT 3.1.1 §3.3.1.3), a non-retained one changes nothing.
-    pub fn apply(&self, message: &Arc<Message>) {
+    /// one deletes it (MQTT 3.1.1 §3.3.1.3), a non-retained one changes nothing. Returns the
+    /// receipt of the write to disk, when there is one.
+    pub fn apply(&self, message: &Arc<Message>) -> Option<Durable> {
         if !message.retain {
-            return;
+            return None;
         }
         if message.payload.is_empty() {
             self.remove(&message.topic);
-            return;
+            return self.journal.as_ref().map(|j| j.delete(&message.topic));
         }
+        self.insert(message);
+        self.journal.as_ref().map(|j| j.put(message))
+    }
+
+    fn insert(&self, message: &Arc<Message>) {
         let mut root = self.root.write().unwrap_or_else(PoisonError::into_inner);
         let mut node = &mut *root;
         for level in message.topic.levels() {
@@ -114,8 +143,8 @@ impl RetainedStore {
         }
     }
 
-    /// Deletes the topic's value; returns whether a live one was there.
-    pub fn remove(&self, topic: &Topic) -> bool {
+    /// Deletes the topic's value in memory; returns whether a live one was there.
+    fn remove(&self, topic: &Topic) -> bool {
         let levels: Vec<&str> = topic.levels().collect();
         let mut root = self.root.write().unwrap_or_else(PoisonError::into_inner);
         let removed = root.remove(&levels);

@@ -407,6 +407,10 @@ pub(crate) async fn perform(bridge: &Bridge, action: Action) -> Reply {
         Ok(reply) => reply,
         Err(BridgeError::PayloadTooLarge { limit, .. }) => too_large(limit),
         Err(BridgeError::BrokerUnavailable) => unavailable("the broker is not available"),
+        Err(BridgeError::Storage) => Reply::error(
+            ResponseType::InternalServerError,
+            "the retained value could not be stored",
+        ),
     }
 }
 

@@ -109,6 +109,7 @@ impl From<BridgeError> for ApiError {
         match e {
             BridgeError::PayloadTooLarge { limit, .. } => ApiError::PayloadTooLarge(limit),
             BridgeError::BrokerUnavailable => ApiError::Unavailable,
+            BridgeError::Storage => ApiError::Internal,
         }
     }
 }

@@ -8,8 +8,11 @@ use std::time::{Duration, Instant};
 const BIN: &str = env!("CARGO_BIN_EXE_topicgate");
 
 fn run(args: &[&str], env: &[(&str, &str)]) -> Output {
+    let data = tempfile::tempdir().unwrap();
     let mut cmd = Command::new(BIN);
-    cmd.args(args).env_remove("RUST_LOG");
+    cmd.args(args)
+        .env_remove("RUST_LOG")
+        .current_dir(data.path());
     for key in [
         "TOPICGATE_CONFIG",
         "TOPICGATE_HTTP_ADDR",
@@ -157,6 +160,8 @@ fn a_busy_port_exits_2_naming_the_address() {
 struct Running {
     child: Child,
     lines: Vec<String>,
+    /// The working directory, so the default `./data` is the test's own.
+    _cwd: tempfile::TempDir,
 }
 
 impl Drop for Running {
@@ -171,8 +176,10 @@ impl Drop for Running {
 
 /// Starts the binary and reads stderr until all three listeners are logged.
 fn start(args: &[&str], env: &[(&str, &str)]) -> Running {
+    let cwd = tempfile::tempdir().unwrap();
     let mut cmd = Command::new(BIN);
     cmd.args(args)
+        .current_dir(cwd.path())
         .env_remove("RUST_LOG")
         .env_remove("TOPICGATE_HTTP_ADDR")
         .env_remove("TOPICGATE_MQTT_ADDR")
@@ -199,6 +206,7 @@ fn start(args: &[&str], env: &[(&str, &str)]) -> Running {
     let mut running = Running {
         child,
         lines: Vec::new(),
+        _cwd: cwd,
     };
     let deadline = Instant::now() + Duration::from_secs(20);
     while running

@@ -22,6 +22,7 @@ pub(crate) struct TestGateway {
     pub(crate) client: reqwest::Client,
     cancel: CancellationToken,
     task: JoinHandle<Result<(), GatewayError>>,
+    _data: tempfile::TempDir,
 }
 
 impl TestGateway {
@@ -34,6 +35,8 @@ impl TestGateway {
         config.http.addr = "127.0.0.1:0".parse().unwrap();
         config.mqtt.addr = "127.0.0.1:0".parse().unwrap();
         config.coap.addr = "127.0.0.1:0".parse().unwrap();
+        let data = tempfile::tempdir().unwrap();
+        config.data_dir = data.path().to_owned();
         tweak(&mut config);
         let gateway = Gateway::bind(config).await.expect("gateway binds");
         let (http, mqtt, coap) = (
@@ -55,6 +58,7 @@ impl TestGateway {
             client,
             cancel,
             task,
+            _data: data,
         };
         eventually("the gateway is ready", || async {
             let r = gw.client.get(gw.url("/readyz")).send().await.ok()?;

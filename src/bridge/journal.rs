@@ -1,0 +1,316 @@
+//! The retained store on disk: one redb table from topic to message, written by one thread that
+//! commits whatever has queued up in one durable transaction (group commit), so many concurrent
+//! publishes share one fsync. A caller that must not answer before its value is durable waits for
+//! its [`Durable`] receipt.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use redb::{Database, DatabaseError, ReadableDatabase, ReadableTable, TableDefinition};
+use serde::{Deserialize, Serialize};
+use tokio::sync::oneshot;
+
+use super::message::{Message, Origin, Qos};
+use super::topic::Topic;
+
+const TABLE: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("retained");
+/// File name under the data dir.
+const FILE: &str = "retained.redb";
+/// Format of a stored value: this byte, then the postcard encoding of [`Record`].
+const VERSION: u8 = 1;
+/// Operations committed in one transaction at most.
+const BATCH: usize = 4096;
+
+/// Why the store on disk cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum JournalError {
+    /// The data dir cannot be created or read.
+    #[error("cannot use data dir {path}: {source}")]
+    Dir {
+        /// The directory.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// Another process holds the database.
+    #[error("{path} is in use by another topicgate process")]
+    InUse {
+        /// The database file.
+        path: PathBuf,
+    },
+    /// The file cannot be opened or read; it is left as it is.
+    #[error("cannot read the retained store {path} (left untouched): {detail}")]
+    Unreadable {
+        /// The database file.
+        path: PathBuf,
+        /// What went wrong.
+        detail: String,
+    },
+}
+
+/// A confirmation that a write reached the disk, or why it did not.
+pub struct Durable(oneshot::Receiver<Result<(), String>>);
+
+impl Durable {
+    /// Waits for the commit that carries the write.
+    pub async fn wait(self) -> Result<(), String> {
+        self.0
+            .await
+            .unwrap_or_else(|_| Err("the store writer stopped".to_owned()))
+    }
+}
+
+enum Op {
+    Put(Box<str>, Vec<u8>, oneshot::Sender<Result<(), String>>),
+    Delete(Box<str>, oneshot::Sender<Result<(), String>>),
+    Stop(oneshot::Sender<Result<(), String>>),
+}
+
+/// The writer's handle.
+#[derive(Debug)]
+pub struct Journal {
+    tx: flume::Sender<Op>,
+}
+
+impl std::fmt::Debug for Op {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Op::Put(..) => "Put",
+            Op::Delete(..) => "Delete",
+            Op::Stop(_) => "Stop",
+        })
+    }
+}
+
+impl Journal {
+    /// Opens (or creates) the store under `dir`, returning the writer and the live messages it
+    /// holds; expired ones are deleted.
+    pub fn open(dir: &Path) -> Result<(Self, Vec<Message>), JournalError> {
+        std::fs::create_dir_all(dir).map_err(|source| JournalError::Dir {
+            path: dir.to_owned(),
+            source,
+        })?;
+        let path = dir.join(FILE);
+        let unreadable = |detail: String| JournalError::Unreadable {
+            path: path.clone(),
+            detail,
+        };
+        let db = match Database::create(&path) {
+            Ok(db) => db,
+            Err(DatabaseError::DatabaseAlreadyOpen) => return Err(JournalError::InUse { path }),
+            Err(e) => return Err(unreadable(e.to_string())),
+        };
+        let (messages, expired) = load(&db).map_err(unreadable)?;
+        if !expired.is_empty() {
+            remove(&db, &expired).map_err(unreadable)?;
+        }
+        let (tx, rx) = flume::unbounded();
+        std::thread::Builder::new()
+            .name("store-writer".to_owned())
+            .spawn(move || {
+                let stopped = write_loop(&db, &rx);
+                // Closing the file releases its lock before the stop is confirmed, so a new
+                // gateway on the same data dir can open it at once.
+                drop(db);
+                for ack in stopped {
+                    let _ = ack.send(Ok(()));
+                }
+            })
+            .map_err(|e| unreadable(e.to_string()))?;
+        Ok((Self { tx }, messages))
+    }
+
+    /// Queues a retained value.
+    pub fn put(&self, message: &Message) -> Durable {
+        let (ack, receipt) = oneshot::channel();
+        let record = encode(message);
+        let _ = self
+            .tx
+            .send(Op::Put(message.topic.as_str().into(), record, ack));
+        Durable(receipt)
+    }
+
+    /// Queues the deletion of a topic's value.
+    pub fn delete(&self, topic: &Topic) -> Durable {
+        let (ack, receipt) = oneshot::channel();
+        let _ = self.tx.send(Op::Delete(topic.as_str().into(), ack));
+        Durable(receipt)
+    }
+
+    /// Commits everything queued, then stops the writer.
+    pub async fn close(&self) -> Result<(), String> {
+        let (ack, receipt) = oneshot::channel();
+        if self.tx.send(Op::Stop(ack)).is_err() {
+            return Ok(());
+        }
+        Durable(receipt).wait().await
+    }
+}
+
+/// Commits batches until told to stop; returns the acknowledgements of the stop requests.
+fn write_loop(db: &Database, rx: &flume::Receiver<Op>) -> Vec<oneshot::Sender<Result<(), String>>> {
+    let mut stopped = Vec::new();
+    while let Ok(first) = rx.recv() {
+        let mut batch = vec![first];
+        batch.extend(rx.try_iter().take(BATCH));
+        let outcome = commit(db, &batch).map_err(|e| {
+            tracing::error!(error = %e, "cannot write the retained store");
+            e
+        });
+        for op in batch {
+            match op {
+                Op::Put(_, _, ack) | Op::Delete(_, ack) => {
+                    let _ = ack.send(outcome.clone());
+                }
+                Op::Stop(ack) => stopped.push(ack),
+            }
+        }
+        if !stopped.is_empty() {
+            break;
+        }
+    }
+    stopped
+}
+
+fn commit(db: &Database, batch: &[Op]) -> Result<(), String> {
+    let txn = db.begin_write().map_err(|e| e.to_string())?;
+    {
+        let mut table = txn.open_table(TABLE).map_err(|e| e.to_string())?;
+        for op in batch {
+            match op {
+                Op::Put(topic, record, _) => {
+                    table
+                        .insert(&**topic, record.as_slice())
+                        .map_err(|e| e.to_string())?;
+                }
+                Op::Delete(topic, _) => {
+                    table.remove(&**topic).map_err(|e| e.to_string())?;
+                }
+                Op::Stop(_) => {}
+            }
+        }
+    }
+    txn.commit().map_err(|e| e.to_string())
+}
+
+/// Every stored message, and the topics whose message has expired.
+fn load(db: &Database) -> Result<(Vec<Message>, Vec<String>), String> {
+    let txn = db.begin_read().map_err(|e| e.to_string())?;
+    let table = match txn.open_table(TABLE) {
+        Ok(t) => t,
+        Err(redb::TableError::TableDoesNotExist(_)) => return Ok((Vec::new(), Vec::new())),
+        Err(e) => return Err(e.to_string()),
+    };
+    let now = SystemTime::now();
+    let (mut live, mut expired) = (Vec::new(), Vec::new());
+    for entry in table.iter().map_err(|e| e.to_string())? {
+        let (key, value) = entry.map_err(|e| e.to_string())?;
+        let topic = key.value();
+        let message = decode(topic, value.value())
+            .ok_or_else(|| format!("the record of topic {topic:?} is not readable"))?;
+        if message.is_expired(now) {
+            expired.push(topic.to_owned());
+        } else {
+            live.push(message);
+        }
+    }
+    Ok((live, expired))
+}
+
+fn remove(db: &Database, topics: &[String]) -> Result<(), String> {
+    let txn = db.begin_write().map_err(|e| e.to_string())?;
+    {
+        let mut table = txn.open_table(TABLE).map_err(|e| e.to_string())?;
+        for topic in topics {
+            table.remove(topic.as_str()).map_err(|e| e.to_string())?;
+        }
+    }
+    txn.commit().map_err(|e| e.to_string())
+}
+
+/// A message as stored; the topic is the key.
+#[derive(Serialize, Deserialize)]
+struct Record {
+    payload: Vec<u8>,
+    content_type: Option<String>,
+    user_properties: Vec<(String, String)>,
+    response_topic: Option<String>,
+    correlation_data: Option<Vec<u8>>,
+    qos: u8,
+    expires_at_ms: Option<u64>,
+    updated_at_ms: u64,
+    origin: u8,
+}
+
+fn millis(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+fn encode(m: &Message) -> Vec<u8> {
+    let record = Record {
+        payload: m.payload.to_vec(),
+        content_type: m.content_type.clone(),
+        user_properties: m.user_properties.clone(),
+        response_topic: m.response_topic.clone(),
+        correlation_data: m.correlation_data.as_ref().map(|d| d.to_vec()),
+        qos: m.qos.level(),
+        expires_at_ms: m.expires_at.map(millis),
+        updated_at_ms: millis(m.updated_at),
+        origin: match m.origin {
+            Origin::Mqtt => 0,
+            Origin::Http => 1,
+            Origin::Coap => 2,
+        },
+    };
+    let mut out = vec![VERSION];
+    // Plain strings, bytes and integers always serialize.
+    out.extend(postcard::to_stdvec(&record).unwrap_or_default());
+    out
+}
+
+fn decode(topic: &str, bytes: &[u8]) -> Option<Message> {
+    let (&VERSION, rest) = bytes.split_first()? else {
+        return None;
+    };
+    let r: Record = postcard::from_bytes(rest).ok()?;
+    let at = |ms: u64| UNIX_EPOCH + Duration::from_millis(ms);
+    Some(Message {
+        topic: Topic::parse(topic).ok()?,
+        payload: Bytes::from(r.payload),
+        content_type: r.content_type,
+        user_properties: r.user_properties,
+        response_topic: r.response_topic,
+        correlation_data: r.correlation_data.map(Bytes::from),
+        qos: Qos::new(r.qos)?,
+        retain: true,
+        expires_at: r.expires_at_ms.map(at),
+        updated_at: at(r.updated_at_ms),
+        origin: match r.origin {
+            0 => Origin::Mqtt,
+            1 => Origin::Http,
+            _ => Origin::Coap,
+        },
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn records_round_trip_to_the_millisecond() {
+        let mut m = Message::new(Topic::parse("a/b").unwrap(), "v", Origin::Coap);
+        m.retain = true;
+        m.content_type = Some("application/json".to_owned());
+        m.user_properties = vec![("k".to_owned(), "v".to_owned())];
+        m.correlation_data = Some(Bytes::from_static(b"\x00\x01"));
+        m.qos = Qos::new(2).unwrap();
+        m.updated_at = UNIX_EPOCH + Duration::from_millis(1_700_000_000_123);
+        m.expires_at = Some(m.updated_at + Duration::from_secs(60));
+        assert_eq!(decode("a/b", &encode(&m)), Some(m));
+        assert_eq!(decode("a/b", b"\x09junk"), None);
+        assert_eq!(decode("a/b", b""), None);
+    }
+}
