@@ -92,8 +92,17 @@ impl Endpoint {
                 Some(expired) = endpoint.timers.next(), if !endpoint.timers.is_empty() => {
                     endpoint.retransmit(expired.into_inner()).await;
                 }
-                Some((key, bytes)) = answers.recv() => endpoint.exchanges.answer(key, bytes),
+                Some((key, bytes)) = answers.recv() => endpoint.finish(key, bytes).await,
             }
+        }
+        // Publishes still waiting for the broker finish and are answered; the socket is no
+        // longer read. The loop's own sender goes first so the channel ends with the last task.
+        drop(std::mem::replace(
+            &mut endpoint.answered,
+            mpsc::unbounded_channel().0,
+        ));
+        while let Some((key, bytes)) = answers.recv().await {
+            endpoint.finish(key, bytes).await;
         }
         endpoint.farewell().await;
     }
@@ -209,27 +218,30 @@ impl Endpoint {
             return self.answer(&exchange, reply).await;
         };
         let bridge = self.handler.bridge().clone();
-        let socket = self.socket.clone();
         let metrics = self.metrics.clone();
         let answered = self.answered.clone();
         self.tracker.spawn(async move {
             let reply = perform(&bridge, work).await;
             let bytes = exchange.frame(reply, &metrics);
-            if let Some(bytes) = &bytes {
-                send(&socket, bytes, exchange.key.0).await;
-            }
-            // The loop may be gone at shutdown; nothing is left to remember then.
+            // The loop records the response before sending it, so a duplicate arriving
+            // after the client has the response is answered from the cache, never dropped.
+            // At shutdown the loop may be gone; the client then retransmits to a closed port.
             let _ = answered.send((exchange.key, bytes));
             drop(permit);
         });
     }
 
+    /// Records a finished exchange's response, then sends it.
+    async fn finish(&mut self, key: ExchangeKey, bytes: Option<Bytes>) {
+        self.exchanges.answer(key, bytes.clone());
+        if let Some(bytes) = bytes {
+            self.send(&bytes, key.0).await;
+        }
+    }
+
     async fn answer(&mut self, exchange: &Exchange, reply: Reply) {
         let bytes = exchange.frame(reply, &self.metrics);
-        if let Some(bytes) = &bytes {
-            self.send(bytes, exchange.key.0).await;
-        }
-        self.exchanges.answer(exchange.key, bytes);
+        self.finish(exchange.key, bytes).await;
     }
 
     async fn notify_all(&mut self, message: &Arc<Message>) {

@@ -283,6 +283,19 @@ async fn a_duplicate_is_answered_from_the_cache_and_published_once() {
     assert_eq!(code(&coap.call(sentinel).await), "2.04");
     assert_eq!(&recv(&mut rx).await.payload[..], b"sentinel");
     assert_eq!(metric(&gw, "topicgate_coap_duplicates_total").await, 1.0);
+    // A duplicate sent the moment the response arrives is answered too, every time.
+    for i in 0..30 {
+        let mut post = coap.request(RequestType::Post, "topics/dup/fast");
+        post.payload = format!("{i}").into_bytes();
+        let bytes = post.to_bytes_unlimited().unwrap();
+        coap.send_raw(&bytes).await;
+        let first = coap.recv_raw().await;
+        coap.send_raw(&bytes).await;
+        assert_eq!(coap.recv_raw().await, first, "repeat {i}");
+    }
+    for i in 0..30 {
+        assert_eq!(recv(&mut rx).await.payload, format!("{i}").into_bytes());
+    }
     // The same message id from another endpoint is another request.
     let other = CoapClient::new(gw.coap).await;
     other.send_raw(&bytes).await;
