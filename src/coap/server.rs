@@ -10,7 +10,7 @@ use bytes::Bytes;
 use coap_lite::{CoapOption, MessageClass, MessageType, Packet, RequestType, ResponseType};
 use futures_util::StreamExt;
 use tokio::net::UdpSocket;
-use tokio::sync::broadcast::error::RecvError;
+use tokio::sync::broadcast::{self, error::RecvError};
 use tokio::sync::{Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -22,7 +22,7 @@ use super::handler::{Action, Handler, Representation, perform, unavailable};
 use super::observe::{Full, Inflight, ObserverKey, Observers};
 use super::request::{self, Reply};
 use super::wire::{self, Inbound};
-use crate::bridge::Message;
+use crate::bridge::{Event, Message};
 use crate::config::CoapConfig;
 use crate::metrics::{CoapRequestLabel, Metrics, ProtocolLabel, ReasonLabel, StreamLabel};
 
@@ -37,6 +37,9 @@ pub(crate) struct Endpoint {
     observers: Observers,
     uploads: Uploads,
     timers: DelayQueue<(ObserverKey, u16)>,
+    /// Every accepted message, while anyone observes; without observers the loop does not wake
+    /// for messages at all.
+    live: Option<broadcast::Receiver<Event>>,
     next_mid: u16,
     ack_timeout: Duration,
     max_retransmit: u8,
@@ -64,6 +67,7 @@ impl Endpoint {
             observers: Observers::new(config.max_observers),
             uploads: Uploads::new(bridge.max_payload(), config.max_uploads, lifetime),
             timers: DelayQueue::new(),
+            live: None,
             next_mid: rand::random(),
             ack_timeout: config.ack_timeout,
             max_retransmit: config.max_retransmit,
@@ -73,7 +77,6 @@ impl Endpoint {
             tracker,
             handler,
         };
-        let mut live = bridge.live();
         // The largest UDP payload; a longer datagram cannot arrive.
         let mut buf = vec![0u8; 65_536];
         loop {
@@ -84,7 +87,7 @@ impl Endpoint {
                     // An ICMP error from an earlier send surfaces here; the socket is fine.
                     Err(e) => tracing::debug!(error = %e, "CoAP receive error"),
                 },
-                event = live.recv() => match event {
+                Some(event) = next_event(&mut endpoint.live) => match event {
                     Ok(event) => endpoint.notify_all(&event.message).await,
                     Err(RecvError::Lagged(n)) => endpoint.lagged(n).await,
                     Err(RecvError::Closed) => break,
@@ -93,6 +96,9 @@ impl Endpoint {
                     endpoint.retransmit(expired.into_inner()).await;
                 }
                 Some((key, bytes)) = answers.recv() => endpoint.finish(key, bytes).await,
+            }
+            if endpoint.observers.len() == 0 {
+                endpoint.live = None;
             }
         }
         // Publishes still waiting for the broker finish and are answered; the socket is no
@@ -179,6 +185,11 @@ impl Endpoint {
         if method == RequestType::UnKnown {
             let reply = Reply::error(ResponseType::MethodNotAllowed, "unknown method");
             return self.answer(&exchange, reply).await;
+        }
+        if req.observe == Some(0) && self.live.is_none() {
+            // Subscribe before the handler reads the current value, so no message falls
+            // between the registration response and the first notification.
+            self.live = Some(self.handler.bridge().live());
         }
         match self.handler.handle(&req, peer, &mut self.uploads, now) {
             Action::Reply(reply) => self.answer(&exchange, reply).await,
@@ -447,6 +458,16 @@ impl Exchange {
             return encode(&ack);
         }
         encode(&reply.into_packet(self.confirmable, self.mid, &self.token))
+    }
+}
+
+/// The next message for observers, or never while nobody observes.
+async fn next_event(
+    live: &mut Option<broadcast::Receiver<Event>>,
+) -> Option<Result<Event, RecvError>> {
+    match live {
+        Some(rx) => Some(rx.recv().await),
+        None => std::future::pending().await,
     }
 }
 
