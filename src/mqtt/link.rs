@@ -175,15 +175,15 @@ async fn receive(
         match next {
             Ok(Some(Notification::Forward(forward))) => {
                 if let Some((_, offset)) = forward.cursor {
-                    if let Some(last) = last_offset.filter(|l| offset > l + 1) {
+                    // The link subscribes before any client can publish, so the first message
+                    // it is owed is at offset 0: a burst that overruns the segments before the
+                    // first read is a gap too.
+                    let expected = last_offset.map_or(0, |l| l + 1);
+                    if offset > expected {
+                        let dropped = offset - expected;
                         stats.lag_events.fetch_add(1, Ordering::Relaxed);
-                        stats
-                            .lag_dropped
-                            .fetch_add(offset - last - 1, Ordering::Relaxed);
-                        tracing::warn!(
-                            dropped = offset - last - 1,
-                            "bridge link lagged behind the broker"
-                        );
+                        stats.lag_dropped.fetch_add(dropped, Ordering::Relaxed);
+                        tracing::warn!(dropped, "bridge link lagged behind the broker");
                     }
                     last_offset = Some(offset);
                 }

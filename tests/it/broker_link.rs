@@ -5,7 +5,7 @@ use crate::support::{TestGateway, eventually, metric};
 
 const SENT: u64 = 50_000;
 
-async fn burst_is_received_or_counted(gw: &TestGateway) -> (f64, f64) {
+async fn burst_is_received_or_counted(gw: &TestGateway, label: &str) -> (f64, f64) {
     let (client, _) = gw.mqtt_v4("burst", &[]).await;
     for i in 0..SENT {
         client
@@ -18,10 +18,16 @@ async fn burst_is_received_or_counted(gw: &TestGateway) -> (f64, f64) {
             .await
             .unwrap();
     }
+    let last = std::sync::Mutex::new((0.0, 0.0));
     let (received, dropped) = eventually("every message is received or counted as lag", || async {
         let received = metric(gw, "topicgate_publishes_total{protocol=\"mqtt\"}").await;
         let dropped = metric(gw, "topicgate_lag_dropped_total{stream=\"broker_link\"}").await;
-        (received + dropped >= SENT as f64).then_some((received, dropped))
+        let seen = (received, dropped);
+        let previous = std::mem::replace(&mut *last.lock().unwrap(), seen);
+        if previous != seen {
+            eprintln!("{label}: received {received}, counted as lag {dropped}");
+        }
+        (received + dropped >= SENT as f64).then_some(seen)
     })
     .await;
     assert_eq!(received + dropped, SENT as f64, "nothing is counted twice");
@@ -48,7 +54,7 @@ async fn fifty_thousand_messages_pass_through_the_link_when_the_segments_hold_th
         c.mqtt.segment_count = 2;
     })
     .await;
-    let (received, dropped) = burst_is_received_or_counted(&gw).await;
+    let (received, dropped) = burst_is_received_or_counted(&gw, "large segments").await;
     assert_eq!(
         dropped, 0.0,
         "segments large enough for the burst lose nothing"
@@ -64,5 +70,5 @@ async fn with_tiny_broker_buffers_lag_is_counted_and_the_link_recovers() {
         c.bridge.link_buffer = 1;
     })
     .await;
-    burst_is_received_or_counted(&gw).await;
+    burst_is_received_or_counted(&gw, "tiny buffers").await;
 }
