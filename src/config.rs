@@ -36,6 +36,8 @@ pub struct Config {
     pub coap: CoapConfig,
     /// The bridge between the broker and the adapters.
     pub bridge: BridgeConfig,
+    /// An external broker to use instead of the embedded one.
+    pub broker: BrokerConfig,
 }
 
 /// Log line format.
@@ -113,6 +115,63 @@ pub struct CoapConfig {
     pub max_pending: usize,
 }
 
+/// `[broker]`: an external MQTT broker or cluster to front instead of running the embedded one.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BrokerConfig {
+    /// `mqtt://host[:port]`; empty runs the embedded broker.
+    pub url: String,
+    /// User name for the broker.
+    pub username: Option<String>,
+    /// Password for the broker.
+    pub password: Option<String>,
+    /// MQTT keep-alive of the gateway's connection.
+    #[serde(with = "humantime_serde")]
+    pub keep_alive: Duration,
+    /// Longest wait between reconnection attempts.
+    #[serde(with = "humantime_serde")]
+    pub max_backoff: Duration,
+}
+
+impl BrokerConfig {
+    /// Host and port of the external broker, or `None` for the embedded one.
+    pub fn endpoint(&self) -> Result<Option<(String, u16)>, String> {
+        if self.url.is_empty() {
+            return Ok(None);
+        }
+        let rest = self
+            .url
+            .strip_prefix("mqtt://")
+            .ok_or("must start with mqtt:// (TLS is not supported yet)")?;
+        let rest = rest.trim_end_matches('/');
+        let (host, port) = match rest.rsplit_once(':') {
+            Some((h, p)) if !h.ends_with(']') || h.starts_with('[') => (
+                h,
+                p.parse::<u16>()
+                    .map_err(|_| format!("has a bad port {p:?}"))?,
+            ),
+            _ => (rest, 1883),
+        };
+        let host = host.trim_start_matches('[').trim_end_matches(']');
+        if host.is_empty() || host.contains('/') || host.contains('@') {
+            return Err("must be mqtt://host or mqtt://host:port".to_owned());
+        }
+        Ok(Some((host.to_owned(), port)))
+    }
+}
+
+impl Default for BrokerConfig {
+    fn default() -> Self {
+        Self {
+            url: String::new(),
+            username: None,
+            password: None,
+            keep_alive: Duration::from_secs(30),
+            max_backoff: Duration::from_secs(5),
+        }
+    }
+}
+
 /// `[bridge]`: between the broker and the adapters.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -132,6 +191,7 @@ impl Default for Config {
             http: HttpConfig::default(),
             coap: CoapConfig::default(),
             bridge: BridgeConfig::default(),
+            broker: BrokerConfig::default(),
         }
     }
 }
@@ -317,6 +377,23 @@ impl Config {
         if self.coap.max_pending == 0 {
             return invalid("coap.max_pending", "must be at least 1");
         }
+        if let Err(reason) = self.broker.endpoint() {
+            return Err(ConfigError::Invalid {
+                key: "broker.url",
+                reason,
+            });
+        }
+        if self.broker.keep_alive < Duration::from_secs(1)
+            || self.broker.keep_alive > Duration::from_secs(65_535)
+        {
+            return invalid("broker.keep_alive", "must be between 1s and 65535s");
+        }
+        if self.broker.max_backoff.is_zero() {
+            return invalid("broker.max_backoff", "must be longer than 0s");
+        }
+        if self.broker.password.is_some() && self.broker.username.is_none() {
+            return invalid("broker.password", "needs broker.username");
+        }
         if self.bridge.link_buffer == 0 {
             return invalid("bridge.link_buffer", "must be at least 1");
         }
@@ -402,5 +479,42 @@ mod tests {
         };
         let err = c.validate().unwrap_err().to_string();
         assert!(err.contains("`max_payload`"), "{err}");
+    }
+
+    #[test]
+    fn broker_urls_name_host_and_port() {
+        let endpoint = |url: &str| {
+            BrokerConfig {
+                url: url.to_owned(),
+                ..BrokerConfig::default()
+            }
+            .endpoint()
+        };
+        assert_eq!(endpoint(""), Ok(None));
+        assert_eq!(
+            endpoint("mqtt://broker.local"),
+            Ok(Some(("broker.local".to_owned(), 1883)))
+        );
+        assert_eq!(
+            endpoint("mqtt://10.0.0.5:1884/"),
+            Ok(Some(("10.0.0.5".to_owned(), 1884)))
+        );
+        assert_eq!(
+            endpoint("mqtt://[::1]:1885"),
+            Ok(Some(("::1".to_owned(), 1885)))
+        );
+        assert!(endpoint("mqtts://broker").is_err());
+        assert!(endpoint("mqtt://broker:port").is_err());
+        assert!(endpoint("mqtt://user@broker").is_err());
+        assert!(endpoint("mqtt://").is_err());
+        let c = Config {
+            broker: BrokerConfig {
+                url: "tcp://x".to_owned(),
+                ..BrokerConfig::default()
+            },
+            ..Config::default()
+        };
+        let err = c.validate().unwrap_err().to_string();
+        assert!(err.contains("`broker.url`"), "{err}");
     }
 }

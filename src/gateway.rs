@@ -14,7 +14,7 @@ use crate::coap::CoapServer;
 use crate::config::Config;
 use crate::http;
 use crate::metrics::Metrics;
-use crate::mqtt::{Broker, MqttError};
+use crate::mqtt::{Broker, MqttError, RemoteBroker};
 
 /// Why the gateway could not start or stopped with an error.
 #[derive(Debug, thiserror::Error)]
@@ -45,7 +45,8 @@ pub struct Gateway {
     config: Config,
     http: TcpListener,
     coap: CoapServer,
-    broker: Broker,
+    /// The embedded broker, or `None` in front of an external one.
+    broker: Option<Broker>,
     store: Arc<RetainedStore>,
 }
 
@@ -69,20 +70,27 @@ impl Gateway {
                 addr: config.coap.addr,
                 source,
             })?;
-        let broker = match Broker::bind(
-            &config.mqtt,
-            config.max_payload,
-            Arc::new(StoreSource(store.clone())),
-        ) {
-            Ok(b) => b,
-            Err(MqttError::Bind { addr, source }) => {
-                return Err(GatewayError::Bind {
-                    protocol: "MQTT",
-                    addr,
-                    source,
-                });
+        let external = config.broker.endpoint().map_err(|reason| {
+            GatewayError::Mqtt(MqttError::Link(format!("broker.url {reason}")))
+        })?;
+        let broker = if external.is_some() {
+            None
+        } else {
+            match Broker::bind(
+                &config.mqtt,
+                config.max_payload,
+                Arc::new(StoreSource(store.clone())),
+            ) {
+                Ok(b) => Some(b),
+                Err(MqttError::Bind { addr, source }) => {
+                    return Err(GatewayError::Bind {
+                        protocol: "MQTT",
+                        addr,
+                        source,
+                    });
+                }
+                Err(e) => return Err(e.into()),
             }
-            Err(e) => return Err(e.into()),
         };
         Ok(Self {
             config,
@@ -103,9 +111,9 @@ impl Gateway {
         self.coap.addr()
     }
 
-    /// The bound MQTT address.
-    pub fn mqtt_addr(&self) -> SocketAddr {
-        self.broker.addr()
+    /// The bound MQTT address of the embedded broker; `None` in front of an external broker.
+    pub fn mqtt_addr(&self) -> Option<SocketAddr> {
+        self.broker.as_ref().map(Broker::addr)
     }
 
     /// Serves until `shutdown` completes, then stops within `shutdown_grace`.
@@ -120,7 +128,6 @@ impl Gateway {
         let cancel = CancellationToken::new();
         let tracker = TaskTracker::new();
         let http_addr = http.local_addr().unwrap_or(config.http.addr);
-        let mqtt_addr = broker.addr();
         let coap_addr = coap.addr();
 
         tracing::info!(
@@ -128,10 +135,26 @@ impl Gateway {
             dir = %config.data_dir.display(),
             "retained store loaded"
         );
-        let link = broker
-            .run(config.bridge.link_buffer, &tracker, cancel.clone())
-            .await?;
-        tracing::info!(protocol = "mqtt", addr = %mqtt_addr, "listening");
+        let link = match broker {
+            Some(broker) => {
+                let mqtt_addr = broker.addr();
+                let link = broker
+                    .run(config.bridge.link_buffer, &tracker, cancel.clone())
+                    .await?;
+                tracing::info!(protocol = "mqtt", addr = %mqtt_addr, "listening");
+                link
+            }
+            None => {
+                let remote = remote_broker(&config)?;
+                tracing::info!(url = %config.broker.url, "fronting an external broker");
+                crate::mqtt::connect_remote(
+                    remote,
+                    config.bridge.link_buffer,
+                    &tracker,
+                    cancel.clone(),
+                )
+            }
+        };
 
         let bridge = Bridge::new(
             store.clone(),
@@ -172,4 +195,21 @@ impl Gateway {
         }
         outcome
     }
+}
+
+/// The external broker of the configuration.
+fn remote_broker(config: &Config) -> Result<RemoteBroker, GatewayError> {
+    let Ok(Some((host, port))) = config.broker.endpoint() else {
+        return Err(MqttError::Link("broker.url is not an external broker".to_owned()).into());
+    };
+    Ok(RemoteBroker {
+        host,
+        port,
+        username: config.broker.username.clone(),
+        password: config.broker.password.clone(),
+        keep_alive: config.broker.keep_alive,
+        max_backoff: config.broker.max_backoff,
+        // Room for the topic and properties around the largest payload.
+        max_packet: config.max_payload + 64 * 1024,
+    })
 }

@@ -28,6 +28,20 @@ struct Cli {
     /// Directory for the gateway's state [default: ./data].
     #[arg(long, env = "TOPICGATE_DATA_DIR", value_name = "DIR")]
     data_dir: Option<PathBuf>,
+    /// Front an external MQTT broker, mqtt://host[:port], instead of the embedded one.
+    #[arg(long, env = "TOPICGATE_BROKER", value_name = "URL")]
+    broker: Option<String>,
+    /// User name for the external broker.
+    #[arg(long, env = "TOPICGATE_BROKER_USERNAME", value_name = "NAME")]
+    broker_username: Option<String>,
+    /// Password for the external broker (prefer the environment variable).
+    #[arg(
+        long,
+        env = "TOPICGATE_BROKER_PASSWORD",
+        value_name = "PASSWORD",
+        hide_env_values = true
+    )]
+    broker_password: Option<String>,
     /// Log format [default: text].
     #[arg(long, env = "TOPICGATE_LOG_FORMAT", value_enum)]
     log_format: Option<LogFormat>,
@@ -97,6 +111,15 @@ fn load(cli: &Cli) -> anyhow::Result<Config> {
     }
     if let Some(d) = &cli.data_dir {
         config.data_dir.clone_from(d);
+    }
+    if let Some(url) = &cli.broker {
+        config.broker.url.clone_from(url);
+    }
+    if let Some(user) = &cli.broker_username {
+        config.broker.username = Some(user.clone());
+    }
+    if let Some(password) = &cli.broker_password {
+        config.broker.password = Some(password.clone());
     }
     if let Some(f) = cli.log_format {
         config.log_format = f;

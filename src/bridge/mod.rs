@@ -121,16 +121,22 @@ impl Bridge {
                 limit: self.inner.max_payload,
             });
         }
-        let durable = {
+        let (receipt, durable) = {
             let _order = self.inner.order.lock().await;
-            self.inner
+            let receipt = self
+                .inner
                 .link
                 .publish(to_mqtt(&message))
                 .await
                 .map_err(|_| BridgeError::BrokerUnavailable)?;
-            self.accept(message)
+            (receipt, self.accept(message))
         };
-        // Waiting outside the order lock lets concurrent publishes share one commit.
+        // Waiting outside the order lock lets concurrent publishes share one broker round trip
+        // and one disk commit.
+        receipt
+            .acknowledged()
+            .await
+            .map_err(|_| BridgeError::BrokerUnavailable)?;
         if let Some(durable) = durable {
             durable.wait().await.map_err(|e| {
                 tracing::error!(error = %e, "a retained value was not stored");

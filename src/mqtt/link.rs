@@ -10,7 +10,7 @@ use futures_util::FutureExt;
 use rumqttd::Notification;
 use rumqttd::local::{LinkRx, LinkTx};
 use rumqttd::protocol::{Packet, Publish};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -23,8 +23,8 @@ const PUBLISH_BATCH: usize = 256;
 /// Counters of the link, read by the gateway's metrics.
 #[derive(Debug, Default)]
 pub struct LinkStats {
-    up: AtomicBool,
-    received: AtomicU64,
+    pub(crate) up: AtomicBool,
+    pub(crate) received: AtomicU64,
     lag_events: AtomicU64,
     lag_dropped: AtomicU64,
     wakeups: AtomicU64,
@@ -106,31 +106,79 @@ impl LinkParts {
         }
 
         tracker.spawn(receive(self.rx, inbound_tx, stats.clone(), cancel));
-        Link {
-            publish_tx,
-            inbound: std::sync::Mutex::new(Some(inbound_rx)),
-            stats,
+        Link::new(Sink::Router(publish_tx), inbound_rx, stats)
+    }
+}
+
+/// Where the gateway's publishes go.
+pub(crate) enum Sink {
+    /// The embedded router, through the link thread.
+    Router(flume::Sender<MqttPublish>),
+    /// An external broker, through the client task.
+    Remote(mpsc::Sender<Outbound>),
+}
+
+/// A publish for an external broker, with where to report its acknowledgement.
+pub(crate) struct Outbound {
+    pub(crate) publish: MqttPublish,
+    pub(crate) ack: oneshot::Sender<Result<(), MqttError>>,
+}
+
+/// The broker's answer to one publish, to await after the publish is queued in order.
+pub struct Receipt(Option<oneshot::Receiver<Result<(), MqttError>>>);
+
+impl Receipt {
+    /// Resolves when the broker has the publish: at once for the embedded router (it took it
+    /// in order), on PUBACK/PUBCOMP for QoS 1/2 on an external broker.
+    pub async fn acknowledged(self) -> Result<(), MqttError> {
+        match self.0 {
+            None => Ok(()),
+            Some(rx) => rx.await.unwrap_or(Err(MqttError::LinkDown)),
         }
     }
 }
 
-/// A handle to the running link.
+/// A handle to the gateway's connection to its broker, embedded or external.
 pub struct Link {
-    publish_tx: flume::Sender<MqttPublish>,
+    sink: Sink,
     inbound: std::sync::Mutex<Option<mpsc::Receiver<MqttPublish>>>,
     stats: Arc<LinkStats>,
 }
 
 impl Link {
-    /// Hands a publish to the broker; waits while the router is saturated.
-    pub async fn publish(&self, publish: MqttPublish) -> Result<(), MqttError> {
+    pub(crate) fn new(
+        sink: Sink,
+        inbound: mpsc::Receiver<MqttPublish>,
+        stats: Arc<LinkStats>,
+    ) -> Self {
+        Self {
+            sink,
+            inbound: std::sync::Mutex::new(Some(inbound)),
+            stats,
+        }
+    }
+
+    /// Queues a publish for the broker, in order; waits while the broker is saturated. The
+    /// receipt says when the broker has it.
+    pub async fn publish(&self, publish: MqttPublish) -> Result<Receipt, MqttError> {
         if !self.stats.is_up() {
             return Err(MqttError::LinkDown);
         }
-        self.publish_tx
-            .send_async(publish)
-            .await
-            .map_err(|_| MqttError::LinkDown)
+        match &self.sink {
+            Sink::Router(tx) => {
+                tx.send_async(publish)
+                    .await
+                    .map_err(|_| MqttError::LinkDown)?;
+                Ok(Receipt(None))
+            }
+            Sink::Remote(tx) => {
+                let (ack, rx) = oneshot::channel();
+                tx.send(Outbound { publish, ack })
+                    .await
+                    .map_err(|_| MqttError::LinkDown)?;
+                Ok(Receipt(Some(rx)))
+            }
+        }
     }
 
     /// The stream of client publishes; can be taken once.

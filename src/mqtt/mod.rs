@@ -1,16 +1,29 @@
-//! The embedded MQTT broker: the only module that names rumqttd. It serves MQTT 3.1.1 and 5 on
-//! one port, keeps rumqttd's traps inside (see `protocol` and `link`), and hands the rest of the
-//! gateway plain [`MqttPublish`] values.
+//! The gateway's MQTT side: the embedded broker (the only module that names rumqttd), serving
+//! MQTT 3.1.1 and 5 on one port with rumqttd's traps kept inside (see `protocol` and `link`), or
+//! a client of an external broker (`remote`, with rumqttc). Either way the rest of the gateway
+//! sees one [`Link`] and plain [`MqttPublish`] values.
 
 mod broker;
 mod link;
 mod message;
 mod protocol;
+mod remote;
 
 use std::net::SocketAddr;
 
 pub use broker::Broker;
-pub use link::{Link, LinkStats};
+pub use link::{Link, LinkStats, Receipt};
+pub use remote::RemoteBroker;
+
+/// Connects to an external broker instead of running the embedded one.
+pub fn connect_remote(
+    broker: RemoteBroker,
+    buffer: usize,
+    tracker: &tokio_util::task::TaskTracker,
+    cancel: tokio_util::sync::CancellationToken,
+) -> Link {
+    remote::start(broker, buffer, tracker, cancel)
+}
 pub use message::{MqttPublish, RetainedSource};
 
 /// What can go wrong starting or using the broker.

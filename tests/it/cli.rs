@@ -65,6 +65,9 @@ fn help_lists_every_flag() {
         "--coap-addr",
         "--data-dir",
         "--log-format",
+        "--broker",
+        "--broker-username",
+        "--broker-password",
         "TOPICGATE_HTTP_ADDR",
         "print-config",
     ] {

@@ -38,12 +38,17 @@ impl TestGateway {
         let data = tempfile::tempdir().unwrap();
         config.data_dir = data.path().to_owned();
         tweak(&mut config);
+        // MQTT clients talk to the embedded broker, or to the external one the gateway fronts.
+        let external: Option<SocketAddr> = match config.broker.endpoint() {
+            Ok(Some((host, port))) => format!("{host}:{port}").parse().ok(),
+            _ => None,
+        };
         let gateway = Gateway::bind(config).await.expect("gateway binds");
-        let (http, mqtt, coap) = (
-            gateway.http_addr(),
-            gateway.mqtt_addr(),
-            gateway.coap_addr(),
-        );
+        let (http, coap) = (gateway.http_addr(), gateway.coap_addr());
+        let mqtt = gateway
+            .mqtt_addr()
+            .or(external)
+            .expect("an embedded broker or an external one at an IP address");
         let cancel = CancellationToken::new();
         let stop = cancel.clone();
         let task = tokio::spawn(gateway.run(async move { stop.cancelled().await }));
