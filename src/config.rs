@@ -25,6 +25,9 @@ pub struct Config {
     /// Time allowed for a graceful shutdown.
     #[serde(with = "humantime_serde")]
     pub shutdown_grace: Duration,
+    /// Time between `/readyz` turning 503 and the listeners closing, on SIGINT/SIGTERM.
+    #[serde(with = "humantime_serde")]
+    pub shutdown_drain: Duration,
     /// Largest payload on every protocol, bytes.
     #[serde(deserialize_with = "size")]
     pub max_payload: usize,
@@ -186,6 +189,7 @@ impl Default for Config {
             data_dir: PathBuf::from("./data"),
             log_format: LogFormat::Text,
             shutdown_grace: Duration::from_secs(5),
+            shutdown_drain: Duration::ZERO,
             max_payload: 1024 * 1024,
             mqtt: MqttConfig::default(),
             http: HttpConfig::default(),
@@ -326,6 +330,9 @@ impl Config {
                 reason: reason.to_owned(),
             })
         };
+        if self.shutdown_drain > Duration::from_secs(300) {
+            return invalid("shutdown_drain", "must be at most 5m");
+        }
         if self.max_payload == 0 || self.max_payload > MAX_PAYLOAD_CEILING {
             return invalid("max_payload", "must be between 1 byte and 255.8 MiB");
         }

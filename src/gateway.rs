@@ -169,7 +169,13 @@ impl Gateway {
         tracker.spawn(coap.run(bridge.clone(), tracker.clone(), cancel.clone()));
         tracing::info!(protocol = "coap", addr = %coap_addr, "listening");
 
-        let router = http::router(bridge, config.http.clone(), cancel.clone());
+        let draining = CancellationToken::new();
+        let router = http::router(
+            bridge,
+            config.http.clone(),
+            cancel.clone(),
+            draining.clone(),
+        );
         let mut http_task = tracker.spawn(http::serve(http, router, cancel.clone()));
         tracing::info!(protocol = "http", addr = %http_addr, "listening");
 
@@ -181,6 +187,11 @@ impl Gateway {
                 Err(e) => Err(GatewayError::Http(std::io::Error::other(e))),
             },
         };
+        draining.cancel();
+        if outcome.is_ok() && !config.shutdown_drain.is_zero() {
+            tracing::info!(drain = ?config.shutdown_drain, "draining: /readyz answers 503");
+            tokio::time::sleep(config.shutdown_drain).await;
+        }
         tracing::info!(grace = ?config.shutdown_grace, "shutting down");
         cancel.cancel();
         tracker.close();

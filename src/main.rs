@@ -144,7 +144,10 @@ fn init_tracing(format: LogFormat) {
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none())
-        .with_writer(std::io::stderr);
+        .with_writer(std::io::stderr)
+        // By default a failed log write is reported with `eprint!`, which panics when stderr
+        // itself is gone (a closed pipe): the gateway would die for want of a log reader.
+        .log_internal_errors(false);
     match format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().init(),

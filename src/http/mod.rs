@@ -33,6 +33,9 @@ pub(crate) struct AppState {
     bridge: Bridge,
     config: Arc<HttpConfig>,
     cancel: CancellationToken,
+    /// Cancelled when shutdown starts, before `cancel`: `/readyz` turns 503 while the
+    /// listeners still serve.
+    draining: CancellationToken,
     openapi: Arc<String>,
 }
 
@@ -52,13 +55,19 @@ pub(crate) struct AppState {
 struct ApiDoc;
 
 /// Builds the router, with the OpenAPI document it serves.
-pub fn router(bridge: Bridge, config: HttpConfig, cancel: CancellationToken) -> Router {
+pub fn router(
+    bridge: Bridge,
+    config: HttpConfig,
+    cancel: CancellationToken,
+    draining: CancellationToken,
+) -> Router {
     let (api_router, api) = api_parts();
     let max_payload = bridge.max_payload();
     let state = AppState {
         bridge,
         config: Arc::new(config),
         cancel,
+        draining,
         openapi: Arc::new(api.to_pretty_json().unwrap_or_default()),
     };
     finish(api_router, state, max_payload)

@@ -48,7 +48,7 @@ pub(crate) async fn readyz(State(state): State<AppState>) -> Response {
 
 fn health(state: &AppState) -> Health {
     let broker_link = state.bridge.is_ready();
-    let shutting_down = state.cancel.is_cancelled();
+    let shutting_down = state.draining.is_cancelled();
     Health {
         status: if broker_link && !shutting_down {
             "ok"

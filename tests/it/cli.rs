@@ -165,6 +165,8 @@ struct Running {
     lines: Vec<String>,
     /// The working directory, so the default `./data` is the test's own.
     _cwd: tempfile::TempDir,
+    /// Later stderr lines; kept open so the child's logging never meets a closed pipe.
+    stderr: std::sync::mpsc::Receiver<String>,
 }
 
 impl Drop for Running {
@@ -206,10 +208,12 @@ fn start(args: &[&str], env: &[(&str, &str)]) -> Running {
         }
     });
     // Owned from here on, so a failed wait still stops the child.
+    let (_, placeholder) = std::sync::mpsc::channel();
     let mut running = Running {
         child,
         lines: Vec::new(),
         _cwd: cwd,
+        stderr: placeholder,
     };
     let deadline = Instant::now() + Duration::from_secs(20);
     while running
@@ -225,6 +229,7 @@ fn start(args: &[&str], env: &[(&str, &str)]) -> Running {
             .unwrap_or_else(|_| panic!("listeners logged; got {:?}", running.lines));
         running.lines.push(line);
     }
+    running.stderr = rx;
     running
 }
 
@@ -323,5 +328,100 @@ fn flags_beat_env_which_beats_the_config_file() {
         "flag beats env"
     );
     assert!(listening_line(&r, "coap").contains("127.0.0.4:"));
+    terminate(r);
+}
+
+#[test]
+fn sigterm_turns_readyz_to_503_while_still_serving_then_exits_0() {
+    let f = config_file("shutdown_drain = \"3s\"\n");
+    let r = start(
+        &[
+            "--config",
+            f.path().to_str().unwrap(),
+            "--http-addr",
+            "127.0.0.1:0",
+            "--mqtt-addr",
+            "127.0.0.1:0",
+            "--log-format",
+            "json",
+        ],
+        &[],
+    );
+    let http: serde_json::Value = serde_json::from_str(listening_line(&r, "http")).unwrap();
+    let addr = http["fields"]["addr"].as_str().unwrap().to_owned();
+    let readyz = |addr: &str| -> Option<String> {
+        use std::io::{Read, Write};
+        let mut s = match std::net::TcpStream::connect(addr) {
+            Ok(s) => s,
+            Err(e) => {
+                eprintln!("connect {addr}: {e}");
+                return None;
+            }
+        };
+        s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+        if let Err(e) = s.write_all(b"GET /readyz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        {
+            eprintln!("write: {e}");
+            return None;
+        }
+        let mut text = String::new();
+        if let Err(e) = s.read_to_string(&mut text) {
+            eprintln!("read: {e} after {text:?}");
+            return None;
+        }
+        text.lines().next().map(str::to_owned)
+    };
+    assert!(readyz(&addr).unwrap().contains(" 200 "));
+    let status = Command::new("kill")
+        .args(["-TERM", &r.child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    // Still answering, but no longer ready.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let line = readyz(&addr).expect("the listener still serves while draining");
+        if line.contains(" 503 ") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "readyz turns 503");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    terminate_waiting(r);
+}
+
+/// Waits for a process already sent SIGTERM to exit 0 within the drain and grace periods.
+fn terminate_waiting(mut r: Running) {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        if let Some(status) = r.child.try_wait().unwrap() {
+            assert_eq!(status.code(), Some(0), "graceful exit");
+            return;
+        }
+        assert!(Instant::now() < deadline, "exits after draining");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+#[test]
+fn a_closed_log_pipe_does_not_stop_the_gateway() {
+    // Draining adds a log line before "shutting down", so at least one line meets the closed
+    // pipe.
+    let f = config_file("shutdown_drain = \"100ms\"\n");
+    let path = f.path().to_str().unwrap();
+    let mut r = start(
+        &[
+            "--config",
+            path,
+            "--http-addr",
+            "127.0.0.1:0",
+            "--mqtt-addr",
+            "127.0.0.1:0",
+        ],
+        &[],
+    );
+    // Nobody reads stderr any more: the reader thread stops at the next line and the pipe
+    // closes, so the lines logged while shutting down meet a broken pipe.
+    r.stderr = std::sync::mpsc::channel().1;
     terminate(r);
 }

@@ -216,7 +216,12 @@ async fn publishes_get_503_when_the_broker_link_is_down() {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let http_cancel = CancellationToken::new();
-    let router = topicgate::http::router(bridge.clone(), config.http.clone(), http_cancel.clone());
+    let router = topicgate::http::router(
+        bridge.clone(),
+        config.http.clone(),
+        http_cancel.clone(),
+        CancellationToken::new(),
+    );
     tokio::spawn(topicgate::http::serve(
         listener,
         router,
