@@ -1,9 +1,12 @@
 //! The retained store on disk: one redb table from topic to message, written by one thread that
 //! commits whatever has queued up in one durable transaction (group commit), so many concurrent
-//! publishes share one fsync. A caller that must not answer before its value is durable waits for
-//! its [`Durable`] receipt.
+//! publishes share one fsync. The queue keeps only the latest change of each topic, so it never
+//! outgrows the store and every change is on disk within the commit after next. A caller that
+//! must not answer before its value is durable waits for its [`Durable`] receipt.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Condvar, Mutex, PoisonError};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
@@ -19,8 +22,6 @@ const TABLE: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("retained")
 const FILE: &str = "retained.redb";
 /// Format of a stored value: this byte, then the postcard encoding of [`Record`].
 const VERSION: u8 = 1;
-/// Operations committed in one transaction at most.
-const BATCH: usize = 4096;
 
 /// Why the store on disk cannot be used.
 #[derive(Debug, thiserror::Error)]
@@ -61,25 +62,32 @@ impl Durable {
     }
 }
 
-enum Op {
-    Put(Box<str>, Vec<u8>, oneshot::Sender<Result<(), String>>),
-    Delete(Box<str>, oneshot::Sender<Result<(), String>>),
-    Stop(oneshot::Sender<Result<(), String>>),
+type Ack = oneshot::Sender<Result<(), String>>;
+
+/// Changes waiting for the writer: the latest record of each topic (`None` deletes) and who
+/// waits for them. A newer change to a topic replaces the queued one, so the queue never holds
+/// more than one entry per topic and one commit always covers it all.
+#[derive(Default)]
+struct Pending {
+    changes: HashMap<Box<str>, Option<Vec<u8>>>,
+    acks: Vec<Ack>,
+    stop: Vec<Ack>,
+    stopped: bool,
+}
+
+struct Queue {
+    pending: Mutex<Pending>,
+    ready: Condvar,
 }
 
 /// The writer's handle.
-#[derive(Debug)]
 pub struct Journal {
-    tx: flume::Sender<Op>,
+    queue: Arc<Queue>,
 }
 
-impl std::fmt::Debug for Op {
+impl std::fmt::Debug for Journal {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            Op::Put(..) => "Put",
-            Op::Delete(..) => "Delete",
-            Op::Stop(_) => "Stop",
-        })
+        f.write_str("Journal")
     }
 }
 
@@ -105,11 +113,15 @@ impl Journal {
         if !expired.is_empty() {
             remove(&db, &expired).map_err(unreadable)?;
         }
-        let (tx, rx) = flume::unbounded();
+        let queue = Arc::new(Queue {
+            pending: Mutex::new(Pending::default()),
+            ready: Condvar::new(),
+        });
+        let writer = queue.clone();
         std::thread::Builder::new()
             .name("store-writer".to_owned())
             .spawn(move || {
-                let stopped = write_loop(&db, &rx);
+                let stopped = write_loop(&db, &writer);
                 // Closing the file releases its lock before the stop is confirmed, so a new
                 // gateway on the same data dir can open it at once.
                 drop(db);
@@ -118,76 +130,103 @@ impl Journal {
                 }
             })
             .map_err(|e| unreadable(e.to_string()))?;
-        Ok((Self { tx }, messages))
+        Ok((Self { queue }, messages))
     }
 
     /// Queues a retained value.
     pub fn put(&self, message: &Message) -> Durable {
-        let (ack, receipt) = oneshot::channel();
-        let record = encode(message);
-        let _ = self
-            .tx
-            .send(Op::Put(message.topic.as_str().into(), record, ack));
-        Durable(receipt)
+        self.queue(message.topic.as_str(), Some(encode(message)))
     }
 
     /// Queues the deletion of a topic's value.
     pub fn delete(&self, topic: &Topic) -> Durable {
+        self.queue(topic.as_str(), None)
+    }
+
+    fn queue(&self, topic: &str, record: Option<Vec<u8>>) -> Durable {
         let (ack, receipt) = oneshot::channel();
-        let _ = self.tx.send(Op::Delete(topic.as_str().into(), ack));
+        let mut pending = self.lock();
+        if pending.stopped {
+            let _ = ack.send(Err("the store is closed".to_owned()));
+        } else {
+            pending.changes.insert(topic.into(), record);
+            pending.acks.push(ack);
+            self.queue.ready.notify_one();
+        }
         Durable(receipt)
     }
 
     /// Commits everything queued, then stops the writer.
     pub async fn close(&self) -> Result<(), String> {
         let (ack, receipt) = oneshot::channel();
-        if self.tx.send(Op::Stop(ack)).is_err() {
-            return Ok(());
+        {
+            let mut pending = self.lock();
+            if pending.stopped {
+                return Ok(());
+            }
+            pending.stopped = true;
+            pending.stop.push(ack);
+            self.queue.ready.notify_one();
         }
         Durable(receipt).wait().await
     }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Pending> {
+        self.queue
+            .pending
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
 }
 
-/// Commits batches until told to stop; returns the acknowledgements of the stop requests.
-fn write_loop(db: &Database, rx: &flume::Receiver<Op>) -> Vec<oneshot::Sender<Result<(), String>>> {
-    let mut stopped = Vec::new();
-    while let Ok(first) = rx.recv() {
-        let mut batch = vec![first];
-        batch.extend(rx.try_iter().take(BATCH));
-        let outcome = commit(db, &batch).map_err(|e| {
-            tracing::error!(error = %e, "cannot write the retained store");
-            e
-        });
-        for op in batch {
-            match op {
-                Op::Put(_, _, ack) | Op::Delete(_, ack) => {
-                    let _ = ack.send(outcome.clone());
-                }
-                Op::Stop(ack) => stopped.push(ack),
+/// Commits what has queued up, one transaction at a time, until told to stop; returns the
+/// acknowledgements of the stop requests.
+fn write_loop(db: &Database, queue: &Queue) -> Vec<Ack> {
+    loop {
+        let batch = {
+            let mut pending = queue.pending.lock().unwrap_or_else(PoisonError::into_inner);
+            while pending.changes.is_empty() && pending.acks.is_empty() && !pending.stopped {
+                pending = queue
+                    .ready
+                    .wait(pending)
+                    .unwrap_or_else(PoisonError::into_inner);
             }
+            let batch = std::mem::take(&mut *pending);
+            // Once stopped, later changes are refused, not queued for a writer that is gone.
+            pending.stopped = batch.stopped;
+            batch
+        };
+        let outcome = if batch.changes.is_empty() {
+            Ok(())
+        } else {
+            commit(db, &batch.changes).map_err(|e| {
+                tracing::error!(error = %e, "cannot write the retained store");
+                e
+            })
+        };
+        for ack in batch.acks {
+            let _ = ack.send(outcome.clone());
         }
-        if !stopped.is_empty() {
-            break;
+        if batch.stopped {
+            return batch.stop;
         }
     }
-    stopped
 }
 
-fn commit(db: &Database, batch: &[Op]) -> Result<(), String> {
+fn commit(db: &Database, changes: &HashMap<Box<str>, Option<Vec<u8>>>) -> Result<(), String> {
     let txn = db.begin_write().map_err(|e| e.to_string())?;
     {
         let mut table = txn.open_table(TABLE).map_err(|e| e.to_string())?;
-        for op in batch {
-            match op {
-                Op::Put(topic, record, _) => {
+        for (topic, record) in changes {
+            match record {
+                Some(record) => {
                     table
                         .insert(&**topic, record.as_slice())
                         .map_err(|e| e.to_string())?;
                 }
-                Op::Delete(topic, _) => {
+                None => {
                     table.remove(&**topic).map_err(|e| e.to_string())?;
                 }
-                Op::Stop(_) => {}
             }
         }
     }
@@ -298,6 +337,35 @@ fn decode(topic: &str, bytes: &[u8]) -> Option<Message> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn queued_changes_coalesce_and_survive_reopening() {
+        let dir = tempfile::tempdir().unwrap();
+        let (journal, loaded) = Journal::open(dir.path()).unwrap();
+        assert!(loaded.is_empty());
+        let retained = |topic: &str, value: &'static str| {
+            let mut m = Message::new(Topic::parse(topic).unwrap(), value, Origin::Http);
+            m.retain = true;
+            m
+        };
+        let receipts = [
+            journal.put(&retained("a", "1")),
+            journal.put(&retained("a", "2")),
+            journal.put(&retained("b", "x")),
+            journal.delete(&Topic::parse("b").unwrap()),
+        ];
+        for receipt in receipts {
+            receipt.wait().await.unwrap();
+        }
+        journal.close().await.unwrap();
+        assert!(journal.put(&retained("c", "late")).wait().await.is_err());
+        let (_journal, loaded) = Journal::open(dir.path()).unwrap();
+        assert_eq!(loaded.len(), 1);
+        assert_eq!(
+            (loaded[0].topic.as_str(), &loaded[0].payload[..]),
+            ("a", &b"2"[..])
+        );
+    }
 
     #[test]
     fn records_round_trip_to_the_millisecond() {
