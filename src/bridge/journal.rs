@@ -20,6 +20,8 @@ use super::topic::Topic;
 const TABLE: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("retained");
 /// File name under the data dir.
 const FILE: &str = "retained.redb";
+/// Page cache of the database file.
+const CACHE: usize = 16 * 1024 * 1024;
 /// Format of a stored value: this byte, then the postcard encoding of [`Record`].
 const VERSION: u8 = 1;
 
@@ -104,7 +106,9 @@ impl Journal {
             path: path.clone(),
             detail,
         };
-        let db = match Database::create(&path) {
+        // redb caches up to 1 GiB by default; the trie already holds every value in memory, so
+        // the file needs little more than its write path.
+        let db = match Database::builder().set_cache_size(CACHE).create(&path) {
             Ok(db) => db,
             Err(DatabaseError::DatabaseAlreadyOpen) => return Err(JournalError::InUse { path }),
             Err(e) => return Err(unreadable(e.to_string())),
