@@ -241,19 +241,31 @@ fn listening_line<'a>(r: &'a Running, protocol: &str) -> &'a str {
         .unwrap_or_else(|| panic!("a {protocol} line in {:?}", r.lines))
 }
 
-fn terminate(mut r: Running) {
+fn terminate(r: Running) {
+    sigterm(&r);
+    exits_0(r);
+}
+
+fn sigterm(r: &Running) {
     let status = Command::new("kill")
         .args(["-TERM", &r.child.id().to_string()])
         .status()
         .unwrap();
     assert!(status.success());
-    let deadline = Instant::now() + Duration::from_secs(10);
+}
+
+/// Waits for a process sent SIGTERM to exit 0 within its drain and grace periods.
+fn exits_0(mut r: Running) {
+    let deadline = Instant::now() + Duration::from_secs(15);
     loop {
         if let Some(status) = r.child.try_wait().unwrap() {
             assert_eq!(status.code(), Some(0), "graceful exit");
             return;
         }
-        assert!(Instant::now() < deadline, "exits within the grace period");
+        assert!(
+            Instant::now() < deadline,
+            "exits within the drain and grace periods"
+        );
         std::thread::sleep(Duration::from_millis(10));
     }
 }
@@ -372,11 +384,7 @@ fn sigterm_turns_readyz_to_503_while_still_serving_then_exits_0() {
         text.lines().next().map(str::to_owned)
     };
     assert!(readyz(&addr).unwrap().contains(" 200 "));
-    let status = Command::new("kill")
-        .args(["-TERM", &r.child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(status.success());
+    sigterm(&r);
     // Still answering, but no longer ready.
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
@@ -387,20 +395,7 @@ fn sigterm_turns_readyz_to_503_while_still_serving_then_exits_0() {
         assert!(Instant::now() < deadline, "readyz turns 503");
         std::thread::sleep(Duration::from_millis(10));
     }
-    terminate_waiting(r);
-}
-
-/// Waits for a process already sent SIGTERM to exit 0 within the drain and grace periods.
-fn terminate_waiting(mut r: Running) {
-    let deadline = Instant::now() + Duration::from_secs(15);
-    loop {
-        if let Some(status) = r.child.try_wait().unwrap() {
-            assert_eq!(status.code(), Some(0), "graceful exit");
-            return;
-        }
-        assert!(Instant::now() < deadline, "exits after draining");
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    exits_0(r);
 }
 
 #[test]

@@ -1,0 +1,128 @@
+# Shared by the end-to-end scripts (sourced, not run): a work dir and cleanup of background
+# processes, ok/not ok reporting, polling with a deadline, free loopback ports, and small MQTT
+# and HTTP helpers. The sourcing script sets TIMEOUT, and MQTT_PORT / BASE before using the
+# MQTT and HTTP helpers.
+
+WORK=$(mktemp -d)
+GW_PID=
+BG_PIDS=()
+
+cleanup() {
+    local pid
+    for pid in "${BG_PIDS[@]}" $GW_PID; do
+        kill "$pid" 2>/dev/null || true
+    done
+    for pid in "${BG_PIDS[@]}" $GW_PID; do
+        wait "$pid" 2>/dev/null || true
+    done
+    rm -rf "$WORK"
+}
+trap cleanup EXIT
+
+# --- reporting ------------------------------------------------------------------------------
+
+PASSED=0
+FAILED=0
+
+ok() {
+    PASSED=$((PASSED + 1))
+    echo "ok - $1"
+}
+
+not_ok() {
+    FAILED=$((FAILED + 1))
+    echo "not ok - $1"
+    shift
+    local line
+    for line in "$@"; do
+        echo "#   $line"
+    done
+}
+
+# Prints a value on one line, escaping newlines and control characters.
+show() {
+    printf '%q' "$1"
+}
+
+# --- helpers --------------------------------------------------------------------------------
+
+# Polls a command every 0.1 s until it succeeds; fails after $TIMEOUT seconds.
+wait_until() {
+    local deadline=$((SECONDS + TIMEOUT))
+    until "$@"; do
+        ((SECONDS < deadline)) || return 1
+        sleep 0.1
+    done
+}
+
+# Free TCP ports on the loopback interface, one per line; each is free for UDP as well.
+free_ports() {
+    python3 - "$1" <<'PY'
+import socket, sys
+socks, found = [], 0
+while found < int(sys.argv[1]):
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        u.bind(("127.0.0.1", s.getsockname()[1]))
+    except OSError:
+        continue
+    socks += [s, u]
+    found += 1
+    print(s.getsockname()[1])
+PY
+}
+
+mpub() {
+    timeout "$TIMEOUT" mosquitto_pub -h 127.0.0.1 -p "$MQTT_PORT" -q 1 "$@"
+}
+
+# Starts mosquitto_sub in the background writing to a file; extra arguments go to mosquitto_sub.
+# The subscriber also listens on a probe topic so that wait_subscribed can tell when it is live.
+start_sub() {
+    local out=$1 probe=$2
+    shift 2
+    mosquitto_sub -h 127.0.0.1 -p "$MQTT_PORT" -W 300 -t "$probe" "$@" >"$out" 2>"$out.err" &
+    BG_PIDS+=($!)
+}
+
+# Publishes on the probe topic until the subscriber's file shows it.
+wait_subscribed() {
+    local out=$1 probe=$2
+    probe_seen() {
+        mpub -t "$probe" -m probe >/dev/null 2>&1 || true
+        local i
+        for i in 1 2 3; do
+            grep -q "^$probe " "$out" && return 0
+            sleep 0.1
+        done
+        return 1
+    }
+    wait_until probe_seen
+}
+
+file_has_line() {
+    grep -qxF -- "$2" "$1"
+}
+
+# HTTP status and body of a request: sets STATUS and writes the body to $WORK/body.
+http() {
+    rm -f "$WORK/body"
+    STATUS=$(curl -sS --max-time "$TIMEOUT" -o "$WORK/body" -w '%{http_code}' "$@" 2>"$WORK/curl.err") || true
+}
+
+body() {
+    cat "$WORK/body" 2>/dev/null || true
+}
+
+get_equals() {
+    http "$BASE/topics/$1"
+    [[ $STATUS == "$2" && $(body) == "$3" ]]
+}
+
+get_status() {
+    http "$BASE/topics/$1"
+    [[ $STATUS == "$2" ]]
+}
+
