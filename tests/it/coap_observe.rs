@@ -313,3 +313,37 @@ async fn large_values_travel_in_blocks_both_ways() {
     assert_eq!(code(&coap.call(announced).await), "4.13");
     assert_eq!(gw.get("/topics/big/huge").await.status(), 404);
 }
+
+#[tokio::test]
+async fn a_notification_larger_than_a_block_carries_the_first_block() {
+    let gw = TestGateway::start().await;
+    let coap = CoapClient::new(gw.coap).await;
+    let mut req = coap.request(RequestType::Get, "topics/big/obs");
+    set_uint(&mut req, CoapOption::Observe, 0);
+    set_block(&mut req, CoapOption::Block2, 0, false, 4);
+    let resp = coap.call(req.clone()).await;
+    assert_eq!(code(&resp), "2.05");
+    let value: Vec<u8> = (0..600u32).map(|i| b'A' + (i % 26) as u8).collect();
+    let r = gw
+        .client
+        .put(gw.url("/topics/big/obs"))
+        .body(value.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 204);
+    // The registration asked for 256-byte blocks: the notification is the first of three.
+    let n = notification(&coap, req.get_token()).await;
+    assert_eq!(block(&n, CoapOption::Block2), Some((0, true, 4)));
+    assert_eq!(uint_option(&n, CoapOption::Size2), Some(600));
+    let etag = n.get_first_option(CoapOption::ETag).cloned();
+    let mut got = n.payload.clone();
+    for num in 1..3 {
+        let mut more = coap.request(RequestType::Get, "topics/big/obs");
+        set_block(&mut more, CoapOption::Block2, num, false, 4);
+        let part = coap.call(more).await;
+        assert_eq!(part.get_first_option(CoapOption::ETag).cloned(), etag);
+        got.extend_from_slice(&part.payload);
+    }
+    assert_eq!(got, value);
+}
