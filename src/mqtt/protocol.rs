@@ -1,6 +1,6 @@
 //! The MQTT codec every client connection goes through: picks MQTT 3.1.1 or 5 from the CONNECT
 //! packet, and corrects rumqttd where it departs from the specification (retained messages, empty
-//! publishes, keep-alive 0, properties sent to 3.1.1 clients).
+//! publishes, keep-alive 0, properties sent to 3.1.1 clients, Retain As Published).
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::Ordering;
@@ -38,6 +38,8 @@ struct ConnState {
     version: Option<Version>,
     pending: HashMap<u16, Vec<PendingFilter>>,
     subscribed: HashSet<String>,
+    /// Filters subscribed with MQTT 5 Retain As Published, which rumqttd ignores.
+    retain_as_published: HashSet<String>,
 }
 
 /// Settings shared by every connection of one listener.
@@ -116,6 +118,13 @@ impl GatewayProtocol {
                 Ok(Packet::Publish(publish, Some(props)))
             }
             Packet::Subscribe(subscribe, props) => {
+                for f in &subscribe.filters {
+                    if f.preserve_retain {
+                        state.retain_as_published.insert(f.path.clone());
+                    } else {
+                        state.retain_as_published.remove(&f.path);
+                    }
+                }
                 let filters = subscribe
                     .filters
                     .iter()
@@ -131,6 +140,7 @@ impl GatewayProtocol {
             Packet::Unsubscribe(unsubscribe, props) => {
                 for f in &unsubscribe.filters {
                     state.subscribed.remove(f);
+                    state.retain_as_published.remove(f);
                 }
                 Ok(Packet::Unsubscribe(unsubscribe, props))
             }
@@ -211,28 +221,53 @@ impl Protocol for GatewayProtocol {
     }
 
     fn write(&self, packet: Packet, buffer: &mut BytesMut) -> Result<usize, Error> {
-        let version = {
-            let state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
-            state.version.unwrap_or(Version::V311)
-        };
+        let state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+        let version = state.version.unwrap_or(Version::V311);
         match packet {
-            Packet::Publish(publish, props) => {
+            Packet::Publish(mut publish, props) => {
+                let mut meta = None;
                 let props = props.map(|mut p| {
-                    Meta::detach(&mut p.payload_format_indicator);
+                    meta = Meta::detach(&mut p.payload_format_indicator);
                     p
                 });
+                // MQTT 5 §3.8.3.1: with Retain As Published the flag is forwarded as the
+                // publisher set it; rumqttd always clears it on live messages.
+                if meta.is_some_and(|m| m.retain)
+                    && !state.retain_as_published.is_empty()
+                    && std::str::from_utf8(&publish.topic).is_ok_and(|topic| {
+                        state
+                            .retain_as_published
+                            .iter()
+                            .any(|f| rumqttd::protocol::matches(topic, unshared(f)))
+                    })
+                {
+                    publish.retain = true;
+                }
+                drop(state);
                 self.shared.stats.delivered.fetch_add(1, Ordering::Relaxed);
                 codec_write(version, Packet::Publish(publish, props), buffer)
             }
             Packet::SubAck(suback, props) => {
+                drop(state);
                 let pkid = suback.pkid;
                 let codes = suback.return_codes.clone();
                 let n = codec_write(version, Packet::SubAck(suback, props), buffer)?;
                 Ok(n + self.write_retained(pkid, &codes, version, buffer)?)
             }
-            other => codec_write(version, other, buffer),
+            other => {
+                drop(state);
+                codec_write(version, other, buffer)
+            }
         }
     }
+}
+
+/// The filter of a shared subscription (`$share/group/filter`), or the filter itself.
+fn unshared(filter: &str) -> &str {
+    filter
+        .strip_prefix("$share/")
+        .and_then(|rest| rest.split_once('/'))
+        .map_or(filter, |(_, f)| f)
 }
 
 /// Writes with the connection's codec; 3.1.1 has no properties and rumqttd's V4 writer panics on

@@ -118,3 +118,73 @@ async fn a_link_paused_by_the_router_is_woken_again() {
         "the router paused the link at least once ({wakeups})"
     );
 }
+
+#[tokio::test]
+async fn retain_as_published_keeps_the_retain_flag_on_live_messages() {
+    use rumqttc::v5::mqttbytes::QoS;
+    use rumqttc::v5::mqttbytes::v5::{Filter, RetainForwardRule};
+    let gw = TestGateway::start().await;
+    let (rap, mut rap_rx) = gw.mqtt_v5("rap-sub", &[]).await;
+    rap.subscribe_many(vec![Filter {
+        path: "rap/#".to_owned(),
+        qos: QoS::AtLeastOnce,
+        nolocal: false,
+        preserve_retain: true,
+        retain_forward_rule: RetainForwardRule::Never,
+    }])
+    .await
+    .unwrap();
+    let (_plain, mut plain_rx) = gw.mqtt_v5("plain-sub", &[("rap/#", 1)]).await;
+    // The subscription is live once a probe comes through.
+    let deadline = tokio::time::Instant::now() + crate::support::DEADLINE;
+    loop {
+        gw.post("/topics/rap/probe", "p").await;
+        let wait = tokio::time::Duration::from_millis(50);
+        if let Ok(Some(_)) = tokio::time::timeout(wait, rap_rx.recv()).await {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the Retain As Published subscription is live"
+        );
+    }
+    // Probes may still be on their way; everything after them is in publish order.
+    async fn next_after_probes(
+        rx: &mut tokio::sync::mpsc::UnboundedReceiver<rumqttc::v5::mqttbytes::v5::Publish>,
+    ) -> rumqttc::v5::mqttbytes::v5::Publish {
+        loop {
+            let p = recv(rx).await;
+            if &p.topic[..] != b"rap/probe" {
+                return p;
+            }
+        }
+    }
+
+    let (publisher, _) = gw.mqtt_v4("rap-pub", &[]).await;
+    publisher
+        .publish("rap/x", rumqttc::QoS::AtLeastOnce, true, "1")
+        .await
+        .unwrap();
+    let p = next_after_probes(&mut rap_rx).await;
+    assert_eq!(
+        (&p.topic[..], p.retain),
+        (&b"rap/x"[..], true),
+        "as published"
+    );
+    let p = next_after_probes(&mut plain_rx).await;
+    assert_eq!(
+        (&p.topic[..], p.retain),
+        (&b"rap/x"[..], false),
+        "cleared by default"
+    );
+    // A retained publish over HTTP too; a plain one stays plain.
+    assert_eq!(
+        gw.post("/topics/rap/y?retain=true", "2").await.status(),
+        204
+    );
+    assert_eq!(gw.post("/topics/rap/z", "3").await.status(), 204);
+    let p = recv(&mut rap_rx).await;
+    assert_eq!((&p.topic[..], p.retain), (&b"rap/y"[..], true));
+    let p = recv(&mut rap_rx).await;
+    assert_eq!((&p.topic[..], p.retain), (&b"rap/z"[..], false));
+}
