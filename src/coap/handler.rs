@@ -42,8 +42,15 @@ pub(crate) enum Action {
     },
     /// End the observation with this request's token, then answer.
     Deregister(Reply),
+    /// Wait for the broker, then answer.
+    Work(Work),
+}
+
+/// What waits for the broker, off the endpoint's loop.
+#[derive(Debug)]
+pub(crate) enum Work {
     /// Publish through the bridge, then answer `reply` on success.
-    Publish(Message, Reply),
+    Publish(Box<Message>, Reply),
     /// Clear a retained value through the bridge.
     Clear(Topic),
 }
@@ -185,7 +192,7 @@ impl Handler {
             RequestType::Put | RequestType::Post => self.publish(req, &rest, peer, uploads, now),
             RequestType::Delete => {
                 query(req, &[])?;
-                Ok(Action::Clear(topic(&rest)?))
+                Ok(Action::Work(Work::Clear(topic(&rest)?)))
             }
             _ => Err(method_not_allowed()),
         }
@@ -359,7 +366,7 @@ impl Handler {
         if let Some(v) = params.get("expiry") {
             apply_expiry(&mut message, v).map_err(bad_param)?;
         }
-        Ok(Action::Publish(message, ok))
+        Ok(Action::Work(Work::Publish(Box::new(message), ok)))
     }
 
     /// If-Match and If-None-Match on a PUT (RFC 7252 §5.10.8).
@@ -388,10 +395,10 @@ impl Handler {
 }
 
 /// Performs a publish or clear and maps the outcome to a response.
-pub(crate) async fn perform(bridge: &Bridge, action: Action) -> Reply {
-    let outcome = match action {
-        Action::Publish(message, ok) => bridge.publish(message).await.map(|()| ok),
-        Action::Clear(topic) => match bridge.clear(&topic, Origin::Coap).await {
+pub(crate) async fn perform(bridge: &Bridge, work: Work) -> Reply {
+    let outcome = match work {
+        Work::Publish(message, ok) => bridge.publish(*message).await.map(|()| ok),
+        Work::Clear(topic) => match bridge.clear(&topic, Origin::Coap).await {
             Ok(true) => Ok(Reply::new(ResponseType::Deleted)),
             Ok(false) => Ok(Reply::error(
                 ResponseType::NotFound,
@@ -399,9 +406,6 @@ pub(crate) async fn perform(bridge: &Bridge, action: Action) -> Reply {
             )),
             Err(e) => Err(e),
         },
-        Action::Reply(reply) | Action::Deregister(reply) | Action::Observe { reply, .. } => {
-            Ok(reply)
-        }
     };
     match outcome {
         Ok(reply) => reply,

@@ -18,7 +18,7 @@ use tokio_util::time::DelayQueue;
 
 use super::block::Uploads;
 use super::exchange::{ACK_RANDOM_FACTOR, ExchangeKey, Exchanges, Seen, exchange_lifetime};
-use super::handler::{Action, Handler, Representation, perform, unavailable};
+use super::handler::{Action, Handler, Representation, Work, perform, unavailable};
 use super::observe::{Full, Inflight, ObserverKey, Observers};
 use super::request::{self, Reply};
 use super::wire::{self, Inbound};
@@ -163,19 +163,15 @@ impl Endpoint {
                 return;
             }
         }
-        let token: Box<[u8]> = packet.get_token().into();
+        let confirmable = packet.header.get_type() == MessageType::Confirmable;
         let mut exchange = Exchange {
             key,
-            confirmable: packet.header.get_type() == MessageType::Confirmable,
-            mid: 0,
-            token,
+            confirmable,
+            // A piggybacked ACK reuses the request's id; a NON response needs its own.
+            mid: if confirmable { key.1 } else { self.next_mid() },
+            token: packet.get_token().into(),
             method,
             no_response: 0,
-        };
-        exchange.mid = if exchange.confirmable {
-            key.1
-        } else {
-            self.next_mid()
         };
         let req = match request::parse(&packet, method) {
             Ok(req) => req,
@@ -218,12 +214,12 @@ impl Endpoint {
                 self.drop_observer(&okey, "deregistered");
                 self.answer(&exchange, reply).await;
             }
-            work => self.spawn_work(exchange, work).await,
+            Action::Work(work) => self.spawn_work(exchange, work).await,
         }
     }
 
     /// Runs a publish or clear in its own task; the loop goes on serving.
-    async fn spawn_work(&mut self, exchange: Exchange, work: Action) {
+    async fn spawn_work(&mut self, exchange: Exchange, work: Work) {
         let Ok(permit) = self.pending.clone().try_acquire_owned() else {
             let reply = unavailable("too many publishes are waiting for the broker");
             return self.answer(&exchange, reply).await;
