@@ -45,9 +45,14 @@ pub struct Gateway {
     config: Config,
     http: TcpListener,
     coap: CoapServer,
-    /// The embedded broker, or `None` in front of an external one.
-    broker: Option<Broker>,
+    broker: BrokerMode,
     store: Arc<RetainedStore>,
+}
+
+/// The embedded broker, bound, or the external one to connect to.
+enum BrokerMode {
+    Embedded(Box<Broker>),
+    External(RemoteBroker),
 }
 
 impl Gateway {
@@ -70,18 +75,17 @@ impl Gateway {
                 addr: config.coap.addr,
                 source,
             })?;
-        let external = config.broker.endpoint().map_err(|reason| {
+        let endpoint = config.broker.endpoint().map_err(|reason| {
             GatewayError::Mqtt(MqttError::Link(format!("broker.url {reason}")))
         })?;
-        let broker = if external.is_some() {
-            None
-        } else {
-            match Broker::bind(
+        let broker = match endpoint {
+            Some((host, port)) => BrokerMode::External(remote_broker(&config, host, port)),
+            None => match Broker::bind(
                 &config.mqtt,
                 config.max_payload,
                 Arc::new(StoreSource(store.clone())),
             ) {
-                Ok(b) => Some(b),
+                Ok(b) => BrokerMode::Embedded(Box::new(b)),
                 Err(MqttError::Bind { addr, source }) => {
                     return Err(GatewayError::Bind {
                         protocol: "MQTT",
@@ -90,7 +94,7 @@ impl Gateway {
                     });
                 }
                 Err(e) => return Err(e.into()),
-            }
+            },
         };
         Ok(Self {
             config,
@@ -113,7 +117,10 @@ impl Gateway {
 
     /// The bound MQTT address of the embedded broker; `None` in front of an external broker.
     pub fn mqtt_addr(&self) -> Option<SocketAddr> {
-        self.broker.as_ref().map(Broker::addr)
+        match &self.broker {
+            BrokerMode::Embedded(broker) => Some(broker.addr()),
+            BrokerMode::External(_) => None,
+        }
     }
 
     /// Serves until `shutdown` completes, then stops within `shutdown_grace`.
@@ -136,7 +143,7 @@ impl Gateway {
             "retained store loaded"
         );
         let link = match broker {
-            Some(broker) => {
+            BrokerMode::Embedded(broker) => {
                 let mqtt_addr = broker.addr();
                 let link = broker
                     .run(config.bridge.link_buffer, &tracker, cancel.clone())
@@ -144,8 +151,7 @@ impl Gateway {
                 tracing::info!(protocol = "mqtt", addr = %mqtt_addr, "listening");
                 link
             }
-            None => {
-                let remote = remote_broker(&config)?;
+            BrokerMode::External(remote) => {
                 tracing::info!(url = %config.broker.url, "fronting an external broker");
                 crate::mqtt::connect_remote(
                     remote,
@@ -208,12 +214,9 @@ impl Gateway {
     }
 }
 
-/// The external broker of the configuration.
-fn remote_broker(config: &Config) -> Result<RemoteBroker, GatewayError> {
-    let Ok(Some((host, port))) = config.broker.endpoint() else {
-        return Err(MqttError::Link("broker.url is not an external broker".to_owned()).into());
-    };
-    Ok(RemoteBroker {
+/// The external broker at `host:port`, with the configuration's credentials and limits.
+fn remote_broker(config: &Config, host: String, port: u16) -> RemoteBroker {
+    RemoteBroker {
         host,
         port,
         username: config.broker.username.clone(),
@@ -222,5 +225,5 @@ fn remote_broker(config: &Config) -> Result<RemoteBroker, GatewayError> {
         max_backoff: config.broker.max_backoff,
         // Room for the topic and properties around the largest payload.
         max_packet: config.max_payload + 64 * 1024,
-    })
+    }
 }
