@@ -79,7 +79,7 @@ pub(crate) async fn publish(
     let query = parse_query::<PublishQuery>(&uri)?;
     let retain = match query.retain.as_deref() {
         None => false,
-        Some(v) => parse_bool("retain", v)?,
+        Some(v) => parse_flag("retain", v)?,
     };
     let message = build_message(&state, topic, &query, &headers, body, retain)?;
     state.bridge.publish(message).await?;
@@ -112,7 +112,7 @@ pub(crate) async fn put_retained(
     let topic = Topic::parse(&path_text(&uri)?)?;
     let query = parse_query::<PublishQuery>(&uri)?;
     if let Some(v) = query.retain.as_deref()
-        && !parse_bool("retain", v)?
+        && !parse_flag("retain", v)?
     {
         return Err(ApiError::InvalidParameter(
             "PUT always retains; use POST to publish without retaining".to_owned(),
@@ -155,7 +155,7 @@ pub(crate) async fn read(
     let filter = TopicFilter::parse(&path_text(&uri)?)?;
     let query = parse_query::<ReadQuery>(&uri)?;
     let wants_stream = match query.stream.as_deref() {
-        Some(v) => parse_bool("stream", v)?,
+        Some(v) => parse_flag("stream", v)?,
         None => accepts_event_stream(&headers),
     };
     if wants_stream {
@@ -346,10 +346,6 @@ fn accepts_event_stream(headers: &HeaderMap) -> bool {
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
         .any(|t| t.split(';').next().unwrap_or("").trim() == "text/event-stream")
-}
-
-fn parse_bool(name: &str, value: &str) -> Result<bool, ApiError> {
-    Ok(parse_flag(name, value)?)
 }
 
 fn parse_query<T: serde::de::DeserializeOwned + Default>(uri: &Uri) -> Result<T, ApiError> {

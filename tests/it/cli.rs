@@ -7,25 +7,25 @@ use std::time::{Duration, Instant};
 
 const BIN: &str = env!("CARGO_BIN_EXE_topicgate");
 
-fn run(args: &[&str], env: &[(&str, &str)]) -> Output {
-    let data = tempfile::tempdir().unwrap();
+/// The binary in its own working directory (so the default `./data` is the test's own), with
+/// no `RUST_LOG` or `TOPICGATE_*` from the caller's environment, then `env` on top.
+fn command(args: &[&str], env: &[(&str, &str)], cwd: &std::path::Path) -> Command {
     let mut cmd = Command::new(BIN);
-    cmd.args(args)
-        .env_remove("RUST_LOG")
-        .current_dir(data.path());
-    for key in [
-        "TOPICGATE_CONFIG",
-        "TOPICGATE_HTTP_ADDR",
-        "TOPICGATE_MQTT_ADDR",
-        "TOPICGATE_COAP_ADDR",
-        "TOPICGATE_DATA_DIR",
-        "TOPICGATE_LOG_FORMAT",
-    ] {
-        cmd.env_remove(key);
+    cmd.args(args).current_dir(cwd).env_remove("RUST_LOG");
+    for (key, _) in std::env::vars() {
+        if key.starts_with("TOPICGATE_") {
+            cmd.env_remove(key);
+        }
     }
     for (k, v) in env {
         cmd.env(k, v);
     }
+    cmd
+}
+
+fn run(args: &[&str], env: &[(&str, &str)]) -> Output {
+    let data = tempfile::tempdir().unwrap();
+    let mut cmd = command(args, env, data.path());
     let mut child = cmd
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -182,17 +182,12 @@ impl Drop for Running {
 /// Starts the binary and reads stderr until all three listeners are logged.
 fn start(args: &[&str], env: &[(&str, &str)]) -> Running {
     let cwd = tempfile::tempdir().unwrap();
-    let mut cmd = Command::new(BIN);
-    cmd.args(args)
-        .current_dir(cwd.path())
-        .env_remove("RUST_LOG")
-        .env_remove("TOPICGATE_HTTP_ADDR")
-        .env_remove("TOPICGATE_MQTT_ADDR")
-        // Every test gateway takes a free CoAP port unless a test says otherwise.
-        .env("TOPICGATE_COAP_ADDR", "127.0.0.1:0");
-    for (k, v) in env {
-        cmd.env(k, v);
-    }
+    // Every started gateway takes a free CoAP port unless a test says otherwise.
+    let env: Vec<(&str, &str)> = [("TOPICGATE_COAP_ADDR", "127.0.0.1:0")]
+        .into_iter()
+        .chain(env.iter().copied())
+        .collect();
+    let mut cmd = command(args, &env, cwd.path());
     let mut child = cmd
         .stderr(Stdio::piped())
         .stdout(Stdio::null())
