@@ -279,6 +279,18 @@ def check_duplicate_right_after_response(gw, tries=30):
 
 # --- b. an RST to a notification removes the observer --------------------------------------------
 
+def register(gw, sock, token, topic, name):
+    """Registers an observation of `topic`; reports `name` as failed and returns False unless
+    the answer is a 2.05 with an Observe option."""
+    sock.send(msg(CON, GET, new_mid(), token, f"/topics/{topic}", observe=0).encode())
+    data = gw.recv(sock)
+    reply = Message.decode(data) if data else None
+    if reply is None or reply.code != Code.CONTENT or reply.opt.observe is None:
+        not_ok(name, f"registration: expected 2.05 with Observe, got {describe(data)}")
+        return False
+    return True
+
+
 def check_reset_removes_observer(gw):
     name = "RST to a notification removes the observer"
     topic = "rst/t"
@@ -289,11 +301,7 @@ def check_reset_removes_observer(gw):
     sock = gw.udp()
     try:
         token = os.urandom(4)
-        sock.send(msg(CON, GET, new_mid(), token, f"/topics/{topic}", observe=0).encode())
-        data = gw.recv(sock)
-        reply = Message.decode(data) if data else None
-        if reply is None or reply.code != Code.CONTENT or reply.opt.observe is None:
-            not_ok(name, f"registration: expected 2.05 with Observe, got {describe(data)}")
+        if not register(gw, sock, token, topic, name):
             return
         held, value = gw.wait_metric(observers, lambda v: v >= base_observers + 1)
         if not held:
@@ -344,11 +352,7 @@ def check_confirmable_notifications(gw):
     sock = gw.udp()
     token = os.urandom(4)
     try:
-        sock.send(msg(CON, GET, new_mid(), token, f"/topics/{topic}", observe=0).encode())
-        data = gw.recv(sock)
-        reply = Message.decode(data) if data else None
-        if reply is None or reply.code != Code.CONTENT or reply.opt.observe is None:
-            not_ok(name, f"registration: expected 2.05 with Observe, got {describe(data)}")
+        if not register(gw, sock, token, topic, name):
             return
         before = gw.metric(retransmissions)
 
