@@ -41,6 +41,115 @@ pub struct Config {
     pub bridge: BridgeConfig,
     /// An external broker to use instead of the embedded one.
     pub broker: BrokerConfig,
+    /// Users, tokens and the topic ACL.
+    pub auth: AuthConfig,
+    /// Limits every protocol applies.
+    pub limits: LimitsConfig,
+    /// Certificates of the TLS listeners.
+    pub tls: TlsConfig,
+}
+
+/// `[auth]`: identities and the one topic ACL every protocol enforces.
+#[derive(Debug, Clone, PartialEq, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthConfig {
+    /// Whether clients without credentials are let in; unset: only when no user or token is
+    /// configured.
+    pub allow_anonymous: Option<bool>,
+    /// Users with argon2 password hashes.
+    pub users: Vec<UserEntry>,
+    /// Static bearer tokens.
+    pub tokens: Vec<TokenEntry>,
+    /// ACL rules; with none, every principal may do everything.
+    pub acl: Vec<AclEntry>,
+}
+
+/// `[[auth.users]]`.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UserEntry {
+    /// The user name (MQTT user name, HTTP Basic user).
+    pub name: String,
+    /// An argon2 PHC string, as printed by `topicgate passwd`.
+    pub password_hash: String,
+}
+
+/// `[[auth.tokens]]`.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TokenEntry {
+    /// The principal the token stands for; ACL rules name it.
+    pub name: String,
+    /// The token (HTTP `Authorization: Bearer`, CoAP `?auth=`), at least 16 characters.
+    pub token: String,
+}
+
+/// `[[auth.acl]]`: one rule.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AclEntry {
+    /// A user or token name, `anonymous`, or `*` for everyone.
+    pub user: String,
+    /// A topic filter; `%u` stands for the principal's name.
+    pub topic: String,
+    /// `read`, `write` or `readwrite`.
+    pub access: AclAccess,
+}
+
+/// What an ACL rule grants, in Mosquitto's words.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AclAccess {
+    /// Read retained values, subscribe, stream, observe.
+    #[serde(alias = "subscribe")]
+    Read,
+    /// Publish and clear.
+    #[serde(alias = "publish")]
+    Write,
+    /// Both.
+    ReadWrite,
+}
+
+/// `[limits]`: limits every protocol applies, each answered in its own terms.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsConfig {
+    /// Longest topic name or filter, bytes.
+    pub max_topic_length: usize,
+    /// Most levels in a topic name or filter.
+    pub max_topic_levels: usize,
+    /// Requests (HTTP requests, CoAP requests, MQTT publishes) a second per principal, or per
+    /// address for anonymous HTTP and CoAP clients; 0 turns the limit off.
+    pub rate: u32,
+    /// Requests allowed in a burst above the rate.
+    pub burst: u32,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        Self {
+            max_topic_length: 65_535,
+            max_topic_levels: 128,
+            rate: 10_000,
+            burst: 20_000,
+        }
+    }
+}
+
+/// `[tls]`: the certificate of the HTTPS and MQTT-over-TLS listeners; they open only when
+/// `cert` and `key` are set.
+#[derive(Debug, Clone, PartialEq, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TlsConfig {
+    /// PEM file with the server certificate chain.
+    pub cert: Option<PathBuf>,
+    /// PEM file with the server's private key.
+    pub key: Option<PathBuf>,
+    /// PEM file with the CAs that sign client certificates; set, a client may authenticate
+    /// with a certificate whose common name becomes its user name.
+    pub client_ca: Option<PathBuf>,
+    /// Whether a client certificate is required (only with `client_ca`).
+    pub require_client_cert: bool,
 }
 
 /// Log line format.
@@ -71,6 +180,8 @@ pub struct MqttConfig {
     pub segment_size: usize,
     /// Segments kept per subscribed filter.
     pub segment_count: usize,
+    /// MQTT over TLS listener address, opened when `[tls]` has a certificate.
+    pub tls_addr: SocketAddr,
 }
 
 /// `[http]`: the HTTP API.
@@ -91,6 +202,18 @@ pub struct HttpConfig {
     pub sse_buffer: usize,
     /// Messages kept for `Last-Event-ID` resumption.
     pub sse_history: usize,
+    /// HTTPS listener address, opened when `[tls]` has a certificate.
+    pub tls_addr: SocketAddr,
+    /// Most connections per listener; more wait to be accepted.
+    pub max_connections: usize,
+    /// Time a client has to send a request's headers, and to start the next request on an
+    /// idle connection.
+    #[serde(with = "humantime_serde")]
+    pub header_timeout: Duration,
+    /// Most event streams open at once.
+    pub max_streams: usize,
+    /// Most event streams open at once for one principal (anonymous: one address).
+    pub max_streams_per_client: usize,
 }
 
 /// `[coap]`: the CoAP endpoint.
@@ -196,6 +319,9 @@ impl Default for Config {
             coap: CoapConfig::default(),
             bridge: BridgeConfig::default(),
             broker: BrokerConfig::default(),
+            auth: AuthConfig::default(),
+            limits: LimitsConfig::default(),
+            tls: TlsConfig::default(),
         }
     }
 }
@@ -209,6 +335,7 @@ impl Default for MqttConfig {
             max_inflight: 100,
             segment_size: 1024 * 1024,
             segment_count: 3,
+            tls_addr: SocketAddr::from(([0, 0, 0, 0], 8883)),
         }
     }
 }
@@ -222,6 +349,11 @@ impl Default for HttpConfig {
             sse_heartbeat: Duration::from_secs(15),
             sse_buffer: 1024,
             sse_history: 10_000,
+            tls_addr: SocketAddr::from(([0, 0, 0, 0], 8443)),
+            max_connections: 10_000,
+            header_timeout: Duration::from_secs(10),
+            max_streams: 10_000,
+            max_streams_per_client: 100,
         }
     }
 }
@@ -404,7 +536,113 @@ impl Config {
         if self.bridge.link_buffer == 0 {
             return invalid("bridge.link_buffer", "must be at least 1");
         }
+        if self.http.max_connections == 0 {
+            return invalid("http.max_connections", "must be at least 1");
+        }
+        if self.http.header_timeout.is_zero() {
+            return invalid("http.header_timeout", "must be longer than 0s");
+        }
+        if self.http.max_streams == 0 || self.http.max_streams_per_client == 0 {
+            return invalid(
+                "http.max_streams",
+                "and http.max_streams_per_client must be at least 1",
+            );
+        }
+        if !(1..=65_535).contains(&self.limits.max_topic_length) {
+            return invalid("limits.max_topic_length", "must be between 1 and 65535");
+        }
+        if self.limits.max_topic_levels == 0 {
+            return invalid("limits.max_topic_levels", "must be at least 1");
+        }
+        if self.limits.rate > 0 && self.limits.burst == 0 {
+            return invalid("limits.burst", "must be at least 1 when limits.rate is set");
+        }
+        self.validate_auth()?;
+        self.validate_tls()
+    }
+
+    fn validate_auth(&self) -> Result<(), ConfigError> {
+        let invalid = |key, reason: String| Err(ConfigError::Invalid { key, reason });
+        let mut names = std::collections::HashSet::new();
+        for user in &self.auth.users {
+            check_name(&user.name).or_else(|r| invalid("auth.users.name", r))?;
+            if !names.insert(user.name.as_str()) {
+                return invalid(
+                    "auth.users.name",
+                    format!("{:?} is listed twice", user.name),
+                );
+            }
+            crate::policy::check_hash(&user.password_hash).or_else(|r| {
+                invalid(
+                    "auth.users.password_hash",
+                    format!("of {:?} {r}", user.name),
+                )
+            })?;
+        }
+        let mut tokens = std::collections::HashSet::new();
+        for token in &self.auth.tokens {
+            check_name(&token.name).or_else(|r| invalid("auth.tokens.name", r))?;
+            if token.token.chars().count() < 16 || token.token.contains(char::is_whitespace) {
+                return invalid(
+                    "auth.tokens.token",
+                    format!(
+                        "of {:?} must be at least 16 characters without spaces",
+                        token.name
+                    ),
+                );
+            }
+            if !tokens.insert(token.token.as_str()) {
+                return invalid("auth.tokens.token", "is used twice".to_owned());
+            }
+        }
+        for rule in &self.auth.acl {
+            if rule.user.is_empty() {
+                return invalid("auth.acl.user", "is empty".to_owned());
+            }
+            crate::policy::check_pattern(&rule.topic).or_else(|r| invalid("auth.acl.topic", r))?;
+        }
         Ok(())
+    }
+
+    fn validate_tls(&self) -> Result<(), ConfigError> {
+        let invalid = |key, reason: &str| {
+            Err(ConfigError::Invalid {
+                key,
+                reason: reason.to_owned(),
+            })
+        };
+        match (&self.tls.cert, &self.tls.key) {
+            (Some(_), None) => return invalid("tls.key", "is needed with tls.cert"),
+            (None, Some(_)) => return invalid("tls.cert", "is needed with tls.key"),
+            (None, None) if self.tls.client_ca.is_some() => {
+                return invalid("tls.client_ca", "needs tls.cert and tls.key");
+            }
+            _ => {}
+        }
+        if self.tls.require_client_cert && self.tls.client_ca.is_none() {
+            return invalid("tls.require_client_cert", "needs tls.client_ca");
+        }
+        Ok(())
+    }
+}
+
+/// A user or token name: not empty, not a reserved word, no wildcard or separator.
+fn check_name(name: &str) -> Result<(), String> {
+    if name.is_empty() || name == "anonymous" || name == "*" {
+        return Err(format!("{name:?} cannot be used as a name"));
+    }
+    if name.contains(['/', '+', '#', '\0', ':']) {
+        return Err(format!(
+            "{name:?} may not contain '/', '+', '#', ':' or U+0000"
+        ));
+    }
+    Ok(())
+}
+
+impl Config {
+    /// Whether the TLS listeners are to be opened.
+    pub fn tls_enabled(&self) -> bool {
+        self.tls.cert.is_some()
     }
 }
 

@@ -9,6 +9,8 @@
 //!   decides.
 //! - [`mqtt`]: the embedded rumqttd broker and the gateway's link into it; the only module that
 //!   names rumqttd.
+//! - [`policy`]: identities, the topic ACL, topic limits and request rates, asked by every
+//!   protocol alike.
 //! - [`config`]: the typed configuration; [`metrics`]: the Prometheus registry.
 
 pub mod bridge;
@@ -18,6 +20,7 @@ pub mod gateway;
 pub mod http;
 pub mod metrics;
 pub mod mqtt;
+pub mod policy;
 
 pub use config::Config;
 pub use gateway::{Gateway, GatewayError};

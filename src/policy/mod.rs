@@ -1,0 +1,266 @@
+//! Who is asking and what they may do: identities, one topic ACL, topic limits and request
+//! rates. One [`Policy`] serves every door: the HTTP middleware, the CoAP handler and the MQTT
+//! codec ask it the same questions and get the same answers.
+
+mod acl;
+mod identity;
+mod rate;
+
+use std::fmt;
+use std::num::NonZeroU32;
+use std::sync::Arc;
+use std::time::Duration;
+
+pub use acl::Readable;
+pub use identity::hash_password;
+
+use crate::config::{AclAccess, AuthConfig, LimitsConfig};
+
+/// Who sent a request.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Principal {
+    /// A client without credentials.
+    Anonymous,
+    /// A user, a token's name, or a TLS client certificate's common name.
+    Named(Arc<str>),
+}
+
+impl Principal {
+    /// The name, or `None` for anonymous.
+    pub fn name(&self) -> Option<&str> {
+        match self {
+            Self::Anonymous => None,
+            Self::Named(n) => Some(n),
+        }
+    }
+}
+
+impl fmt::Display for Principal {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name().unwrap_or("anonymous"))
+    }
+}
+
+/// Why a client was not let in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum AuthError {
+    /// No credentials, and anonymous access is off.
+    #[error("credentials are required")]
+    Required,
+    /// The user name or password is wrong.
+    #[error("the user name or password is wrong")]
+    BadPassword,
+    /// The token is not known.
+    #[error("the token is not valid")]
+    BadToken,
+}
+
+/// What a client wants to do with a topic or filter.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Action {
+    /// Publish to a topic (or clear its retained value).
+    Publish,
+    /// Read a topic's retained value.
+    Read,
+}
+
+/// Why a topic or filter was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Denial {
+    /// The ACL does not grant it, and the client gave no credentials.
+    #[error("this needs credentials")]
+    Unauthenticated,
+    /// The ACL does not grant it to this principal.
+    #[error("{0} may not do this on this topic")]
+    Forbidden(String),
+    /// Longer than `limits.max_topic_length`.
+    #[error("the topic is longer than {0} bytes")]
+    TooLong(usize),
+    /// More levels than `limits.max_topic_levels`.
+    #[error("the topic has more than {0} levels")]
+    TooDeep(usize),
+}
+
+/// A cheap, cloneable handle to the policy.
+#[derive(Clone)]
+pub struct Policy {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    identities: identity::Identities,
+    acl: acl::Acl,
+    allow_anonymous: bool,
+    max_topic_length: usize,
+    max_topic_levels: usize,
+    rates: Option<rate::Rates>,
+}
+
+impl Policy {
+    /// Builds the policy from checked config sections.
+    pub fn new(auth: &AuthConfig, limits: &LimitsConfig) -> Self {
+        let mut identities = identity::Identities::default();
+        for user in &auth.users {
+            identities.add_user(&user.name, &user.password_hash);
+        }
+        for token in &auth.tokens {
+            identities.add_token(&token.name, &token.token);
+        }
+        let rules = auth
+            .acl
+            .iter()
+            .map(|r| acl::Rule {
+                who: match r.user.as_str() {
+                    "*" => acl::Who::Everyone,
+                    "anonymous" => acl::Who::Anonymous,
+                    name => acl::Who::Named(name.to_owned()),
+                },
+                pattern: r.topic.clone(),
+                grant: acl::Grant {
+                    read: matches!(r.access, AclAccess::Read | AclAccess::ReadWrite),
+                    write: matches!(r.access, AclAccess::Write | AclAccess::ReadWrite),
+                },
+            })
+            .collect();
+        let allow_anonymous = auth.allow_anonymous.unwrap_or(identities.is_empty());
+        let rates = NonZeroU32::new(limits.rate).map(|rate| {
+            let burst = NonZeroU32::new(limits.burst).unwrap_or(rate);
+            rate::Rates::new(rate, burst)
+        });
+        Self {
+            inner: Arc::new(Inner {
+                identities,
+                acl: acl::Acl::new(rules),
+                allow_anonymous,
+                max_topic_length: limits.max_topic_length,
+                max_topic_levels: limits.max_topic_levels,
+                rates,
+            }),
+        }
+    }
+
+    /// A policy that lets everyone do everything, with the default topic limits.
+    pub fn open() -> Self {
+        Self::new(&AuthConfig::default(), &LimitsConfig::default())
+    }
+
+    /// Whether anyone may connect without credentials.
+    pub fn allows_anonymous(&self) -> bool {
+        self.inner.allow_anonymous
+    }
+
+    /// Whether no identity and no ACL rule is configured: the Mosquitto 2 default posture,
+    /// where a listener on a non-loopback address deserves a warning.
+    pub fn is_unprotected(&self) -> bool {
+        self.inner.allow_anonymous && self.inner.acl.is_open()
+    }
+
+    /// The principal of a client that sent no credentials.
+    pub fn anonymous(&self) -> Result<Principal, AuthError> {
+        if self.inner.allow_anonymous {
+            Ok(Principal::Anonymous)
+        } else {
+            Err(AuthError::Required)
+        }
+    }
+
+    /// The principal of a bearer token.
+    pub fn token(&self, token: &str) -> Result<Principal, AuthError> {
+        self.inner.identities.token(token)
+    }
+
+    /// The principal of credentials verified before, without hashing.
+    pub fn known_password(&self, user: &str, password: &str) -> Option<Principal> {
+        self.inner.identities.known(user, password)
+    }
+
+    /// Verifies a user name and password (or a token as the password of its name). The first
+    /// check of given credentials runs argon2 for tens of milliseconds: call it where blocking
+    /// is allowed.
+    pub fn verify_password(&self, user: &str, password: &str) -> Result<Principal, AuthError> {
+        self.inner.identities.verify(user, password)
+    }
+
+    /// Checks a topic or filter against the length and depth limits.
+    pub fn check_topic(&self, topic: &str) -> Result<(), Denial> {
+        if topic.len() > self.inner.max_topic_length {
+            return Err(Denial::TooLong(self.inner.max_topic_length));
+        }
+        // Counting separators stops early: a long topic of slashes costs no more than its limit.
+        let levels = 1 + topic
+            .bytes()
+            .filter(|&b| b == b'/')
+            .take(self.inner.max_topic_levels)
+            .count();
+        if levels > self.inner.max_topic_levels {
+            return Err(Denial::TooDeep(self.inner.max_topic_levels));
+        }
+        Ok(())
+    }
+
+    /// Whether `who` may do `action` on `topic`; the topic limits are checked first.
+    pub fn authorize(&self, who: &Principal, action: Action, topic: &str) -> Result<(), Denial> {
+        self.check_topic(topic)?;
+        let allowed = match action {
+            Action::Publish => self.inner.acl.may_write(who, topic),
+            Action::Read => self.inner.acl.may_read(who, topic),
+        };
+        if allowed { Ok(()) } else { Err(deny(who)) }
+    }
+
+    /// Whether `who` may read messages of `topic` (no limit check: the topic exists already).
+    pub fn may_read(&self, who: &Principal, topic: &str) -> bool {
+        self.inner.acl.may_read(who, topic)
+    }
+
+    /// The part of `filter` that `who` may subscribe to; refused when no readable topic can
+    /// match it.
+    pub fn subscription(&self, who: &Principal, filter: &str) -> Result<Readable, Denial> {
+        self.check_topic(filter)?;
+        match self.inner.acl.readable(who, filter) {
+            Readable::Nothing => Err(deny(who)),
+            readable => Ok(readable),
+        }
+    }
+
+    /// Takes one request from the bucket of `key`, or says how long to wait.
+    pub fn admit(&self, key: &str) -> Result<(), Duration> {
+        match &self.inner.rates {
+            Some(rates) => rates.admit(key),
+            None => Ok(()),
+        }
+    }
+}
+
+fn deny(who: &Principal) -> Denial {
+    match who {
+        Principal::Anonymous => Denial::Unauthenticated,
+        Principal::Named(name) => Denial::Forbidden(name.to_string()),
+    }
+}
+
+/// Checks a password hash from the config file.
+pub fn check_hash(hash: &str) -> Result<(), String> {
+    identity::check_hash(hash)
+}
+
+/// Checks an ACL pattern: a topic filter in which `%u` stands for the principal's name.
+pub fn check_pattern(pattern: &str) -> Result<(), String> {
+    if pattern.is_empty() {
+        return Err("is empty".to_owned());
+    }
+    let mut levels = pattern.split('/').peekable();
+    while let Some(level) = levels.next() {
+        let ok = match level {
+            "#" => levels.peek().is_none(),
+            "+" => true,
+            l => !l.contains(['+', '#']),
+        };
+        if !ok {
+            return Err(format!(
+                "{pattern:?}: '#' must be the last level and '+' a whole level"
+            ));
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,65 @@
+//! Request rates: one token bucket per principal, or per address for anonymous clients
+//! (GCRA, from the governor crate). A client over its rate is told when to come back; the
+//! others are not slowed.
+
+use std::num::NonZeroU32;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use governor::clock::{Clock, DefaultClock};
+use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
+
+/// Buckets kept before idle ones are forgotten.
+const TIDY_ABOVE: usize = 10_000;
+
+/// The buckets of every client.
+pub(crate) struct Rates {
+    limiter: DefaultKeyedRateLimiter<String>,
+    clock: DefaultClock,
+    checks: AtomicU64,
+}
+
+impl Rates {
+    /// `per_second` requests a second, bursts of up to `burst`.
+    pub(crate) fn new(per_second: NonZeroU32, burst: NonZeroU32) -> Self {
+        let quota = Quota::per_second(per_second).allow_burst(burst);
+        Self {
+            limiter: RateLimiter::keyed(quota),
+            clock: DefaultClock::default(),
+            checks: AtomicU64::new(0),
+        }
+    }
+
+    /// Takes one token from `key`'s bucket, or says how long until one is available.
+    pub(crate) fn admit(&self, key: &str) -> Result<(), Duration> {
+        // A full bucket holds no information: forgetting it loses nothing.
+        if self.checks.fetch_add(1, Ordering::Relaxed) % 4096 == 0
+            && self.limiter.len() > TIDY_ABOVE
+        {
+            self.limiter.retain_recent();
+        }
+        match self.limiter.check_key(&key.to_owned()) {
+            Ok(()) => Ok(()),
+            Err(not_until) => Err(not_until.wait_time_from(self.clock.now())),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_burst_is_allowed_then_each_key_is_limited_alone() {
+        let rates = Rates::new(NonZeroU32::new(1).unwrap(), NonZeroU32::new(3).unwrap());
+        for _ in 0..3 {
+            assert!(rates.admit("a").is_ok());
+        }
+        let wait = rates.admit("a").unwrap_err();
+        assert!(
+            wait > Duration::ZERO && wait <= Duration::from_secs(1),
+            "{wait:?}"
+        );
+        assert!(rates.admit("b").is_ok());
+    }
+}
