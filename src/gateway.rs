@@ -15,6 +15,7 @@ use crate::config::Config;
 use crate::http;
 use crate::metrics::Metrics;
 use crate::mqtt::{Broker, MqttError, RemoteBroker};
+use crate::policy::Policy;
 
 /// Why the gateway could not start or stopped with an error.
 #[derive(Debug, thiserror::Error)]
@@ -47,6 +48,7 @@ pub struct Gateway {
     coap: CoapServer,
     broker: BrokerMode,
     store: Arc<RetainedStore>,
+    policy: Policy,
 }
 
 /// The embedded broker, bound, or the external one to connect to.
@@ -61,6 +63,7 @@ impl Gateway {
     pub async fn bind(config: Config) -> Result<Self, GatewayError> {
         let (journal, retained) = Journal::open(&config.data_dir)?;
         let store = Arc::new(RetainedStore::durable(journal, retained));
+        let policy = Policy::new(&config.auth, &config.limits);
         let http = TcpListener::bind(config.http.addr)
             .await
             .map_err(|source| GatewayError::Bind {
@@ -84,6 +87,7 @@ impl Gateway {
                 &config.mqtt,
                 config.max_payload,
                 Arc::new(StoreSource(store.clone())),
+                policy.clone(),
             ) {
                 Ok(b) => BrokerMode::Embedded(Box::new(b)),
                 Err(MqttError::Bind { addr, source }) => {
@@ -102,6 +106,7 @@ impl Gateway {
             coap,
             broker,
             store,
+            policy,
         })
     }
 
@@ -131,6 +136,7 @@ impl Gateway {
             coap,
             broker,
             store,
+            policy,
         } = self;
         let cancel = CancellationToken::new();
         let tracker = TaskTracker::new();
@@ -149,6 +155,7 @@ impl Gateway {
                     .run(config.bridge.link_buffer, &tracker, cancel.clone())
                     .await?;
                 tracing::info!(protocol = "mqtt", addr = %mqtt_addr, "listening");
+                warn_if_open(&policy, "mqtt", mqtt_addr);
                 link
             }
             BrokerMode::External(remote) => {
@@ -166,6 +173,7 @@ impl Gateway {
             store.clone(),
             link,
             Arc::new(Metrics::default()),
+            policy.clone(),
             config.max_payload,
             config.http.sse_buffer,
             config.http.sse_history,
@@ -174,6 +182,7 @@ impl Gateway {
 
         tracker.spawn(coap.run(bridge.clone(), tracker.clone(), cancel.clone()));
         tracing::info!(protocol = "coap", addr = %coap_addr, "listening");
+        warn_if_open(&policy, "coap", coap_addr);
 
         let draining = CancellationToken::new();
         let router = http::router(
@@ -184,6 +193,7 @@ impl Gateway {
         );
         let mut http_task = tracker.spawn(http::serve(http, router, cancel.clone()));
         tracing::info!(protocol = "http", addr = %http_addr, "listening");
+        warn_if_open(&policy, "http", http_addr);
 
         let outcome = tokio::select! {
             () = shutdown => Ok(()),
@@ -211,6 +221,19 @@ impl Gateway {
             tracing::error!(error = %e, "the retained store could not be flushed");
         }
         outcome
+    }
+}
+
+/// Mosquitto 2's default posture: with no identities and no ACL anyone may do anything, which
+/// is worth a warning on every listener other machines can reach.
+fn warn_if_open(policy: &Policy, protocol: &'static str, addr: SocketAddr) {
+    if policy.is_unprotected() && !addr.ip().is_loopback() {
+        tracing::warn!(
+            protocol,
+            %addr,
+            "anonymous clients may publish and read every topic on this listener: \
+             configure [auth] users or tokens and an ACL (docs/security.md)"
+        );
     }
 }
 

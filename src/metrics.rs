@@ -45,6 +45,15 @@ pub struct ReasonLabel {
     pub reason: &'static str,
 }
 
+/// Labels of a refusal count.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct RefusalLabel {
+    /// `mqtt`, `http` or `coap`.
+    pub protocol: &'static str,
+    /// `login`, `acl` or `rate`.
+    pub reason: &'static str,
+}
+
 /// Every metric the gateway exports.
 #[derive(Debug)]
 pub struct Metrics {
@@ -75,6 +84,8 @@ pub struct Metrics {
     pub coap_retransmissions: Counter,
     /// CoAP observations ended, by reason.
     pub coap_observers_removed: Family<ReasonLabel, Counter>,
+    /// Requests refused by the policy: failed logins, ACL denials, rate limits.
+    pub refusals: Family<RefusalLabel, Counter>,
 }
 
 impl Default for Metrics {
@@ -154,6 +165,12 @@ impl Default for Metrics {
             "CoAP observations ended: deregistered, reset (RST), timeout (no ACK), replaced, shutdown",
             coap_observers_removed.clone(),
         );
+        let refusals = Family::default();
+        registry.register(
+            "refusals",
+            "Requests refused: login (missing or wrong credentials), acl, rate",
+            refusals.clone(),
+        );
         Self {
             registry,
             publishes,
@@ -169,6 +186,7 @@ impl Default for Metrics {
             coap_duplicates,
             coap_retransmissions,
             coap_observers_removed,
+            refusals,
         }
     }
 }

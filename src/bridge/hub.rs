@@ -8,6 +8,8 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use tokio::sync::broadcast;
 
+use crate::policy::Readable;
+
 use super::journal::Durable;
 use super::message::Message;
 use super::store::RetainedStore;
@@ -46,6 +48,16 @@ pub struct Subscription {
     pub at: u64,
     /// Later events; falls behind by at most the configured buffer.
     pub live: broadcast::Receiver<Event>,
+    /// The topics the subscriber may read.
+    pub scope: Readable,
+}
+
+impl Subscription {
+    /// Whether a live message on `topic` may go to this subscriber (its filter is checked
+    /// apart).
+    pub fn admits(&self, topic: &str) -> bool {
+        self.scope.admits(topic)
+    }
 }
 
 #[derive(Debug)]
@@ -136,7 +148,12 @@ impl Hub {
                 retained: store.matching(filter),
             },
         };
-        Subscription { start, at, live }
+        Subscription {
+            start,
+            at,
+            live,
+            scope: Readable::All,
+        }
     }
 
     /// The sequence number to resume after, if `id` names a point still covered.

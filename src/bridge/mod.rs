@@ -29,6 +29,7 @@ pub use topic::{Topic, TopicError, TopicFilter};
 
 use crate::metrics::Metrics;
 use crate::mqtt::{Link, LinkStats, MqttPublish, RetainedSource};
+use crate::policy::{Action, Denial, Policy, Principal, Readable};
 
 /// Why the bridge refused a request.
 #[derive(Debug, thiserror::Error)]
@@ -47,6 +48,9 @@ pub enum BridgeError {
     /// The message was published but its retained value could not be written to disk.
     #[error("the retained store cannot be written")]
     Storage,
+    /// The policy refuses it: the ACL or a topic limit.
+    #[error(transparent)]
+    Denied(#[from] Denial),
 }
 
 /// A cheap, cloneable handle to the gateway's core.
@@ -61,6 +65,7 @@ struct Inner {
     link: Link,
     link_stats: Arc<LinkStats>,
     metrics: Arc<Metrics>,
+    policy: Policy,
     max_payload: usize,
     /// Keeps the broker's order and the store's order the same for gateway publishes.
     order: tokio::sync::Mutex<()>,
@@ -72,6 +77,7 @@ impl Bridge {
         store: Arc<RetainedStore>,
         link: Link,
         metrics: Arc<Metrics>,
+        policy: Policy,
         max_payload: usize,
         sse_buffer: usize,
         history: usize,
@@ -84,6 +90,7 @@ impl Bridge {
                 link,
                 link_stats,
                 metrics,
+                policy,
                 max_payload,
                 order: tokio::sync::Mutex::new(()),
             }),
@@ -115,9 +122,12 @@ impl Bridge {
         }
     }
 
-    /// Publishes through the broker, then updates the store and the streams; a retained value
-    /// is on disk before this returns.
-    pub async fn publish(&self, mut message: Message) -> Result<(), BridgeError> {
+    /// Publishes through the broker for `who`, then updates the store and the streams; a
+    /// retained value is on disk before this returns.
+    pub async fn publish(&self, mut message: Message, who: &Principal) -> Result<(), BridgeError> {
+        self.inner
+            .policy
+            .authorize(who, Action::Publish, message.topic.as_str())?;
         compact(&mut message);
         let size = message.payload.len();
         if size > self.inner.max_payload {
@@ -152,31 +162,81 @@ impl Bridge {
     }
 
     /// Clears a retained value with an empty retained publish; `false` when there was none.
-    pub async fn clear(&self, topic: &Topic, origin: Origin) -> Result<bool, BridgeError> {
+    pub async fn clear(
+        &self,
+        topic: &Topic,
+        origin: Origin,
+        who: &Principal,
+    ) -> Result<bool, BridgeError> {
+        self.inner
+            .policy
+            .authorize(who, Action::Publish, topic.as_str())?;
         if self.inner.store.get(topic).is_none() {
             return Ok(false);
         }
         let mut message = Message::new(topic.clone(), bytes::Bytes::new(), origin);
         message.retain = true;
-        self.publish(message).await?;
+        self.publish(message, who).await?;
         Ok(true)
     }
 
-    /// The live retained message of a topic.
-    pub fn retained(&self, topic: &Topic) -> Option<Arc<Message>> {
+    /// The live retained message of a topic, if `who` may read it.
+    pub fn retained(&self, topic: &Topic, who: &Principal) -> Result<Option<Arc<Message>>, Denial> {
+        self.inner
+            .policy
+            .authorize(who, Action::Read, topic.as_str())?;
+        Ok(self.inner.store.get(topic))
+    }
+
+    /// The live retained message of a topic, for a reader already authorized (an observer
+    /// registered earlier, a precondition check after the publish check).
+    pub fn current(&self, topic: &Topic) -> Option<Arc<Message>> {
         self.inner.store.get(topic)
     }
 
-    /// One page of retained messages matching `filter`.
-    pub fn list(&self, filter: &TopicFilter, after: Option<&str>, limit: usize) -> Page {
-        self.inner.store.page(filter, after, limit)
+    /// One page of the retained messages matching `filter` that `who` may read.
+    pub fn list(
+        &self,
+        filter: &TopicFilter,
+        who: &Principal,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Page, Denial> {
+        let scope = self.inner.policy.subscription(who, filter.as_str())?;
+        Ok(self
+            .inner
+            .store
+            .page(filter, after, limit, |m| scope.admits(m.topic.as_str())))
     }
 
-    /// Subscribes to live messages, resuming after `last_event_id` when possible.
-    pub fn subscribe(&self, filter: &TopicFilter, last_event_id: Option<&str>) -> Subscription {
-        self.inner
+    /// Subscribes `who` to live messages, resuming after `last_event_id` when possible; only
+    /// messages `who` may read are in it, and [`Subscription::admits`] tells live ones apart.
+    pub fn subscribe(
+        &self,
+        filter: &TopicFilter,
+        who: &Principal,
+        last_event_id: Option<&str>,
+    ) -> Result<Subscription, Denial> {
+        let scope = self.inner.policy.subscription(who, filter.as_str())?;
+        let mut sub = self
+            .inner
             .hub
-            .subscribe(filter, last_event_id, &self.inner.store)
+            .subscribe(filter, last_event_id, &self.inner.store);
+        if scope != Readable::All {
+            match &mut sub.start {
+                Start::Resume(events) => events.retain(|e| scope.admits(e.message.topic.as_str())),
+                Start::Snapshot { retained, .. } => {
+                    retained.retain(|m| scope.admits(m.topic.as_str()))
+                }
+            }
+        }
+        sub.scope = scope;
+        Ok(sub)
+    }
+
+    /// The policy every request is checked against.
+    pub fn policy(&self) -> &Policy {
+        &self.inner.policy
     }
 
     /// Every message accepted from now on, whatever its topic; falls behind by at most the
@@ -224,6 +284,13 @@ impl Bridge {
                 .get_or_create(&crate::metrics::ProtocolLabel { protocol: "mqtt" }),
             stats.delivered(),
         );
+        for (protocol, reason, n) in self.inner.policy.refusals() {
+            Metrics::mirror(
+                &m.refusals
+                    .get_or_create(&crate::metrics::RefusalLabel { protocol, reason }),
+                n,
+            );
+        }
         m
     }
 

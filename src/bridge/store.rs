@@ -180,9 +180,17 @@ impl RetainedStore {
         out
     }
 
-    /// Up to `limit` live values matching `filter` with topics after `after`, sorted by topic.
-    pub fn page(&self, filter: &TopicFilter, after: Option<&str>, limit: usize) -> Page {
+    /// Up to `limit` live values matching `filter` that `keep` keeps, with topics after
+    /// `after`, sorted by topic.
+    pub fn page(
+        &self,
+        filter: &TopicFilter,
+        after: Option<&str>,
+        limit: usize,
+        keep: impl Fn(&Message) -> bool,
+    ) -> Page {
         let mut all = self.matching(filter);
+        all.retain(|m| keep(m));
         let start = after.map_or(0, |a| all.partition_point(|m| m.topic.as_str() <= a));
         let mut messages: Vec<_> = all.drain(start..).collect();
         let next = (messages.len() > limit).then(|| {
@@ -272,10 +280,10 @@ mod tests {
             put(&s, t, "v", true);
         }
         let f = TopicFilter::parse("t/#").unwrap();
-        let p = s.page(&f, None, 2);
+        let p = s.page(&f, None, 2, |_| true);
         assert_eq!(p.messages.len(), 2);
         assert_eq!(p.next.as_deref(), Some("t/2"));
-        let p = s.page(&f, p.next.as_deref(), 2);
+        let p = s.page(&f, p.next.as_deref(), 2, |_| true);
         assert_eq!(p.messages.len(), 1);
         assert_eq!(p.next, None);
     }

@@ -6,6 +6,7 @@ use std::fmt::Write;
 use percent_encoding::{AsciiSet, CONTROLS, utf8_percent_encode};
 
 use crate::bridge::{Bridge, TopicFilter, content_format_for};
+use crate::policy::Principal;
 
 /// Topics listed at most; the rest are reached with a `#` filter GET.
 pub(crate) const LISTED_TOPICS: usize = 1000;
@@ -37,7 +38,13 @@ struct Link {
 pub(crate) type Query<'a> = Option<(&'a str, &'a str)>;
 
 /// The link-format document; `collections` adds `/topics` and `/ps` themselves.
-pub(crate) fn links(bridge: &Bridge, collections: bool, query: Query<'_>) -> String {
+/// Only topics `who` may read are listed.
+pub(crate) fn links(
+    bridge: &Bridge,
+    who: &Principal,
+    collections: bool,
+    query: Query<'_>,
+) -> String {
     let mut all = Vec::new();
     if collections {
         for root in ["topics", "ps"] {
@@ -49,7 +56,8 @@ pub(crate) fn links(bridge: &Bridge, collections: bool, query: Query<'_>) -> Str
         }
     }
     let every = TopicFilter::parse("#").ok();
-    let page = every.map(|f| bridge.list(&f, None, LISTED_TOPICS));
+    // A principal that may read nothing sees the collections only.
+    let page = every.and_then(|f| bridge.list(&f, who, None, LISTED_TOPICS).ok());
     for message in page.iter().flat_map(|p| p.messages.iter()) {
         let mut attrs = vec![("rt", "core.ps.data".to_owned())];
         if let Some(ct) = message.content_type.as_deref().and_then(content_format_for) {

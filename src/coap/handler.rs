@@ -16,6 +16,9 @@ use crate::bridge::{
     Bridge, BridgeError, Listing, Message, Origin, ParamError, Qos, Topic, TopicFilter,
     apply_expiry, content_format_for, content_type_for, fnv1a, parse_flag, parse_limit, parse_qos,
 };
+use crate::policy::{
+    Action as Access, AuthError, Denial, Door, Policy, Principal, Readable, Refusal,
+};
 
 /// Max-Age of a representation without an expiry: the CoAP default, stated.
 const DEFAULT_MAX_AGE: u32 = 60;
@@ -25,6 +28,9 @@ const JSON: u16 = 50;
 const LINK_FORMAT: u16 = 40;
 /// Largest page of a filter GET.
 const LIST_LIMIT: usize = 1000;
+/// The Uri-Query parameter carrying a bearer token (as in EMQX's CoAP gateway); it travels in
+/// clear text without DTLS.
+const AUTH: &str = "auth";
 
 /// What the endpoint does with a request.
 #[derive(Debug)]
@@ -35,6 +41,8 @@ pub(crate) enum Action {
     Observe {
         /// The filter observed.
         filter: TopicFilter,
+        /// The topics under it the observer may read.
+        scope: Readable,
         /// Block size exponent for its notifications.
         szx: u8,
         /// The registration response.
@@ -49,10 +57,10 @@ pub(crate) enum Action {
 /// What waits for the broker, off the endpoint's loop.
 #[derive(Debug)]
 pub(crate) enum Work {
-    /// Publish through the bridge, then answer `reply` on success.
-    Publish(Box<Message>, Reply),
-    /// Clear a retained value through the bridge.
-    Clear(Topic),
+    /// Publish through the bridge for a principal, then answer `reply` on success.
+    Publish(Box<Message>, Reply, Principal),
+    /// Clear a retained value through the bridge for a principal.
+    Clear(Topic, Principal),
 }
 
 /// A representation of a topic or filter.
@@ -160,24 +168,60 @@ impl Handler {
         uploads: &mut Uploads,
         now: Instant,
     ) -> Action {
-        match self.route(req, peer, uploads, now) {
+        match self
+            .caller(req, peer)
+            .and_then(|who| self.route(req, &who, peer, uploads, now))
+        {
             Ok(action) => action,
             Err(reply) => Action::Reply(reply),
         }
     }
 
+    /// The principal of a request (`?auth=<token>`, or anonymous), within its request rate.
+    fn caller(&self, req: &Request, peer: SocketAddr) -> Result<Principal, Reply> {
+        let policy = self.bridge.policy();
+        let token = req.query.iter().find(|(n, _)| n == AUTH).map(|(_, v)| v);
+        let who = match token {
+            Some(token) => policy.token(token),
+            None => policy.anonymous(),
+        }
+        .map_err(|e| {
+            policy.count(Door::Coap, Refusal::Login);
+            let why = match e {
+                AuthError::Required => "credentials are required: add ?auth=<token>",
+                _ => "the token is not valid",
+            };
+            Reply::error(ResponseType::Unauthorized, why)
+        })?;
+        let key = match &who {
+            Principal::Named(name) => format!("user:{name}"),
+            Principal::Anonymous => format!("addr:{}", peer.ip()),
+        };
+        policy.admit(&key).map_err(|wait| {
+            policy.count(Door::Coap, Refusal::Rate);
+            // Max-Age tells the client when to try again (RFC 8516).
+            let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+            Reply::error(ResponseType::TooManyRequests, "too many requests").with_uint(
+                CoapOption::MaxAge,
+                u32::try_from(secs.max(1)).unwrap_or(u32::MAX),
+            )
+        })?;
+        Ok(who)
+    }
+
     fn route(
         &self,
         req: &Request,
+        who: &Principal,
         peer: SocketAddr,
         uploads: &mut Uploads,
         now: Instant,
     ) -> Result<Action, Reply> {
         let segments: Vec<&str> = req.path.iter().map(String::as_str).collect();
         let rest = match segments.as_slice() {
-            [".well-known", "core"] => return self.discover(req, true),
+            [".well-known", "core"] => return self.discover(req, who, true),
             ["topics" | "ps"] if req.method == RequestType::Get => {
-                return self.discover(req, false);
+                return self.discover(req, who, false);
             }
             ["topics" | "ps", rest @ ..] => rest.join("/"),
             _ => {
@@ -188,21 +232,34 @@ impl Handler {
             }
         };
         match req.method {
-            RequestType::Get => self.read(req, &rest),
-            RequestType::Put | RequestType::Post => self.publish(req, &rest, peer, uploads, now),
+            RequestType::Get => self.read(req, who, &rest),
+            RequestType::Put | RequestType::Post => {
+                self.publish(req, who, &rest, peer, uploads, now)
+            }
             RequestType::Delete => {
                 query(req, &[])?;
-                Ok(Action::Work(Work::Clear(topic(&rest)?)))
+                let topic = topic(&rest)?;
+                self.allowed(who, Access::Publish, &topic)?;
+                Ok(Action::Work(Work::Clear(topic, who.clone())))
             }
             _ => Err(method_not_allowed()),
         }
     }
 
-    fn discover(&self, req: &Request, collections: bool) -> Result<Action, Reply> {
+    /// Refuses what the policy refuses, in CoAP's terms.
+    fn allowed(&self, who: &Principal, access: Access, topic: &Topic) -> Result<(), Reply> {
+        self.bridge
+            .policy()
+            .authorize(who, access, topic.as_str())
+            .map_err(|d| denied(self.bridge.policy(), d))
+    }
+
+    fn discover(&self, req: &Request, who: &Principal, collections: bool) -> Result<Action, Reply> {
         if req.method != RequestType::Get {
             return Err(method_not_allowed());
         }
-        let filter = match req.query.as_slice() {
+        let params: Vec<&(String, String)> = req.query.iter().filter(|(n, _)| n != AUTH).collect();
+        let filter = match params.as_slice() {
             [] => None,
             [(name, value)] => Some((name.as_str(), value.as_str())),
             _ => {
@@ -212,7 +269,7 @@ impl Handler {
                 ));
             }
         };
-        let body = Bytes::from(discovery::links(&self.bridge, collections, filter));
+        let body = Bytes::from(discovery::links(&self.bridge, who, collections, filter));
         let repr = Representation {
             etag: fnv1a(body.iter()),
             payload: body,
@@ -222,25 +279,29 @@ impl Handler {
         self.respond(req, &repr).map(Action::Reply)
     }
 
-    fn read(&self, req: &Request, path: &str) -> Result<Action, Reply> {
+    fn read(&self, req: &Request, who: &Principal, path: &str) -> Result<Action, Reply> {
         if req.observe == Some(1) {
             // Deregistration ends the observation whatever the answer (RFC 7641 §3.6).
-            let reply = match self.read_once(req, path) {
+            let reply = match self.read_once(req, who, path) {
                 Ok(Action::Reply(reply)) | Err(reply) => reply,
                 Ok(other) => return Ok(other),
             };
             return Ok(Action::Deregister(reply));
         }
-        self.read_once(req, path)
+        self.read_once(req, who, path)
     }
 
-    fn read_once(&self, req: &Request, path: &str) -> Result<Action, Reply> {
+    fn read_once(&self, req: &Request, who: &Principal, path: &str) -> Result<Action, Reply> {
         let filter = TopicFilter::parse(path)
             .map_err(|e| Reply::error(ResponseType::BadRequest, e.to_string()))?;
         // A Block2 follow-up of an observed resource is a plain GET (RFC 7959 §2.4).
         let first_block = req.block2.is_none_or(|b| b.num == 0);
         let registering = req.observe == Some(0) && first_block;
         let observing = registering || req.observe == Some(1);
+        let policy = self.bridge.policy();
+        let scope = policy
+            .subscription(who, filter.as_str())
+            .map_err(|d| denied(policy, d))?;
         let repr = if filter.is_wildcard() {
             let params = query(req, &["limit", "cursor"])?;
             let limit = match params.get("limit") {
@@ -249,14 +310,24 @@ impl Handler {
             };
             let page = self
                 .bridge
-                .list(&filter, params.get("cursor").map(String::as_str), limit);
+                .list(
+                    &filter,
+                    who,
+                    params.get("cursor").map(String::as_str),
+                    limit,
+                )
+                .map_err(|d| denied(policy, d))?;
             Representation::of_listing(&page.messages, page.next)
         } else {
             query(req, &[])?;
             let topic = filter
                 .as_topic()
                 .ok_or_else(|| Reply::error(ResponseType::BadRequest, "not a topic"))?;
-            match self.bridge.retained(&topic) {
+            let retained = self
+                .bridge
+                .retained(&topic, who)
+                .map_err(|d| denied(policy, d))?;
+            match retained {
                 Some(m) => Representation::of_message(&m, SystemTime::now()),
                 None if observing => Representation::empty(),
                 None => {
@@ -272,6 +343,7 @@ impl Handler {
         Ok(if registering && registered {
             Action::Observe {
                 filter,
+                scope,
                 szx: req.block2.map_or(self.max_szx, |b| b.szx.min(self.max_szx)),
                 reply,
             }
@@ -302,12 +374,14 @@ impl Handler {
     fn publish(
         &self,
         req: &Request,
+        who: &Principal,
         path: &str,
         peer: SocketAddr,
         uploads: &mut Uploads,
         now: Instant,
     ) -> Result<Action, Reply> {
         let topic = topic(path)?;
+        self.allowed(who, Access::Publish, &topic)?;
         let params = query(req, &["qos", "retain", "expiry"])?;
         let put = req.method == RequestType::Put;
         let retain = match params.get("retain") {
@@ -366,12 +440,16 @@ impl Handler {
         if let Some(v) = params.get("expiry") {
             apply_expiry(&mut message, v).map_err(bad_param)?;
         }
-        Ok(Action::Work(Work::Publish(Box::new(message), ok)))
+        Ok(Action::Work(Work::Publish(
+            Box::new(message),
+            ok,
+            who.clone(),
+        )))
     }
 
     /// If-Match and If-None-Match on a PUT (RFC 7252 §5.10.8).
     fn check_preconditions(&self, req: &Request, topic: &Topic) -> Result<(), Reply> {
-        let current = self.bridge.retained(topic);
+        let current = self.bridge.current(topic);
         let failed = if req.if_none_match {
             current.is_some()
         } else if req.if_match.is_empty() {
@@ -397,8 +475,8 @@ impl Handler {
 /// Performs a publish or clear and maps the outcome to a response.
 pub(crate) async fn perform(bridge: &Bridge, work: Work) -> Reply {
     let outcome = match work {
-        Work::Publish(message, ok) => bridge.publish(*message).await.map(|()| ok),
-        Work::Clear(topic) => match bridge.clear(&topic, Origin::Coap).await {
+        Work::Publish(message, ok, who) => bridge.publish(*message, &who).await.map(|()| ok),
+        Work::Clear(topic, who) => match bridge.clear(&topic, Origin::Coap, &who).await {
             Ok(true) => Ok(Reply::new(ResponseType::Deleted)),
             Ok(false) => Ok(Reply::error(
                 ResponseType::NotFound,
@@ -415,7 +493,25 @@ pub(crate) async fn perform(bridge: &Bridge, work: Work) -> Reply {
             ResponseType::InternalServerError,
             "the retained value could not be stored",
         ),
+        Err(BridgeError::Denied(d)) => denied(bridge.policy(), d),
     }
+}
+
+/// 4.01 for anonymous clients and 4.03 for others the ACL refuses; 4.00 over a topic limit.
+fn denied(policy: &Policy, d: Denial) -> Reply {
+    let code = match d {
+        Denial::Unauthenticated => ResponseType::Unauthorized,
+        Denial::Forbidden(_) => ResponseType::Forbidden,
+        Denial::TooLong(_) | Denial::TooDeep(_) => {
+            return Reply::error(ResponseType::BadRequest, d.to_string());
+        }
+    };
+    policy.count(Door::Coap, Refusal::Acl);
+    let why = match d {
+        Denial::Unauthenticated => "this topic needs credentials: add ?auth=<token>".to_owned(),
+        other => other.to_string(),
+    };
+    Reply::error(code, why)
 }
 
 /// 5.03 with Max-Age 1: try again in a second (RFC 7252 §5.9.3.4).
@@ -467,7 +563,7 @@ fn query(
     allowed: &[&str],
 ) -> Result<std::collections::HashMap<String, String>, Reply> {
     let mut params = std::collections::HashMap::new();
-    for (name, value) in &req.query {
+    for (name, value) in req.query.iter().filter(|(n, _)| n != AUTH) {
         if !allowed.contains(&name.as_str()) {
             return Err(Reply::error(
                 ResponseType::BadRequest,

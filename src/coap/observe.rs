@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 
 use crate::bridge::{Message, Topic, TopicFilter};
+use crate::policy::Readable;
 
 /// A confirmable notification goes out at least this often (RFC 7641 §4.5 suggests 24 h; the
 /// product contract asks for 30 s) ...
@@ -46,6 +47,8 @@ pub(crate) struct Inflight {
 pub(crate) struct Observer {
     /// What it observes.
     pub(crate) filter: TopicFilter,
+    /// The topics under the filter it may read.
+    pub(crate) scope: Readable,
     /// Block size exponent for notifications larger than one block.
     pub(crate) szx: u8,
     seq: u32,
@@ -111,6 +114,7 @@ impl Observers {
         &mut self,
         key: ObserverKey,
         filter: TopicFilter,
+        scope: Readable,
         szx: u8,
         now: Instant,
     ) -> Result<(u32, Option<Observer>), Full> {
@@ -130,6 +134,7 @@ impl Observers {
         }
         let mut observer = Observer {
             filter,
+            scope,
             szx,
             seq,
             since_con: 0,
@@ -171,7 +176,11 @@ impl Observers {
         keys.extend(
             self.wildcard
                 .iter()
-                .filter(|k| self.all.get(*k).is_some_and(|o| o.filter.matches(topic)))
+                .filter(|k| {
+                    self.all
+                        .get(*k)
+                        .is_some_and(|o| o.filter.matches(topic) && o.scope.admits(topic.as_str()))
+                })
                 .cloned(),
         );
         keys
@@ -233,11 +242,11 @@ mod tests {
     fn matching_covers_exact_and_wildcard_filters() {
         let now = Instant::now();
         let mut obs = Observers::new(10);
-        obs.register(key(1, b"a"), filter("home/temp"), 6, now)
+        obs.register(key(1, b"a"), filter("home/temp"), Readable::All, 6, now)
             .unwrap();
-        obs.register(key(2, b"b"), filter("home/+"), 6, now)
+        obs.register(key(2, b"b"), filter("home/+"), Readable::All, 6, now)
             .unwrap();
-        obs.register(key(3, b"c"), filter("office/#"), 6, now)
+        obs.register(key(3, b"c"), filter("office/#"), Readable::All, 6, now)
             .unwrap();
         let mut hits = obs.matching(&Topic::parse("home/temp").unwrap());
         hits.sort_by_key(|k| k.peer.port());
@@ -251,12 +260,17 @@ mod tests {
     fn capacity_is_enforced_but_replacing_is_allowed() {
         let now = Instant::now();
         let mut obs = Observers::new(1);
-        let (first, _) = obs.register(key(1, b"a"), filter("t"), 6, now).unwrap();
+        let (first, _) = obs
+            .register(key(1, b"a"), filter("t"), Readable::All, 6, now)
+            .unwrap();
         assert_eq!(
-            obs.register(key(2, b"b"), filter("t"), 6, now).err(),
+            obs.register(key(2, b"b"), filter("t"), Readable::All, 6, now)
+                .err(),
             Some(Full)
         );
-        let (second, replaced) = obs.register(key(1, b"a"), filter("u"), 6, now).unwrap();
+        let (second, replaced) = obs
+            .register(key(1, b"a"), filter("u"), Readable::All, 6, now)
+            .unwrap();
         assert!(replaced.is_some());
         assert!(
             second > first,
@@ -270,7 +284,8 @@ mod tests {
     fn sequence_wraps_at_24_bits_and_con_turns_come_round() {
         let now = Instant::now();
         let mut obs = Observers::new(1);
-        obs.register(key(1, b"a"), filter("t"), 6, now).unwrap();
+        obs.register(key(1, b"a"), filter("t"), Readable::All, 6, now)
+            .unwrap();
         let o = obs.get_mut(&key(1, b"a")).unwrap();
         o.seq = 0x00ff_fffe;
         assert_eq!(o.next_seq(), 0x00ff_ffff);
@@ -284,7 +299,8 @@ mod tests {
     fn notification_ids_lead_back_to_their_observation() {
         let now = Instant::now();
         let mut obs = Observers::new(2);
-        obs.register(key(1, b"a"), filter("t"), 6, now).unwrap();
+        obs.register(key(1, b"a"), filter("t"), Readable::All, 6, now)
+            .unwrap();
         obs.sent(&key(1, b"a"), 77);
         assert_eq!(obs.by_mid(key(1, b"a").peer, 77), Some(key(1, b"a")));
         assert_eq!(obs.by_mid(key(2, b"a").peer, 77), None);

@@ -189,12 +189,17 @@ impl Endpoint {
         }
         match self.handler.handle(&req, peer, &mut self.uploads, now) {
             Action::Reply(reply) => self.answer(&exchange, reply).await,
-            Action::Observe { filter, szx, reply } => {
+            Action::Observe {
+                filter,
+                scope,
+                szx,
+                reply,
+            } => {
                 let okey = ObserverKey {
                     peer,
                     token: exchange.token.clone(),
                 };
-                let reply = match self.observers.register(okey, filter, szx, now) {
+                let reply = match self.observers.register(okey, filter, scope, szx, now) {
                     Ok((seq, replaced)) => {
                         if let Some(inflight) = replaced.and_then(|o| o.inflight) {
                             self.timers.remove(&inflight.timer);
@@ -359,7 +364,7 @@ impl Endpoint {
                 .observers
                 .get_mut(&key)
                 .and_then(|o| o.filter.as_topic());
-            if let Some(message) = topic.and_then(|t| self.handler.bridge().retained(&t)) {
+            if let Some(message) = topic.and_then(|t| self.handler.bridge().current(&t)) {
                 self.notify(&key, message).await;
             }
         }

@@ -7,6 +7,7 @@ use serde::Serialize;
 use utoipa::ToSchema;
 
 use crate::bridge::{BridgeError, ParamError, TopicError};
+use crate::policy::{Denial, Refusal};
 
 /// Every way a request can fail, each with its status and snake_case code.
 #[derive(Debug, thiserror::Error)]
@@ -41,6 +42,27 @@ pub enum ApiError {
     /// The broker cannot take publishes.
     #[error("the broker is not available, try again later")]
     Unavailable,
+    /// Missing or wrong credentials.
+    #[error("{0}")]
+    Unauthorized(String),
+    /// The ACL does not grant this to anonymous clients.
+    #[error("this topic needs credentials: HTTP Basic or a Bearer token")]
+    NeedsCredentials,
+    /// The ACL does not grant this to the client.
+    #[error("{0}")]
+    Forbidden(String),
+    /// The topic is over a configured limit.
+    #[error("{0}")]
+    TopicLimit(String),
+    /// Over the request rate; retry after the given number of seconds.
+    #[error("too many requests, retry after {0} s")]
+    RateLimited(u64),
+    /// Too many event streams open in total.
+    #[error("{0}")]
+    TooManyStreams(String),
+    /// This client has as many event streams open as it may.
+    #[error("this client has {0} event streams open, its limit")]
+    ClientStreams(usize),
     /// A bug; details go to the log, never to the client.
     #[error("internal error")]
     Internal,
@@ -69,7 +91,11 @@ impl ApiError {
             ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::Timeout => StatusCode::REQUEST_TIMEOUT,
-            ApiError::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Unauthorized(_) | ApiError::NeedsCredentials => StatusCode::UNAUTHORIZED,
+            ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
+            ApiError::TopicLimit(_) => StatusCode::BAD_REQUEST,
+            ApiError::RateLimited(_) | ApiError::ClientStreams(_) => StatusCode::TOO_MANY_REQUESTS,
+            ApiError::Unavailable | ApiError::TooManyStreams(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Internal => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -86,6 +112,11 @@ impl ApiError {
             ApiError::PayloadTooLarge(_) => "payload_too_large",
             ApiError::BadBody => "bad_body",
             ApiError::Timeout => "timeout",
+            ApiError::Unauthorized(_) | ApiError::NeedsCredentials => "unauthorized",
+            ApiError::Forbidden(_) => "forbidden",
+            ApiError::TopicLimit(_) => "invalid_topic",
+            ApiError::RateLimited(_) => "rate_limited",
+            ApiError::TooManyStreams(_) | ApiError::ClientStreams(_) => "too_many_streams",
             ApiError::Unavailable => "broker_unavailable",
             ApiError::Internal => "internal_error",
         }
@@ -110,9 +141,23 @@ impl From<BridgeError> for ApiError {
             BridgeError::PayloadTooLarge { limit, .. } => ApiError::PayloadTooLarge(limit),
             BridgeError::BrokerUnavailable => ApiError::Unavailable,
             BridgeError::Storage => ApiError::Internal,
+            BridgeError::Denied(d) => d.into(),
         }
     }
 }
+
+impl From<Denial> for ApiError {
+    fn from(d: Denial) -> Self {
+        match d {
+            Denial::Unauthenticated => ApiError::NeedsCredentials,
+            Denial::Forbidden(_) => ApiError::Forbidden(d.to_string()),
+            Denial::TooLong(_) | Denial::TooDeep(_) => ApiError::TopicLimit(d.to_string()),
+        }
+    }
+}
+
+/// The challenge sent with every 401.
+pub(crate) const CHALLENGE: &str = r#"Basic realm="topicgate", Bearer realm="topicgate""#;
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
@@ -125,10 +170,34 @@ impl IntoResponse for ApiError {
             }),
         )
             .into_response();
-        if status == StatusCode::SERVICE_UNAVAILABLE {
-            response
-                .headers_mut()
-                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        let refusal = match self {
+            ApiError::Unauthorized(_) => Some(Refusal::Login),
+            ApiError::NeedsCredentials | ApiError::Forbidden(_) => Some(Refusal::Acl),
+            ApiError::RateLimited(_) => Some(Refusal::Rate),
+            _ => None,
+        };
+        if let Some(refusal) = refusal {
+            // Counted by the metrics layer, which sees every response.
+            response.extensions_mut().insert(refusal);
+        }
+        let headers = response.headers_mut();
+        match self {
+            ApiError::RateLimited(secs) => {
+                headers.insert(header::RETRY_AFTER, HeaderValue::from(secs));
+            }
+            ApiError::ClientStreams(_) => {
+                headers.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+            }
+            ApiError::Unauthorized(_) | ApiError::NeedsCredentials => {
+                headers.insert(
+                    header::WWW_AUTHENTICATE,
+                    HeaderValue::from_static(CHALLENGE),
+                );
+            }
+            _ if status == StatusCode::SERVICE_UNAVAILABLE => {
+                headers.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+            }
+            _ => {}
         }
         response
     }

@@ -1,6 +1,7 @@
 //! The HTTP API: the router below is the whole surface, and the OpenAPI document is generated
 //! from the same handler annotations.
 
+mod auth;
 mod error;
 mod ops;
 mod sse;
@@ -26,6 +27,7 @@ pub use error::{ApiError, ErrorBody};
 use crate::bridge::{Bridge, TopicError};
 use crate::config::HttpConfig;
 use crate::metrics::StatusLabel;
+use crate::policy::{Door, Refusal};
 
 /// What every handler can reach.
 #[derive(Clone)]
@@ -37,6 +39,10 @@ pub(crate) struct AppState {
     /// listeners still serve.
     draining: CancellationToken,
     openapi: Arc<String>,
+    /// Password checks running at once: argon2 is slow by design.
+    verifier: Arc<tokio::sync::Semaphore>,
+    /// Open event streams, in total and per caller.
+    streams: Arc<sse::Streams>,
 }
 
 #[derive(OpenApi)]
@@ -54,6 +60,9 @@ pub(crate) struct AppState {
 )]
 struct ApiDoc;
 
+/// Password checks (argon2) running at once; more wait their turn.
+const VERIFIERS: usize = 2;
+
 /// Builds the router, with the OpenAPI document it serves.
 pub fn router(
     bridge: Bridge,
@@ -62,6 +71,7 @@ pub fn router(
     draining: CancellationToken,
 ) -> Router {
     let (api_router, api) = api_parts();
+    let streams = sse::Streams::new(config.max_streams, config.max_streams_per_client);
     let max_payload = bridge.max_payload();
     let state = AppState {
         bridge,
@@ -69,6 +79,8 @@ pub fn router(
         cancel,
         draining,
         openapi: Arc::new(api.to_pretty_json().unwrap_or_default()),
+        verifier: Arc::new(tokio::sync::Semaphore::new(VERIFIERS)),
+        streams: Arc::new(streams),
     };
     finish(api_router, state, max_payload)
 }
@@ -108,7 +120,8 @@ pub async fn serve(
     router: Router,
     cancel: CancellationToken,
 ) -> std::io::Result<()> {
-    axum::serve(listener, router)
+    let service = router.into_make_service_with_connect_info::<std::net::SocketAddr>();
+    axum::serve(listener, service)
         .with_graceful_shutdown(async move { cancel.cancelled().await })
         .await
 }
@@ -120,6 +133,9 @@ async fn observe(State(state): State<AppState>, request: Request, next: Next) ->
         Ok(response) => response,
         Err(_) => ApiError::Timeout.into_response(),
     };
+    if let Some(&refusal) = response.extensions().get::<Refusal>() {
+        state.bridge.policy().count(Door::Http, refusal);
+    }
     state
         .bridge
         .metrics()
@@ -129,6 +145,17 @@ async fn observe(State(state): State<AppState>, request: Request, next: Next) ->
         })
         .inc();
     response
+}
+
+/// Authenticates and rate-limits requests for topics; the operational endpoints stay open
+/// for probes and scrapers.
+async fn guard(state: State<AppState>, request: Request, next: Next) -> Response {
+    let path = request.uri().path();
+    if path == "/topics" || path.starts_with("/topics/") {
+        auth::authenticate(state, request, next).await
+    } else {
+        next.run(request).await
+    }
 }
 
 async fn not_found(uri: Uri) -> ApiError {
@@ -152,6 +179,7 @@ fn finish(router: Router<AppState>, state: AppState, max_payload: usize) -> Rout
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(max_payload))
+        .layer(middleware::from_fn_with_state(state.clone(), guard))
         .layer(middleware::from_fn_with_state(state.clone(), observe))
         .layer(CatchPanicLayer::custom(panic_response))
         .layer(TraceLayer::new_for_http())

@@ -11,7 +11,12 @@ use serde::Serialize;
 use tokio_stream::wrappers::BroadcastStream;
 use tokio_stream::wrappers::errors::BroadcastStreamRecvError;
 
+use std::collections::HashMap;
+use std::sync::{Mutex, PoisonError};
+
 use super::AppState;
+use super::auth::Caller;
+use super::error::ApiError;
 use crate::bridge::{Bridge, Envelope, Message, Start, TopicFilter};
 use crate::metrics::{Metrics, ProtocolLabel, StreamLabel};
 
@@ -38,15 +43,78 @@ impl Drop for ClientGuard {
     }
 }
 
-/// Opens a stream of `filter`, resuming after `last_event_id` when possible.
+/// The open streams, counted in total and per caller.
+pub(crate) struct Streams {
+    max: usize,
+    per_client: usize,
+    open: Mutex<(usize, HashMap<String, usize>)>,
+}
+
+/// One open stream's place in [`Streams`], given back when the stream ends.
+pub(crate) struct Slot {
+    streams: Arc<Streams>,
+    key: String,
+}
+
+impl Streams {
+    pub(crate) fn new(max: usize, per_client: usize) -> Self {
+        Self {
+            max,
+            per_client,
+            open: Mutex::new((0, HashMap::new())),
+        }
+    }
+
+    /// Takes a place for a stream of `key`, if both limits allow.
+    fn take(self: &Arc<Self>, key: &str) -> Result<Slot, ApiError> {
+        let mut open = self.open.lock().unwrap_or_else(PoisonError::into_inner);
+        if open.0 >= self.max {
+            return Err(ApiError::TooManyStreams(format!(
+                "the gateway has {} event streams open, its limit",
+                self.max
+            )));
+        }
+        let mine = open.1.entry(key.to_owned()).or_insert(0);
+        if *mine >= self.per_client {
+            return Err(ApiError::ClientStreams(self.per_client));
+        }
+        *mine += 1;
+        open.0 += 1;
+        Ok(Slot {
+            streams: self.clone(),
+            key: key.to_owned(),
+        })
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        let mut open = self
+            .streams
+            .open
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        open.0 = open.0.saturating_sub(1);
+        if let Some(n) = open.1.get_mut(&self.key) {
+            *n -= 1;
+            if *n == 0 {
+                open.1.remove(&self.key);
+            }
+        }
+    }
+}
+
+/// Opens a stream of `filter` for `caller`, resuming after `last_event_id` when possible.
 pub(crate) fn stream(
     state: &AppState,
+    caller: &Caller,
     filter: TopicFilter,
     last_event_id: Option<&str>,
-) -> Sse<impl Stream<Item = Result<SseEvent, Infallible>> + use<>> {
+) -> Result<Sse<impl Stream<Item = Result<SseEvent, Infallible>> + use<>>, ApiError> {
     let bridge = state.bridge.clone();
     let metrics = bridge.metrics().clone();
-    let sub = bridge.subscribe(&filter, last_event_id);
+    let sub = bridge.subscribe(&filter, &caller.principal, last_event_id)?;
+    let slot = state.streams.take(&caller.key)?;
     let at = sub.at;
     let now = SystemTime::now();
 
@@ -76,12 +144,17 @@ pub(crate) fn stream(
         .get_or_create(&ProtocolLabel { protocol: "sse" })
         .inc_by(first.len() as u64);
 
-    let guard = ClientGuard::new(metrics.clone());
+    let guard = (ClientGuard::new(metrics.clone()), slot);
     let live_bridge = bridge.clone();
+    let scope = sub.scope;
     let live = BroadcastStream::new(sub.live).filter_map(move |item| {
         let _alive = &guard;
         let event = match item {
-            Ok(e) if e.seq > at && filter.matches(&e.message.topic) => {
+            Ok(e)
+                if e.seq > at
+                    && filter.matches(&e.message.topic)
+                    && scope.admits(e.message.topic.as_str()) =>
+            {
                 let now = SystemTime::now();
                 (!e.message.is_expired(now)).then(|| {
                     metrics
@@ -111,11 +184,11 @@ pub(crate) fn stream(
     let events = stream::iter(first.into_iter().map(Ok))
         .chain(live)
         .take_until(async move { cancel.cancelled_owned().await });
-    Sse::new(events).keep_alive(
+    Ok(Sse::new(events).keep_alive(
         KeepAlive::new()
             .interval(state.config.sse_heartbeat)
             .text("heartbeat"),
-    )
+    ))
 }
 
 fn message_event(bridge: &Bridge, seq: u64, message: &Message, now: SystemTime) -> SseEvent {

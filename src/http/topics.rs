@@ -5,7 +5,7 @@ use std::time::SystemTime;
 use axum::Json;
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
-use axum::extract::{Query, State};
+use axum::extract::{Extension, Query, State};
 use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
 use percent_encoding::percent_decode_str;
@@ -13,6 +13,7 @@ use serde::Deserialize;
 use utoipa::IntoParams;
 
 use super::AppState;
+use super::auth::Caller;
 use super::error::{ApiError, ErrorBody};
 use super::sse;
 use crate::bridge::{
@@ -71,6 +72,7 @@ pub(crate) struct ReadQuery {
 )]
 pub(crate) async fn publish(
     State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
     uri: Uri,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
@@ -82,7 +84,7 @@ pub(crate) async fn publish(
         Some(v) => parse_flag("retain", v)?,
     };
     let message = build_message(&state, topic, &query, &headers, body, retain)?;
-    state.bridge.publish(message).await?;
+    state.bridge.publish(message, &caller.principal).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -105,6 +107,7 @@ pub(crate) async fn publish(
 )]
 pub(crate) async fn put_retained(
     State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
     uri: Uri,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
@@ -119,7 +122,7 @@ pub(crate) async fn put_retained(
         ));
     }
     let message = build_message(&state, topic, &query, &headers, body, true)?;
-    state.bridge.publish(message).await?;
+    state.bridge.publish(message, &caller.principal).await?;
     let location = HeaderValue::from_str(uri.path()).map_err(|_| ApiError::Internal)?;
     Ok((StatusCode::NO_CONTENT, [(header::LOCATION, location)]).into_response())
 }
@@ -149,6 +152,7 @@ pub(crate) async fn put_retained(
 )]
 pub(crate) async fn read(
     State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
     uri: Uri,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
@@ -163,10 +167,10 @@ pub(crate) async fn read(
             .get("last-event-id")
             .and_then(|v| v.to_str().ok())
             .map(str::to_owned);
-        return Ok(sse::stream(&state, filter, last_id.as_deref()).into_response());
+        return Ok(sse::stream(&state, &caller, filter, last_id.as_deref())?.into_response());
     }
     if filter.is_wildcard() {
-        return list(&state, &filter, &query);
+        return list(&state, &caller, &filter, &query);
     }
     if query.limit.is_some() || query.cursor.is_some() {
         return Err(ApiError::InvalidParameter(
@@ -176,7 +180,7 @@ pub(crate) async fn read(
     let topic = filter.as_topic().ok_or(TopicError::Reserved)?;
     let message = state
         .bridge
-        .retained(&topic)
+        .retained(&topic, &caller.principal)?
         .ok_or_else(|| ApiError::NotRetained(topic.to_string()))?;
     Ok(single(&message, &headers))
 }
@@ -194,10 +198,18 @@ pub(crate) async fn read(
         (status = 503, description = "Broker unavailable", body = ErrorBody),
     )
 )]
-pub(crate) async fn clear(State(state): State<AppState>, uri: Uri) -> Result<StatusCode, ApiError> {
+pub(crate) async fn clear(
+    State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    uri: Uri,
+) -> Result<StatusCode, ApiError> {
     let topic = Topic::parse(&path_text(&uri)?)?;
     parse_query::<Empty>(&uri)?;
-    if state.bridge.clear(&topic, Origin::Http).await? {
+    if state
+        .bridge
+        .clear(&topic, Origin::Http, &caller.principal)
+        .await?
+    {
         Ok(StatusCode::NO_CONTENT)
     } else {
         Err(ApiError::NotRetained(topic.to_string()))
@@ -208,13 +220,20 @@ pub(crate) async fn clear(State(state): State<AppState>, uri: Uri) -> Result<Sta
 #[serde(deny_unknown_fields)]
 struct Empty {}
 
-fn list(state: &AppState, filter: &TopicFilter, query: &ReadQuery) -> Result<Response, ApiError> {
+fn list(
+    state: &AppState,
+    caller: &Caller,
+    filter: &TopicFilter,
+    query: &ReadQuery,
+) -> Result<Response, ApiError> {
     let max = state.config.list_limit;
     let limit = match query.limit.as_deref() {
         None => max,
         Some(v) => parse_limit(v, max)?,
     };
-    let page = state.bridge.list(filter, query.cursor.as_deref(), limit);
+    let page = state
+        .bridge
+        .list(filter, &caller.principal, query.cursor.as_deref(), limit)?;
     Ok(Json(Listing::new(&page.messages, page.next, SystemTime::now())).into_response())
 }
 

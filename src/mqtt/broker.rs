@@ -20,6 +20,7 @@ use super::link::{Link, LinkParts, LinkStats};
 use super::message::RetainedSource;
 use super::protocol::{GatewayProtocol, Shared};
 use crate::config::MqttConfig;
+use crate::policy::Policy;
 
 /// Room for the topic, properties and packet id around the largest payload.
 const PACKET_OVERHEAD: usize = 64 * 1024 + 4096;
@@ -38,6 +39,7 @@ impl Broker {
         config: &MqttConfig,
         max_payload: usize,
         retained: Arc<dyn RetainedSource>,
+        policy: Policy,
     ) -> Result<Self, MqttError> {
         // rumqttd binds its listener itself from an address, so the port is resolved here first:
         // a busy port is reported now, and port 0 becomes a concrete one.
@@ -78,6 +80,7 @@ impl Broker {
             max_payload,
             retained,
             stats: stats.clone(),
+            policy,
         }));
         Ok(Self {
             addr,

@@ -4,6 +4,7 @@
 //! sees one [`Link`] and plain [`MqttPublish`] values.
 
 mod broker;
+mod guard;
 mod link;
 mod message;
 mod protocol;

@@ -10,11 +10,22 @@ use bytes::{Bytes, BytesMut};
 use rumqttd::protocol::v4::V4;
 use rumqttd::protocol::v5::V5;
 use rumqttd::protocol::{
-    Error, LastWillProperties, Packet, Protocol, Publish, RetainForwardRule, SubscribeReasonCode,
+    Error, LastWillProperties, Packet, PingReq, Protocol, Publish, RetainForwardRule,
+    SubscribeReasonCode,
 };
 
+use super::guard::{Guard, Verdict};
+
+/// An inbound packet, passed on to the router or refused.
+// Passing is the common case, and boxing the packet would cost an allocation for each.
+#[allow(clippy::large_enum_variant)]
+enum Inbound {
+    Pass(Packet),
+    Refused(Verdict),
+}
 use super::link::LinkStats;
 use super::message::{Meta, RetainedSource};
+use crate::policy::{Policy, Readable};
 
 /// Keep-alive given to clients that ask for none (rumqttd refuses 0): about 27 hours.
 const UNLIMITED_KEEP_ALIVE: u16 = u16::MAX;
@@ -31,6 +42,8 @@ struct PendingFilter {
     path: String,
     rule: RetainForwardRule,
     is_new: bool,
+    /// The topics under it the client may read; `None` when refused.
+    scope: Option<Readable>,
 }
 
 #[derive(Debug, Default)]
@@ -40,6 +53,7 @@ struct ConnState {
     subscribed: HashSet<String>,
     /// Filters subscribed with MQTT 5 Retain As Published, which rumqttd ignores.
     retain_as_published: HashSet<String>,
+    guard: Guard,
 }
 
 /// Settings shared by every connection of one listener.
@@ -47,6 +61,7 @@ pub(crate) struct Shared {
     pub(crate) max_payload: usize,
     pub(crate) retained: Arc<dyn RetainedSource>,
     pub(crate) stats: Arc<LinkStats>,
+    pub(crate) policy: Policy,
 }
 
 /// One value per connection: rumqttd clones the listener's protocol for each accepted socket,
@@ -64,10 +79,12 @@ impl GatewayProtocol {
         }
     }
 
-    fn inspect_inbound(&mut self, header: u8, packet: Packet) -> Result<Packet, Error> {
+    fn inspect_inbound(&mut self, header: u8, pkid: u16, packet: Packet) -> Result<Inbound, Error> {
         let state = self.state.get_mut().unwrap_or_else(PoisonError::into_inner);
+        let policy = &self.shared.policy;
+        let v5 = state.version == Some(Version::V5);
         match packet {
-            Packet::Connect(mut connect, props, mut will, will_props, login) => {
+            Packet::Connect(mut connect, props, mut will, will_props, mut login) => {
                 if connect.keep_alive == 0 {
                     connect.keep_alive = UNLIMITED_KEEP_ALIVE;
                 }
@@ -95,17 +112,32 @@ impl GatewayProtocol {
                     meta.attach(&mut p.payload_format_indicator);
                     will_props = Some(p);
                 }
-                Ok(Packet::Connect(connect, props, will, will_props, login))
+                state
+                    .guard
+                    .connect(policy, &mut connect, &mut will, &mut login);
+                if will.is_none() {
+                    will_props = None;
+                }
+                Ok(Inbound::Pass(Packet::Connect(
+                    connect, props, will, will_props, login,
+                )))
             }
             Packet::Publish(mut publish, props) => {
                 if publish.payload.len() > self.shared.max_payload {
                     return Err(Error::PayloadSizeLimitExceeded(publish.payload.len()));
                 }
-                let has_alias = props.as_ref().is_some_and(|p| p.topic_alias.is_some());
-                if !(publish.topic.is_empty() && has_alias) {
-                    let topic =
-                        std::str::from_utf8(&publish.topic).map_err(|_| Error::TopicNotUtf8)?;
+                let alias = props.as_ref().and_then(|p| p.topic_alias);
+                let topic = std::str::from_utf8(&publish.topic).map_err(|_| Error::TopicNotUtf8)?;
+                if !(topic.is_empty() && alias.is_some()) {
                     check_publish_topic(topic)?;
+                }
+                let topic = state
+                    .guard
+                    .alias(alias, topic)
+                    .ok_or(Error::MalformedPacket)?;
+                let qos = (header >> 1) & 0b11;
+                if let Err(verdict) = state.guard.publish(policy, v5, &topic, qos, pkid) {
+                    return Ok(Inbound::Refused(verdict));
                 }
                 // The retain and QoS bits of the fixed header: rumqttd clears the first and does
                 // not expose the second, so they travel to the gateway's own subscriber here.
@@ -115,9 +147,21 @@ impl GatewayProtocol {
                 publish.retain = false;
                 let mut props = props.unwrap_or_default();
                 meta.attach(&mut props.payload_format_indicator);
-                Ok(Packet::Publish(publish, Some(props)))
+                Ok(Inbound::Pass(Packet::Publish(publish, Some(props))))
             }
-            Packet::Subscribe(subscribe, props) => {
+            Packet::Subscribe(mut subscribe, props) => {
+                let requested: Vec<(String, RetainForwardRule)> = subscribe
+                    .filters
+                    .iter()
+                    .map(|f| (f.path.clone(), f.retain_forward_rule.clone()))
+                    .collect();
+                let scopes = match state.guard.subscribe(policy, v5, &mut subscribe) {
+                    Ok(scopes) => scopes,
+                    Err(answer) if answer.is_empty() => {
+                        return Ok(Inbound::Refused(Verdict::Close));
+                    }
+                    Err(answer) => return Ok(Inbound::Refused(Verdict::Answer(answer))),
+                };
                 for f in &subscribe.filters {
                     if f.preserve_retain {
                         state.retain_as_published.insert(f.path.clone());
@@ -125,26 +169,36 @@ impl GatewayProtocol {
                         state.retain_as_published.remove(&f.path);
                     }
                 }
-                let filters = subscribe
-                    .filters
-                    .iter()
-                    .map(|f| PendingFilter {
-                        path: f.path.clone(),
-                        rule: f.retain_forward_rule.clone(),
-                        is_new: state.subscribed.insert(f.path.clone()),
+                let filters = requested
+                    .into_iter()
+                    .zip(scopes)
+                    .map(|((path, rule), scope)| PendingFilter {
+                        is_new: scope.is_some() && state.subscribed.insert(path.clone()),
+                        path,
+                        rule,
+                        scope,
                     })
                     .collect();
                 state.pending.insert(subscribe.pkid, filters);
-                Ok(Packet::Subscribe(subscribe, props))
+                Ok(Inbound::Pass(Packet::Subscribe(subscribe, props)))
             }
-            Packet::Unsubscribe(unsubscribe, props) => {
+            Packet::Unsubscribe(mut unsubscribe, props) => {
                 for f in &unsubscribe.filters {
                     state.subscribed.remove(f);
                     state.retain_as_published.remove(f);
                 }
-                Ok(Packet::Unsubscribe(unsubscribe, props))
+                state.guard.unsubscribe(&mut unsubscribe);
+                Ok(Inbound::Pass(Packet::Unsubscribe(unsubscribe, props)))
             }
-            other => Ok(other),
+            Packet::PubRel(pubrel, props) => Ok(match state.guard.pubrel(pubrel.pkid) {
+                Some(verdict) => Inbound::Refused(verdict),
+                None => Inbound::Pass(Packet::PubRel(pubrel, props)),
+            }),
+            Packet::PingReq(ping) => {
+                state.guard.client_ping();
+                Ok(Inbound::Pass(Packet::PingReq(ping)))
+            }
+            other => Ok(Inbound::Pass(other)),
         }
     }
 
@@ -172,6 +226,7 @@ impl GatewayProtocol {
                     | SubscribeReasonCode::QoS2
                     | SubscribeReasonCode::Success(_)
             );
+            let Some(scope) = &filter.scope else { continue };
             let wanted = match filter.rule {
                 RetainForwardRule::OnEverySubscribe => true,
                 RetainForwardRule::OnNewSubscribe => filter.is_new,
@@ -182,6 +237,9 @@ impl GatewayProtocol {
                 continue;
             }
             for message in self.shared.retained.retained_matching(&filter.path) {
+                if !scope.admits(&message.topic) {
+                    continue;
+                }
                 let props = match version {
                     Version::V311 => None,
                     Version::V5 => Some(message.properties(None)),
@@ -203,25 +261,42 @@ impl Clone for GatewayProtocol {
 
 impl Protocol for GatewayProtocol {
     fn read_mut(&mut self, stream: &mut BytesMut, max_size: usize) -> Result<Packet, Error> {
-        let state = self.state.get_mut().unwrap_or_else(PoisonError::into_inner);
-        let version = match state.version {
-            Some(v) => v,
-            None => {
-                let v = detect_version(stream)?;
-                state.version = Some(v);
-                v
+        loop {
+            let state = self.state.get_mut().unwrap_or_else(PoisonError::into_inner);
+            if state.guard.closing() {
+                // Refused, or told to go: whatever the client sends now ends the connection.
+                return Err(Error::IncorrectPacketFormat);
             }
-        };
-        let header = stream.first().copied().unwrap_or(0);
-        let packet = match version {
-            Version::V311 => V4.read_mut(stream, max_size)?,
-            Version::V5 => V5.read_mut(stream, max_size)?,
-        };
-        self.inspect_inbound(header, packet)
+            let version = match state.version {
+                Some(v) => v,
+                None => {
+                    let v = detect_version(stream)?;
+                    state.version = Some(v);
+                    v
+                }
+            };
+            let header = stream.first().copied().unwrap_or(0);
+            let pkid = publish_pkid(stream).unwrap_or(0);
+            let packet = match version {
+                Version::V311 => V4.read_mut(stream, max_size)?,
+                Version::V5 => V5.read_mut(stream, max_size)?,
+            };
+            match self.inspect_inbound(header, pkid, packet)? {
+                Inbound::Pass(packet) => return Ok(packet),
+                // Dropped: the next packet in the buffer, or a wait for more bytes.
+                Inbound::Refused(Verdict::Drop) => continue,
+                Inbound::Refused(Verdict::Answer(packets)) => {
+                    let state = self.state.get_mut().unwrap_or_else(PoisonError::into_inner);
+                    state.guard.answer_later(packets);
+                    return Ok(Packet::PingReq(PingReq));
+                }
+                Inbound::Refused(Verdict::Close) => return Err(Error::IncorrectPacketFormat),
+            }
+        }
     }
 
     fn write(&self, packet: Packet, buffer: &mut BytesMut) -> Result<usize, Error> {
-        let state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
         let version = state.version.unwrap_or(Version::V311);
         match packet {
             Packet::Publish(mut publish, props) => {
@@ -247,19 +322,70 @@ impl Protocol for GatewayProtocol {
                 self.shared.stats.delivered.fetch_add(1, Ordering::Relaxed);
                 codec_write(version, Packet::Publish(publish, props), buffer)
             }
-            Packet::SubAck(suback, props) => {
+            Packet::SubAck(mut suback, props) => {
+                state.guard.suback(&mut suback);
                 drop(state);
                 let pkid = suback.pkid;
                 let codes = suback.return_codes.clone();
                 let n = codec_write(version, Packet::SubAck(suback, props), buffer)?;
                 Ok(n + self.write_retained(pkid, &codes, version, buffer)?)
             }
+            Packet::ConnAck(mut ack, props) => {
+                state.guard.connack(&mut ack);
+                drop(state);
+                codec_write(version, Packet::ConnAck(ack, props), buffer)
+            }
+            Packet::UnsubAck(mut ack, props) => {
+                state.guard.unsuback(&mut ack);
+                drop(state);
+                codec_write(version, Packet::UnsubAck(ack, props), buffer)
+            }
+            Packet::PingResp(ping) => match state.guard.pingresp() {
+                None => {
+                    drop(state);
+                    codec_write(version, Packet::PingResp(ping), buffer)
+                }
+                Some(packets) => {
+                    drop(state);
+                    let mut written = 0;
+                    for packet in packets {
+                        written += codec_write(version, packet, buffer)?;
+                    }
+                    Ok(written)
+                }
+            },
             other => {
                 drop(state);
                 codec_write(version, other, buffer)
             }
         }
     }
+}
+
+/// The packet identifier of a QoS 1 or 2 PUBLISH at the head of `stream`, read off the wire
+/// (rumqttd keeps it private once parsed).
+fn publish_pkid(stream: &[u8]) -> Option<u16> {
+    let header = *stream.first()?;
+    if header >> 4 != 3 || (header >> 1) & 0b11 == 0 {
+        return None;
+    }
+    let mut pos = 1;
+    loop {
+        let b = *stream.get(pos)?;
+        pos += 1;
+        if b & 0x80 == 0 {
+            break;
+        }
+        if pos > 4 {
+            return None;
+        }
+    }
+    let len = usize::from(u16::from_be_bytes([
+        *stream.get(pos)?,
+        *stream.get(pos + 1)?,
+    ]));
+    let at = pos + 2 + len;
+    Some(u16::from_be_bytes([*stream.get(at)?, *stream.get(at + 1)?]))
 }
 
 /// The filter of a shared subscription (`$share/group/filter`), or the filter itself.

@@ -42,6 +42,18 @@ pub enum Readable {
     Nothing,
 }
 
+impl Readable {
+    /// Whether a message on `topic`, already matched by the subscription's filter, may be
+    /// delivered.
+    pub fn admits(&self, topic: &str) -> bool {
+        match self {
+            Self::All => true,
+            Self::Part(filters) => filters.iter().any(|f| matches(f, topic)),
+            Self::Nothing => false,
+        }
+    }
+}
+
 /// The rules, in the order written; any rule that grants is enough.
 #[derive(Debug, Default)]
 pub(crate) struct Acl {

@@ -9,6 +9,7 @@ mod rate;
 use std::fmt;
 use std::num::NonZeroU32;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 pub use acl::Readable;
@@ -81,6 +82,39 @@ pub enum Denial {
     TooDeep(usize),
 }
 
+/// The protocol a client came in by.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Door {
+    /// MQTT, plain or over TLS.
+    Mqtt = 0,
+    /// HTTP, plain or over TLS.
+    Http = 1,
+    /// CoAP.
+    Coap = 2,
+}
+
+/// What a refusal was for, as counted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// Failed login: missing or wrong credentials.
+    Login = 0,
+    /// The ACL refused an action.
+    Acl = 1,
+    /// Over the request rate.
+    Rate = 2,
+}
+
+const DOORS: [(Door, &str); 3] = [
+    (Door::Mqtt, "mqtt"),
+    (Door::Http, "http"),
+    (Door::Coap, "coap"),
+];
+const REFUSALS: [(Refusal, &str); 3] = [
+    (Refusal::Login, "login"),
+    (Refusal::Acl, "acl"),
+    (Refusal::Rate, "rate"),
+];
+
 /// A cheap, cloneable handle to the policy.
 #[derive(Clone)]
 pub struct Policy {
@@ -94,6 +128,7 @@ struct Inner {
     max_topic_length: usize,
     max_topic_levels: usize,
     rates: Option<rate::Rates>,
+    refusals: [[AtomicU64; 3]; 3],
 }
 
 impl Policy {
@@ -135,6 +170,7 @@ impl Policy {
                 max_topic_length: limits.max_topic_length,
                 max_topic_levels: limits.max_topic_levels,
                 rates,
+                refusals: Default::default(),
             }),
         }
     }
@@ -229,6 +265,24 @@ impl Policy {
             Some(rates) => rates.admit(key),
             None => Ok(()),
         }
+    }
+}
+
+impl Policy {
+    /// Counts a refusal at a door.
+    pub fn count(&self, door: Door, refusal: Refusal) {
+        self.inner.refusals[door as usize][refusal as usize].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Every refusal count, as (protocol, reason, count).
+    pub fn refusals(&self) -> impl Iterator<Item = (&'static str, &'static str, u64)> + '_ {
+        DOORS.iter().flat_map(move |&(door, d)| {
+            REFUSALS.iter().map(move |&(refusal, r)| {
+                let n =
+                    self.inner.refusals[door as usize][refusal as usize].load(Ordering::Relaxed);
+                (d, r, n)
+            })
+        })
     }
 }
 

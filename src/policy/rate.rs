@@ -33,7 +33,10 @@ impl Rates {
     /// Takes one token from `key`'s bucket, or says how long until one is available.
     pub(crate) fn admit(&self, key: &str) -> Result<(), Duration> {
         // A full bucket holds no information: forgetting it loses nothing.
-        if self.checks.fetch_add(1, Ordering::Relaxed) % 4096 == 0
+        if self
+            .checks
+            .fetch_add(1, Ordering::Relaxed)
+            .is_multiple_of(4096)
             && self.limiter.len() > TIDY_ABOVE
         {
             self.limiter.retain_recent();

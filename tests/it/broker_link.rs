@@ -50,6 +50,8 @@ async fn fifty_thousand_messages_pass_through_the_link_when_the_segments_hold_th
     // 16 MiB of segments hold the whole ~6 MB burst, so however slowly the link reads (a busy
     // test machine), nothing may be skipped; how fast it reads is measured in bench/.
     let gw = TestGateway::start_with(|c| {
+        // One client sends the whole burst at once, far above the default request rate.
+        c.limits.rate = 0;
         c.mqtt.segment_size = 8 * 1024 * 1024;
         c.mqtt.segment_count = 2;
     })
@@ -65,6 +67,8 @@ async fn fifty_thousand_messages_pass_through_the_link_when_the_segments_hold_th
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_tiny_broker_buffers_lag_is_counted_and_the_link_recovers() {
     let gw = TestGateway::start_with(|c| {
+        // One client sends the whole burst at once, far above the default request rate.
+        c.limits.rate = 0;
         c.mqtt.segment_size = 1024;
         c.mqtt.segment_count = 1;
         c.bridge.link_buffer = 1;

@@ -8,6 +8,7 @@ use topicgate::bridge::{Bridge, RetainedStore, StoreSource};
 use topicgate::config::Config;
 use topicgate::metrics::Metrics;
 use topicgate::mqtt::Broker;
+use topicgate::policy::Policy;
 
 use crate::support::{TestGateway, recv};
 
@@ -207,12 +208,21 @@ async fn publishes_get_503_when_the_broker_link_is_down() {
         &mqtt,
         config.max_payload,
         Arc::new(StoreSource(store.clone())),
+        Policy::open(),
     )
     .unwrap();
     let tracker = TaskTracker::new();
     let link_cancel = CancellationToken::new();
     let link = broker.run(16, &tracker, link_cancel.clone()).await.unwrap();
-    let bridge = Bridge::new(store, link, Arc::new(Metrics::default()), 1024, 16, 16);
+    let bridge = Bridge::new(
+        store,
+        link,
+        Arc::new(Metrics::default()),
+        Policy::open(),
+        1024,
+        16,
+        16,
+    );
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let http_cancel = CancellationToken::new();

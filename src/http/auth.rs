@@ -1,0 +1,126 @@
+//! Who is calling: HTTP Basic or Bearer credentials turned into a [`Principal`], and the request
+//! rate of that principal (or of the address, for anonymous callers), before any handler runs.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use axum::extract::{ConnectInfo, Request, State};
+use axum::http::{HeaderMap, header};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use base64::Engine;
+
+use super::AppState;
+use super::error::ApiError;
+use crate::policy::{AuthError, Policy, Principal};
+
+/// The caller of a request, as handlers see it.
+#[derive(Debug, Clone)]
+pub(crate) struct Caller {
+    /// Who it is.
+    pub(crate) principal: Principal,
+    /// Its rate and stream bucket: the principal's name, or the address of an anonymous caller.
+    pub(crate) key: String,
+}
+
+/// Authenticates the request, applies the rate limit, and hands the [`Caller`] on.
+pub(crate) async fn authenticate(
+    State(state): State<AppState>,
+    mut request: Request,
+    next: Next,
+) -> Response {
+    let policy = state.bridge.policy().clone();
+    let peer = request
+        .extensions()
+        .get::<ConnectInfo<SocketAddr>>()
+        .map(|c| c.0);
+    let principal = match principal(&state, &policy, request.headers()).await {
+        Ok(p) => p,
+        Err(e) => return e.into_response(),
+    };
+    let key = match (&principal, peer) {
+        (Principal::Named(name), _) => format!("user:{name}"),
+        (Principal::Anonymous, Some(peer)) => format!("addr:{}", peer.ip()),
+        (Principal::Anonymous, None) => "addr:unknown".to_owned(),
+    };
+    if let Err(wait) = policy.admit(&key) {
+        return ApiError::RateLimited(retry_after(wait)).into_response();
+    }
+    request.extensions_mut().insert(Caller { principal, key });
+    next.run(request).await
+}
+
+/// Whole seconds to wait, at least one: Retry-After has no fractions.
+fn retry_after(wait: Duration) -> u64 {
+    wait.as_secs() + u64::from(wait.subsec_nanos() > 0 || wait.is_zero())
+}
+
+async fn principal(
+    state: &AppState,
+    policy: &Policy,
+    headers: &HeaderMap,
+) -> Result<Principal, ApiError> {
+    let Some(value) = headers.get(header::AUTHORIZATION) else {
+        return policy.anonymous().map_err(login_error);
+    };
+    let text = value
+        .to_str()
+        .map_err(|_| ApiError::Unauthorized("the Authorization header is not ASCII".to_owned()))?;
+    let (scheme, rest) = text.trim().split_once(' ').unwrap_or((text, ""));
+    let rest = rest.trim();
+    if scheme.eq_ignore_ascii_case("bearer") {
+        return policy.token(rest).map_err(login_error);
+    }
+    if !scheme.eq_ignore_ascii_case("basic") {
+        return Err(ApiError::Unauthorized(format!(
+            "the {scheme} scheme is not supported: use Basic or Bearer"
+        )));
+    }
+    let decoded = base64::engine::general_purpose::STANDARD
+        .decode(rest)
+        .ok()
+        .and_then(|b| String::from_utf8(b).ok())
+        .ok_or_else(|| {
+            ApiError::Unauthorized("the Basic credentials are not base64 of user:password".into())
+        })?;
+    let (user, password) = decoded.split_once(':').ok_or_else(|| {
+        ApiError::Unauthorized("the Basic credentials are not base64 of user:password".into())
+    })?;
+    if let Some(p) = policy.known_password(user, password) {
+        return Ok(p);
+    }
+    // argon2 takes tens of milliseconds: it runs on the blocking pool, a few at a time, so
+    // that a flood of wrong passwords queues here instead of stalling the async threads.
+    let _permit = state
+        .verifier
+        .acquire()
+        .await
+        .map_err(|_| ApiError::Internal)?;
+    let (policy, user, password) = (policy.clone(), user.to_owned(), password.to_owned());
+    tokio::task::spawn_blocking(move || policy.verify_password(&user, &password))
+        .await
+        .map_err(|_| ApiError::Internal)?
+        .map_err(login_error)
+}
+
+fn login_error(e: AuthError) -> ApiError {
+    let message = match e {
+        AuthError::Required => "credentials are required: HTTP Basic or a Bearer token",
+        AuthError::BadPassword => "the user name or password is wrong",
+        AuthError::BadToken => "the bearer token is not valid",
+    };
+    ApiError::Unauthorized(message.to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retry_after_rounds_up_to_whole_seconds() {
+        assert_eq!(retry_after(Duration::from_millis(1)), 1);
+        assert_eq!(retry_after(Duration::ZERO), 1);
+        assert_eq!(retry_after(Duration::from_secs(2)), 2);
+        assert_eq!(retry_after(Duration::from_millis(2001)), 3);
+    }
+}
