@@ -8,9 +8,9 @@
 use std::collections::{HashMap, HashSet, VecDeque};
 
 use rumqttd::protocol::{
-    ConnAck, Connect, ConnectReturnCode, Disconnect, DisconnectReasonCode, Filter, LastWill, Login,
-    Packet, PubAck, PubAckReason, PubComp, PubCompReason, PubRec, PubRecReason, SubAck, Subscribe,
-    SubscribeReasonCode, UnsubAck, UnsubAckReason, Unsubscribe,
+    ConnAck, Connect, ConnectReturnCode, Disconnect, DisconnectProperties, DisconnectReasonCode,
+    Filter, LastWill, Login, Packet, PubAck, PubAckReason, PubComp, PubCompReason, PubRec,
+    PubRecReason, SubAck, Subscribe, SubscribeReasonCode, UnsubAck, UnsubAckReason, Unsubscribe,
 };
 
 use crate::policy::{Action, AuthError, Denial, Door, Policy, Principal, Readable, Refusal};
@@ -151,7 +151,15 @@ impl Guard {
             let bye = Disconnect {
                 reason_code: DisconnectReasonCode::MessageRateTooHigh,
             };
-            return Err(Verdict::Answer(vec![Packet::Disconnect(bye, None)]));
+            // rumqttd's MQTT 5 writer miscounts a DISCONNECT with a reason and no properties
+            // (one byte short), so a reason string always goes with it.
+            let props = DisconnectProperties {
+                session_expiry_interval: None,
+                reason_string: Some("message rate too high".to_owned()),
+                user_properties: Vec::new(),
+                server_reference: None,
+            };
+            return Err(Verdict::Answer(vec![Packet::Disconnect(bye, Some(props))]));
         }
         match policy.authorize(principal, Action::Publish, topic) {
             Ok(()) => return Ok(()),

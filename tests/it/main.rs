@@ -10,5 +10,6 @@ mod errors;
 mod http_mqtt;
 mod mqtt_traps;
 mod openapi;
+mod security;
 mod sse;
 mod support;
