@@ -53,6 +53,9 @@ struct Cli {
 enum Command {
     /// Print the documented default configuration file.
     PrintConfig,
+    /// Read a password (prompted twice on a terminal, else the first line of standard input)
+    /// and print its argon2 hash for `password_hash` in `[[auth.users]]`.
+    Passwd,
 }
 
 fn main() -> ExitCode {
@@ -73,6 +76,17 @@ fn main() -> ExitCode {
         return match std::io::stdout().write_all(DEFAULT_TOML.as_bytes()) {
             Ok(()) => ExitCode::SUCCESS,
             Err(_) => ExitCode::FAILURE,
+        };
+    }
+    if let Some(Command::Passwd) = cli.command {
+        return match read_password()
+            .and_then(|p| topicgate::policy::hash_password(&p).map_err(|e| anyhow::anyhow!("{e}")))
+        {
+            Ok(hash) => match writeln!(std::io::stdout(), "{hash}") {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(_) => ExitCode::FAILURE,
+            },
+            Err(e) => fail(&e),
         };
     }
     let config = match load(&cli) {
@@ -126,6 +140,26 @@ fn load(cli: &Cli) -> anyhow::Result<Config> {
     }
     config.validate()?;
     Ok(config)
+}
+
+/// The password to hash: asked for twice without echo on a terminal, else one line of input.
+fn read_password() -> anyhow::Result<String> {
+    let password = if std::io::stdin().is_terminal() {
+        let first = rpassword::prompt_password("Password: ")?;
+        let again = rpassword::prompt_password("Again: ")?;
+        if first != again {
+            anyhow::bail!("the passwords differ");
+        }
+        first
+    } else {
+        let mut line = String::new();
+        std::io::stdin().read_line(&mut line)?;
+        line.trim_end_matches(['\n', '\r']).to_owned()
+    };
+    if password.is_empty() {
+        anyhow::bail!("the password is empty");
+    }
+    Ok(password)
 }
 
 /// One line on stderr and exit code 2, for every startup error.

@@ -1,0 +1,143 @@
+#!/usr/bin/env bash
+# End-to-end checks of the worked example in docs/security.md, with the clients people use:
+# `topicgate passwd`, curl, mosquitto_pub/mosquitto_sub (3.1.1 and 5) and coap-client-notls.
+# Also checks the default posture: no auth config and a listener on 0.0.0.0 log a warning.
+#
+#   TOPICGATE_BIN   binary to test (default target/release/topicgate)
+#   E2E_TIMEOUT     seconds any single wait may take (default 10)
+set -euo pipefail
+
+BIN=${TOPICGATE_BIN:-target/release/topicgate}
+TIMEOUT=${E2E_TIMEOUT:-10}
+unset TOPICGATE_CONFIG TOPICGATE_MQTT_ADDR TOPICGATE_HTTP_ADDR TOPICGATE_COAP_ADDR \
+    TOPICGATE_DATA_DIR TOPICGATE_LOG_FORMAT
+for tool in curl mosquitto_pub mosquitto_sub coap-client-notls python3 timeout; do
+    command -v "$tool" >/dev/null || { echo "e2e: missing tool: $tool" >&2; exit 1; }
+done
+BIN=$(cd "$(dirname "$BIN")" && pwd)/$(basename "$BIN")
+# shellcheck source=lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+
+mapfile -t PORTS < <(free_ports 3)
+HTTP_PORT=${PORTS[0]}
+MQTT_PORT=${PORTS[1]}
+COAP_PORT=${PORTS[2]}
+BASE="http://127.0.0.1:$HTTP_PORT"
+COAP="coap://127.0.0.1:$COAP_PORT"
+
+check() { # name, expected, actual
+    if [[ $2 == "$3" ]]; then ok "$1"; else not_ok "$1" "expected $(show "$2")" "got $(show "$3")"; fi
+}
+
+# --- the worked example, as written in docs/security.md -------------------------------------
+KITCHEN_HASH=$(printf 'kitchen-secret\n' | "$BIN" passwd)
+DASH_HASH=$(printf 'dash-secret\n' | "$BIN" passwd)
+cat >"$WORK/topicgate.toml" <<TOML
+data_dir = "$WORK/data"
+
+[mqtt]
+addr = "127.0.0.1:$MQTT_PORT"
+[http]
+addr = "127.0.0.1:$HTTP_PORT"
+[coap]
+addr = "127.0.0.1:$COAP_PORT"
+
+[auth]
+[[auth.users]]
+name = "kitchen"
+password_hash = "$KITCHEN_HASH"
+[[auth.users]]
+name = "dashboard"
+password_hash = "$DASH_HASH"
+[[auth.tokens]]
+name = "thermostat"
+token = "thermostat-7f3c9a1e5b"
+
+[[auth.acl]]
+user = "*"
+topic = "devices/%u/#"
+access = "readwrite"
+[[auth.acl]]
+user = "kitchen"
+topic = "home/kitchen/#"
+access = "readwrite"
+[[auth.acl]]
+user = "dashboard"
+topic = "home/#"
+access = "read"
+[[auth.acl]]
+user = "thermostat"
+topic = "home/+/temp"
+access = "write"
+[[auth.acl]]
+user = "anonymous"
+topic = "public/#"
+access = "read"
+TOML
+
+"$BIN" --config "$WORK/topicgate.toml" 2>"$WORK/log" &
+GW_PID=$!
+wait_until curl -fsS -o /dev/null "$BASE/readyz" || { cat "$WORK/log"; exit 1; }
+
+status() { curl -s -o "$WORK/body" -w '%{http_code}' "$@"; }
+
+check "kitchen publishes over HTTP Basic" 204 \
+    "$(status -u kitchen:kitchen-secret -d 21.5 "$BASE/topics/home/kitchen/temp?retain=true")"
+check "dashboard reads it" 200 "$(status -u dashboard:dash-secret "$BASE/topics/home/kitchen/temp")"
+check "the value read" 21.5 "$(cat "$WORK/body")"
+check "dashboard may not publish: 403" 403 \
+    "$(status -u dashboard:dash-secret -d x "$BASE/topics/home/kitchen/temp")"
+check "no credentials: 401" 401 "$(status "$BASE/topics/home/kitchen/temp")"
+check "wrong password: 401" 401 "$(status -u kitchen:nope "$BASE/topics/home/kitchen/temp")"
+check "the thermostat's bearer token publishes" 204 \
+    "$(status -H 'Authorization: Bearer thermostat-7f3c9a1e5b' -d 19 "$BASE/topics/home/hall/temp")"
+check "%u: kitchen owns devices/kitchen" 204 \
+    "$(status -u kitchen:kitchen-secret -d on "$BASE/topics/devices/kitchen/led")"
+check "%u: not devices/dashboard" 403 \
+    "$(status -u kitchen:kitchen-secret -d on "$BASE/topics/devices/dashboard/led")"
+
+# MQTT: mosquitto_sub as the dashboard gets the retained value; anonymous is refused.
+out=$(timeout "$TIMEOUT" mosquitto_sub -h 127.0.0.1 -p "$MQTT_PORT" -u dashboard -P dash-secret \
+    -t 'home/#' -C 1 -v 2>&1 || true)
+check "mosquitto_sub as dashboard" "home/kitchen/temp 21.5" "$out"
+out=$(timeout "$TIMEOUT" mosquitto_sub -h 127.0.0.1 -p "$MQTT_PORT" -t 'home/#' -C 1 2>&1 || true)
+[[ $out == *"not authorised"* || $out == *"Not authorized"* ]] && ok "mosquitto_sub anonymous on home/#: refused" ||
+    not_ok "mosquitto_sub anonymous on home/#: refused" "got $(show "$out")"
+out=$(timeout "$TIMEOUT" mosquitto_pub -h 127.0.0.1 -p "$MQTT_PORT" -u nobody -P x -t public/x -m 1 2>&1 || true)
+[[ $out == *"ad user"* || $out == *"ad username"* ]] && ok "mosquitto_pub with a wrong password: refused" ||
+    not_ok "mosquitto_pub with a wrong password: refused" "got $(show "$out")"
+out=$(timeout "$TIMEOUT" mosquitto_pub -h 127.0.0.1 -p "$MQTT_PORT" -V mqttv5 -q 1 -u dashboard \
+    -P dash-secret -t home/kitchen/temp -m 99 2>&1 || true)
+[[ $out == *"ot authori"* ]] && ok "mosquitto_pub v5 without write access: not authorized" ||
+    not_ok "mosquitto_pub v5 without write access: not authorized" "got $(show "$out")"
+check "the refused publish changed nothing" 21.5 \
+    "$(curl -s -u dashboard:dash-secret "$BASE/topics/home/kitchen/temp")"
+
+# CoAP: ?auth=<token>.
+out=$(timeout "$TIMEOUT" coap-client-notls -m put -e 18 "$COAP/topics/home/attic/temp?auth=thermostat-7f3c9a1e5b" 2>&1 || true)
+check "coap-client PUT with ?auth=: no error" "" "$out"
+check "the CoAP value, read over HTTP" 18 "$(curl -s -u dashboard:dash-secret "$BASE/topics/home/attic/temp")"
+out=$(timeout "$TIMEOUT" coap-client-notls "$COAP/topics/home/attic/temp" 2>&1 || true)
+[[ $out == *"4.01"* ]] && ok "coap-client without a token: 4.01" || not_ok "coap-client without a token: 4.01" "got $(show "$out")"
+out=$(timeout "$TIMEOUT" coap-client-notls -m put -e 1 "$COAP/topics/home/kitchen/light?auth=thermostat-7f3c9a1e5b" 2>&1 || true)
+[[ $out == *"4.03"* ]] && ok "coap-client: a PUT outside the token's ACL gets 4.03" ||
+    not_ok "coap-client: a PUT outside the token's ACL gets 4.03" "got $(show "$out")"
+
+kill "$GW_PID"
+wait "$GW_PID" || true
+GW_PID=
+
+# --- the default posture ----------------------------------------------------------------------
+"$BIN" --http-addr "0.0.0.0:$HTTP_PORT" --mqtt-addr "127.0.0.1:$MQTT_PORT" \
+    --coap-addr "127.0.0.1:$COAP_PORT" --data-dir "$WORK/open" 2>"$WORK/open.log" &
+GW_PID=$!
+if wait_until grep -q "anonymous clients may publish" "$WORK/open.log"; then
+    warned=$(grep -c "anonymous clients may publish" "$WORK/open.log")
+    check "no auth config: one warning, for the listener on 0.0.0.0" 1 "$warned"
+else
+    not_ok "no auth config: a warning for the listener on 0.0.0.0" "$(cat "$WORK/open.log")"
+fi
+check "and anonymous access works" 204 "$(status -d 1 "$BASE/topics/open/x")"
+
+echo "# security: $PASSED passed, $FAILED failed"
+((FAILED == 0))
