@@ -10,7 +10,8 @@ use bytes::{Bytes, BytesMut};
 use rumqttd::protocol::v4::V4;
 use rumqttd::protocol::v5::V5;
 use rumqttd::protocol::{
-    Error, LastWillProperties, Packet, Protocol, Publish, RetainForwardRule, SubscribeReasonCode,
+    DisconnectReasonCode, Error, LastWillProperties, Packet, Protocol, Publish, RetainForwardRule,
+    SubscribeReasonCode,
 };
 
 use super::link::LinkStats;
@@ -274,9 +275,24 @@ fn unshared(filter: &str) -> &str {
 /// any, so they are dropped first.
 fn codec_write(version: Version, packet: Packet, buffer: &mut BytesMut) -> Result<usize, Error> {
     match version {
-        Version::V5 => V5.write(packet, buffer),
+        Version::V5 => write_v5(packet, buffer),
         Version::V311 => V4.write(strip_properties(packet), buffer),
     }
+}
+
+/// rumqttd's MQTT 5 DISCONNECT writer, given a reason code and no properties, writes the code
+/// and an empty property length under a remaining length of 1, leaving a stray byte after the
+/// packet (given empty properties, it drops the code instead): the length is corrected here.
+fn write_v5(packet: Packet, buffer: &mut BytesMut) -> Result<usize, Error> {
+    let start = buffer.len();
+    let with_reason = matches!(&packet, Packet::Disconnect(d, None)
+        if d.reason_code != DisconnectReasonCode::NormalDisconnection);
+    let written = V5.write(packet, buffer)?;
+    if with_reason && buffer.len() == start + 4 && buffer[start + 1] == 1 {
+        buffer[start + 1] = 2;
+        return Ok(4);
+    }
+    Ok(written)
 }
 
 fn strip_properties(packet: Packet) -> Packet {
@@ -388,6 +404,17 @@ mod tests {
     fn client_ids_are_escaped_one_to_one() {
         assert_eq!(escape_client_id("a/b+c#d$e%f"), "a%2Fb%2Bc%23d%24e%25f");
         assert_ne!(escape_client_id("a/b"), escape_client_id("a%2Fb"));
+    }
+
+    #[test]
+    fn a_disconnect_with_a_reason_is_as_long_as_it_says() {
+        use rumqttd::protocol::Disconnect;
+        let mut buf = BytesMut::new();
+        let d = Disconnect {
+            reason_code: DisconnectReasonCode::ProtocolError,
+        };
+        codec_write(Version::V5, Packet::Disconnect(d, None), &mut buf).unwrap();
+        assert_eq!(&buf[..], &[0xE0, 2, 0x82, 0]);
     }
 
     #[test]
