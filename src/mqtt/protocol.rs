@@ -16,6 +16,7 @@ use rumqttd::protocol::{
 
 use super::link::LinkStats;
 use super::message::{Meta, RetainedSource};
+use super::rules::{check_filter, check_framing, check_text};
 
 /// Keep-alive given to clients that ask for none (rumqttd refuses 0): about 27 hours.
 const UNLIMITED_KEEP_ALIVE: u16 = u16::MAX;
@@ -41,6 +42,8 @@ struct ConnState {
     subscribed: HashSet<String>,
     /// Filters subscribed with MQTT 5 Retain As Published, which rumqttd ignores.
     retain_as_published: HashSet<String>,
+    /// Whether the CONNECT has been read: a second one is a protocol violation.
+    connected: bool,
 }
 
 /// Settings shared by every connection of one listener.
@@ -69,6 +72,11 @@ impl GatewayProtocol {
         let state = self.state.get_mut().unwrap_or_else(PoisonError::into_inner);
         match packet {
             Packet::Connect(mut connect, props, mut will, will_props, login) => {
+                state.connected = true;
+                check_text(&connect.client_id)?;
+                if let Some(login) = &login {
+                    check_text(&login.username)?;
+                }
                 if connect.keep_alive == 0 {
                     connect.keep_alive = UNLIMITED_KEEP_ALIVE;
                 }
@@ -120,6 +128,9 @@ impl GatewayProtocol {
             }
             Packet::Subscribe(subscribe, props) => {
                 for f in &subscribe.filters {
+                    check_filter(&f.path)?;
+                }
+                for f in &subscribe.filters {
                     if f.preserve_retain {
                         state.retain_as_published.insert(f.path.clone());
                     } else {
@@ -140,6 +151,7 @@ impl GatewayProtocol {
             }
             Packet::Unsubscribe(unsubscribe, props) => {
                 for f in &unsubscribe.filters {
+                    check_filter(f)?;
                     state.subscribed.remove(f);
                     state.retain_as_published.remove(f);
                 }
@@ -205,6 +217,7 @@ impl Clone for GatewayProtocol {
 impl Protocol for GatewayProtocol {
     fn read_mut(&mut self, stream: &mut BytesMut, max_size: usize) -> Result<Packet, Error> {
         let state = self.state.get_mut().unwrap_or_else(PoisonError::into_inner);
+        check_framing(stream, state.connected)?;
         let version = match state.version {
             Some(v) => v,
             None => {
