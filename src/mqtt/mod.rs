@@ -8,6 +8,7 @@ mod link;
 mod message;
 mod protocol;
 mod remote;
+mod routing;
 mod rules;
 
 use std::net::SocketAddr;

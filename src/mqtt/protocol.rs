@@ -16,6 +16,7 @@ use rumqttd::protocol::{
 
 use super::link::LinkStats;
 use super::message::{Meta, RetainedSource};
+use super::routing::{filter_to_router, from_router, to_router};
 use super::rules::{check_filter, check_framing, check_text};
 
 /// Keep-alive given to clients that ask for none (rumqttd refuses 0): about 27 hours.
@@ -91,6 +92,7 @@ impl GatewayProtocol {
                     let topic =
                         std::str::from_utf8(&will.topic).map_err(|_| Error::TopicNotUtf8)?;
                     check_publish_topic(topic)?;
+                    will.topic = to_router(will.topic.clone());
                     will.retain = false;
                     let mut p = will_props.unwrap_or(LastWillProperties {
                         delay_interval: None,
@@ -122,11 +124,12 @@ impl GatewayProtocol {
                 // rumqttd keeps no retained messages at all: the gateway's store is the only one,
                 // so an empty non-retained publish can no longer wipe a retained value.
                 publish.retain = false;
+                publish.topic = to_router(publish.topic);
                 let mut props = props.unwrap_or_default();
                 meta.attach(&mut props.payload_format_indicator);
                 Ok(Packet::Publish(publish, Some(props)))
             }
-            Packet::Subscribe(subscribe, props) => {
+            Packet::Subscribe(mut subscribe, props) => {
                 for f in &subscribe.filters {
                     check_filter(&f.path)?;
                 }
@@ -147,13 +150,17 @@ impl GatewayProtocol {
                     })
                     .collect();
                 state.pending.insert(subscribe.pkid, filters);
+                for f in &mut subscribe.filters {
+                    f.path = filter_to_router(&f.path);
+                }
                 Ok(Packet::Subscribe(subscribe, props))
             }
-            Packet::Unsubscribe(unsubscribe, props) => {
-                for f in &unsubscribe.filters {
+            Packet::Unsubscribe(mut unsubscribe, props) => {
+                for f in &mut unsubscribe.filters {
                     check_filter(f)?;
-                    state.subscribed.remove(f);
-                    state.retain_as_published.remove(f);
+                    state.subscribed.remove(f.as_str());
+                    state.retain_as_published.remove(f.as_str());
+                    *f = filter_to_router(f);
                 }
                 Ok(Packet::Unsubscribe(unsubscribe, props))
             }
@@ -249,15 +256,15 @@ impl Protocol for GatewayProtocol {
                 if meta.is_some_and(|m| m.retain)
                     && !state.retain_as_published.is_empty()
                     && std::str::from_utf8(&publish.topic).is_ok_and(|topic| {
-                        state
-                            .retain_as_published
-                            .iter()
-                            .any(|f| rumqttd::protocol::matches(topic, unshared(f)))
+                        state.retain_as_published.iter().any(|f| {
+                            rumqttd::protocol::matches(topic, &filter_to_router(unshared(f)))
+                        })
                     })
                 {
                     publish.retain = true;
                 }
                 drop(state);
+                publish.topic = from_router(publish.topic);
                 self.shared.stats.delivered.fetch_add(1, Ordering::Relaxed);
                 codec_write(version, Packet::Publish(publish, props), buffer)
             }
