@@ -10,7 +10,9 @@ use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
 use percent_encoding::percent_decode_str;
 use serde::Deserialize;
-use utoipa::IntoParams;
+use utoipa::openapi::schema::{AnyOf, ObjectBuilder, Schema, SchemaType};
+use utoipa::openapi::{Ref, RefOr};
+use utoipa::{IntoParams, PartialSchema, ToSchema};
 
 use super::AppState;
 use super::auth::Caller;
@@ -33,10 +35,13 @@ const EXPIRY: &str = "mqtt-message-expiry-interval";
 #[serde(deny_unknown_fields)]
 pub(crate) struct PublishQuery {
     /// MQTT QoS of the publish: 0, 1 or 2 (default 0).
+    #[param(value_type = Option<u8>, minimum = 0, maximum = 2)]
     qos: Option<String>,
     /// `true` to make the broker retain the message (POST only; PUT always retains).
+    #[param(value_type = Option<bool>)]
     retain: Option<String>,
     /// MQTT 5 message expiry, in seconds (1 to 4294967295).
+    #[param(value_type = Option<u64>, minimum = 1, maximum = 4294967295_u64)]
     expiry: Option<String>,
 }
 
@@ -46,10 +51,12 @@ pub(crate) struct PublishQuery {
 #[serde(deny_unknown_fields)]
 pub(crate) struct ReadQuery {
     /// Page size of a wildcard listing (default and maximum: `http.list_limit`, 1000).
+    #[param(value_type = Option<u32>, minimum = 1)]
     limit: Option<String>,
     /// Continue a wildcard listing after this topic (the `next` of the previous page).
     cursor: Option<String>,
     /// `true` for an event stream, as with `Accept: text/event-stream`.
+    #[param(value_type = Option<bool>)]
     stream: Option<String>,
 }
 
@@ -62,7 +69,7 @@ pub(crate) struct ReadQuery {
         ("topic" = String, Path, description = "Topic name, the rest of the path, percent-decoded"),
         PublishQuery,
     ),
-    request_body(content = Vec<u8>, description = "The payload, raw. Content-Type becomes the MQTT 5 content type; `mqtt-user-NAME` headers become user properties; `mqtt-response-topic` and `mqtt-correlation-data` the MQTT 5 fields.", content_type = "*/*"),
+    request_body(description = "The payload, raw bytes of any type. Content-Type becomes the MQTT 5 content type; `mqtt-user-NAME` headers become user properties; `mqtt-response-topic` and `mqtt-correlation-data` the MQTT 5 fields.", content(("*/*"))),
     responses(
         (status = 204, description = "Published"),
         (status = 400, description = "Bad topic, parameter or header", body = ErrorBody),
@@ -97,7 +104,7 @@ pub(crate) async fn publish(
         ("topic" = String, Path, description = "Topic name, the rest of the path, percent-decoded"),
         PublishQuery,
     ),
-    request_body(content = Vec<u8>, description = "The payload, raw, with the same metadata headers as POST.", content_type = "*/*"),
+    request_body(description = "The payload, raw bytes of any type, with the same metadata headers as POST.", content(("*/*"))),
     responses(
         (status = 204, description = "Retained; `Location` names the resource", headers(("Location" = String))),
         (status = 400, description = "Bad topic, parameter or header", body = ErrorBody),
@@ -139,10 +146,10 @@ pub(crate) async fn put_retained(
         ("Last-Event-ID" = Option<String>, Header, description = "Resume an event stream after this id"),
     ),
     responses(
-        (status = 200, description = "A topic: its retained payload, raw, with its Content-Type, `ETag`, `Last-Modified` and `mqtt-*` metadata headers. A filter: a JSON page of retained messages. With `Accept: text/event-stream` or `?stream=true`: server-sent events, retained messages first, then live ones.",
+        (status = 200, description = "A topic: its retained payload, raw, with the Content-Type it was published with (`application/octet-stream` if none), `ETag`, `Last-Modified` and `mqtt-*` metadata headers. A filter: a JSON page of retained messages. With `Accept: text/event-stream` or `?stream=true`: server-sent events, retained messages first, then live ones.",
             content(
-                (Vec<u8> = "application/octet-stream"),
-                (Listing = "application/json"),
+                ("*/*"),
+                (ReadJson = "application/json"),
                 (String = "text/event-stream"),
             )),
         (status = 304, description = "Unchanged since the given ETag"),
@@ -219,6 +226,33 @@ pub(crate) async fn clear(
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct Empty {}
+
+/// The JSON body of a read: a [`Listing`] for a filter; for a topic, its retained payload as
+/// published, which is any JSON when it was published as `application/json`.
+pub(crate) struct ReadJson;
+
+impl PartialSchema for ReadJson {
+    fn schema() -> RefOr<Schema> {
+        AnyOf::builder()
+            .item(Ref::from_schema_name(Listing::name()))
+            .item(
+                ObjectBuilder::new()
+                    .schema_type(SchemaType::AnyValue)
+                    .description(Some("A topic's retained JSON payload, as published.")),
+            )
+            .description(Some(
+                "A filter: a page of retained messages. A topic: its retained payload.",
+            ))
+            .into()
+    }
+}
+
+impl ToSchema for ReadJson {
+    fn schemas(schemas: &mut Vec<(String, RefOr<Schema>)>) {
+        schemas.push((Listing::name().into_owned(), Listing::schema()));
+        Listing::schemas(schemas);
+    }
+}
 
 fn list(
     state: &AppState,

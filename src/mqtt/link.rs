@@ -16,6 +16,7 @@ use tokio_util::task::TaskTracker;
 
 use super::MqttError;
 use super::message::{Meta, MqttPublish};
+use super::routing::{from_router, to_router};
 
 /// Publishes the link thread hands to the router in one batch, at most.
 const PUBLISH_BATCH: usize = 256;
@@ -204,7 +205,7 @@ fn into_packet(p: MqttPublish) -> Packet {
     let props = p.properties(Some(meta));
     // The router delivers at each subscriber's granted QoS whatever the publish QoS, so the link
     // publishes at QoS 0 (all rumqttd lets a local link use) and carries the real QoS in `meta`.
-    let publish = Publish::new(Bytes::from(p.topic), p.payload, false);
+    let publish = Publish::new(to_router(Bytes::from(p.topic)), p.payload, false);
     Packet::Publish(publish, Some(props))
 }
 
@@ -236,9 +237,11 @@ async fn receive(
                     last_offset = Some(offset);
                 }
                 let publish = forward.publish;
-                let Some(message) =
-                    MqttPublish::from_forward(publish.topic, publish.payload, forward.properties)
-                else {
+                let Some(message) = MqttPublish::from_forward(
+                    from_router(publish.topic),
+                    publish.payload,
+                    forward.properties,
+                ) else {
                     continue;
                 };
                 stats.received.fetch_add(1, Ordering::Relaxed);

@@ -9,6 +9,8 @@ mod link;
 mod message;
 mod protocol;
 mod remote;
+mod routing;
+mod rules;
 
 use std::net::SocketAddr;
 

@@ -10,8 +10,8 @@ use bytes::{Bytes, BytesMut};
 use rumqttd::protocol::v4::V4;
 use rumqttd::protocol::v5::V5;
 use rumqttd::protocol::{
-    Error, LastWillProperties, Packet, PingReq, Protocol, Publish, RetainForwardRule,
-    SubscribeReasonCode,
+    DisconnectReasonCode, Error, LastWillProperties, Packet, PingReq, Protocol, Publish,
+    RetainForwardRule, SubscribeReasonCode,
 };
 
 use super::guard::{Guard, Verdict};
@@ -25,6 +25,8 @@ enum Inbound {
 }
 use super::link::LinkStats;
 use super::message::{Meta, RetainedSource};
+use super::routing::{filter_to_router, from_router, to_router};
+use super::rules::{check_filter, check_framing, check_text};
 use crate::policy::{Policy, Readable};
 
 /// Keep-alive given to clients that ask for none (rumqttd refuses 0): about 27 hours.
@@ -54,6 +56,8 @@ struct ConnState {
     /// Filters subscribed with MQTT 5 Retain As Published, which rumqttd ignores.
     retain_as_published: HashSet<String>,
     guard: Guard,
+    /// Whether the CONNECT has been read: a second one is a protocol violation.
+    connected: bool,
 }
 
 /// Settings shared by every connection of one listener.
@@ -85,6 +89,15 @@ impl GatewayProtocol {
         let v5 = state.version == Some(Version::V5);
         match packet {
             Packet::Connect(mut connect, props, mut will, will_props, mut login) => {
+                state.connected = true;
+                check_text(&connect.client_id)?;
+                if let Some(login) = &login {
+                    check_text(&login.username)?;
+                }
+                // Before the will is touched: its topic is checked as the client wrote it.
+                state
+                    .guard
+                    .connect(policy, &mut connect, &mut will, &mut login);
                 if connect.keep_alive == 0 {
                     connect.keep_alive = UNLIMITED_KEEP_ALIVE;
                 }
@@ -99,6 +112,7 @@ impl GatewayProtocol {
                     let topic =
                         std::str::from_utf8(&will.topic).map_err(|_| Error::TopicNotUtf8)?;
                     check_publish_topic(topic)?;
+                    will.topic = to_router(will.topic.clone());
                     will.retain = false;
                     let mut p = will_props.unwrap_or(LastWillProperties {
                         delay_interval: None,
@@ -112,9 +126,6 @@ impl GatewayProtocol {
                     meta.attach(&mut p.payload_format_indicator);
                     will_props = Some(p);
                 }
-                state
-                    .guard
-                    .connect(policy, &mut connect, &mut will, &mut login);
                 if will.is_none() {
                     will_props = None;
                 }
@@ -145,11 +156,15 @@ impl GatewayProtocol {
                 // rumqttd keeps no retained messages at all: the gateway's store is the only one,
                 // so an empty non-retained publish can no longer wipe a retained value.
                 publish.retain = false;
+                publish.topic = to_router(publish.topic);
                 let mut props = props.unwrap_or_default();
                 meta.attach(&mut props.payload_format_indicator);
                 Ok(Inbound::Pass(Packet::Publish(publish, Some(props))))
             }
             Packet::Subscribe(mut subscribe, props) => {
+                for f in &subscribe.filters {
+                    check_filter(&f.path)?;
+                }
                 let requested: Vec<(String, RetainForwardRule)> = subscribe
                     .filters
                     .iter()
@@ -180,14 +195,21 @@ impl GatewayProtocol {
                     })
                     .collect();
                 state.pending.insert(subscribe.pkid, filters);
+                for f in &mut subscribe.filters {
+                    f.path = filter_to_router(&f.path);
+                }
                 Ok(Inbound::Pass(Packet::Subscribe(subscribe, props)))
             }
             Packet::Unsubscribe(mut unsubscribe, props) => {
                 for f in &unsubscribe.filters {
+                    check_filter(f)?;
                     state.subscribed.remove(f);
                     state.retain_as_published.remove(f);
                 }
                 state.guard.unsubscribe(&mut unsubscribe);
+                for f in &mut unsubscribe.filters {
+                    *f = filter_to_router(f);
+                }
                 Ok(Inbound::Pass(Packet::Unsubscribe(unsubscribe, props)))
             }
             Packet::PubRel(pubrel, props) => Ok(match state.guard.pubrel(pubrel.pkid) {
@@ -267,6 +289,7 @@ impl Protocol for GatewayProtocol {
                 // Refused, or told to go: whatever the client sends now ends the connection.
                 return Err(Error::IncorrectPacketFormat);
             }
+            check_framing(stream, state.connected)?;
             let version = match state.version {
                 Some(v) => v,
                 None => {
@@ -310,15 +333,15 @@ impl Protocol for GatewayProtocol {
                 if meta.is_some_and(|m| m.retain)
                     && !state.retain_as_published.is_empty()
                     && std::str::from_utf8(&publish.topic).is_ok_and(|topic| {
-                        state
-                            .retain_as_published
-                            .iter()
-                            .any(|f| rumqttd::protocol::matches(topic, unshared(f)))
+                        state.retain_as_published.iter().any(|f| {
+                            rumqttd::protocol::matches(topic, &filter_to_router(unshared(f)))
+                        })
                     })
                 {
                     publish.retain = true;
                 }
                 drop(state);
+                publish.topic = from_router(publish.topic);
                 self.shared.stats.delivered.fetch_add(1, Ordering::Relaxed);
                 codec_write(version, Packet::Publish(publish, props), buffer)
             }
@@ -400,9 +423,24 @@ fn unshared(filter: &str) -> &str {
 /// any, so they are dropped first.
 fn codec_write(version: Version, packet: Packet, buffer: &mut BytesMut) -> Result<usize, Error> {
     match version {
-        Version::V5 => V5.write(packet, buffer),
+        Version::V5 => write_v5(packet, buffer),
         Version::V311 => V4.write(strip_properties(packet), buffer),
     }
+}
+
+/// rumqttd's MQTT 5 DISCONNECT writer, given a reason code and no properties, writes the code
+/// and an empty property length under a remaining length of 1, leaving a stray byte after the
+/// packet (given empty properties, it drops the code instead): the length is corrected here.
+fn write_v5(packet: Packet, buffer: &mut BytesMut) -> Result<usize, Error> {
+    let start = buffer.len();
+    let with_reason = matches!(&packet, Packet::Disconnect(d, None)
+        if d.reason_code != DisconnectReasonCode::NormalDisconnection);
+    let written = V5.write(packet, buffer)?;
+    if with_reason && buffer.len() == start + 4 && buffer[start + 1] == 1 {
+        buffer[start + 1] = 2;
+        return Ok(4);
+    }
+    Ok(written)
 }
 
 fn strip_properties(packet: Packet) -> Packet {
@@ -514,6 +552,17 @@ mod tests {
     fn client_ids_are_escaped_one_to_one() {
         assert_eq!(escape_client_id("a/b+c#d$e%f"), "a%2Fb%2Bc%23d%24e%25f");
         assert_ne!(escape_client_id("a/b"), escape_client_id("a%2Fb"));
+    }
+
+    #[test]
+    fn a_disconnect_with_a_reason_is_as_long_as_it_says() {
+        use rumqttd::protocol::Disconnect;
+        let mut buf = BytesMut::new();
+        let d = Disconnect {
+            reason_code: DisconnectReasonCode::ProtocolError,
+        };
+        codec_write(Version::V5, Packet::Disconnect(d, None), &mut buf).unwrap();
+        assert_eq!(&buf[..], &[0xE0, 2, 0x82, 0]);
     }
 
     #[test]

@@ -8,6 +8,8 @@ mod coap_observe;
 mod durable;
 mod errors;
 mod http_mqtt;
+mod mqtt_malformed;
+mod mqtt_raw;
 mod mqtt_traps;
 mod openapi;
 mod security;

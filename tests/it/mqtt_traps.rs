@@ -188,3 +188,50 @@ async fn retain_as_published_keeps_the_retain_flag_on_live_messages() {
     let p = recv(&mut rap_rx).await;
     assert_eq!((&p.topic[..], p.retain), (&b"rap/z"[..], false));
 }
+
+#[tokio::test]
+async fn topics_starting_with_a_multibyte_character_are_routed() {
+    // rumqttd's topic matcher slices a topic's first byte as a `str`: a first character of two or
+    // more bytes panicked the router thread, and with it the whole broker.
+    let gw = TestGateway::start().await;
+    let (_all, mut all) = gw.mqtt_v4("mb-all", &[("#", 0)]).await;
+    let (_lit, mut lit) = gw.mqtt_v5("mb-literal", &[("é/#", 0), ("温度", 0)]).await;
+    let (_plus, mut plus) = gw.mqtt_v4("mb-plus", &[("+/x", 0)]).await;
+    let (_shared, mut shared) = gw.mqtt_v4("mb-shared", &[("$share/g/é/x", 0)]).await;
+    let (publisher, _) = gw.mqtt_v4("mb-pub", &[]).await;
+
+    publisher
+        .publish("é/x", rumqttc::QoS::AtLeastOnce, false, "1")
+        .await
+        .unwrap();
+    assert_eq!(recv(&mut all).await.topic, "é/x");
+    assert_eq!(&recv(&mut lit).await.topic[..], "é/x".as_bytes());
+    assert_eq!(recv(&mut plus).await.topic, "é/x");
+    assert_eq!(recv(&mut shared).await.topic, "é/x");
+
+    assert_eq!(
+        gw.post("/topics/%E6%B8%A9%E5%BA%A6", "2").await.status(),
+        204
+    );
+    assert_eq!(recv(&mut all).await.topic, "温度");
+    assert_eq!(&recv(&mut lit).await.topic[..], "温度".as_bytes());
+
+    // A topic that starts with U+0001 stays itself too.
+    publisher
+        .publish("\u{1}a", rumqttc::QoS::AtLeastOnce, true, "3")
+        .await
+        .unwrap();
+    assert_eq!(recv(&mut all).await.topic, "\u{1}a");
+    eventually("the MQTT publishes reach the store", || async {
+        (gw.get("/topics/%01a").await.status() == 200).then_some(())
+    })
+    .await;
+    assert_eq!(
+        gw.get("/readyz").await.status(),
+        200,
+        "the broker link is up"
+    );
+    let (_late, mut late) = gw.mqtt_v4("mb-late", &[("\u{1}a", 0)]).await;
+    let p = recv(&mut late).await;
+    assert_eq!((p.topic.as_str(), p.retain), ("\u{1}a", true));
+}

@@ -20,6 +20,9 @@ async fn served_openapi_matches_the_committed_document() {
     let doc: serde_json::Value = serde_json::from_str(&served).unwrap();
     assert!(doc["paths"]["/topics/{topic}"]["post"].is_object());
     assert!(doc["paths"]["/topics/{topic}"]["get"].is_object());
+    // A retained payload is served with whatever type it was published with.
+    let read = &doc["paths"]["/topics/{topic}"]["get"]["responses"]["200"]["content"];
+    assert!(read["*/*"].is_object(), "{read}");
 }
 
 #[tokio::test]
