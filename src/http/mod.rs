@@ -4,7 +4,7 @@
 mod error;
 mod ops;
 mod sse;
-mod topics;
+pub(crate) mod topics;
 
 use std::sync::Arc;
 
