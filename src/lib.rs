@@ -16,6 +16,8 @@
 pub mod bridge;
 pub mod coap;
 pub mod config;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod gateway;
 pub mod http;
 pub mod metrics;

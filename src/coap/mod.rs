@@ -5,6 +5,7 @@
 mod block;
 mod discovery;
 mod exchange;
+pub(crate) mod fuzzing;
 mod handler;
 mod observe;
 mod request;

@@ -5,7 +5,7 @@ mod auth;
 mod error;
 mod ops;
 mod sse;
-mod topics;
+pub(crate) mod topics;
 
 use std::sync::Arc;
 

@@ -159,6 +159,14 @@ impl Link {
         }
     }
 
+    /// A link to no broker, never up: publishes fail with `LinkDown`. Lets the adapters' request
+    /// handling run without a broker, as the fuzz targets do.
+    pub(crate) fn detached() -> Self {
+        let (sink, _) = flume::bounded(1);
+        let (_, inbound) = mpsc::channel(1);
+        Self::new(Sink::Router(sink), inbound, Arc::new(LinkStats::default()))
+    }
+
     /// Queues a publish for the broker, in order; waits while the broker is saturated. The
     /// receipt says when the broker has it.
     pub async fn publish(&self, publish: MqttPublish) -> Result<Receipt, MqttError> {
