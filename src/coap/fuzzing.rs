@@ -18,8 +18,10 @@ use super::request::{self, Reply, Request};
 use super::wire::{self, Inbound};
 use crate::bridge::{Bridge, Message, Origin, RetainedStore, Topic};
 use crate::config::CoapConfig;
+use crate::config::{AuthConfig, LimitsConfig};
 use crate::metrics::Metrics;
 use crate::mqtt::Link;
+use crate::policy::Policy;
 
 /// The one client endpoint every datagram comes from.
 const PEER: SocketAddr = SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::new(192, 0, 2, 1), 5683));
@@ -71,6 +73,14 @@ impl Default for CoapHarness {
             store.clone(),
             Link::detached(),
             Arc::new(Metrics::default()),
+            // No rate limit: one fuzzed peer sends far more than any client may.
+            Policy::new(
+                &AuthConfig::default(),
+                &LimitsConfig {
+                    rate: 0,
+                    ..LimitsConfig::default()
+                },
+            ),
             MAX_PAYLOAD,
             16,
             16,
@@ -171,8 +181,13 @@ impl CoapHarness {
         };
         match self.handler.handle(req, PEER, &mut self.uploads, self.now) {
             Action::Reply(reply) => (reply, None),
-            Action::Observe { filter, szx, reply } => {
-                let reply = match self.observers.register(key, filter, szx, self.now) {
+            Action::Observe {
+                filter,
+                scope,
+                szx,
+                reply,
+            } => {
+                let reply = match self.observers.register(key, filter, scope, szx, self.now) {
                     Ok((seq, _)) => reply.with_uint(CoapOption::Observe, seq),
                     Err(Full) => unavailable("too many observers"),
                 };
@@ -189,8 +204,8 @@ impl CoapHarness {
     /// Stands in for `handler::perform` with a broker that takes every publish at once.
     fn perform(&self, work: Work) -> (Reply, Option<Arc<Message>>) {
         let (message, reply) = match work {
-            Work::Publish(message, ok) => (Arc::new(*message), ok),
-            Work::Clear(topic) => {
+            Work::Publish(message, ok, _) => (Arc::new(*message), ok),
+            Work::Clear(topic, _) => {
                 if self.store.get(&topic).is_none() {
                     let reply = Reply::error(
                         ResponseType::NotFound,
