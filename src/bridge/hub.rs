@@ -52,14 +52,6 @@ pub struct Subscription {
     pub scope: Readable,
 }
 
-impl Subscription {
-    /// Whether a live message on `topic` may go to this subscriber (its filter is checked
-    /// apart).
-    pub fn admits(&self, topic: &str) -> bool {
-        self.scope.admits(topic)
-    }
-}
-
 #[derive(Debug)]
 struct Inner {
     seq: u64,

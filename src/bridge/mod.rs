@@ -210,7 +210,7 @@ impl Bridge {
     }
 
     /// Subscribes `who` to live messages, resuming after `last_event_id` when possible; only
-    /// messages `who` may read are in it, and [`Subscription::admits`] tells live ones apart.
+    /// messages `who` may read are in it, and its `scope` tells live ones apart.
     pub fn subscribe(
         &self,
         filter: &TopicFilter,

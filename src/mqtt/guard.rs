@@ -393,7 +393,7 @@ fn granted(code: &SubscribeReasonCode) -> bool {
 }
 
 /// `$share/group/` and the filter inside a shared subscription, or `""` and the filter.
-fn split_share(path: &str) -> (&str, &str) {
+pub(super) fn split_share(path: &str) -> (&str, &str) {
     if let Some(rest) = path.strip_prefix("$share/")
         && let Some((group, _)) = rest.split_once('/')
     {

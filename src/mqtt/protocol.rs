@@ -14,7 +14,7 @@ use rumqttd::protocol::{
     RetainForwardRule, SubscribeReasonCode,
 };
 
-use super::guard::{Guard, Verdict};
+use super::guard::{Guard, Verdict, split_share};
 
 /// An inbound packet, passed on to the router or refused.
 // Passing is the common case, and boxing the packet would cost an allocation for each.
@@ -334,7 +334,7 @@ impl Protocol for GatewayProtocol {
                     && !state.retain_as_published.is_empty()
                     && std::str::from_utf8(&publish.topic).is_ok_and(|topic| {
                         state.retain_as_published.iter().any(|f| {
-                            rumqttd::protocol::matches(topic, &filter_to_router(unshared(f)))
+                            rumqttd::protocol::matches(topic, &filter_to_router(split_share(f).1))
                         })
                     })
                 {
@@ -409,14 +409,6 @@ fn publish_pkid(stream: &[u8]) -> Option<u16> {
     ]));
     let at = pos + 2 + len;
     Some(u16::from_be_bytes([*stream.get(at)?, *stream.get(at + 1)?]))
-}
-
-/// The filter of a shared subscription (`$share/group/filter`), or the filter itself.
-fn unshared(filter: &str) -> &str {
-    filter
-        .strip_prefix("$share/")
-        .and_then(|rest| rest.split_once('/'))
-        .map_or(filter, |(_, f)| f)
 }
 
 /// Writes with the connection's codec; 3.1.1 has no properties and rumqttd's V4 writer panics on

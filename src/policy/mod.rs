@@ -180,11 +180,6 @@ impl Policy {
         Self::new(&AuthConfig::default(), &LimitsConfig::default())
     }
 
-    /// Whether anyone may connect without credentials.
-    pub fn allows_anonymous(&self) -> bool {
-        self.inner.allow_anonymous
-    }
-
     /// Whether no identity and no ACL rule is configured: the Mosquitto 2 default posture,
     /// where a listener on a non-loopback address deserves a warning.
     pub fn is_unprotected(&self) -> bool {
@@ -242,11 +237,6 @@ impl Policy {
             Action::Read => self.inner.acl.may_read(who, topic),
         };
         if allowed { Ok(()) } else { Err(deny(who)) }
-    }
-
-    /// Whether `who` may read messages of `topic` (no limit check: the topic exists already).
-    pub fn may_read(&self, who: &Principal, topic: &str) -> bool {
-        self.inner.acl.may_read(who, topic)
     }
 
     /// The part of `filter` that `who` may subscribe to; refused when no readable topic can
