@@ -193,18 +193,12 @@ impl Handler {
             };
             Reply::error(ResponseType::Unauthorized, why)
         })?;
-        let key = match &who {
-            Principal::Named(name) => format!("user:{name}"),
-            Principal::Anonymous => format!("addr:{}", peer.ip()),
-        };
-        policy.admit(&key).map_err(|wait| {
+        let key = Policy::client_key(&who, &format!("addr:{}", peer.ip()));
+        policy.admit(&key).map_err(|secs| {
             policy.count(Door::Coap, Refusal::Rate);
             // Max-Age tells the client when to try again (RFC 8516).
-            let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
-            Reply::error(ResponseType::TooManyRequests, "too many requests").with_uint(
-                CoapOption::MaxAge,
-                u32::try_from(secs.max(1)).unwrap_or(u32::MAX),
-            )
+            Reply::error(ResponseType::TooManyRequests, "too many requests")
+                .with_uint(CoapOption::MaxAge, u32::try_from(secs).unwrap_or(u32::MAX))
         })?;
         Ok(who)
     }

@@ -2,7 +2,6 @@
 //! rate of that principal (or of the address, for anonymous callers), before any handler runs.
 
 use std::net::SocketAddr;
-use std::time::Duration;
 
 use axum::extract::{ConnectInfo, Request, State};
 use axum::http::{HeaderMap, header};
@@ -38,21 +37,13 @@ pub(crate) async fn authenticate(
         Ok(p) => p,
         Err(e) => return e.into_response(),
     };
-    let key = match (&principal, peer) {
-        (Principal::Named(name), _) => format!("user:{name}"),
-        (Principal::Anonymous, Some(peer)) => format!("addr:{}", peer.ip()),
-        (Principal::Anonymous, None) => "addr:unknown".to_owned(),
-    };
-    if let Err(wait) = policy.admit(&key) {
-        return ApiError::RateLimited(retry_after(wait)).into_response();
+    let address = peer.map_or_else(|| "addr:unknown".to_owned(), |p| format!("addr:{}", p.ip()));
+    let key = Policy::client_key(&principal, &address);
+    if let Err(secs) = policy.admit(&key) {
+        return ApiError::RateLimited(secs).into_response();
     }
     request.extensions_mut().insert(Caller { principal, key });
     next.run(request).await
-}
-
-/// Whole seconds to wait, at least one: Retry-After has no fractions.
-fn retry_after(wait: Duration) -> u64 {
-    wait.as_secs() + u64::from(wait.subsec_nanos() > 0 || wait.is_zero())
 }
 
 async fn principal(
@@ -110,17 +101,4 @@ fn login_error(e: AuthError) -> ApiError {
         AuthError::BadToken => "the bearer token is not valid",
     };
     ApiError::Unauthorized(message.to_owned())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn retry_after_rounds_up_to_whole_seconds() {
-        assert_eq!(retry_after(Duration::from_millis(1)), 1);
-        assert_eq!(retry_after(Duration::ZERO), 1);
-        assert_eq!(retry_after(Duration::from_secs(2)), 2);
-        assert_eq!(retry_after(Duration::from_millis(2001)), 3);
-    }
 }

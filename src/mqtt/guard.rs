@@ -93,10 +93,8 @@ impl Guard {
                     policy.count(Door::Mqtt, Refusal::Acl);
                     Some(ConnectReturnCode::NotAuthorized)
                 } else {
-                    self.rate_key = match &principal {
-                        Principal::Named(name) => format!("user:{name}"),
-                        Principal::Anonymous => format!("client:{}", connect.client_id),
-                    };
+                    let client = format!("client:{}", connect.client_id);
+                    self.rate_key = Policy::client_key(&principal, &client);
                     self.principal = Some(principal);
                     None
                 }

@@ -10,7 +10,6 @@ use std::fmt;
 use std::num::NonZeroU32;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
 
 pub use acl::Readable;
 pub use identity::hash_password;
@@ -249,8 +248,18 @@ impl Policy {
         }
     }
 
-    /// Takes one request from the bucket of `key`, or says how long to wait.
-    pub fn admit(&self, key: &str) -> Result<(), Duration> {
+    /// The rate bucket of a client: its principal's name, or `anonymous` (an address, a client
+    /// id) for a client without one.
+    pub fn client_key(who: &Principal, anonymous: &str) -> String {
+        match who {
+            Principal::Named(name) => format!("user:{name}"),
+            Principal::Anonymous => anonymous.to_owned(),
+        }
+    }
+
+    /// Takes one request from the bucket of `key`, or says in whole seconds (at least one)
+    /// when to come back.
+    pub fn admit(&self, key: &str) -> Result<(), u64> {
         match &self.inner.rates {
             Some(rates) => rates.admit(key),
             None => Ok(()),

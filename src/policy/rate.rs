@@ -30,8 +30,9 @@ impl Rates {
         }
     }
 
-    /// Takes one token from `key`'s bucket, or says how long until one is available.
-    pub(crate) fn admit(&self, key: &str) -> Result<(), Duration> {
+    /// Takes one token from `key`'s bucket, or says in whole seconds (at least one, as
+    /// Retry-After and Max-Age count) when one is available.
+    pub(crate) fn admit(&self, key: &str) -> Result<(), u64> {
         // A full bucket holds no information: forgetting it loses nothing.
         if self
             .checks
@@ -43,9 +44,14 @@ impl Rates {
         }
         match self.limiter.check_key(&key.to_owned()) {
             Ok(()) => Ok(()),
-            Err(not_until) => Err(not_until.wait_time_from(self.clock.now())),
+            Err(not_until) => Err(whole_seconds(not_until.wait_time_from(self.clock.now()))),
         }
     }
+}
+
+/// Rounded up, at least one: a client told 0 would come straight back.
+fn whole_seconds(wait: Duration) -> u64 {
+    (wait.as_secs() + u64::from(wait.subsec_nanos() > 0)).max(1)
 }
 
 #[cfg(test)]
@@ -58,11 +64,15 @@ mod tests {
         for _ in 0..3 {
             assert!(rates.admit("a").is_ok());
         }
-        let wait = rates.admit("a").unwrap_err();
-        assert!(
-            wait > Duration::ZERO && wait <= Duration::from_secs(1),
-            "{wait:?}"
-        );
+        assert_eq!(rates.admit("a"), Err(1));
         assert!(rates.admit("b").is_ok());
+    }
+
+    #[test]
+    fn waits_round_up_to_whole_seconds() {
+        assert_eq!(whole_seconds(Duration::from_millis(1)), 1);
+        assert_eq!(whole_seconds(Duration::ZERO), 1);
+        assert_eq!(whole_seconds(Duration::from_secs(2)), 2);
+        assert_eq!(whole_seconds(Duration::from_millis(2001)), 3);
     }
 }
