@@ -9,6 +9,7 @@
 //!   decides.
 //! - [`mqtt`]: the embedded rumqttd broker and the gateway's link into it; the only module that
 //!   names rumqttd.
+//! - [`topic`]: topic names and filters, their rules and MQTT matching, under everything else.
 //! - [`policy`]: identities, the topic ACL, topic limits and request rates, asked by every
 //!   protocol alike.
 //! - [`config`]: the typed configuration; [`metrics`]: the Prometheus registry.
@@ -23,6 +24,7 @@ pub mod http;
 pub mod metrics;
 pub mod mqtt;
 pub mod policy;
+pub mod topic;
 
 pub use config::Config;
 pub use gateway::{Gateway, GatewayError};

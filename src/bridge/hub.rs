@@ -13,7 +13,7 @@ use crate::policy::Readable;
 use super::journal::Durable;
 use super::message::Message;
 use super::store::RetainedStore;
-use super::topic::TopicFilter;
+use crate::topic::TopicFilter;
 
 /// A message with its place in the gateway's sequence.
 #[derive(Debug, Clone)]
@@ -164,7 +164,7 @@ impl Hub {
 mod tests {
     use super::*;
     use crate::bridge::message::Origin;
-    use crate::bridge::topic::Topic;
+    use crate::topic::Topic;
 
     fn send(hub: &Hub, store: &RetainedStore, topic: &str) {
         let m = Message::new(Topic::parse(topic).unwrap(), "v", Origin::Http);

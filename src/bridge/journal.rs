@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::oneshot;
 
 use super::message::{Message, Origin, Qos};
-use super::topic::Topic;
+use crate::topic::Topic;
 
 const TABLE: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("retained");
 /// File name under the data dir.

@@ -9,7 +9,7 @@ use bytes::Bytes;
 use serde::Serialize;
 use utoipa::ToSchema;
 
-use super::topic::Topic;
+use crate::topic::Topic;
 
 /// The protocol a message was published with.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -8,7 +8,6 @@ mod journal;
 mod message;
 mod params;
 mod store;
-mod topic;
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -16,6 +15,7 @@ use std::time::{Duration, SystemTime};
 use bytes::Bytes;
 use tokio_util::sync::CancellationToken;
 
+pub use crate::topic::{Topic, TopicError, TopicFilter};
 pub use content::{content_format_for, content_type_for};
 pub use hub::{Event, Start, Subscription};
 pub use journal::{Journal, JournalError};
@@ -25,7 +25,6 @@ pub use message::{
 };
 pub use params::{ParamError, apply_expiry, parse_flag, parse_limit, parse_qos};
 pub use store::{Page, RetainedStore};
-pub use topic::{Topic, TopicError, TopicFilter};
 
 use crate::metrics::Metrics;
 use crate::mqtt::{Link, LinkStats, MqttPublish, RetainedSource};

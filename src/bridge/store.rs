@@ -9,7 +9,7 @@ use std::time::SystemTime;
 
 use super::journal::{Durable, Journal};
 use super::message::Message;
-use super::topic::{Topic, TopicFilter};
+use crate::topic::{Topic, TopicFilter};
 
 #[derive(Debug, Default)]
 struct Node {

@@ -4,6 +4,7 @@
 use std::borrow::Cow;
 
 use super::Principal;
+use crate::topic::matches;
 
 /// What a rule grants.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -144,24 +145,6 @@ impl Acl {
             Readable::Part(kept)
         }
     }
-}
-
-/// MQTT matching of a topic name by a filter; a wildcard first level does not match `$` topics.
-pub(crate) fn matches(filter: &str, topic: &str) -> bool {
-    if topic.starts_with('$') && filter.starts_with(['+', '#']) {
-        return false;
-    }
-    let mut t = topic.split('/');
-    for f in filter.split('/') {
-        if f == "#" {
-            return true;
-        }
-        match t.next() {
-            Some(level) if f == "+" || f == level => {}
-            _ => return false,
-        }
-    }
-    t.next().is_none()
 }
 
 /// The filter matching exactly the topics both filters match, when there are any.

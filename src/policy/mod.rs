@@ -15,6 +15,7 @@ pub use acl::Readable;
 pub use identity::hash_password;
 
 use crate::config::{AclAccess, AuthConfig, LimitsConfig};
+use crate::topic::TopicFilter;
 
 /// Who sent a request.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -299,21 +300,7 @@ pub fn check_hash(hash: &str) -> Result<(), String> {
 
 /// Checks an ACL pattern: a topic filter in which `%u` stands for the principal's name.
 pub fn check_pattern(pattern: &str) -> Result<(), String> {
-    if pattern.is_empty() {
-        return Err("is empty".to_owned());
-    }
-    let mut levels = pattern.split('/').peekable();
-    while let Some(level) = levels.next() {
-        let ok = match level {
-            "#" => levels.peek().is_none(),
-            "+" => true,
-            l => !l.contains(['+', '#']),
-        };
-        if !ok {
-            return Err(format!(
-                "{pattern:?}: '#' must be the last level and '+' a whole level"
-            ));
-        }
-    }
-    Ok(())
+    TopicFilter::parse(pattern)
+        .map(drop)
+        .map_err(|e| format!("{pattern:?}: {e}"))
 }

@@ -116,23 +116,7 @@ impl TopicFilter {
     /// MQTT matching: `+` one level, `#` this level and all below, wildcards at the first level
     /// do not match `$` topics.
     pub fn matches(&self, topic: &Topic) -> bool {
-        let mut t = topic.levels();
-        for (i, f) in self.levels().enumerate() {
-            if f == "#" {
-                return !(i == 0 && topic.as_str().starts_with('$'));
-            }
-            match t.next() {
-                None => return false,
-                Some(level) if f == "+" => {
-                    if i == 0 && level.starts_with('$') {
-                        return false;
-                    }
-                }
-                Some(level) if level != f => return false,
-                Some(_) => {}
-            }
-        }
-        t.next().is_none()
+        matches(&self.0, topic.as_str())
     }
 }
 
@@ -140,6 +124,29 @@ impl fmt::Display for TopicFilter {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.0)
     }
+}
+
+/// MQTT matching of a topic name by a filter, both as text (the ACL matches its patterns
+/// this way): `+` one level, `#` this level and all below, wildcards at the first level do not
+/// match `$` topics.
+pub fn matches(filter: &str, topic: &str) -> bool {
+    let mut t = topic.split('/');
+    for (i, f) in filter.split('/').enumerate() {
+        if f == "#" {
+            return !(i == 0 && topic.starts_with('$'));
+        }
+        match t.next() {
+            None => return false,
+            Some(level) if f == "+" => {
+                if i == 0 && level.starts_with('$') {
+                    return false;
+                }
+            }
+            Some(level) if level != f => return false,
+            Some(_) => {}
+        }
+    }
+    t.next().is_none()
 }
 
 fn check_common(s: &str) -> Result<(), TopicError> {
