@@ -123,10 +123,14 @@ impl Bridge {
 
     /// Publishes through the broker for `who`, then updates the store and the streams; a
     /// retained value is on disk before this returns.
-    pub async fn publish(&self, mut message: Message, who: &Principal) -> Result<(), BridgeError> {
+    pub async fn publish(&self, message: Message, who: &Principal) -> Result<(), BridgeError> {
         self.inner
             .policy
             .authorize(who, Action::Publish, message.topic.as_str())?;
+        self.publish_authorized(message).await
+    }
+
+    async fn publish_authorized(&self, mut message: Message) -> Result<(), BridgeError> {
         compact(&mut message);
         let size = message.payload.len();
         if size > self.inner.max_payload {
@@ -175,7 +179,7 @@ impl Bridge {
         }
         let mut message = Message::new(topic.clone(), bytes::Bytes::new(), origin);
         message.retain = true;
-        self.publish(message, who).await?;
+        self.publish_authorized(message).await?;
         Ok(true)
     }
 

@@ -293,9 +293,6 @@ impl Handler {
         let registering = req.observe == Some(0) && first_block;
         let observing = registering || req.observe == Some(1);
         let policy = self.bridge.policy();
-        let scope = policy
-            .subscription(who, filter.as_str())
-            .map_err(|d| denied(policy, d))?;
         let repr = if filter.is_wildcard() {
             let params = query(req, &["limit", "cursor"])?;
             let limit = match params.get("limit") {
@@ -335,6 +332,15 @@ impl Handler {
         let reply = self.respond(req, &repr)?;
         let registered = matches!(reply.code, ResponseType::Content | ResponseType::Valid);
         Ok(if registering && registered {
+            // Reading a topic above was its authorization; a filter's readable part is asked
+            // for only here, so a plain GET is checked once.
+            let scope = if filter.is_wildcard() {
+                policy
+                    .subscription(who, filter.as_str())
+                    .map_err(|d| denied(policy, d))?
+            } else {
+                Readable::All
+            };
             Action::Observe {
                 filter,
                 scope,
