@@ -10,18 +10,9 @@ set -euo pipefail
 BIN=${TOPICGATE_BIN:-target/release/topicgate}
 TIMEOUT=${E2E_TIMEOUT:-10}
 
-# The binary reads TOPICGATE_* variables; make sure none leak in from the caller.
-unset TOPICGATE_CONFIG TOPICGATE_MQTT_ADDR TOPICGATE_HTTP_ADDR TOPICGATE_COAP_ADDR \
-    TOPICGATE_DATA_DIR TOPICGATE_LOG_FORMAT
-
-for tool in curl mosquitto_pub mosquitto_sub python3 timeout; do
-    command -v "$tool" >/dev/null || { echo "e2e: missing tool: $tool" >&2; exit 1; }
-done
-[[ -x $BIN ]] || { echo "e2e: no executable at $BIN (set TOPICGATE_BIN)" >&2; exit 1; }
-BIN=$(cd "$(dirname "$BIN")" && pwd)/$(basename "$BIN")
-
 # shellcheck source=lib.sh
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+prepare "e2e" curl mosquitto_pub mosquitto_sub python3 timeout
 
 mapfile -t PORTS < <(free_ports 6)
 HTTP_PORT=${PORTS[0]}

@@ -17,20 +17,11 @@ MAX_PAYLOAD=8192
 # How long coap-client-notls keeps its observations (-s).
 OBSERVE_SECONDS=4
 
-# The binary reads TOPICGATE_* variables; make sure none leak in from the caller.
-unset TOPICGATE_CONFIG TOPICGATE_MQTT_ADDR TOPICGATE_HTTP_ADDR TOPICGATE_COAP_ADDR \
-    TOPICGATE_DATA_DIR TOPICGATE_LOG_FORMAT
-
-for tool in coap-client-notls curl mosquitto_pub mosquitto_sub python3 timeout cmp; do
-    command -v "$tool" >/dev/null || { echo "e2e coap: missing tool: $tool" >&2; exit 1; }
-done
-python3 -c 'import aiocoap' 2>/dev/null ||
-    { echo "e2e coap: missing the python3 module aiocoap (pip install aiocoap)" >&2; exit 1; }
-[[ -x $BIN ]] || { echo "e2e coap: no executable at $BIN (set TOPICGATE_BIN)" >&2; exit 1; }
-BIN=$(cd "$(dirname "$BIN")" && pwd)/$(basename "$BIN")
-
 # shellcheck source=lib.sh
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+prepare "e2e coap" coap-client-notls curl mosquitto_pub mosquitto_sub python3 timeout cmp
+python3 -c 'import aiocoap' 2>/dev/null ||
+    { echo "e2e coap: missing the python3 module aiocoap (pip install aiocoap)" >&2; exit 1; }
 
 mapfile -t PORTS < <(free_ports 3)
 HTTP_PORT=${PORTS[0]}

@@ -46,6 +46,21 @@ show() {
 
 # --- helpers --------------------------------------------------------------------------------
 
+# Checks the tools a script needs and the binary under test (BIN), makes BIN an absolute path,
+# and keeps the caller's TOPICGATE_* variables away from the gateway. $1 names the script in
+# messages; the rest are the tools.
+prepare() {
+    local name=$1 tool
+    shift
+    unset TOPICGATE_CONFIG TOPICGATE_MQTT_ADDR TOPICGATE_HTTP_ADDR TOPICGATE_COAP_ADDR \
+        TOPICGATE_DATA_DIR TOPICGATE_LOG_FORMAT
+    for tool in "$@"; do
+        command -v "$tool" >/dev/null || { echo "$name: missing tool: $tool" >&2; exit 1; }
+    done
+    [[ -x $BIN ]] || { echo "$name: no executable at $BIN (set TOPICGATE_BIN)" >&2; exit 1; }
+    BIN=$(cd "$(dirname "$BIN")" && pwd)/$(basename "$BIN")
+}
+
 # Polls a command every 0.1 s until it succeeds; fails after $TIMEOUT seconds.
 wait_until() {
     local deadline=$((SECONDS + TIMEOUT))

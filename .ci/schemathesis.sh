@@ -16,15 +16,9 @@ TIMEOUT=${E2E_TIMEOUT:-10}
 MAX_EXAMPLES=${SCHEMATHESIS_MAX_EXAMPLES:-100}
 MAX_TIME=${SCHEMATHESIS_MAX_TIME:-120}
 
-# The binary reads TOPICGATE_* variables; make sure none leak in from the caller.
-unset TOPICGATE_CONFIG TOPICGATE_MQTT_ADDR TOPICGATE_HTTP_ADDR TOPICGATE_COAP_ADDR \
-    TOPICGATE_DATA_DIR TOPICGATE_LOG_FORMAT
-
-for tool in curl python3; do
-    command -v "$tool" >/dev/null || { echo "schemathesis: missing tool: $tool" >&2; exit 1; }
-done
-[[ -x $BIN ]] || { echo "schemathesis: no executable at $BIN (set TOPICGATE_BIN)" >&2; exit 1; }
-BIN=$(cd "$(dirname "$BIN")" && pwd)/$(basename "$BIN")
+# shellcheck source=lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+prepare "schemathesis" curl python3
 
 # Debian's own python3 refuses a plain install (PEP 668, externally managed): only then is it
 # retried with --break-system-packages, as .ci/run does for aiocoap.
@@ -38,9 +32,6 @@ if ! python3 -c 'import schemathesis' 2>/dev/null; then
         python3 -m pip install -q --break-system-packages schemathesis </dev/null
     fi
 fi
-
-# shellcheck source=lib.sh
-source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 mapfile -t PORTS < <(free_ports 3)
 HTTP_PORT=${PORTS[0]}
@@ -67,7 +58,6 @@ fi
 # timeout. Streams have their own tests (tests/it/sse.rs, .ci/e2e.sh).
 cat >"$WORK/hooks.py" <<'PY'
 import schemathesis
-
 
 @schemathesis.hook
 def before_call(ctx, case, **kwargs):
