@@ -639,13 +639,6 @@ fn check_name(name: &str) -> Result<(), String> {
     Ok(())
 }
 
-impl Config {
-    /// Whether the TLS listeners are to be opened.
-    pub fn tls_enabled(&self) -> bool {
-        self.tls.cert.is_some()
-    }
-}
-
 /// Parses `"512KiB"`, `"1MiB"`, `"1000"` or an integer into bytes.
 fn parse_size(text: &str) -> Result<usize, String> {
     let t = text.trim();

@@ -71,7 +71,11 @@ pub fn router(
     draining: CancellationToken,
 ) -> Router {
     let (api_router, api) = api_parts();
-    let streams = sse::Streams::new(config.max_streams, config.max_streams_per_client);
+    let streams = sse::Streams::new(
+        config.max_streams,
+        config.max_streams_per_client,
+        bridge.metrics().sse_clients.clone(),
+    );
     let max_payload = bridge.max_payload();
     let state = AppState {
         bridge,

@@ -1,24 +1,23 @@
 //! Server-sent event streams of a topic filter: retained messages (or the missed ones) first,
 //! then live ones; a reader that falls behind is told how many it lost and goes on.
 
+use std::collections::HashMap;
 use std::convert::Infallible;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::SystemTime;
 
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use futures_util::stream::{self, Stream, StreamExt};
+use prometheus_client::metrics::gauge::Gauge;
 use serde::Serialize;
 use tokio_stream::wrappers::BroadcastStream;
 use tokio_stream::wrappers::errors::BroadcastStreamRecvError;
-
-use std::collections::HashMap;
-use std::sync::{Mutex, PoisonError};
 
 use super::AppState;
 use super::auth::Caller;
 use super::error::ApiError;
 use crate::bridge::{Bridge, Envelope, Message, Start, TopicFilter};
-use crate::metrics::{Metrics, ProtocolLabel, StreamLabel};
+use crate::metrics::{ProtocolLabel, StreamLabel};
 
 /// An envelope as sent in a stream.
 #[derive(Serialize)]
@@ -27,27 +26,12 @@ struct StreamEnvelope {
     envelope: Envelope,
 }
 
-/// Counts an open stream for as long as it lives.
-struct ClientGuard(Arc<Metrics>);
-
-impl ClientGuard {
-    fn new(metrics: Arc<Metrics>) -> Self {
-        metrics.sse_clients.inc();
-        Self(metrics)
-    }
-}
-
-impl Drop for ClientGuard {
-    fn drop(&mut self) {
-        self.0.sse_clients.dec();
-    }
-}
-
-/// The open streams, counted in total and per caller.
+/// The open streams, counted in total (also shown as the `sse_clients` gauge) and per caller.
 pub(crate) struct Streams {
     max: usize,
     per_client: usize,
     open: Mutex<(usize, HashMap<String, usize>)>,
+    gauge: Gauge,
 }
 
 /// One open stream's place in [`Streams`], given back when the stream ends.
@@ -57,11 +41,12 @@ pub(crate) struct Slot {
 }
 
 impl Streams {
-    pub(crate) fn new(max: usize, per_client: usize) -> Self {
+    pub(crate) fn new(max: usize, per_client: usize, gauge: Gauge) -> Self {
         Self {
             max,
             per_client,
             open: Mutex::new((0, HashMap::new())),
+            gauge,
         }
     }
 
@@ -80,6 +65,7 @@ impl Streams {
         }
         *mine += 1;
         open.0 += 1;
+        self.gauge.set(open.0 as i64);
         Ok(Slot {
             streams: self.clone(),
             key: key.to_owned(),
@@ -95,6 +81,7 @@ impl Drop for Slot {
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
         open.0 = open.0.saturating_sub(1);
+        self.streams.gauge.set(open.0 as i64);
         if let Some(n) = open.1.get_mut(&self.key) {
             *n -= 1;
             if *n == 0 {
@@ -144,7 +131,7 @@ pub(crate) fn stream(
         .get_or_create(&ProtocolLabel { protocol: "sse" })
         .inc_by(first.len() as u64);
 
-    let guard = (ClientGuard::new(metrics.clone()), slot);
+    let guard = slot;
     let live_bridge = bridge.clone();
     let scope = sub.scope;
     let live = BroadcastStream::new(sub.live).filter_map(move |item| {

@@ -616,8 +616,13 @@ async fn event_streams_are_limited_per_client() {
     assert_eq!(again.headers()["retry-after"], "1");
     let body: serde_json::Value = again.json().await.unwrap();
     assert_eq!(body["error"], "too_many_streams");
+    assert_eq!(metric(&gw, "topicgate_sse_clients").await, 1.0);
     // The place is given back when the first stream ends.
     drop(first);
+    eventually("the stream is no longer counted", || async {
+        (metric(&gw, "topicgate_sse_clients").await == 0.0).then_some(())
+    })
+    .await;
     eventually("a stream can be opened again", || async {
         let r = gw
             .client
