@@ -4,12 +4,11 @@
 use std::io;
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener as StdTcpListener};
 use std::sync::Arc;
+use std::sync::atomic::AtomicUsize;
 use std::time::Duration;
 
 use rumqttd::local::LinkBuilder;
-use rumqttd::{
-    ConnectionSettings, LinkType, Router, RouterConfig, Server, ServerSettings, Strategy,
-};
+use rumqttd::{ConnectionSettings, Router, RouterConfig, Server, ServerSettings, Strategy};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
@@ -17,6 +16,7 @@ use tokio_util::task::TaskTracker;
 
 use super::MqttError;
 use super::link::{Link, LinkParts, LinkStats};
+use super::listener::{Listener, end_session};
 use super::message::RetainedSource;
 use super::protocol::{GatewayProtocol, Shared};
 use crate::config::MqttConfig;
@@ -25,10 +25,13 @@ use crate::policy::Policy;
 /// Room for the topic, properties and packet id around the largest payload.
 const PACKET_OVERHEAD: usize = 64 * 1024 + 4096;
 
+/// Router connections beyond `mqtt.max_connections`: see `router_config`.
+const ROUTER_HEADROOM: usize = 1024;
+
 /// The broker, bound and ready to run.
 pub struct Broker {
     addr: SocketAddr,
-    server: Server<GatewayProtocol>,
+    listener: Listener,
     link_parts: LinkParts,
     stats: Arc<LinkStats>,
 }
@@ -76,15 +79,33 @@ impl Broker {
             },
         };
         let stats = Arc::new(LinkStats::default());
-        let protocol = GatewayProtocol::new(Arc::new(Shared {
+        let (reports, reported) = tokio::sync::mpsc::unbounded_channel();
+        let shared = Arc::new(Shared {
             max_payload,
             retained,
             stats: stats.clone(),
             policy,
-        }));
+            reports,
+            max_clients: config.max_connections,
+            clients: AtomicUsize::new(0),
+        });
+        let server_tx = router_tx.clone();
+        let listener = Listener::new(
+            move || {
+                let protocol = GatewayProtocol::new(shared.clone());
+                Server::new(settings.clone(), server_tx.clone(), protocol)
+            },
+            move |orphan| {
+                end_session(
+                    LinkBuilder::new(&orphan.client_id, router_tx.clone())
+                        .clean_session(orphan.clean),
+                )
+            },
+            reported,
+        );
         Ok(Self {
             addr,
-            server: Server::new(settings, router_tx, protocol),
+            listener,
             link_parts,
             stats,
         })
@@ -104,17 +125,11 @@ impl Broker {
     ) -> Result<Link, MqttError> {
         let Self {
             addr,
-            mut server,
+            listener,
             link_parts,
             stats,
         } = self;
-        let server_cancel = cancel.clone();
-        let server_task = tracker.spawn(async move {
-            tokio::select! {
-                res = server.start(LinkType::Remote) => res.map_err(|e| e.to_string()),
-                () = server_cancel.cancelled() => Ok(()),
-            }
-        });
+        let server_task = tracker.spawn(listener.run(cancel.clone()));
         let link = link_parts.run(stats, link_buffer, tracker, cancel);
 
         let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
@@ -148,7 +163,10 @@ fn link_client_id() -> String {
 /// Every router setting chosen on purpose: rumqttd's `RouterConfig::default()` is all zeros.
 fn router_config(config: &MqttConfig) -> RouterConfig {
     RouterConfig {
-        max_connections: config.max_connections,
+        // The codec turns clients away above `max_connections` with a CONNACK; the router must
+        // not refuse first (it closes without one), so it has room for the gateway's own link,
+        // refused connections on their way out, and the sessions the listener ends.
+        max_connections: config.max_connections + ROUTER_HEADROOM,
         // Publishes read from a log in one pass for a QoS 0 subscriber. rumqttd pauses a
         // connection whose buffer reaches 200 messages until it asks for more; reading half of
         // that lets a subscriber that keeps up stay scheduled instead of waiting its turn again.

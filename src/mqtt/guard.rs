@@ -110,19 +110,47 @@ impl Guard {
             }
         };
         if let Some(code) = refusal {
-            self.refused = Some(code);
-            connect.client_id = format!("topicgate-refused-{:016x}", rand::random::<u64>());
-            connect.clean_session = true;
-            connect.keep_alive = REFUSED_KEEP_ALIVE;
-            *will = None;
-            *login = None;
+            self.refuse(code, connect, will, login);
         }
     }
 
+    /// Whether the CONNECT was refused.
+    pub(super) fn refused(&self) -> bool {
+        self.refused.is_some()
+    }
+
+    /// Refuses the CONNECT with `code` (given as MQTT 5 names it): the router gets a throwaway
+    /// session that cannot take over anyone's session, publish a will or stay long.
+    pub(super) fn refuse(
+        &mut self,
+        code: ConnectReturnCode,
+        connect: &mut Connect,
+        will: &mut Option<LastWill>,
+        login: &mut Option<Login>,
+    ) {
+        self.refused = Some(code);
+        self.principal = None;
+        connect.client_id = format!("topicgate-refused-{:016x}", rand::random::<u64>());
+        connect.clean_session = true;
+        connect.keep_alive = REFUSED_KEEP_ALIVE;
+        *will = None;
+        *login = None;
+    }
+
     /// Rewrites the router's CONNACK of a refused CONNECT.
-    pub(super) fn connack(&mut self, ack: &mut ConnAck) {
+    pub(super) fn connack(&mut self, v5: bool, ack: &mut ConnAck) {
         if let Some(code) = self.refused {
-            ack.code = code;
+            ack.code = match code {
+                // MQTT 3.1.1 has one code for every kind of unavailability.
+                ConnectReturnCode::ServerUnavailable
+                | ConnectReturnCode::ServerBusy
+                | ConnectReturnCode::QuotaExceeded
+                    if !v5 =>
+                {
+                    ConnectReturnCode::ServiceUnavailable
+                }
+                code => code,
+            };
             ack.session_present = false;
             self.closing = true;
         }

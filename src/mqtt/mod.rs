@@ -6,6 +6,7 @@
 mod broker;
 mod guard;
 mod link;
+mod listener;
 mod message;
 mod protocol;
 mod remote;

@@ -3,15 +3,15 @@
 //! publishes, keep-alive 0, properties sent to 3.1.1 clients, Retain As Published).
 
 use std::collections::{HashMap, HashSet};
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
 use bytes::{Bytes, BytesMut};
 use rumqttd::protocol::v4::V4;
 use rumqttd::protocol::v5::V5;
 use rumqttd::protocol::{
-    DisconnectReasonCode, Error, LastWillProperties, Packet, PingReq, Protocol, Publish,
-    RetainForwardRule, SubscribeReasonCode,
+    ConnectReturnCode, DisconnectReasonCode, Error, LastWillProperties, Packet, PingReq, Protocol,
+    Publish, RetainForwardRule, SubscribeReasonCode,
 };
 
 use super::guard::{Guard, Verdict, split_share};
@@ -24,6 +24,7 @@ enum Inbound {
     Refused(Verdict),
 }
 use super::link::LinkStats;
+use super::listener::{Orphan, Report, Reports};
 use super::message::{Meta, RetainedSource};
 use super::routing::{filter_to_router, from_router, to_router};
 use super::rules::{check_filter, check_framing, check_text};
@@ -58,6 +59,12 @@ struct ConnState {
     guard: Guard,
     /// Whether the CONNECT has been read: a second one is a protocol violation.
     connected: bool,
+    /// The CONNECT handed to rumqttd, until its link asks for the next packet.
+    handed: Option<Orphan>,
+    /// Whether rumqttd's link for this connection has started.
+    linked: bool,
+    /// Whether this connection holds one of `Shared::max_clients`.
+    counted: bool,
 }
 
 /// Settings shared by every connection of one listener.
@@ -66,19 +73,56 @@ pub(crate) struct Shared {
     pub(crate) retained: Arc<dyn RetainedSource>,
     pub(crate) stats: Arc<LinkStats>,
     pub(crate) policy: Policy,
+    /// Where connections that end between CONNECT and link are reported (see `listener`).
+    pub(crate) reports: Reports,
+    /// Clients accepted at once; more get CONNACK "quota exceeded" (3.1.1: "unavailable").
+    pub(crate) max_clients: usize,
+    pub(crate) clients: AtomicUsize,
+}
+
+impl Shared {
+    /// Takes one of the client slots, unless they are all taken.
+    fn take_slot(&self) -> bool {
+        let taken = self.clients.fetch_add(1, Ordering::AcqRel);
+        if taken >= self.max_clients {
+            self.clients.fetch_sub(1, Ordering::AcqRel);
+            return false;
+        }
+        true
+    }
+}
+
+/// What the connections accepted by one rumqttd `Server` share: the client ids whose will entry
+/// in that server was left behind (see `listener`). A CONNECT with one of them would panic
+/// there, so it is refused until a new server takes over.
+#[derive(Debug, Default)]
+struct Generation {
+    orphaned: Mutex<HashSet<String>>,
+}
+
+impl Generation {
+    fn is_orphaned(&self, client_id: &str) -> bool {
+        self.orphaned
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .contains(client_id)
+    }
 }
 
 /// One value per connection: rumqttd clones the listener's protocol for each accepted socket,
 /// and `Clone` here starts a fresh connection state.
 pub(crate) struct GatewayProtocol {
     shared: Arc<Shared>,
+    generation: Arc<Generation>,
     state: Mutex<ConnState>,
 }
 
 impl GatewayProtocol {
+    /// The protocol of a new listener (a new rumqttd `Server`).
     pub(crate) fn new(shared: Arc<Shared>) -> Self {
         Self {
             shared,
+            generation: Arc::default(),
             state: Mutex::new(ConnState::default()),
         }
     }
@@ -106,6 +150,23 @@ impl GatewayProtocol {
                 if connect.client_id.contains(['+', '$', '#', '/', '%']) {
                     connect.client_id = escape_client_id(&connect.client_id);
                 }
+                // After the escape: the id as the router and its listener know it.
+                if !state.guard.refused() {
+                    let unavailable = if self.generation.is_orphaned(&connect.client_id) {
+                        let _ = self.shared.reports.send(Report::Returned);
+                        Some(ConnectReturnCode::ServerUnavailable)
+                    } else if !self.shared.take_slot() {
+                        Some(ConnectReturnCode::QuotaExceeded)
+                    } else {
+                        state.counted = true;
+                        None
+                    };
+                    if let Some(code) = unavailable {
+                        state
+                            .guard
+                            .refuse(code, &mut connect, &mut will, &mut login);
+                    }
+                }
                 let mut will_props = will_props;
                 if let Some(will) = will.as_mut() {
                     let meta = Meta::from_client(will.retain, will.qos as u8);
@@ -129,6 +190,11 @@ impl GatewayProtocol {
                 if will.is_none() {
                     will_props = None;
                 }
+                state.handed = Some(Orphan {
+                    client_id: connect.client_id.clone(),
+                    clean: connect.clean_session,
+                    registered: false,
+                });
                 Ok(Inbound::Pass(Packet::Connect(
                     connect, props, will, will_props, login,
                 )))
@@ -276,13 +342,41 @@ impl GatewayProtocol {
 }
 
 impl Clone for GatewayProtocol {
+    /// A new connection of the same listener.
     fn clone(&self) -> Self {
-        Self::new(self.shared.clone())
+        Self {
+            shared: self.shared.clone(),
+            generation: self.generation.clone(),
+            state: Mutex::new(ConnState::default()),
+        }
+    }
+}
+
+impl Drop for GatewayProtocol {
+    fn drop(&mut self) {
+        let state = self.state.get_mut().unwrap_or_else(PoisonError::into_inner);
+        if state.counted {
+            self.shared.clients.fetch_sub(1, Ordering::AcqRel);
+        }
+        if !state.linked {
+            if let Some(orphan) = state.handed.take() {
+                self.generation
+                    .orphaned
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .insert(orphan.client_id.clone());
+                // The receiver lives as long as the broker; after it, nothing is left to clear.
+                let _ = self.shared.reports.send(Report::Orphaned(orphan));
+            }
+        }
     }
 }
 
 impl Protocol for GatewayProtocol {
     fn read_mut(&mut self, stream: &mut BytesMut, max_size: usize) -> Result<Packet, Error> {
+        let state = self.state.get_mut().unwrap_or_else(PoisonError::into_inner);
+        // rumqttd reads nothing between the CONNECT and the start of the link.
+        state.linked = state.handed.is_some();
         loop {
             let state = self.state.get_mut().unwrap_or_else(PoisonError::into_inner);
             if state.guard.closing() {
@@ -354,7 +448,17 @@ impl Protocol for GatewayProtocol {
                 Ok(n + self.write_retained(pkid, &codes, version, buffer)?)
             }
             Packet::ConnAck(mut ack, props) => {
-                state.guard.connack(&mut ack);
+                if let Some(handed) = state.handed.as_mut() {
+                    handed.registered = true;
+                    // An empty client id was replaced by one the router made up.
+                    if let Some(id) = props
+                        .as_ref()
+                        .and_then(|p| p.assigned_client_identifier.as_ref())
+                    {
+                        handed.client_id.clone_from(id);
+                    }
+                }
+                state.guard.connack(version == Version::V5, &mut ack);
                 drop(state);
                 codec_write(version, Packet::ConnAck(ack, props), buffer)
             }

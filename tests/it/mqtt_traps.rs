@@ -235,3 +235,91 @@ async fn topics_starting_with_a_multibyte_character_are_routed() {
     let p = recv(&mut late).await;
     assert_eq!((p.topic.as_str(), p.retain), ("\u{1}a", true));
 }
+
+/// CONNECT (MQTT 3.1.1, clean session, keep-alive 60) for `client_id`.
+fn connect_as(client_id: &str) -> Vec<u8> {
+    let id = client_id.as_bytes();
+    let mut body = vec![0, 4, b'M', b'Q', b'T', b'T', 4, 0x02, 0, 60];
+    body.extend_from_slice(&u16::try_from(id.len()).unwrap().to_be_bytes());
+    body.extend_from_slice(id);
+    let mut packet = vec![0x10, u8::try_from(body.len()).unwrap()];
+    packet.extend(body);
+    packet
+}
+
+/// Connects `client_id` over raw TCP: the open stream if a CONNACK accepting it arrives, `None`
+/// if the connection is closed without one.
+async fn try_connect(gw: &TestGateway, client_id: &str) -> Option<tokio::net::TcpStream> {
+    let mut s = tokio::net::TcpStream::connect(gw.mqtt).await.ok()?;
+    s.write_all(&connect_as(client_id)).await.ok()?;
+    let mut connack = [0u8; 4];
+    within("a CONNACK or a close", s.read_exact(&mut connack))
+        .await
+        .ok()?;
+    (connack == [0x20, 2, 0, 0]).then_some(s)
+}
+
+#[tokio::test]
+async fn a_client_refused_at_max_connections_can_come_back() {
+    let gw = TestGateway::start_with(|c| c.mqtt.max_connections = 1).await;
+    let mut holder = eventually("the only free connection", || try_connect(&gw, "holder")).await;
+    // Full: MQTT 3.1.1 "server unavailable", MQTT 5 "quota exceeded", and the connection ends.
+    for (connect, refusal) in [
+        (connect_as("comeback"), [0x20, 2, 0, 3]),
+        (
+            vec![
+                0x10, 13, 0, 4, b'M', b'Q', b'T', b'T', 5, 0x02, 0, 60, 0, 0, 0,
+            ],
+            [0x20, 6, 0, 0x97],
+        ),
+    ] {
+        let mut s = tokio::net::TcpStream::connect(gw.mqtt).await.unwrap();
+        s.write_all(&connect).await.unwrap();
+        let mut reply = Vec::new();
+        within("the refusal and the close", s.read_to_end(&mut reply))
+            .await
+            .unwrap();
+        assert_eq!(
+            reply.get(..4),
+            Some(&refusal[..]),
+            "refused while the broker is full"
+        );
+    }
+    holder.write_all(&[0xE0, 0]).await.unwrap();
+    drop(holder);
+    // Once the holder's slot is free, the refused client id connects like any other, and
+    // after it another one.
+    let mut back = eventually("the refused client back", || try_connect(&gw, "comeback")).await;
+    back.write_all(&[0xE0, 0]).await.unwrap();
+    drop(back);
+    eventually("one more client", || try_connect(&gw, "after")).await;
+}
+
+#[tokio::test]
+async fn clients_resetting_before_their_connack_leave_nothing_behind() {
+    let gw = TestGateway::start_with(|c| c.mqtt.max_connections = 3).await;
+    let (_watch, mut rx) = gw.mqtt_v4("reset-watch", &[("reset/#", 0)]).await;
+    // Each resets right after its CONNECT: many of them before the CONNACK is written. The same
+    // client id comes back every time, and new ids are used too; a leaked session would soon
+    // fill the two free connections.
+    for i in 0..40 {
+        let id = if i % 2 == 0 {
+            "flaky".to_owned()
+        } else {
+            format!("flaky-{i}")
+        };
+        // While the listener is renewed, a connection may be refused: so be it.
+        let Ok(mut s) = tokio::net::TcpStream::connect(gw.mqtt).await else {
+            continue;
+        };
+        s.set_linger(Some(std::time::Duration::ZERO)).unwrap();
+        let _ = s.write_all(&connect_as(&id)).await;
+        drop(s);
+    }
+    for id in ["flaky", "flaky-1", "fresh"] {
+        let mut s = eventually("a client after the resets", || try_connect(&gw, id)).await;
+        s.write_all(&[0xE0, 0]).await.unwrap();
+    }
+    assert_eq!(gw.post("/topics/reset/after", "ok").await.status(), 204);
+    assert_eq!(&recv(&mut rx).await.payload[..], b"ok");
+}
