@@ -358,16 +358,16 @@ impl Drop for GatewayProtocol {
         if state.counted {
             self.shared.clients.fetch_sub(1, Ordering::AcqRel);
         }
-        if !state.linked {
-            if let Some(orphan) = state.handed.take() {
-                self.generation
-                    .orphaned
-                    .lock()
-                    .unwrap_or_else(PoisonError::into_inner)
-                    .insert(orphan.client_id.clone());
-                // The receiver lives as long as the broker; after it, nothing is left to clear.
-                let _ = self.shared.reports.send(Report::Orphaned(orphan));
-            }
+        if !state.linked
+            && let Some(orphan) = state.handed.take()
+        {
+            self.generation
+                .orphaned
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .insert(orphan.client_id.clone());
+            // The receiver lives as long as the broker; after it, nothing is left to clear.
+            let _ = self.shared.reports.send(Report::Orphaned(orphan));
         }
     }
 }

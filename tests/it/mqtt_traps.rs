@@ -312,7 +312,7 @@ async fn clients_resetting_before_their_connack_leave_nothing_behind() {
         let Ok(mut s) = tokio::net::TcpStream::connect(gw.mqtt).await else {
             continue;
         };
-        s.set_linger(Some(std::time::Duration::ZERO)).unwrap();
+        s.set_zero_linger().unwrap();
         let _ = s.write_all(&connect_as(&id)).await;
         drop(s);
     }
