@@ -53,6 +53,7 @@ prepare() {
     local name=$1 tool
     shift
     unset TOPICGATE_CONFIG TOPICGATE_MQTT_ADDR TOPICGATE_HTTP_ADDR TOPICGATE_COAP_ADDR \
+        TOPICGATE_MQTTS_ADDR TOPICGATE_HTTPS_ADDR \
         TOPICGATE_DATA_DIR TOPICGATE_LOG_FORMAT
     for tool in "$@"; do
         command -v "$tool" >/dev/null || { echo "$name: missing tool: $tool" >&2; exit 1; }

@@ -16,6 +16,7 @@ use crate::http;
 use crate::metrics::Metrics;
 use crate::mqtt::{Broker, MqttError, RemoteBroker};
 use crate::policy::Policy;
+use crate::tls::{Tls, TlsError};
 
 /// Why the gateway could not start or stopped with an error.
 #[derive(Debug, thiserror::Error)]
@@ -36,6 +37,9 @@ pub enum GatewayError {
     /// The retained store on disk cannot be used.
     #[error(transparent)]
     Store(#[from] JournalError),
+    /// The `[tls]` files cannot be used.
+    #[error(transparent)]
+    Tls(#[from] TlsError),
     /// The HTTP server failed while running.
     #[error("the HTTP server stopped: {0}")]
     Http(std::io::Error),
@@ -45,6 +49,7 @@ pub enum GatewayError {
 pub struct Gateway {
     config: Config,
     http: TcpListener,
+    https: Option<(TcpListener, Tls)>,
     coap: CoapServer,
     broker: BrokerMode,
     store: Arc<RetainedStore>,
@@ -71,6 +76,20 @@ impl Gateway {
                 addr: config.http.addr,
                 source,
             })?;
+        let tls = Tls::load(&config.tls)?;
+        let https = match &tls {
+            None => None,
+            Some(tls) => Some((
+                TcpListener::bind(config.http.tls_addr)
+                    .await
+                    .map_err(|source| GatewayError::Bind {
+                        protocol: "HTTPS",
+                        addr: config.http.tls_addr,
+                        source,
+                    })?,
+                tls.clone(),
+            )),
+        };
         let coap = CoapServer::bind(&config.coap)
             .await
             .map_err(|source| GatewayError::Bind {
@@ -88,6 +107,7 @@ impl Gateway {
                 config.max_payload,
                 Arc::new(StoreSource(store.clone())),
                 policy.clone(),
+                tls,
             ) {
                 Ok(b) => BrokerMode::Embedded(Box::new(b)),
                 Err(MqttError::Bind { addr, source }) => {
@@ -103,6 +123,7 @@ impl Gateway {
         Ok(Self {
             config,
             http,
+            https,
             coap,
             broker,
             store,
@@ -113,6 +134,11 @@ impl Gateway {
     /// The bound HTTP address.
     pub fn http_addr(&self) -> SocketAddr {
         self.http.local_addr().unwrap_or(self.config.http.addr)
+    }
+
+    /// The bound HTTPS address, when `[tls]` names a certificate.
+    pub fn https_addr(&self) -> Option<SocketAddr> {
+        self.https.as_ref().and_then(|(l, _)| l.local_addr().ok())
     }
 
     /// The bound CoAP address.
@@ -128,11 +154,20 @@ impl Gateway {
         }
     }
 
+    /// The bound MQTT-over-TLS address of the embedded broker, when `[tls]` names a certificate.
+    pub fn mqtts_addr(&self) -> Option<SocketAddr> {
+        match &self.broker {
+            BrokerMode::Embedded(broker) => broker.tls_addr(),
+            BrokerMode::External(_) => None,
+        }
+    }
+
     /// Serves until `shutdown` completes, then stops within `shutdown_grace`.
     pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<(), GatewayError> {
         let Self {
             config,
             http,
+            https,
             coap,
             broker,
             store,
@@ -151,11 +186,16 @@ impl Gateway {
         let link = match broker {
             BrokerMode::Embedded(broker) => {
                 let mqtt_addr = broker.addr();
+                let mqtts_addr = broker.tls_addr();
                 let link = broker
                     .run(config.bridge.link_buffer, &tracker, cancel.clone())
                     .await?;
                 tracing::info!(protocol = "mqtt", addr = %mqtt_addr, "listening");
                 warn_if_open(&policy, "mqtt", mqtt_addr);
+                if let Some(addr) = mqtts_addr {
+                    tracing::info!(protocol = "mqtts", %addr, "listening");
+                    warn_if_open(&policy, "mqtts", addr);
+                }
                 link
             }
             BrokerMode::External(remote) => {
@@ -191,17 +231,43 @@ impl Gateway {
             cancel.clone(),
             draining.clone(),
         );
-        let mut http_task = tracker.spawn(http::serve(http, router, cancel.clone()));
+        let listening = http::Listening {
+            max_connections: config.http.max_connections,
+            header_timeout: config.http.header_timeout,
+            tls: None,
+        };
+        let mut http_task = tracker.spawn(http::serve(
+            http,
+            router.clone(),
+            listening.clone(),
+            cancel.clone(),
+        ));
         tracing::info!(protocol = "http", addr = %http_addr, "listening");
         warn_if_open(&policy, "http", http_addr);
+        let mut https_task = match https {
+            None => None,
+            Some((listener, tls)) => {
+                let addr = listener.local_addr().unwrap_or(config.http.tls_addr);
+                let listening = http::Listening {
+                    tls: Some(tls),
+                    ..listening
+                };
+                tracing::info!(protocol = "https", %addr, "listening");
+                warn_if_open(&policy, "https", addr);
+                Some(tracker.spawn(http::serve(listener, router, listening, cancel.clone())))
+            }
+        };
+        let https_stopped = async {
+            match https_task.as_mut() {
+                Some(task) => task.await,
+                None => std::future::pending().await,
+            }
+        };
 
         let outcome = tokio::select! {
             () = shutdown => Ok(()),
-            res = &mut http_task => match res {
-                Ok(Ok(())) => Ok(()),
-                Ok(Err(e)) => Err(GatewayError::Http(e)),
-                Err(e) => Err(GatewayError::Http(std::io::Error::other(e))),
-            },
+            res = &mut http_task => served(res),
+            res = https_stopped => served(res),
         };
         draining.cancel();
         if outcome.is_ok() && !config.shutdown_drain.is_zero() {
@@ -221,6 +287,15 @@ impl Gateway {
             tracing::error!(error = %e, "the retained store could not be flushed");
         }
         outcome
+    }
+}
+
+/// What a stopped HTTP or HTTPS server means for the gateway.
+fn served(res: Result<std::io::Result<()>, tokio::task::JoinError>) -> Result<(), GatewayError> {
+    match res {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => Err(GatewayError::Http(e)),
+        Err(e) => Err(GatewayError::Http(std::io::Error::other(e))),
     }
 }
 

@@ -12,6 +12,7 @@
 //! - [`topic`]: topic names and filters, their rules and MQTT matching, under everything else.
 //! - [`policy`]: identities, the topic ACL, topic limits and request rates, asked by every
 //!   protocol alike.
+//! - [`tls`]: certificates and handshakes of the HTTPS and MQTT-over-TLS listeners.
 //! - [`config`]: the typed configuration; [`metrics`]: the Prometheus registry.
 
 pub mod bridge;
@@ -24,6 +25,7 @@ pub mod http;
 pub mod metrics;
 pub mod mqtt;
 pub mod policy;
+pub mod tls;
 pub mod topic;
 
 pub use config::Config;

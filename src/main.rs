@@ -22,6 +22,13 @@ struct Cli {
     /// HTTP listener address [default: 0.0.0.0:8080].
     #[arg(long, env = "TOPICGATE_HTTP_ADDR", value_name = "ADDR")]
     http_addr: Option<SocketAddr>,
+    /// MQTT over TLS listener address, opened when [tls] names a certificate
+    /// [default: 0.0.0.0:8883].
+    #[arg(long, env = "TOPICGATE_MQTTS_ADDR", value_name = "ADDR")]
+    mqtts_addr: Option<SocketAddr>,
+    /// HTTPS listener address, opened when [tls] names a certificate [default: 0.0.0.0:8443].
+    #[arg(long, env = "TOPICGATE_HTTPS_ADDR", value_name = "ADDR")]
+    https_addr: Option<SocketAddr>,
     /// CoAP socket address [default: 0.0.0.0:5683].
     #[arg(long, env = "TOPICGATE_COAP_ADDR", value_name = "ADDR")]
     coap_addr: Option<SocketAddr>,
@@ -116,6 +123,12 @@ fn load(cli: &Cli) -> anyhow::Result<Config> {
     let mut config = Config::load(cli.config.as_deref())?;
     if let Some(a) = cli.mqtt_addr {
         config.mqtt.addr = a;
+    }
+    if let Some(a) = cli.mqtts_addr {
+        config.mqtt.tls_addr = a;
+    }
+    if let Some(a) = cli.https_addr {
+        config.http.tls_addr = a;
     }
     if let Some(a) = cli.http_addr {
         config.http.addr = a;

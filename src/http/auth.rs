@@ -13,6 +13,10 @@ use super::AppState;
 use super::error::ApiError;
 use crate::policy::{AuthError, Policy, Principal};
 
+/// The common name of the TLS client certificate a request came with.
+#[derive(Debug, Clone)]
+pub(crate) struct ClientName(pub(crate) String);
+
 /// The caller of a request, as handlers see it.
 #[derive(Debug, Clone)]
 pub(crate) struct Caller {
@@ -33,9 +37,18 @@ pub(crate) async fn authenticate(
         .extensions()
         .get::<ConnectInfo<SocketAddr>>()
         .map(|c| c.0);
-    let principal = match principal(&state, &policy, request.headers()).await {
-        Ok(p) => p,
-        Err(e) => return e.into_response(),
+    // A client certificate names the caller whatever the headers say, as Mosquitto's
+    // use_identity_as_username does.
+    let certified = request
+        .extensions()
+        .get::<ClientName>()
+        .map(|n| n.0.clone());
+    let principal = match certified {
+        Some(name) => policy.certificate(&name),
+        None => match principal(&state, &policy, request.headers()).await {
+            Ok(p) => p,
+            Err(e) => return e.into_response(),
+        },
     };
     let address = peer.map_or_else(|| "addr:unknown".to_owned(), |p| format!("addr:{}", p.ip()));
     let key = Policy::client_key(&principal, &address);

@@ -4,6 +4,9 @@
 mod auth;
 mod error;
 mod ops;
+mod server;
+
+pub use server::{Listening, serve};
 mod sse;
 pub(crate) mod topics;
 
@@ -14,7 +17,6 @@ use axum::extract::{DefaultBodyLimit, Request, State};
 use axum::http::Uri;
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::trace::TraceLayer;
@@ -116,18 +118,6 @@ fn api_parts() -> (Router<AppState>, utoipa::openapi::OpenApi) {
 /// The OpenAPI document of the API.
 pub fn openapi() -> utoipa::openapi::OpenApi {
     api_parts().1
-}
-
-/// Serves `router` on `listener` until `cancel` fires, then lets in-flight requests finish.
-pub async fn serve(
-    listener: TcpListener,
-    router: Router,
-    cancel: CancellationToken,
-) -> std::io::Result<()> {
-    let service = router.into_make_service_with_connect_info::<std::net::SocketAddr>();
-    axum::serve(listener, service)
-        .with_graceful_shutdown(async move { cancel.cancelled().await })
-        .await
 }
 
 /// Time limit, status metrics and JSON for what axum answers by itself.

@@ -10,7 +10,7 @@ use std::time::Duration;
 use rumqttd::local::LinkBuilder;
 use rumqttd::{ConnectionSettings, Router, RouterConfig, Server, ServerSettings, Strategy};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
+use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -19,8 +19,10 @@ use super::link::{Link, LinkParts, LinkStats};
 use super::listener::{Listener, end_session};
 use super::message::RetainedSource;
 use super::protocol::{GatewayProtocol, Shared};
+use super::secure::{self, Secret};
 use crate::config::MqttConfig;
 use crate::policy::Policy;
+use crate::tls::Tls;
 
 /// Room for the topic, properties and packet id around the largest payload.
 const PACKET_OVERHEAD: usize = 64 * 1024 + 4096;
@@ -32,8 +34,20 @@ const ROUTER_HEADROOM: usize = 1024;
 pub struct Broker {
     addr: SocketAddr,
     listener: Listener,
+    secure: Option<SecureFront>,
     link_parts: LinkParts,
     stats: Arc<LinkStats>,
+    /// Time a TLS client has for its handshake.
+    handshake: Duration,
+}
+
+/// MQTT over TLS: the public listener, and the loopback rumqttd listener it relays to.
+struct SecureFront {
+    front: StdTcpListener,
+    tls: Tls,
+    inner: SocketAddr,
+    secret: Secret,
+    listener: Listener,
 }
 
 impl Broker {
@@ -43,6 +57,7 @@ impl Broker {
         max_payload: usize,
         retained: Arc<dyn RetainedSource>,
         policy: Policy,
+        tls: Option<Tls>,
     ) -> Result<Self, MqttError> {
         // rumqttd binds its listener itself from an address, so the port is resolved here first:
         // a busy port is reported now, and port 0 becomes a concrete one.
@@ -53,7 +68,8 @@ impl Broker {
                 source,
             })?;
 
-        let router = Router::new(0, router_config(config));
+        let listeners = if tls.is_some() { 2 } else { 1 };
+        let router = Router::new(0, router_config(config, listeners));
         let router_tx = router.spawn();
         let (link_tx, link_rx) = LinkBuilder::new(&link_client_id(), router_tx.clone())
             .build()
@@ -79,41 +95,84 @@ impl Broker {
             },
         };
         let stats = Arc::new(LinkStats::default());
-        let (reports, reported) = tokio::sync::mpsc::unbounded_channel();
-        let shared = Arc::new(Shared {
-            max_payload,
-            retained,
-            stats: stats.clone(),
-            policy,
-            reports,
-            max_clients: config.max_connections,
-            clients: AtomicUsize::new(0),
-        });
-        let server_tx = router_tx.clone();
-        let listener = Listener::new(
-            move || {
-                let protocol = GatewayProtocol::new(shared.clone());
-                Server::new(settings.clone(), server_tx.clone(), protocol)
-            },
-            move |orphan| {
-                end_session(
-                    LinkBuilder::new(&orphan.client_id, router_tx.clone())
-                        .clean_session(orphan.clean),
-                )
-            },
-            reported,
-        );
+        // One listener: its codec settings, and the means to renew it (see `listener`).
+        let listener = |settings: ServerSettings, introduction: Option<Secret>| {
+            let (reports, reported) = tokio::sync::mpsc::unbounded_channel();
+            let shared = Arc::new(Shared {
+                max_payload,
+                retained: retained.clone(),
+                stats: stats.clone(),
+                policy: policy.clone(),
+                reports,
+                max_clients: config.max_connections,
+                clients: AtomicUsize::new(0),
+                introduction,
+            });
+            let (server_tx, reap_tx) = (router_tx.clone(), router_tx.clone());
+            Listener::new(
+                move || {
+                    let protocol = GatewayProtocol::new(shared.clone());
+                    Server::new(settings.clone(), server_tx.clone(), protocol)
+                },
+                move |orphan| {
+                    end_session(
+                        LinkBuilder::new(&orphan.client_id, reap_tx.clone())
+                            .clean_session(orphan.clean),
+                    )
+                },
+                reported,
+            )
+        };
+        let secure = match tls {
+            None => None,
+            Some(tls) => {
+                let front = StdTcpListener::bind(config.tls_addr)
+                    .and_then(|l| l.set_nonblocking(true).map(|()| l))
+                    .map_err(|source| MqttError::Bind {
+                        addr: config.tls_addr,
+                        source,
+                    })?;
+                // The relay's side door: loopback only, and useless without the secret.
+                let inner = StdTcpListener::bind((Ipv4Addr::LOCALHOST, 0))
+                    .and_then(|l| l.local_addr())
+                    .map_err(|source| MqttError::Bind {
+                        addr: config.tls_addr,
+                        source,
+                    })?;
+                let secret = Secret::random();
+                let settings = ServerSettings {
+                    name: "mqtts".to_owned(),
+                    listen: inner,
+                    ..settings.clone()
+                };
+                Some(SecureFront {
+                    front,
+                    tls,
+                    inner,
+                    secret,
+                    listener: listener(settings, Some(secret)),
+                })
+            }
+        };
+        let listener = listener(settings, None);
         Ok(Self {
             addr,
             listener,
+            secure,
             link_parts,
             stats,
+            handshake: config.connect_timeout,
         })
     }
 
     /// The address MQTT clients connect to.
     pub fn addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// The address MQTT-over-TLS clients connect to, when TLS is configured.
+    pub fn tls_addr(&self) -> Option<SocketAddr> {
+        self.secure.as_ref().and_then(|s| s.front.local_addr().ok())
     }
 
     /// Starts accepting clients and the gateway's link; returns once the listener answers.
@@ -126,10 +185,30 @@ impl Broker {
         let Self {
             addr,
             listener,
+            secure,
             link_parts,
             stats,
+            handshake,
         } = self;
         let server_task = tracker.spawn(listener.run(cancel.clone()));
+        let secure = match secure {
+            None => None,
+            Some(front) => {
+                let inner_task = tracker.spawn(front.listener.run(cancel.clone()));
+                let relay = TcpListener::from_std(front.front)
+                    .map_err(|source| MqttError::Bind { addr, source })?;
+                tracker.spawn(secure::relay(
+                    relay,
+                    front.tls,
+                    front.inner,
+                    front.secret,
+                    handshake,
+                    tracker.clone(),
+                    cancel.clone(),
+                ));
+                Some((front.inner, front.secret, inner_task))
+            }
+        };
         let link = link_parts.run(stats, link_buffer, tracker, cancel);
 
         let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
@@ -144,7 +223,19 @@ impl Broker {
                     source: io::Error::other(reason),
                 });
             }
-            if probe(addr).await.is_ok() {
+            let inner_ready = match &secure {
+                None => true,
+                Some((inner, secret, task)) => {
+                    if task.is_finished() {
+                        return Err(MqttError::Bind {
+                            addr: *inner,
+                            source: io::Error::other("the listener behind the TLS relay stopped"),
+                        });
+                    }
+                    probe(*inner, &secret.introduce(None)).await.is_ok()
+                }
+            };
+            if inner_ready && probe(addr, &[]).await.is_ok() {
                 return Ok(link);
             }
             if tokio::time::Instant::now() > deadline {
@@ -161,12 +252,12 @@ fn link_client_id() -> String {
 }
 
 /// Every router setting chosen on purpose: rumqttd's `RouterConfig::default()` is all zeros.
-fn router_config(config: &MqttConfig) -> RouterConfig {
+fn router_config(config: &MqttConfig, listeners: usize) -> RouterConfig {
     RouterConfig {
         // The codec turns clients away above `max_connections` with a CONNACK; the router must
         // not refuse first (it closes without one), so it has room for the gateway's own link,
         // refused connections on their way out, and the sessions the listener ends.
-        max_connections: config.max_connections + ROUTER_HEADROOM,
+        max_connections: config.max_connections * listeners + ROUTER_HEADROOM,
         // Publishes read from a log in one pass for a QoS 0 subscriber. rumqttd pauses a
         // connection whose buffer reaches 200 messages until it asks for more; reading half of
         // that lets a subscriber that keeps up stay scheduled instead of waiting its turn again.
@@ -183,7 +274,7 @@ fn router_config(config: &MqttConfig) -> RouterConfig {
 
 /// One MQTT 3.1.1 CONNECT/CONNACK/DISCONNECT round trip: the listener is up and the router
 /// answers.
-async fn probe(addr: SocketAddr) -> io::Result<()> {
+async fn probe(addr: SocketAddr, introduction: &[u8]) -> io::Result<()> {
     let target = match addr {
         SocketAddr::V4(a) if a.ip().is_unspecified() => {
             SocketAddr::from((Ipv4Addr::LOCALHOST, a.port()))
@@ -195,6 +286,7 @@ async fn probe(addr: SocketAddr) -> io::Result<()> {
     };
     let attempt = async {
         let mut stream = TcpStream::connect(target).await?;
+        stream.write_all(introduction).await?;
         stream
             .write_all(&[0x10, 12, 0, 4, b'M', b'Q', b'T', b'T', 4, 0x02, 0, 5, 0, 0])
             .await?;

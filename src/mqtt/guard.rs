@@ -66,16 +66,20 @@ impl Guard {
 
     /// Authenticates a CONNECT; a refused one is turned into a throwaway session that cannot
     /// take over anyone's session, publish a will or stay long.
+    /// `certified` is the common name of the client's TLS certificate: it names the client
+    /// whatever the CONNECT says, as Mosquitto's `use_identity_as_username` does.
     pub(super) fn connect(
         &mut self,
         policy: &Policy,
+        certified: Option<&str>,
         connect: &mut Connect,
         will: &mut Option<LastWill>,
         login: &mut Option<Login>,
     ) {
-        let verdict = match login.as_ref() {
-            None => policy.anonymous(),
-            Some(l) => match policy.known_password(&l.username, &l.password) {
+        let verdict = match (certified, login.as_ref()) {
+            (Some(name), _) => Ok(policy.certificate(name)),
+            (None, None) => policy.anonymous(),
+            (None, Some(l)) => match policy.known_password(&l.username, &l.password) {
                 Some(p) => Ok(p),
                 None => blocking(|| policy.verify_password(&l.username, &l.password)),
             },

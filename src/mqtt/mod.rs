@@ -12,6 +12,7 @@ mod protocol;
 mod remote;
 mod routing;
 mod rules;
+mod secure;
 
 use std::net::SocketAddr;
 

@@ -28,6 +28,7 @@ use super::listener::{Orphan, Report, Reports};
 use super::message::{Meta, RetainedSource};
 use super::routing::{filter_to_router, from_router, to_router};
 use super::rules::{check_filter, check_framing, check_text};
+use super::secure::Secret;
 use crate::policy::{Policy, Readable};
 
 /// Keep-alive given to clients that ask for none (rumqttd refuses 0): about 27 hours.
@@ -65,6 +66,10 @@ struct ConnState {
     linked: bool,
     /// Whether this connection holds one of `Shared::max_clients`.
     counted: bool,
+    /// Whether the relay's introduction has been read (MQTT over TLS).
+    introduced: bool,
+    /// The common name of the client's TLS certificate.
+    certified: Option<String>,
 }
 
 /// Settings shared by every connection of one listener.
@@ -78,6 +83,8 @@ pub(crate) struct Shared {
     /// Clients accepted at once; more get CONNACK "quota exceeded" (3.1.1: "unavailable").
     pub(crate) max_clients: usize,
     pub(crate) clients: AtomicUsize,
+    /// Set on the listener behind the TLS relay: every connection starts with its introduction.
+    pub(crate) introduction: Option<Secret>,
 }
 
 impl Shared {
@@ -139,9 +146,13 @@ impl GatewayProtocol {
                     check_text(&login.username)?;
                 }
                 // Before the will is touched: its topic is checked as the client wrote it.
-                state
-                    .guard
-                    .connect(policy, &mut connect, &mut will, &mut login);
+                state.guard.connect(
+                    policy,
+                    state.certified.as_deref(),
+                    &mut connect,
+                    &mut will,
+                    &mut login,
+                );
                 if connect.keep_alive == 0 {
                     connect.keep_alive = UNLIMITED_KEEP_ALIVE;
                 }
@@ -377,6 +388,18 @@ impl Protocol for GatewayProtocol {
         let state = self.state.get_mut().unwrap_or_else(PoisonError::into_inner);
         // rumqttd reads nothing between the CONNECT and the start of the link.
         state.linked = state.handed.is_some();
+        if let Some(secret) = &self.shared.introduction
+            && !state.introduced
+        {
+            match secret.read(stream) {
+                Ok(None) => return Err(Error::InsufficientBytes(1)),
+                Ok(Some(name)) => {
+                    state.introduced = true;
+                    state.certified = Some(name).filter(|n| !n.is_empty());
+                }
+                Err(()) => return Err(Error::IncorrectPacketFormat),
+            }
+        }
         loop {
             let state = self.state.get_mut().unwrap_or_else(PoisonError::into_inner);
             if state.guard.closing() {

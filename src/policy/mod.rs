@@ -195,6 +195,11 @@ impl Policy {
         }
     }
 
+    /// The principal of a TLS client certificate the configured CA signed: its common name.
+    pub fn certificate(&self, common_name: &str) -> Principal {
+        Principal::Named(Arc::from(common_name))
+    }
+
     /// The principal of a bearer token.
     pub fn token(&self, token: &str) -> Result<Principal, AuthError> {
         self.inner.identities.token(token)

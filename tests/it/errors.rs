@@ -209,6 +209,7 @@ async fn publishes_get_503_when_the_broker_link_is_down() {
         config.max_payload,
         Arc::new(StoreSource(store.clone())),
         Policy::open(),
+        None,
     )
     .unwrap();
     let tracker = TaskTracker::new();
@@ -232,9 +233,15 @@ async fn publishes_get_503_when_the_broker_link_is_down() {
         http_cancel.clone(),
         CancellationToken::new(),
     );
+    let listening = topicgate::http::Listening {
+        max_connections: 16,
+        header_timeout: std::time::Duration::from_secs(5),
+        tls: None,
+    };
     tokio::spawn(topicgate::http::serve(
         listener,
         router,
+        listening,
         http_cancel.clone(),
     ));
     let client = reqwest::Client::new();

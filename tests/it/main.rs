@@ -15,3 +15,4 @@ mod openapi;
 mod security;
 mod sse;
 mod support;
+mod tls;

@@ -19,6 +19,9 @@ pub(crate) struct TestGateway {
     pub(crate) http: SocketAddr,
     pub(crate) mqtt: SocketAddr,
     pub(crate) coap: SocketAddr,
+    /// Set when `[tls]` names a certificate.
+    pub(crate) https: Option<SocketAddr>,
+    pub(crate) mqtts: Option<SocketAddr>,
     pub(crate) client: reqwest::Client,
     cancel: CancellationToken,
     task: JoinHandle<Result<(), GatewayError>>,
@@ -35,6 +38,8 @@ impl TestGateway {
         config.http.addr = "127.0.0.1:0".parse().unwrap();
         config.mqtt.addr = "127.0.0.1:0".parse().unwrap();
         config.coap.addr = "127.0.0.1:0".parse().unwrap();
+        config.http.tls_addr = "127.0.0.1:0".parse().unwrap();
+        config.mqtt.tls_addr = "127.0.0.1:0".parse().unwrap();
         let data = tempfile::tempdir().unwrap();
         config.data_dir = data.path().to_owned();
         tweak(&mut config);
@@ -45,6 +50,7 @@ impl TestGateway {
         };
         let gateway = Gateway::bind(config).await.expect("gateway binds");
         let (http, coap) = (gateway.http_addr(), gateway.coap_addr());
+        let (https, mqtts) = (gateway.https_addr(), gateway.mqtts_addr());
         let mqtt = gateway
             .mqtt_addr()
             .or(external)
@@ -60,6 +66,8 @@ impl TestGateway {
             http,
             mqtt,
             coap,
+            https,
+            mqtts,
             client,
             cancel,
             task,

@@ -1,0 +1,142 @@
+//! The HTTP and HTTPS accept loop: a bounded number of connections per listener, a deadline for
+//! the TLS handshake and for request headers (slowloris), and the peer's address and certificate
+//! name handed to the router with every request.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::{ConnectInfo, Request};
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto::Builder;
+use hyper_util::server::graceful::GracefulShutdown;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tower::ServiceExt;
+
+use super::auth::ClientName;
+use crate::tls::Tls;
+
+/// Pause after a failed accept (out of file descriptors, ...), so the loop does not spin.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
+
+/// How one listener treats its connections.
+#[derive(Debug, Clone)]
+pub struct Listening {
+    /// Connections served at once; more wait in the listen backlog.
+    pub max_connections: usize,
+    /// Time for the TLS handshake, for a request's headers, and for an idle connection's next
+    /// request to begin.
+    pub header_timeout: Duration,
+    /// Set for HTTPS.
+    pub tls: Option<Tls>,
+}
+
+/// Serves `router` on `listener` until `cancel` fires, then lets in-flight requests finish.
+pub async fn serve(
+    listener: TcpListener,
+    router: Router,
+    listening: Listening,
+    cancel: CancellationToken,
+) -> std::io::Result<()> {
+    let slots = Arc::new(Semaphore::new(listening.max_connections));
+    let graceful = GracefulShutdown::new();
+    let tls = listening
+        .tls
+        .as_ref()
+        .map(|t| t.with_alpn(&[b"h2", b"http/1.1"]));
+    let mut builder = Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(listening.header_timeout);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .keep_alive_interval(Some(listening.header_timeout));
+    let builder = Arc::new(builder);
+    loop {
+        let accepted = tokio::select! {
+            () = cancel.cancelled() => break,
+            slot = slots.clone().acquire_owned() => match slot {
+                Ok(slot) => tokio::select! {
+                    () = cancel.cancelled() => break,
+                    accepted = listener.accept() => accepted.map(|a| (a, slot)),
+                },
+                Err(_) => break,
+            },
+        };
+        let ((stream, peer), slot) = match accepted {
+            Ok(a) => a,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot accept an HTTP connection");
+                tokio::time::sleep(ACCEPT_BACKOFF).await;
+                continue;
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        let connection = Connection {
+            router: router.clone(),
+            builder: builder.clone(),
+            tls: tls.clone(),
+            deadline: listening.header_timeout,
+            peer,
+        };
+        let watcher = graceful.watcher();
+        tokio::spawn(async move {
+            connection.serve(stream, watcher).await;
+            drop(slot);
+        });
+    }
+    drop(listener);
+    graceful.shutdown().await;
+    Ok(())
+}
+
+struct Connection {
+    router: Router,
+    builder: Arc<Builder<TokioExecutor>>,
+    tls: Option<Tls>,
+    deadline: Duration,
+    peer: SocketAddr,
+}
+
+impl Connection {
+    async fn serve(self, stream: TcpStream, watcher: hyper_util::server::graceful::Watcher) {
+        let Self {
+            router,
+            builder,
+            tls,
+            deadline,
+            peer,
+        } = self;
+        let (io, client_name): (Box<dyn Io>, _) = match tls {
+            None => (Box::new(stream), None),
+            Some(tls) => match tls.accept(stream, deadline).await {
+                Ok(accepted) => (Box::new(accepted.stream), accepted.client_name),
+                Err(e) => {
+                    tracing::debug!(%peer, error = %e, "TLS handshake failed");
+                    return;
+                }
+            },
+        };
+        let service = hyper::service::service_fn(move |mut request: Request<Incoming>| {
+            request.extensions_mut().insert(ConnectInfo(peer));
+            if let Some(name) = &client_name {
+                request.extensions_mut().insert(ClientName(name.clone()));
+            }
+            router.clone().oneshot(request)
+        });
+        let served = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
+        if let Err(e) = watcher.watch(served.into_owned()).await {
+            tracing::debug!(%peer, error = %e, "HTTP connection ended with an error");
+        }
+    }
+}
+
+/// A plain or TLS byte stream.
+trait Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin> Io for T {}
