@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # End-to-end checks of the worked example in docs/security.md, with the clients people use:
-# `topicgate passwd`, curl, mosquitto_pub/mosquitto_sub (3.1.1 and 5) and coap-client-notls.
-# Also checks the default posture: no auth config and a listener on 0.0.0.0 log a warning.
+# `topicgate passwd`, curl, mosquitto_pub/mosquitto_sub (3.1.1 and 5) and coap-client-notls;
+# HTTPS and MQTT over TLS with certificates made by openssl (curl --cacert, mosquitto_sub
+# --cafile, client certificates). Also checks the default posture: no auth config and a listener on 0.0.0.0 log a warning.
 #
 #   TOPICGATE_BIN   binary to test (default target/release/topicgate)
 #   E2E_TIMEOUT     seconds any single wait may take (default 10)
@@ -11,12 +12,14 @@ BIN=${TOPICGATE_BIN:-target/release/topicgate}
 TIMEOUT=${E2E_TIMEOUT:-10}
 # shellcheck source=lib.sh
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
-prepare "e2e security" curl mosquitto_pub mosquitto_sub coap-client-notls python3 timeout
+prepare "e2e security" curl mosquitto_pub mosquitto_sub coap-client-notls python3 timeout openssl
 
-mapfile -t PORTS < <(free_ports 3)
+mapfile -t PORTS < <(free_ports 5)
 HTTP_PORT=${PORTS[0]}
 MQTT_PORT=${PORTS[1]}
 COAP_PORT=${PORTS[2]}
+HTTPS_PORT=${PORTS[3]}
+MQTTS_PORT=${PORTS[4]}
 BASE="http://127.0.0.1:$HTTP_PORT"
 COAP="coap://127.0.0.1:$COAP_PORT"
 
@@ -123,6 +126,79 @@ check_has "coap-client without a token: 4.01" "$out" "4.01"
 out=$(timeout "$TIMEOUT" coap-client-notls -m put -e 1 "$COAP/topics/home/kitchen/light?auth=thermostat-7f3c9a1e5b" 2>&1 || true)
 check_has "coap-client: a PUT outside the token's ACL gets 4.03" "$out" "4.03"
 
+kill "$GW_PID"
+wait "$GW_PID" || true
+GW_PID=
+
+# --- TLS: HTTPS and MQTT over TLS, a client certificate as the user ----------------------------
+PKI=$WORK/pki
+mkdir -p "$PKI"
+(
+    cd "$PKI"
+    openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 2 \
+        -subj "/CN=e2e CA" -keyout ca.key -out ca.pem
+    openssl req -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -subj "/CN=localhost" \
+        -keyout server.key -out server.csr
+    printf 'subjectAltName=DNS:localhost,IP:127.0.0.1\n' >server.ext
+    openssl x509 -req -in server.csr -CA ca.pem -CAkey ca.key -CAcreateserial -days 2 \
+        -extfile server.ext -out server.pem
+    openssl req -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -subj "/CN=sensor-7" \
+        -keyout client.key -out client.csr
+    printf 'extendedKeyUsage=clientAuth\n' >client.ext
+    openssl x509 -req -in client.csr -CA ca.pem -CAkey ca.key -CAcreateserial -days 2 \
+        -extfile client.ext -out client.pem
+) >"$WORK/openssl.log" 2>&1 || { cat "$WORK/openssl.log"; exit 1; }
+cat >"$WORK/tls.toml" <<TOML
+data_dir = "$WORK/tls-data"
+[mqtt]
+addr = "127.0.0.1:$MQTT_PORT"
+tls_addr = "127.0.0.1:$MQTTS_PORT"
+[http]
+addr = "127.0.0.1:$HTTP_PORT"
+tls_addr = "127.0.0.1:$HTTPS_PORT"
+[coap]
+addr = "127.0.0.1:$COAP_PORT"
+[tls]
+cert = "$PKI/server.pem"
+key = "$PKI/server.key"
+client_ca = "$PKI/ca.pem"
+[auth]
+allow_anonymous = false
+[[auth.acl]]
+user = "*"
+topic = "sensors/%u/#"
+access = "readwrite"
+TOML
+"$BIN" --config "$WORK/tls.toml" 2>"$WORK/tls.log" &
+GW_PID=$!
+HTTPS="https://localhost:$HTTPS_PORT"
+wait_until curl -fsS --cacert "$PKI/ca.pem" -o /dev/null "$HTTPS/readyz" ||
+    { cat "$WORK/tls.log"; exit 1; }
+ok "curl --cacert: HTTPS answers"
+check "curl without the CA refuses the server certificate" 000 \
+    "$(curl -s -o /dev/null -w '%{http_code}' "$HTTPS/healthz" || true)"
+check "HTTPS without credentials: 401" 401 \
+    "$(status --cacert "$PKI/ca.pem" -d 1 "$HTTPS/topics/sensors/sensor-7/t")"
+CERT=(--cert "$PKI/client.pem" --key "$PKI/client.key")
+timeout "$TIMEOUT" mosquitto_sub -h localhost -p "$MQTTS_PORT" --cafile "$PKI/ca.pem" \
+    "${CERT[@]}" -t 'sensors/sensor-7/#' -C 1 -v >"$WORK/tls-sub.out" 2>&1 &
+SUB_PID=$!
+# The subscriber is in once its retained value arrives.
+check "a client certificate (CN sensor-7) publishes over HTTPS" 204 \
+    "$(status --cacert "$PKI/ca.pem" "${CERT[@]}" -X PUT -d seed "$HTTPS/topics/sensors/sensor-7/seed")"
+wait "$SUB_PID" || true
+check "mosquitto_sub --cafile --cert over MQTT/TLS receives it" "sensors/sensor-7/seed seed" \
+    "$(cat "$WORK/tls-sub.out")"
+out=$(timeout "$TIMEOUT" mosquitto_pub -h localhost -p "$MQTTS_PORT" --cafile "$PKI/ca.pem" \
+    -t sensors/sensor-7/x -m 1 -V mqttv5 2>&1 || true)
+check_has "mosquitto_pub --cafile without a certificate: not authorized" "$out" \
+    "authori" "Not authorized"
+timeout "$TIMEOUT" mosquitto_pub -h localhost -p "$MQTTS_PORT" --cafile "$PKI/ca.pem" \
+    "${CERT[@]}" -t sensors/sensor-7/temp -m 22.5 -r
+check "mosquitto_pub --cert over MQTT/TLS, read back over HTTPS" 22.5 \
+    "$(curl -s --cacert "$PKI/ca.pem" "${CERT[@]}" "$HTTPS/topics/sensors/sensor-7/temp")"
+check "outside the certificate's ACL: 403" 403 \
+    "$(status --cacert "$PKI/ca.pem" "${CERT[@]}" -d 1 "$HTTPS/topics/sensors/other/t")"
 kill "$GW_PID"
 wait "$GW_PID" || true
 GW_PID=

@@ -100,7 +100,7 @@ impl Tls {
         }))
     }
 
-    /// The same settings, offering these ALPN protocols (HTTPS: `h2`, `http/1.1`).
+    /// The same settings, offering these ALPN protocols.
     pub fn with_alpn(&self, protocols: &[&[u8]]) -> Self {
         let mut server = (**self.acceptor.config()).clone();
         server.alpn_protocols = protocols.iter().map(|p| p.to_vec()).collect();
