@@ -60,10 +60,9 @@ struct ConnState {
     guard: Guard,
     /// Whether the CONNECT has been read: a second one is a protocol violation.
     connected: bool,
-    /// The CONNECT handed to rumqttd, until its link asks for the next packet.
+    /// The CONNECT handed to rumqttd, until its link asks for the next packet: dropped with
+    /// it still here, the connection is an orphan (see `listener`).
     handed: Option<Orphan>,
-    /// Whether rumqttd's link for this connection has started.
-    linked: bool,
     /// Whether this connection holds one of `Shared::max_clients`.
     counted: bool,
     /// Whether the relay's introduction has been read (MQTT over TLS).
@@ -369,9 +368,7 @@ impl Drop for GatewayProtocol {
         if state.counted {
             self.shared.clients.fetch_sub(1, Ordering::AcqRel);
         }
-        if !state.linked
-            && let Some(orphan) = state.handed.take()
-        {
+        if let Some(orphan) = state.handed.take() {
             self.generation
                 .orphaned
                 .lock()
@@ -387,7 +384,7 @@ impl Protocol for GatewayProtocol {
     fn read_mut(&mut self, stream: &mut BytesMut, max_size: usize) -> Result<Packet, Error> {
         let state = self.state.get_mut().unwrap_or_else(PoisonError::into_inner);
         // rumqttd reads nothing between the CONNECT and the start of the link.
-        state.linked = state.handed.is_some();
+        state.handed = None;
         if let Some(secret) = &self.shared.introduction
             && !state.introduced
         {
