@@ -1,7 +1,9 @@
 //! TLS for the HTTPS and MQTT-over-TLS listeners (rustls): the server certificate from PEM
-//! files, optional client certificates, and the handshake with a deadline.
+//! files, optional client certificates, and the handshake with a deadline; and the accept step
+//! of every listener the gateway runs itself (HTTP, HTTPS, MQTT over TLS).
 
 use std::io;
+use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
@@ -10,11 +12,31 @@ use rustls::RootCertStore;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::server::WebPkiClientVerifier;
-use tokio::net::TcpStream;
+use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
 use tokio_rustls::server::TlsStream;
 
 use crate::config::TlsConfig;
+
+/// Pause after a failed accept (out of file descriptors, ...), so the loop does not spin.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
+
+/// The next connection on `listener`, with Nagle's algorithm off. A failed accept is logged
+/// and retried after a pause; `what` names the listener in the log.
+pub async fn accept(listener: &TcpListener, what: &'static str) -> (TcpStream, SocketAddr) {
+    loop {
+        match listener.accept().await {
+            Ok((stream, peer)) => {
+                let _ = stream.set_nodelay(true);
+                return (stream, peer);
+            }
+            Err(e) => {
+                tracing::warn!(listener = what, error = %e, "cannot accept a connection");
+                tokio::time::sleep(ACCEPT_BACKOFF).await;
+            }
+        }
+    }
+}
 
 /// Why the TLS settings cannot be used.
 #[derive(Debug, thiserror::Error)]
@@ -91,10 +113,9 @@ impl Tls {
                 builder.with_client_cert_verifier(verifier)
             }
         };
-        let mut server = builder
+        let server = builder
             .with_single_cert(chain, key)
             .map_err(|e| TlsError::Rustls(e.to_string()))?;
-        server.alpn_protocols = Vec::new();
         Ok(Some(Self {
             acceptor: TlsAcceptor::from(Arc::new(server)),
         }))

@@ -18,10 +18,7 @@ use tokio_util::sync::CancellationToken;
 use tower::ServiceExt;
 
 use super::auth::ClientName;
-use crate::tls::Tls;
-
-/// Pause after a failed accept (out of file descriptors, ...), so the loop does not spin.
-const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
+use crate::tls::{Tls, accept};
 
 /// How one listener treats its connections.
 #[derive(Debug, Clone)]
@@ -57,26 +54,18 @@ pub async fn serve(
         .timer(TokioTimer::new())
         .keep_alive_interval(Some(listening.header_timeout));
     let builder = Arc::new(builder);
+    let what = if tls.is_some() { "https" } else { "http" };
     loop {
-        let accepted = tokio::select! {
+        let ((stream, peer), slot) = tokio::select! {
             () = cancel.cancelled() => break,
             slot = slots.clone().acquire_owned() => match slot {
                 Ok(slot) => tokio::select! {
                     () = cancel.cancelled() => break,
-                    accepted = listener.accept() => accepted.map(|a| (a, slot)),
+                    accepted = accept(&listener, what) => (accepted, slot),
                 },
                 Err(_) => break,
             },
         };
-        let ((stream, peer), slot) = match accepted {
-            Ok(a) => a,
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot accept an HTTP connection");
-                tokio::time::sleep(ACCEPT_BACKOFF).await;
-                continue;
-            }
-        };
-        let _ = stream.set_nodelay(true);
         let connection = Connection {
             router: router.clone(),
             builder: builder.clone(),

@@ -16,15 +16,12 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::tls::Tls;
+use crate::tls::{Tls, accept};
 
 const MAGIC: &[u8; 4] = b"TGW1";
 const SECRET_LEN: usize = 16;
 /// Magic, secret, then the length of the name.
 const HEAD: usize = MAGIC.len() + SECRET_LEN + 2;
-
-/// Pause after a failed accept (out of file descriptors, ...), so the loop does not spin.
-const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
 
 /// The secret shared by the relay and the inner listener's codec.
 #[derive(Clone, Copy)]
@@ -84,17 +81,9 @@ pub(crate) async fn relay(
     cancel: CancellationToken,
 ) {
     loop {
-        let accepted = tokio::select! {
+        let (stream, peer) = tokio::select! {
             () = cancel.cancelled() => return,
-            accepted = listener.accept() => accepted,
-        };
-        let (stream, peer) = match accepted {
-            Ok(a) => a,
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot accept an MQTT over TLS connection");
-                tokio::time::sleep(ACCEPT_BACKOFF).await;
-                continue;
-            }
+            accepted = accept(&listener, "mqtts") => accepted,
         };
         let (tls, cancel) = (tls.clone(), cancel.clone());
         tracker.spawn(async move {
@@ -117,7 +106,6 @@ async fn relay_one(
     secret: Secret,
     handshake: Duration,
 ) -> io::Result<()> {
-    let _ = stream.set_nodelay(true);
     let mut client = tls.accept(stream, handshake).await?;
     let mut broker = TcpStream::connect(inner).await?;
     let _ = broker.set_nodelay(true);
