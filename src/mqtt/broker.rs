@@ -37,8 +37,6 @@ pub struct Broker {
     secure: Option<SecureFront>,
     link_parts: LinkParts,
     stats: Arc<LinkStats>,
-    /// Time a TLS client has for its handshake.
-    handshake: Duration,
 }
 
 /// MQTT over TLS: the public listener, and the loopback rumqttd listener it relays to.
@@ -48,6 +46,8 @@ struct SecureFront {
     inner: SocketAddr,
     secret: Secret,
     listener: Listener,
+    /// Time a TLS client has for its handshake.
+    handshake: Duration,
 }
 
 impl Broker {
@@ -151,6 +151,7 @@ impl Broker {
                     inner,
                     secret,
                     listener: listener(settings, Some(secret)),
+                    handshake: config.connect_timeout,
                 })
             }
         };
@@ -161,7 +162,6 @@ impl Broker {
             secure,
             link_parts,
             stats,
-            handshake: config.connect_timeout,
         })
     }
 
@@ -188,7 +188,6 @@ impl Broker {
             secure,
             link_parts,
             stats,
-            handshake,
         } = self;
         let server_task = tracker.spawn(listener.run(cancel.clone()));
         let secure = match secure {
@@ -202,7 +201,7 @@ impl Broker {
                     front.tls,
                     front.inner,
                     front.secret,
-                    handshake,
+                    front.handshake,
                     tracker.clone(),
                     cancel.clone(),
                 ));

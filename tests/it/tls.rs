@@ -23,8 +23,7 @@ struct Pki {
     ca: CertificateDer<'static>,
     client_chain: Vec<CertificateDer<'static>>,
     client_key: Vec<u8>,
-    _dir: tempfile::TempDir,
-    dir: std::path::PathBuf,
+    dir: tempfile::TempDir,
 }
 
 impl Pki {
@@ -50,7 +49,7 @@ impl Pki {
             .push(DnType::CommonName, client_name);
         let client = client_params.signed_by(&client_key, &ca, &ca_key).unwrap();
 
-        let path = dir.path().to_owned();
+        let path = dir.path();
         std::fs::write(path.join("ca.pem"), ca.pem()).unwrap();
         std::fs::write(path.join("server.pem"), server.pem()).unwrap();
         std::fs::write(path.join("server.key"), server_key.serialize_pem()).unwrap();
@@ -58,15 +57,15 @@ impl Pki {
             ca: ca.der().clone(),
             client_chain: vec![client.der().clone()],
             client_key: client_key.serialize_der(),
-            _dir: dir,
-            dir: path,
+            dir,
         }
     }
 
     fn configure(&self, c: &mut Config, require_client_cert: bool) {
-        c.tls.cert = Some(self.dir.join("server.pem"));
-        c.tls.key = Some(self.dir.join("server.key"));
-        c.tls.client_ca = Some(self.dir.join("ca.pem"));
+        let dir = self.dir.path();
+        c.tls.cert = Some(dir.join("server.pem"));
+        c.tls.key = Some(dir.join("server.key"));
+        c.tls.client_ca = Some(dir.join("ca.pem"));
         c.tls.require_client_cert = require_client_cert;
     }
 
