@@ -68,25 +68,8 @@ sse_has() {
 
 # --- start the gateway ----------------------------------------------------------------------
 
-"$BIN" --http-addr "127.0.0.1:$HTTP_PORT" --mqtt-addr "127.0.0.1:$MQTT_PORT" \
-    --coap-addr "127.0.0.1:$COAP_PORT" --data-dir "$WORK/data" \
-    >"$WORK/gateway.out" 2>"$WORK/gateway.log" &
-GW_PID=$!
-
-# Ready, or gone: either way the wait is over.
-ready_or_exited() {
-    ! kill -0 "$GW_PID" 2>/dev/null ||
-        [[ $(curl -s --max-time 1 -o /dev/null -w '%{http_code}' "$BASE/readyz") == 200 ]]
-}
-if ! wait_until ready_or_exited || ! kill -0 "$GW_PID" 2>/dev/null; then
-    if kill -0 "$GW_PID" 2>/dev/null; then
-        echo "e2e: the gateway did not become ready within ${TIMEOUT}s; its log:" >&2
-    else
-        echo "e2e: the gateway exited before it was ready; its log:" >&2
-    fi
-    cat "$WORK/gateway.log" >&2
-    exit 1
-fi
+start_gateway --http-addr "127.0.0.1:$HTTP_PORT" --mqtt-addr "127.0.0.1:$MQTT_PORT" \
+    --coap-addr "127.0.0.1:$COAP_PORT" --data-dir "$WORK/data"
 
 if grep -q 'listening protocol="mqtt" addr=127.0.0.1:'"$MQTT_PORT" "$WORK/gateway.log" &&
     grep -q 'listening protocol="http" addr=127.0.0.1:'"$HTTP_PORT" "$WORK/gateway.log"; then

@@ -91,30 +91,13 @@ PY
 # --- start the gateway ----------------------------------------------------------------------
 
 printf 'max_payload = %s\n' "$MAX_PAYLOAD" >"$WORK/topicgate.toml"
-"$BIN" --config "$WORK/topicgate.toml" --http-addr "127.0.0.1:$HTTP_PORT" \
+# Ready once the HTTP side reports ready and the CoAP listener is logged.
+gateway_ready() {
+    http_ready && grep -q 'listening protocol="coap" addr=127.0.0.1:'"$COAP_PORT" "$WORK/gateway.log"
+}
+start_gateway --config "$WORK/topicgate.toml" --http-addr "127.0.0.1:$HTTP_PORT" \
     --mqtt-addr "127.0.0.1:$MQTT_PORT" --coap-addr "127.0.0.1:$COAP_PORT" \
-    --data-dir "$WORK/data" >"$WORK/gateway.out" 2>"$WORK/gateway.log" &
-GW_PID=$!
-
-coap_listening() {
-    grep -q 'listening protocol="coap" addr=127.0.0.1:'"$COAP_PORT" "$WORK/gateway.log"
-}
-# Ready, or gone: either way the wait is over.
-ready_or_exited() {
-    ! kill -0 "$GW_PID" 2>/dev/null || {
-        [[ $(curl -s --max-time 1 -o /dev/null -w '%{http_code}' "$BASE/readyz") == 200 ]] &&
-            coap_listening
-    }
-}
-if ! wait_until ready_or_exited || ! kill -0 "$GW_PID" 2>/dev/null; then
-    if kill -0 "$GW_PID" 2>/dev/null; then
-        echo "e2e coap: the gateway did not become ready within ${TIMEOUT}s; its log:" >&2
-    else
-        echo "e2e coap: the gateway exited before it was ready; its log:" >&2
-    fi
-    cat "$WORK/gateway.log" >&2
-    exit 1
-fi
+    --data-dir "$WORK/data"
 ok "startup log names the CoAP listener"
 
 # --- 1. an MQTT retained value is readable with a CoAP GET ------------------------------------

@@ -82,9 +82,7 @@ topic = "public/#"
 access = "read"
 TOML
 
-"$BIN" --config "$WORK/topicgate.toml" 2>"$WORK/log" &
-GW_PID=$!
-wait_until curl -fsS -o /dev/null "$BASE/readyz" || { cat "$WORK/log"; exit 1; }
+start_gateway --config "$WORK/topicgate.toml"
 
 status() { curl -s -o "$WORK/body" -w '%{http_code}' "$@"; }
 
@@ -169,11 +167,9 @@ user = "*"
 topic = "sensors/%u/#"
 access = "readwrite"
 TOML
-"$BIN" --config "$WORK/tls.toml" 2>"$WORK/tls.log" &
-GW_PID=$!
 HTTPS="https://localhost:$HTTPS_PORT"
-wait_until curl -fsS --cacert "$PKI/ca.pem" -o /dev/null "$HTTPS/readyz" ||
-    { cat "$WORK/tls.log"; exit 1; }
+gateway_ready() { curl -fsS --max-time 1 --cacert "$PKI/ca.pem" -o /dev/null "$HTTPS/readyz"; }
+start_gateway --config "$WORK/tls.toml"
 ok "curl --cacert: HTTPS answers"
 check "curl without the CA refuses the server certificate" 000 \
     "$(curl -s -o /dev/null -w '%{http_code}' "$HTTPS/healthz" || true)"

@@ -51,6 +51,7 @@ show() {
 # messages; the rest are the tools.
 prepare() {
     local name=$1 tool
+    SCRIPT=$name
     shift
     unset TOPICGATE_CONFIG TOPICGATE_MQTT_ADDR TOPICGATE_HTTP_ADDR TOPICGATE_COAP_ADDR \
         TOPICGATE_MQTTS_ADDR TOPICGATE_HTTPS_ADDR \
@@ -60,6 +61,36 @@ prepare() {
     done
     [[ -x $BIN ]] || { echo "$name: no executable at $BIN (set TOPICGATE_BIN)" >&2; exit 1; }
     BIN=$(cd "$(dirname "$BIN")" && pwd)/$(basename "$BIN")
+}
+
+# Whether the gateway at $BASE answers /readyz with 200.
+http_ready() {
+    [[ $(curl -s --max-time 1 -o /dev/null -w '%{http_code}' "$BASE/readyz") == 200 ]]
+}
+
+# What start_gateway waits for; a script waiting for more defines its own.
+gateway_ready() { http_ready; }
+
+# Ready, or gone: either way the wait is over.
+ready_or_exited() {
+    ! kill -0 "$GW_PID" 2>/dev/null || gateway_ready
+}
+
+# Starts the gateway with the given arguments (log in $WORK/gateway.log, output in
+# $WORK/gateway.out, process id in GW_PID) and waits until gateway_ready; if it is not ready in
+# time or exits first, says which, prints its log and exits 1.
+start_gateway() {
+    "$BIN" "$@" >"$WORK/gateway.out" 2>"$WORK/gateway.log" &
+    GW_PID=$!
+    if ! wait_until ready_or_exited || ! kill -0 "$GW_PID" 2>/dev/null; then
+        if kill -0 "$GW_PID" 2>/dev/null; then
+            echo "$SCRIPT: the gateway did not become ready within ${TIMEOUT}s; its log:" >&2
+        else
+            echo "$SCRIPT: the gateway exited before it was ready; its log:" >&2
+        fi
+        cat "$WORK/gateway.log" >&2
+        exit 1
+    fi
 }
 
 # Polls a command every 0.1 s until it succeeds; fails after $TIMEOUT seconds.

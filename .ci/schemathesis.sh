@@ -37,21 +37,8 @@ mapfile -t PORTS < <(free_ports 3)
 HTTP_PORT=${PORTS[0]}
 BASE="http://127.0.0.1:$HTTP_PORT"
 
-"$BIN" --http-addr "127.0.0.1:$HTTP_PORT" --mqtt-addr "127.0.0.1:${PORTS[1]}" \
-    --coap-addr "127.0.0.1:${PORTS[2]}" --data-dir "$WORK/data" \
-    >"$WORK/gateway.out" 2>"$WORK/gateway.log" &
-GW_PID=$!
-
-# Ready, or gone: either way the wait is over.
-ready_or_exited() {
-    ! kill -0 "$GW_PID" 2>/dev/null ||
-        [[ $(curl -s --max-time 1 -o /dev/null -w '%{http_code}' "$BASE/readyz") == 200 ]]
-}
-if ! wait_until ready_or_exited || ! kill -0 "$GW_PID" 2>/dev/null; then
-    echo "schemathesis: the gateway did not become ready within ${TIMEOUT}s; its log:" >&2
-    cat "$WORK/gateway.log" >&2
-    exit 1
-fi
+start_gateway --http-addr "127.0.0.1:$HTTP_PORT" --mqtt-addr "127.0.0.1:${PORTS[1]}" \
+    --coap-addr "127.0.0.1:${PORTS[2]}" --data-dir "$WORK/data"
 
 # An event stream never ends: a generated read that would open one (`stream=true`, or an Accept
 # header asking for text/event-stream) is sent as a plain read instead of waiting out the request
