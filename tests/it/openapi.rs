@@ -45,3 +45,37 @@ async fn docs_page_is_served_without_external_resources() {
         );
     }
 }
+
+#[tokio::test]
+async fn put_offers_no_retain_parameter_since_it_always_retains() {
+    let gw = TestGateway::start().await;
+    let doc: serde_json::Value = gw.get("/openapi.json").await.json().await.unwrap();
+    let params = |method: &str| -> Vec<String> {
+        doc["paths"]["/topics/{topic}"][method]["parameters"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| p["name"].as_str().unwrap().to_owned())
+            .collect()
+    };
+    assert_eq!(params("post"), ["topic", "qos", "retain", "expiry"]);
+    assert_eq!(params("put"), ["topic", "qos", "expiry"]);
+    assert!(doc["paths"]["/topics/{topic}"]["put"]["responses"]["400"].is_object());
+
+    // A redundant `retain=true` is accepted; `retain=false` contradicts the method.
+    let put = |query: &'static str| {
+        gw.client
+            .put(gw.url(&format!("/topics/put/kept{query}")))
+            .body("v")
+            .send()
+    };
+    assert_eq!(put("?retain=true").await.unwrap().status(), 204);
+    assert_eq!(put("?qos=1&expiry=60").await.unwrap().status(), 204);
+    let refused = put("?retain=false").await.unwrap();
+    assert_eq!(refused.status(), 400);
+    let body: serde_json::Value = refused.json().await.unwrap();
+    assert_eq!(body["error"], "invalid_parameter", "{body}");
+    let kept = gw.get("/topics/put/kept").await;
+    assert_eq!(kept.status(), 200);
+    assert_eq!(kept.text().await.unwrap(), "v");
+}
