@@ -17,7 +17,7 @@ use utoipa::{IntoParams, PartialSchema, ToSchema};
 
 use super::AppState;
 use super::auth::Caller;
-use super::error::{ApiError, ErrorBody};
+use super::error::{ApiError, ErrorBody, Refusals, StreamLimits};
 use super::sse;
 use crate::bridge::{
     Listing, Message, Origin, Qos, Topic, TopicError, TopicFilter, apply_expiry, parse_flag,
@@ -89,8 +89,11 @@ pub(crate) struct ReadQuery {
         (status = 204, description = "Published"),
         (status = 400, description = "Bad topic, parameter or header", body = ErrorBody),
         (status = 413, description = "Payload over the limit", body = ErrorBody),
-        (status = 503, description = "Broker unavailable", body = ErrorBody),
-    )
+        (status = 503, description = "Broker unavailable", body = ErrorBody,
+            headers(("Retry-After" = u32, description = "Seconds to wait before trying again"))),
+        Refusals,
+    ),
+    security(("basic" = []), ("bearer" = []), ())
 )]
 pub(crate) async fn publish(
     State(state): State<AppState>,
@@ -124,8 +127,11 @@ pub(crate) async fn publish(
         (status = 204, description = "Retained; `Location` names the resource", headers(("Location" = String))),
         (status = 400, description = "Bad topic, parameter or header; also `retain=false`, since PUT always retains", body = ErrorBody),
         (status = 413, description = "Payload over the limit", body = ErrorBody),
-        (status = 503, description = "Broker unavailable", body = ErrorBody),
-    )
+        (status = 503, description = "Broker unavailable", body = ErrorBody,
+            headers(("Retry-After" = u32, description = "Seconds to wait before trying again"))),
+        Refusals,
+    ),
+    security(("basic" = []), ("bearer" = []), ())
 )]
 pub(crate) async fn put_retained(
     State(state): State<AppState>,
@@ -170,7 +176,10 @@ pub(crate) async fn put_retained(
         (status = 304, description = "Unchanged since the given ETag"),
         (status = 400, description = "Bad topic, filter or parameter", body = ErrorBody),
         (status = 404, description = "Nothing retained on the topic", body = ErrorBody),
-    )
+        Refusals,
+        StreamLimits,
+    ),
+    security(("basic" = []), ("bearer" = []), ())
 )]
 pub(crate) async fn read(
     State(state): State<AppState>,
@@ -217,8 +226,11 @@ pub(crate) async fn read(
         (status = 204, description = "Cleared"),
         (status = 400, description = "Bad topic", body = ErrorBody),
         (status = 404, description = "Nothing retained on the topic", body = ErrorBody),
-        (status = 503, description = "Broker unavailable", body = ErrorBody),
-    )
+        (status = 503, description = "Broker unavailable", body = ErrorBody,
+            headers(("Retry-After" = u32, description = "Seconds to wait before trying again"))),
+        Refusals,
+    ),
+    security(("basic" = []), ("bearer" = []), ())
 )]
 pub(crate) async fn clear(
     State(state): State<AppState>,
