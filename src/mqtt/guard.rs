@@ -73,6 +73,10 @@ impl Guard {
         will: &mut Option<LastWill>,
         login: &mut Option<Login>,
     ) {
+        // Refused before its credentials were read (an unsupported protocol level).
+        if self.refused() {
+            return;
+        }
         let verdict = match login.as_ref() {
             None => policy.anonymous(),
             Some(l) => match policy.known_password(&l.username, &l.password) {
