@@ -111,6 +111,16 @@ else
     not_ok "$name" "GET /topics/home/hum: expected 200 '40', got $STATUS $(show "$(body)")"
 fi
 
+name="an MQTT 3.1 client is told its protocol version is unacceptable"
+# CONNACK 0x01 before the connection closes (MQTT 3.1.1 §3.1.2.2), as Mosquitto answers.
+if mpub -V mqttv31 -t home/old -m x 2>"$WORK/v31.err"; then
+    not_ok "$name" "mosquitto_pub -V mqttv31 succeeded"
+elif grep -qi "unacceptable protocol version" "$WORK/v31.err"; then
+    ok "$name"
+else
+    not_ok "$name" "expected 'unacceptable protocol version'" "got: $(show "$(cat "$WORK/v31.err")")"
+fi
+
 # --- 3. MQTT 5 content type and user property from HTTP headers -----------------------------
 
 SUB_V5=$WORK/sub-v5.txt

@@ -8,6 +8,9 @@ use axum::http::{HeaderMap, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use base64::Engine;
+use utoipa::Modify;
+use utoipa::openapi::OpenApi;
+use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 
 use super::AppState;
 use super::error::ApiError;
@@ -24,6 +27,35 @@ pub(crate) struct Caller {
     pub(crate) principal: Principal,
     /// Its rate and stream bucket: the principal's name, or the address of an anonymous caller.
     pub(crate) key: String,
+}
+
+/// The two schemes `/topics` accepts, as OpenAPI security schemes; each operation there lists
+/// them, and no credentials at all, as alternatives (anonymous access depends on `[auth]`).
+pub(crate) struct SecuritySchemes;
+
+impl Modify for SecuritySchemes {
+    fn modify(&self, api: &mut OpenApi) {
+        let components = api.components.get_or_insert_with(Default::default);
+        let http = |scheme, description: &str| {
+            SecurityScheme::Http(
+                HttpBuilder::new()
+                    .scheme(scheme)
+                    .description(Some(description))
+                    .build(),
+            )
+        };
+        components.add_security_scheme(
+            "basic",
+            http(
+                HttpAuthScheme::Basic,
+                "A user name and password of `[[auth.users]]`",
+            ),
+        );
+        components.add_security_scheme(
+            "bearer",
+            http(HttpAuthScheme::Bearer, "A token of `[[auth.tokens]]`"),
+        );
+    }
 }
 
 /// Authenticates the request, applies the rate limit, and hands the [`Caller`] on.

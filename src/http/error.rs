@@ -1,10 +1,16 @@
 //! The one error type of the HTTP API and its JSON form `{"error", "message"}`.
 
+use std::collections::BTreeMap;
+
 use axum::Json;
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde::Serialize;
-use utoipa::ToSchema;
+use utoipa::openapi::header::{Header, HeaderBuilder};
+use utoipa::openapi::response::{Response as ApiResponse, ResponseBuilder};
+use utoipa::openapi::schema::{KnownFormat, ObjectBuilder, SchemaFormat, Type};
+use utoipa::openapi::{Content, Ref, RefOr};
+use utoipa::{IntoResponses, ToSchema};
 
 use crate::bridge::{BridgeError, ParamError, TopicError};
 use crate::policy::{Denial, Refusal};
@@ -77,6 +83,79 @@ pub struct ErrorBody {
     /// One sentence for people.
     #[schema(example = "a topic to publish to cannot contain the wildcards '+' or '#'")]
     pub message: String,
+}
+
+/// The refusals of every `/topics` operation, documented once: the credentials (401), the ACL
+/// (401 for an anonymous caller, 403), the request rate (429). Credentials and rate are checked
+/// in `auth` before the handler runs, the ACL by the bridge.
+pub(crate) struct Refusals;
+
+impl IntoResponses for Refusals {
+    fn responses() -> BTreeMap<String, RefOr<ApiResponse>> {
+        let unauthorized = error_response(
+            "Credentials are missing where the ACL (or `allow_anonymous = false`) requires \
+             them, or wrong. `WWW-Authenticate` names the schemes: Basic and Bearer.",
+        )
+        .header(
+            "WWW-Authenticate",
+            HeaderBuilder::new()
+                .schema(Some(ObjectBuilder::new().schema_type(Type::String)))
+                .description(Some(
+                    "The challenge: `Basic realm=\"topicgate\", Bearer realm=\"topicgate\"`",
+                ))
+                .build(),
+        );
+        let forbidden = error_response("The ACL does not grant this to the caller");
+        let rate =
+            error_response("Over the caller's request rate").header("Retry-After", retry_after());
+        BTreeMap::from([
+            ("401".to_owned(), unauthorized.build().into()),
+            ("403".to_owned(), forbidden.build().into()),
+            ("429".to_owned(), rate.build().into()),
+        ])
+    }
+}
+
+/// The limits on event streams, documented for the read that opens them: per client (429,
+/// which also covers the request rate there) and in total (503).
+pub(crate) struct StreamLimits;
+
+impl IntoResponses for StreamLimits {
+    fn responses() -> BTreeMap<String, RefOr<ApiResponse>> {
+        let per_client = error_response(
+            "Over the caller's request rate, or (event stream) as many streams open as the \
+             client may have",
+        )
+        .header("Retry-After", retry_after());
+        let total = error_response("As many event streams open as the gateway serves")
+            .header("Retry-After", retry_after());
+        BTreeMap::from([
+            ("429".to_owned(), per_client.build().into()),
+            ("503".to_owned(), total.build().into()),
+        ])
+    }
+}
+
+/// A response documented with the JSON error body.
+fn error_response(description: &str) -> ResponseBuilder {
+    ResponseBuilder::new().description(description).content(
+        "application/json",
+        Content::new(Some(Ref::from_schema_name(ErrorBody::name()))),
+    )
+}
+
+/// The `Retry-After` header of a 429 or 503, in whole seconds; the same schema as the
+/// `u32` header of the 503 tuples in `topics`.
+fn retry_after() -> Header {
+    HeaderBuilder::new()
+        .schema(Some(
+            ObjectBuilder::new()
+                .schema_type(Type::Integer)
+                .format(Some(SchemaFormat::KnownFormat(KnownFormat::Int32)))
+                .minimum(Some(0)),
+        ))
+        .description(Some("Seconds to wait before trying again"))
+        .build()
 }
 
 impl ApiError {

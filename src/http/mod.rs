@@ -26,6 +26,7 @@ use utoipa_axum::routes;
 
 pub use error::{ApiError, ErrorBody};
 
+use self::auth::SecuritySchemes;
 use crate::bridge::{Bridge, TopicError};
 use crate::config::HttpConfig;
 use crate::metrics::StatusLabel;
@@ -58,7 +59,8 @@ pub(crate) struct AppState {
         (name = "topics", description = "Publish, read, list, stream and clear topics"),
         (name = "operations", description = "Health, readiness, metrics and this document"),
     ),
-    components(schemas(crate::bridge::Envelope, crate::bridge::PayloadEncoding))
+    components(schemas(crate::bridge::Envelope, crate::bridge::PayloadEncoding)),
+    modifiers(&SecuritySchemes)
 )]
 struct ApiDoc;
 

@@ -10,13 +10,14 @@ use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
 use percent_encoding::percent_decode_str;
 use serde::Deserialize;
+use utoipa::openapi::path::{Parameter, ParameterIn};
 use utoipa::openapi::schema::{AnyOf, ObjectBuilder, Schema, SchemaType};
 use utoipa::openapi::{Ref, RefOr};
 use utoipa::{IntoParams, PartialSchema, ToSchema};
 
 use super::AppState;
 use super::auth::Caller;
-use super::error::{ApiError, ErrorBody};
+use super::error::{ApiError, ErrorBody, Refusals, StreamLimits};
 use super::sse;
 use crate::bridge::{
     Listing, Message, Origin, Qos, Topic, TopicError, TopicFilter, apply_expiry, parse_flag,
@@ -37,12 +38,26 @@ pub(crate) struct PublishQuery {
     /// MQTT QoS of the publish: 0, 1 or 2 (default 0).
     #[param(value_type = Option<u8>, minimum = 0, maximum = 2)]
     qos: Option<String>,
-    /// `true` to make the broker retain the message (POST only; PUT always retains).
+    /// `true` to make the broker retain the message (PUT always retains).
     #[param(value_type = Option<bool>)]
     retain: Option<String>,
     /// MQTT 5 message expiry, in seconds (1 to 4294967295).
     #[param(value_type = Option<u64>, minimum = 1, maximum = 4294967295_u64)]
     expiry: Option<String>,
+}
+
+/// The query of a PUT as documented: that of POST without `retain`, which PUT always sets.
+/// The handler still reads a [`PublishQuery`]: `retain=true` is redundant and accepted,
+/// `retain=false` contradicts the method and is refused with 400.
+pub(crate) struct PutQuery;
+
+impl IntoParams for PutQuery {
+    fn into_params(parameter_in: impl Fn() -> Option<ParameterIn>) -> Vec<Parameter> {
+        PublishQuery::into_params(parameter_in)
+            .into_iter()
+            .filter(|p| p.name != "retain")
+            .collect()
+    }
 }
 
 /// Query of a read.
@@ -74,8 +89,11 @@ pub(crate) struct ReadQuery {
         (status = 204, description = "Published"),
         (status = 400, description = "Bad topic, parameter or header", body = ErrorBody),
         (status = 413, description = "Payload over the limit", body = ErrorBody),
-        (status = 503, description = "Broker unavailable", body = ErrorBody),
-    )
+        (status = 503, description = "Broker unavailable", body = ErrorBody,
+            headers(("Retry-After" = u32, description = "Seconds to wait before trying again"))),
+        Refusals,
+    ),
+    security(("basic" = []), ("bearer" = []), ())
 )]
 pub(crate) async fn publish(
     State(state): State<AppState>,
@@ -102,15 +120,18 @@ pub(crate) async fn publish(
     tag = "topics",
     params(
         ("topic" = String, Path, description = "Topic name, the rest of the path, percent-decoded"),
-        PublishQuery,
+        PutQuery,
     ),
     request_body(description = "The payload, raw bytes of any type, with the same metadata headers as POST.", content(("*/*"))),
     responses(
         (status = 204, description = "Retained; `Location` names the resource", headers(("Location" = String))),
-        (status = 400, description = "Bad topic, parameter or header", body = ErrorBody),
+        (status = 400, description = "Bad topic, parameter or header; also `retain=false`, since PUT always retains", body = ErrorBody),
         (status = 413, description = "Payload over the limit", body = ErrorBody),
-        (status = 503, description = "Broker unavailable", body = ErrorBody),
-    )
+        (status = 503, description = "Broker unavailable", body = ErrorBody,
+            headers(("Retry-After" = u32, description = "Seconds to wait before trying again"))),
+        Refusals,
+    ),
+    security(("basic" = []), ("bearer" = []), ())
 )]
 pub(crate) async fn put_retained(
     State(state): State<AppState>,
@@ -155,7 +176,10 @@ pub(crate) async fn put_retained(
         (status = 304, description = "Unchanged since the given ETag"),
         (status = 400, description = "Bad topic, filter or parameter", body = ErrorBody),
         (status = 404, description = "Nothing retained on the topic", body = ErrorBody),
-    )
+        Refusals,
+        StreamLimits,
+    ),
+    security(("basic" = []), ("bearer" = []), ())
 )]
 pub(crate) async fn read(
     State(state): State<AppState>,
@@ -202,8 +226,11 @@ pub(crate) async fn read(
         (status = 204, description = "Cleared"),
         (status = 400, description = "Bad topic", body = ErrorBody),
         (status = 404, description = "Nothing retained on the topic", body = ErrorBody),
-        (status = 503, description = "Broker unavailable", body = ErrorBody),
-    )
+        (status = 503, description = "Broker unavailable", body = ErrorBody,
+            headers(("Retry-After" = u32, description = "Seconds to wait before trying again"))),
+        Refusals,
+    ),
+    security(("basic" = []), ("bearer" = []), ())
 )]
 pub(crate) async fn clear(
     State(state): State<AppState>,

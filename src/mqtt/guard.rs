@@ -76,6 +76,10 @@ impl Guard {
         will: &mut Option<LastWill>,
         login: &mut Option<Login>,
     ) {
+        // Refused before its credentials were read (an unsupported protocol level).
+        if self.refused() {
+            return;
+        }
         let verdict = match (certified, login.as_ref()) {
             (Some(name), _) => Ok(policy.certificate(name)),
             (None, None) => policy.anonymous(),

@@ -1,6 +1,7 @@
 //! The MQTT codec every client connection goes through: picks MQTT 3.1.1 or 5 from the CONNECT
-//! packet, and corrects rumqttd where it departs from the specification (retained messages, empty
-//! publishes, keep-alive 0, properties sent to 3.1.1 clients, Retain As Published).
+//! packet (other levels get CONNACK 0x01), and corrects rumqttd where it departs from the
+//! specification (retained messages, empty publishes, keep-alive 0, properties sent to 3.1.1
+//! clients, Retain As Published).
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -10,8 +11,8 @@ use bytes::{Bytes, BytesMut};
 use rumqttd::protocol::v4::V4;
 use rumqttd::protocol::v5::V5;
 use rumqttd::protocol::{
-    ConnectReturnCode, DisconnectReasonCode, Error, LastWillProperties, Packet, PingReq, Protocol,
-    Publish, RetainForwardRule, SubscribeReasonCode,
+    Connect, ConnectReturnCode, DisconnectReasonCode, Error, LastWillProperties, Packet, PingReq,
+    Protocol, Publish, RetainForwardRule, SubscribeReasonCode,
 };
 
 use super::guard::{Guard, Verdict, split_share};
@@ -404,19 +405,43 @@ impl Protocol for GatewayProtocol {
                 return Err(Error::IncorrectPacketFormat);
             }
             check_framing(stream, state.connected)?;
-            let version = match state.version {
-                Some(v) => v,
-                None => {
-                    let v = detect_version(stream)?;
-                    state.version = Some(v);
-                    v
-                }
-            };
             let header = stream.first().copied().unwrap_or(0);
             let pkid = publish_pkid(stream).unwrap_or(0);
+            let version = match state.version {
+                Some(v) => Some(v),
+                None => match detect_version(stream, max_size)? {
+                    Level::Supported(v) => {
+                        state.version = Some(v);
+                        Some(v)
+                    }
+                    Level::Unsupported(len) => {
+                        let _ = stream.split_to(len);
+                        state.version = Some(Version::V311);
+                        None
+                    }
+                },
+            };
             let packet = match version {
-                Version::V311 => V4.read_mut(stream, max_size)?,
-                Version::V5 => V5.read_mut(stream, max_size)?,
+                Some(Version::V311) => V4.read_mut(stream, max_size)?,
+                Some(Version::V5) => V5.read_mut(stream, max_size)?,
+                // MQTT 3.1.1 §3.1.2.2: CONNACK 0x01 ("unacceptable protocol level"), then close,
+                // as Mosquitto does. The CONNECT goes on as a refused one, whatever its body
+                // says: a protocol this gateway does not speak has no fields it could trust.
+                None => {
+                    let mut connect = Connect {
+                        keep_alive: 0,
+                        client_id: String::new(),
+                        clean_session: true,
+                    };
+                    let (mut will, mut login) = (None, None);
+                    state.guard.refuse(
+                        ConnectReturnCode::RefusedProtocolVersion,
+                        &mut connect,
+                        &mut will,
+                        &mut login,
+                    );
+                    Packet::Connect(connect, None, will, None, login)
+                }
             };
             match self.inspect_inbound(header, pkid, packet)? {
                 Inbound::Pass(packet) => return Ok(packet),
@@ -600,8 +625,20 @@ fn check_publish_topic(topic: &str) -> Result<(), Error> {
     Ok(())
 }
 
-/// Reads the protocol level from a CONNECT packet without consuming it.
-fn detect_version(stream: &BytesMut) -> Result<Version, Error> {
+/// What the CONNECT at the head of the stream asks for.
+#[derive(Debug, PartialEq, Eq)]
+enum Level {
+    /// A version this gateway speaks.
+    Supported(Version),
+    /// Named `MQTT` (or `MQIsdp`, MQTT 3.1) at a level this gateway does not speak; the whole
+    /// packet, this many bytes, has arrived.
+    Unsupported(usize),
+}
+
+/// Reads the protocol name and level of a CONNECT packet without consuming it. A name other than
+/// `MQTT` or `MQIsdp`, or one that does not fit in the packet, is an error: the connection
+/// closes without an answer.
+fn detect_version(stream: &[u8], max_size: usize) -> Result<Level, Error> {
     let need = |n: usize| Error::InsufficientBytes(n.saturating_sub(stream.len()).max(1));
     let Some(&byte1) = stream.first() else {
         return Err(need(2));
@@ -609,12 +646,14 @@ fn detect_version(stream: &BytesMut) -> Result<Version, Error> {
     if byte1 >> 4 != 1 {
         return Err(Error::InvalidPacketType(byte1 >> 4));
     }
-    // Skip the remaining-length varint (1 to 4 bytes).
+    // The remaining-length varint (1 to 4 bytes).
     let mut pos = 1;
+    let mut remaining = 0usize;
     loop {
         let Some(&b) = stream.get(pos) else {
             return Err(need(pos + 1));
         };
+        remaining |= usize::from(b & 0x7F) << (7 * (pos - 1));
         pos += 1;
         if b & 0x80 == 0 {
             break;
@@ -626,13 +665,29 @@ fn detect_version(stream: &BytesMut) -> Result<Version, Error> {
     let (Some(&hi), Some(&lo)) = (stream.get(pos), stream.get(pos + 1)) else {
         return Err(need(pos + 2));
     };
-    let level_at = pos + 2 + usize::from(u16::from_be_bytes([hi, lo]));
-    match stream.get(level_at) {
-        None => Err(need(level_at + 1)),
-        Some(4) => Ok(Version::V311),
-        Some(5) => Ok(Version::V5),
-        Some(&other) => Err(Error::InvalidProtocolLevel(other)),
+    let name_len = usize::from(u16::from_be_bytes([hi, lo]));
+    // The name and the level byte lie inside the packet.
+    if 2 + name_len + 1 > remaining {
+        return Err(Error::MalformedPacket);
     }
+    let level_at = pos + 2 + name_len;
+    let Some(&level) = stream.get(level_at) else {
+        return Err(need(level_at + 1));
+    };
+    match (&stream[pos + 2..level_at], level) {
+        (b"MQTT", 4) => return Ok(Level::Supported(Version::V311)),
+        (b"MQTT", 5) => return Ok(Level::Supported(Version::V5)),
+        (b"MQTT" | b"MQIsdp", _) => {}
+        _ => return Err(Error::InvalidProtocol),
+    }
+    if remaining > max_size {
+        return Err(Error::PayloadSizeLimitExceeded(remaining));
+    }
+    let len = pos + remaining;
+    if stream.len() < len {
+        return Err(need(len));
+    }
+    Ok(Level::Unsupported(len))
 }
 
 #[cfg(test)]
@@ -647,20 +702,52 @@ mod tests {
 
     #[test]
     fn detects_both_versions_and_waits_for_more_bytes() {
-        assert_eq!(detect_version(&connect(4)).ok(), Some(Version::V311));
-        assert_eq!(detect_version(&connect(5)).ok(), Some(Version::V5));
-        let partial = BytesMut::from(&connect(5)[..5]);
+        let detect = |b: &[u8]| detect_version(b, 1024);
+        assert_eq!(
+            detect(&connect(4)).ok(),
+            Some(Level::Supported(Version::V311))
+        );
+        assert_eq!(
+            detect(&connect(5)).ok(),
+            Some(Level::Supported(Version::V5))
+        );
         assert!(matches!(
-            detect_version(&partial),
+            detect(&connect(5)[..5]),
             Err(Error::InsufficientBytes(_))
         ));
         assert!(matches!(
-            detect_version(&connect(3)),
-            Err(Error::InvalidProtocolLevel(3))
+            detect(&[0x30u8, 0]),
+            Err(Error::InvalidPacketType(3))
+        ));
+    }
+
+    #[test]
+    fn an_unsupported_level_is_told_apart_from_garbage() {
+        let detect = |b: &[u8]| detect_version(b, 1024);
+        for level in [0, 3, 6, 255] {
+            assert_eq!(detect(&connect(level)).ok(), Some(Level::Unsupported(12)));
+        }
+        let mqisdp = [
+            0x10, 12, 0, 6, b'M', b'Q', b'I', b's', b'd', b'p', 3, 2, 0, 60,
+        ];
+        assert_eq!(detect(&mqisdp).ok(), Some(Level::Unsupported(14)));
+        // Known only once the whole packet is there.
+        assert!(matches!(
+            detect(&connect(3)[..10]),
+            Err(Error::InsufficientBytes(2))
+        ));
+        let mut wrong_name = connect(3);
+        wrong_name[7] = b's';
+        assert!(matches!(detect(&wrong_name), Err(Error::InvalidProtocol)));
+        let mut name_past_packet = connect(3);
+        name_past_packet[1] = 6;
+        assert!(matches!(
+            detect(&name_past_packet),
+            Err(Error::MalformedPacket)
         ));
         assert!(matches!(
-            detect_version(&BytesMut::from(&[0x30u8, 0][..])),
-            Err(Error::InvalidPacketType(3))
+            detect_version(&connect(6), 8),
+            Err(Error::PayloadSizeLimitExceeded(10))
         ));
     }
 

@@ -23,6 +23,18 @@ struct Case {
     bytes: Vec<u8>,
     /// Close the sending half after the bytes, as a client that gives up mid-packet.
     then_eof: bool,
+    expect: Expect,
+}
+
+/// What the server must do with a case before it closes the connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Expect {
+    /// Close, at most after a CONNACK or DISCONNECT with a failure code.
+    Refusal,
+    /// Answer with exactly this 3.1.1 CONNACK return code, then close.
+    ConnAck(u8),
+    /// Close without sending a byte.
+    Silence,
 }
 
 fn case(name: &str, bytes: Vec<u8>) -> Case {
@@ -31,6 +43,16 @@ fn case(name: &str, bytes: Vec<u8>) -> Case {
         connect_first: None,
         bytes,
         then_eof: false,
+        expect: Expect::Refusal,
+    }
+}
+
+/// A case the server must answer with CONNACK 0x01, "unacceptable protocol level" (MQTT 3.1.1
+/// §3.1.2.2), before it closes.
+fn unsupported_level(name: &str, bytes: Vec<u8>) -> Case {
+    Case {
+        expect: Expect::ConnAck(1),
+        ..case(name, bytes)
     }
 }
 
@@ -41,6 +63,7 @@ fn after_connect(version: Version, name: &str, bytes: Vec<u8>) -> Case {
         connect_first: Some(version),
         bytes,
         then_eof: false,
+        expect: Expect::Refusal,
     }
 }
 
@@ -80,26 +103,51 @@ fn cases() -> Vec<Case> {
             "half a CONNECT and then silence",
             connect(V311, 0x02, b"silent", &[])[..9].to_vec(),
         ),
-        // Protocol name and level.
-        case(
-            "protocol name MQTs",
-            connect_raw(b"MQTs", 4, 0x02, b"n1", &[]),
-        ),
-        case(
+        // Protocol name and level: a name that is not MQTT's is closed without a word; a level
+        // the gateway does not speak is told so.
+        Case {
+            expect: Expect::Silence,
+            ..case(
+                "protocol name MQTs",
+                connect_raw(b"MQTs", 4, 0x02, b"n1", &[]),
+            )
+        },
+        Case {
+            expect: Expect::Silence,
+            ..case(
+                "protocol name longer than the packet",
+                connect_raw(b"MQTT", 3, 0x02, b"n0", &[])
+                    .into_iter()
+                    .enumerate()
+                    .map(|(i, b)| if i == 1 { 6 } else { b })
+                    .collect(),
+            )
+        },
+        unsupported_level(
             "protocol name MQIsdp with level 4",
             connect_raw(b"MQIsdp", 4, 0x02, b"n2", &[]),
         ),
-        case(
+        unsupported_level(
             "protocol name MQIsdp with level 3 (MQTT 3.1)",
             connect_raw(b"MQIsdp", 3, 0x02, b"n3", &[]),
         ),
-        case(
+        unsupported_level(
             "protocol level 3",
             connect_raw(b"MQTT", 3, 0x02, b"n4", &[]),
         ),
-        case(
+        unsupported_level(
             "protocol level 6",
             connect_raw(b"MQTT", 6, 0x02, b"n5", &[]),
+        ),
+        unsupported_level(
+            "protocol level 6 with a will and a login",
+            connect_raw(b"MQTT", 6, 0xC6, b"n6", &{
+                let mut rest = string(b"will/t");
+                rest.extend(string(b"gone"));
+                rest.extend(string(b"user"));
+                rest.extend(string(b"password"));
+                rest
+            }),
         ),
         // First packet.
         case(
@@ -315,6 +363,20 @@ async fn run(gw: &TestGateway, index: usize, case: &Case) -> Result<(), String> 
     let Some(got) = read_to_close(&mut s).await else {
         return Err(format!("{}: the connection stays open", case.name));
     };
+    let wanted = match case.expect {
+        Expect::Refusal => None,
+        Expect::ConnAck(code) => Some(vec![0x20, 2, 0, code]),
+        Expect::Silence => Some(Vec::new()),
+    };
+    if let Some(wanted) = wanted {
+        if got != wanted {
+            return Err(format!(
+                "{}: the server sent {got:02x?}, not {wanted:02x?}",
+                case.name
+            ));
+        }
+        return Ok(());
+    }
     for reply in replies(&got) {
         let refused = match (case.connect_first, &reply) {
             // A CONNACK can only answer the CONNECT under test, and must refuse it.

@@ -37,28 +37,66 @@ async fn client_ids_with_slashes_and_dollars_connect() {
     assert_eq!(&recv(&mut rx).await.payload[..], b"hi");
 }
 
+/// Everything the server sends on `s` until it closes the connection.
+async fn read_to_close(s: &mut tokio::net::TcpStream) -> Vec<u8> {
+    let mut got = Vec::new();
+    within("the connection closes", s.read_to_end(&mut got))
+        .await
+        .unwrap_or(0);
+    got
+}
+
 #[tokio::test]
-async fn unsupported_protocol_levels_and_garbage_are_dropped_without_harm() {
+async fn unsupported_protocol_levels_get_connack_1_and_garbage_is_dropped() {
     let gw = TestGateway::start().await;
     let (_c, mut rx) = gw.mqtt_v4("bystander", &[("ok/#", 0)]).await;
-    for junk in [
+    // MQTT 3.1.1 §3.1.2.2, as Mosquitto answers: CONNACK "unacceptable protocol level", then
+    // the connection closes. MQTT 3.1 (MQIsdp, level 3) is among them.
+    let mqisdp = vec![
+        0x10, 14, 0, 6, b'M', b'Q', b'I', b's', b'd', b'p', 3, 0x02, 0, 60, 0, 0,
+    ];
+    let level = |level: u8| {
         vec![
-            0x10, 14, 0, 6, b'M', b'Q', b'I', b's', b'd', b'p', 3, 0x02, 0, 60, 0, 0,
-        ],
+            0x10, 12, 0, 4, b'M', b'Q', b'T', b'T', level, 0x02, 0, 60, 0, 0,
+        ]
+    };
+    for (i, connect) in [mqisdp, level(3), level(6), level(0x83)]
+        .into_iter()
+        .enumerate()
+    {
+        let mut s = tokio::net::TcpStream::connect(gw.mqtt).await.unwrap();
+        s.write_all(&connect).await.unwrap();
+        assert_eq!(
+            read_to_close(&mut s).await,
+            [0x20, 2, 0, 1],
+            "case {i}: CONNACK 0x01, then closed"
+        );
+    }
+    // Not a CONNECT of any MQTT, or lengths that do not add up: closed without a reply.
+    let mut wrong_name = level(3);
+    wrong_name[7] = b's';
+    let mut name_past_packet = level(6);
+    name_past_packet[1] = 6;
+    for junk in [
+        wrong_name,
+        name_past_packet,
         vec![0x30, 0xff, 0xff, 0xff, 0xff, 0x7f],
         vec![0xff; 64],
         b"GET / HTTP/1.1\r\n\r\n".to_vec(),
     ] {
         let mut s = tokio::net::TcpStream::connect(gw.mqtt).await.unwrap();
         s.write_all(&junk).await.unwrap();
-        let mut buf = [0u8; 16];
-        let n = within("the connection closes", s.read(&mut buf))
-            .await
-            .unwrap_or(0);
-        assert_eq!(n, 0, "closed without a reply for {junk:?}");
+        let got = read_to_close(&mut s).await;
+        assert!(
+            got.is_empty(),
+            "closed without a reply for {junk:?}: {got:?}"
+        );
     }
+    // A new client still gets in, and the one already there still gets its messages.
+    let (_c2, mut rx2) = gw.mqtt_v4("newcomer", &[("ok/#", 0)]).await;
     assert_eq!(gw.post("/topics/ok/still", "1").await.status(), 204);
     assert_eq!(&recv(&mut rx).await.payload[..], b"1");
+    assert_eq!(&recv(&mut rx2).await.payload[..], b"1");
 }
 
 #[tokio::test]

@@ -1,5 +1,8 @@
 //! The committed OpenAPI document is the one served, and the docs page needs no network.
 
+use serde_json::Value;
+use topicgate::config::TokenEntry;
+
 use crate::support::TestGateway;
 
 const COMMITTED: &str = "openapi/topicgate.json";
@@ -44,4 +47,144 @@ async fn docs_page_is_served_without_external_resources() {
             "the page loads nothing from elsewhere ({external})"
         );
     }
+}
+
+#[tokio::test]
+async fn put_offers_no_retain_parameter_since_it_always_retains() {
+    let gw = TestGateway::start().await;
+    let doc: serde_json::Value = gw.get("/openapi.json").await.json().await.unwrap();
+    let params = |method: &str| -> Vec<String> {
+        doc["paths"]["/topics/{topic}"][method]["parameters"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| p["name"].as_str().unwrap().to_owned())
+            .collect()
+    };
+    assert_eq!(params("post"), ["topic", "qos", "retain", "expiry"]);
+    assert_eq!(params("put"), ["topic", "qos", "expiry"]);
+    assert!(doc["paths"]["/topics/{topic}"]["put"]["responses"]["400"].is_object());
+
+    // A redundant `retain=true` is accepted; `retain=false` contradicts the method.
+    let put = |query: &'static str| {
+        gw.client
+            .put(gw.url(&format!("/topics/put/kept{query}")))
+            .body("v")
+            .send()
+    };
+    assert_eq!(put("?retain=true").await.unwrap().status(), 204);
+    assert_eq!(put("?qos=1&expiry=60").await.unwrap().status(), 204);
+    let refused = put("?retain=false").await.unwrap();
+    assert_eq!(refused.status(), 400);
+    let body: serde_json::Value = refused.json().await.unwrap();
+    assert_eq!(body["error"], "invalid_parameter", "{body}");
+    let kept = gw.get("/topics/put/kept").await;
+    assert_eq!(kept.status(), 200);
+    assert_eq!(kept.text().await.unwrap(), "v");
+}
+
+/// Checks a response against what the document says of its status: the content type, every
+/// header, and the fields the JSON error body requires.
+async fn assert_as_documented(doc: &Value, method: &str, resp: reqwest::Response) {
+    let status = resp.status().as_str().to_owned();
+    let documented = &doc["paths"]["/topics/{topic}"][method]["responses"][&status];
+    assert!(
+        documented.is_object(),
+        "{method}: {status} is not documented"
+    );
+    let content_type = resp.headers()["content-type"].to_str().unwrap().to_owned();
+    let media = &documented["content"][&content_type];
+    assert!(
+        media.is_object(),
+        "{method} {status}: {content_type} is not documented"
+    );
+    assert_eq!(media["schema"]["$ref"], "#/components/schemas/ErrorBody");
+    let headers = documented["headers"]
+        .as_object()
+        .cloned()
+        .unwrap_or_default();
+    for name in headers.keys() {
+        assert!(
+            resp.headers().contains_key(name.as_str()),
+            "{method} {status}: no {name} header"
+        );
+    }
+    let body: Value = resp.json().await.unwrap();
+    let schema = &doc["components"]["schemas"]["ErrorBody"];
+    for field in schema["required"].as_array().unwrap() {
+        let field = field.as_str().unwrap();
+        assert!(
+            body[field].is_string(),
+            "{method} {status}: {field} in {body}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn refusals_look_as_documented() {
+    let gw = TestGateway::start_with(|c| {
+        c.auth.tokens.push(TokenEntry {
+            name: "reader".to_owned(),
+            token: "reader-token-0123456789".to_owned(),
+        });
+        c.auth.allow_anonymous = Some(false);
+        c.limits.rate = 1;
+        c.limits.burst = 2;
+    })
+    .await;
+    let doc: Value = gw.get("/openapi.json").await.json().await.unwrap();
+    let schemes = &doc["components"]["securitySchemes"];
+    assert_eq!(schemes["basic"]["scheme"], "basic");
+    assert_eq!(schemes["bearer"]["scheme"], "bearer");
+    for path in ["/healthz", "/readyz", "/metrics", "/openapi.json"] {
+        assert!(doc["paths"][path]["get"]["security"].is_null(), "{path}");
+    }
+    let url = gw.url("/topics/doc/a");
+    for method in ["get", "post", "put", "delete"] {
+        let op = &doc["paths"]["/topics/{topic}"][method];
+        let security: Vec<Value> = op["security"].as_array().unwrap().clone();
+        for alternative in [
+            serde_json::json!({"basic": []}),
+            serde_json::json!({"bearer": []}),
+            serde_json::json!({}),
+        ] {
+            assert!(security.contains(&alternative), "{method}: {alternative}");
+        }
+        for status in ["401", "403", "429"] {
+            assert!(op["responses"][status].is_object(), "{method}: {status}");
+        }
+        let http = reqwest::Method::from_bytes(method.to_uppercase().as_bytes()).unwrap();
+        // No credentials, a wrong token, a wrong password: 401 each time.
+        let requests = [
+            gw.client.request(http.clone(), &url),
+            gw.client
+                .request(http.clone(), &url)
+                .bearer_auth("not-the-reader-token-0000"),
+            gw.client
+                .request(http.clone(), &url)
+                .basic_auth("nobody", Some("nothing")),
+        ];
+        for request in requests {
+            let resp = request.body("x").send().await.unwrap();
+            assert_eq!(resp.status(), 401, "{method}");
+            assert_as_documented(&doc, method, resp).await;
+        }
+    }
+    // Past the burst, the refusal is a 429 with `Retry-After`, as documented.
+    let mut limited = None;
+    for _ in 0..5 {
+        let resp = gw
+            .client
+            .get(&url)
+            .bearer_auth("reader-token-0123456789")
+            .send()
+            .await
+            .unwrap();
+        if resp.status() == 429 {
+            limited = Some(resp);
+            break;
+        }
+    }
+    let resp = limited.expect("a 429 past the burst");
+    assert_as_documented(&doc, "get", resp).await;
 }
