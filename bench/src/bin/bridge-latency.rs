@@ -1,0 +1,386 @@
+//! HTTP-to-MQTT latency: POSTs timestamped bodies at a fixed `--rate` over keep-alive connections
+//! and measures their arrival at an MQTT 3.1.1 QoS 0 subscriber of the same topic.
+//! `bridge-latency --http 127.0.0.1:8080 --mqtt 127.0.0.1:1883 --rate 5000 --count 20000`
+
+use std::collections::hash_map::RandomState;
+use std::hash::{BuildHasher, Hasher};
+use std::io::Write as _;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use bytes::BytesMut;
+use clap::Parser;
+use rumqttc::mqttbytes::v4::{
+    ConnAck, Connect, ConnectReturnCode, Packet, PingReq, SubAck, Subscribe, SubscribeReasonCode,
+};
+use rumqttc::mqttbytes::{Error as MqttError, QoS};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+use topicgate_bench::{Latencies, Report, age, now_ns, parse_duration, stamped};
+
+/// Open-loop HTTP POST load, timed at an MQTT subscriber.
+#[derive(Parser)]
+struct Args {
+    /// The gateway's HTTP address.
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    http: SocketAddr,
+    /// The gateway's MQTT address.
+    #[arg(long, default_value = "127.0.0.1:1883")]
+    mqtt: SocketAddr,
+    /// Publishes per second, over all connections.
+    #[arg(long, default_value_t = 5000.0)]
+    rate: f64,
+    /// Publishes in total.
+    #[arg(long, default_value_t = 20_000)]
+    count: u64,
+    /// Body bytes (at least 8, for the timestamp).
+    #[arg(long, default_value_t = 100)]
+    payload: usize,
+    /// Keep-alive HTTP connections, each with one request in flight.
+    #[arg(long, default_value_t = 4)]
+    connections: u64,
+    /// Topic; default `bench/latency/<random hex>`.
+    #[arg(long)]
+    topic: Option<String>,
+    /// How long the subscriber may take, after the last publish, to receive the rest.
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    timeout: Duration,
+}
+
+const MAX_PACKET: usize = 16 * 1024 * 1024;
+
+/// How far behind its slot a publish may start before it counts as late: tokio's timer has a
+/// resolution of 1 ms, so a publish woken on time may still start up to that much after its slot.
+const LATE: Duration = Duration::from_millis(1);
+
+fn random_hex() -> String {
+    let mut hasher = RandomState::new().build_hasher();
+    hasher.write_u64(now_ns());
+    format!("{:016x}", hasher.finish())
+}
+
+/// Percent-encodes what may not appear raw in a URL path (a topic may hold spaces, `#`, `?`...).
+fn encode_path(topic: &str) -> String {
+    let mut out = String::with_capacity(topic.len());
+    for &b in topic.as_bytes() {
+        if b.is_ascii_alphanumeric() || b"-._~/+!$&'()*,;=:@".contains(&b) {
+            out.push(char::from(b));
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+struct ResponseHead {
+    status: u16,
+    content_length: Option<usize>,
+    chunked: bool,
+}
+
+/// Reads a response head; the bytes after it stay in `buf`.
+async fn read_head(conn: &mut TcpStream, buf: &mut Vec<u8>) -> anyhow::Result<ResponseHead> {
+    loop {
+        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = parse_head(&buf[..end])?;
+            buf.drain(..end + 4);
+            return Ok(head);
+        }
+        if buf.len() > 64 * 1024 {
+            bail!("a response head over 64 KiB");
+        }
+        if buf.len() == buf.capacity() {
+            buf.reserve(4096);
+        }
+        if conn.read_buf(buf).await? == 0 {
+            bail!("the connection closed before a response");
+        }
+    }
+}
+
+fn parse_head(head: &[u8]) -> anyhow::Result<ResponseHead> {
+    let text = std::str::from_utf8(head).context("a response head that is not UTF-8")?;
+    let mut lines = text.split("\r\n");
+    let status_line = lines.next().unwrap_or_default();
+    let status = status_line
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .with_context(|| format!("a bad status line {status_line:?}"))?;
+    let mut parsed = ResponseHead {
+        status,
+        content_length: None,
+        chunked: false,
+    };
+    for line in lines {
+        let Some((name, value)) = line.split_once(':') else {
+            continue;
+        };
+        let value = value.trim();
+        if name.eq_ignore_ascii_case("content-length") {
+            parsed.content_length = Some(value.parse().context("a bad Content-Length")?);
+        } else if name.eq_ignore_ascii_case("transfer-encoding") {
+            parsed.chunked = value.to_ascii_lowercase().contains("chunked");
+        }
+    }
+    Ok(parsed)
+}
+
+/// One keep-alive HTTP/1.1 connection for requests answered one at a time.
+struct HttpConn {
+    stream: TcpStream,
+    buf: Vec<u8>,
+    request: Vec<u8>,
+    /// The request head, the same for every publish: only the body changes.
+    head: Vec<u8>,
+}
+
+impl HttpConn {
+    async fn connect(addr: SocketAddr, path: &str, body_len: usize) -> anyhow::Result<Self> {
+        let stream = TcpStream::connect(addr)
+            .await
+            .with_context(|| format!("connecting to {addr}"))?;
+        stream.set_nodelay(true)?;
+        let mut head = Vec::new();
+        write!(
+            head,
+            "POST {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/octet-stream\r\nContent-Length: {body_len}\r\n\r\n"
+        )?;
+        Ok(Self {
+            stream,
+            buf: Vec::with_capacity(4096),
+            request: Vec::with_capacity(head.len() + body_len),
+            head,
+        })
+    }
+
+    /// POSTs `body` and returns the response status, with the response body read and dropped.
+    async fn post(&mut self, body: &[u8]) -> anyhow::Result<u16> {
+        self.request.clear();
+        self.request.extend_from_slice(&self.head);
+        self.request.extend_from_slice(body);
+        self.stream.write_all(&self.request).await?;
+        let head = read_head(&mut self.stream, &mut self.buf).await?;
+        if head.chunked {
+            bail!("a chunked answer to a publish: not expected");
+        }
+        let length = head.content_length.unwrap_or(0);
+        while self.buf.len() < length {
+            self.buf.reserve(length - self.buf.len());
+            if self.stream.read_buf(&mut self.buf).await? == 0 {
+                bail!("the connection closed inside a response body");
+            }
+        }
+        self.buf.drain(..length);
+        Ok(head.status)
+    }
+}
+
+/// Reads the next MQTT packet, reading more from `conn` as needed.
+async fn next_packet(conn: &mut TcpStream, buf: &mut BytesMut) -> anyhow::Result<Packet> {
+    loop {
+        match Packet::read(buf, MAX_PACKET) {
+            Ok(packet) => return Ok(packet),
+            Err(MqttError::InsufficientBytes(n)) => {
+                buf.reserve(n.max(4096));
+                if conn.read_buf(buf).await? == 0 {
+                    bail!("the broker closed the connection");
+                }
+            }
+            Err(e) => bail!("a malformed MQTT packet: {e}"),
+        }
+    }
+}
+
+/// Connects, subscribes to `topic` at QoS 0 and returns once the SUBACK grants it.
+async fn subscribe(addr: SocketAddr, topic: &str) -> anyhow::Result<(TcpStream, BytesMut)> {
+    let mut conn = TcpStream::connect(addr)
+        .await
+        .with_context(|| format!("connecting to {addr}"))?;
+    conn.set_nodelay(true)?;
+    let mut out = BytesMut::new();
+    let mut connect = Connect::new(format!("bridge-latency-{}", random_hex()));
+    connect.keep_alive = 60;
+    connect.write(&mut out)?;
+    let mut subscribe = Subscribe::new(topic, QoS::AtMostOnce);
+    subscribe.pkid = 1;
+    subscribe.write(&mut out)?;
+    conn.write_all(&out).await?;
+
+    let mut buf = BytesMut::with_capacity(64 * 1024);
+    loop {
+        match next_packet(&mut conn, &mut buf).await? {
+            Packet::ConnAck(ConnAck { code, .. }) if code != ConnectReturnCode::Success => {
+                bail!("the broker refused the connection: {code:?}")
+            }
+            Packet::SubAck(SubAck { return_codes, .. }) => {
+                return match return_codes.first() {
+                    Some(SubscribeReasonCode::Success(_)) => Ok((conn, buf)),
+                    _ => bail!("the broker refused the subscription to {topic}"),
+                };
+            }
+            _ => {}
+        }
+    }
+}
+
+/// What the subscriber saw.
+#[derive(Default)]
+struct Received {
+    latencies: Latencies,
+    count: u64,
+    short: u64,
+    last: Option<Instant>,
+}
+
+async fn receive(
+    mut conn: TcpStream,
+    mut buf: BytesMut,
+    counter: Arc<AtomicU64>,
+    mut stop: watch::Receiver<bool>,
+) -> anyhow::Result<Received> {
+    let mut received = Received::default();
+    let mut ping = tokio::time::interval(Duration::from_secs(30));
+    ping.tick().await;
+    let mut out = BytesMut::with_capacity(2);
+    loop {
+        tokio::select! {
+            packet = next_packet(&mut conn, &mut buf) => {
+                if let Packet::Publish(publish) = packet? {
+                    match age(&publish.payload) {
+                        Some(latency) => {
+                            received.latencies.record(latency);
+                            received.count += 1;
+                            received.last = Some(Instant::now());
+                            counter.fetch_add(1, Ordering::Relaxed);
+                        }
+                        None => received.short += 1,
+                    }
+                }
+            }
+            _ = ping.tick() => {
+                out.clear();
+                PingReq.write(&mut out)?;
+                conn.write_all(&out).await?;
+            }
+            _ = stop.changed() => return Ok(received),
+        }
+    }
+}
+
+/// What one publishing connection did.
+#[derive(Default)]
+struct Sent {
+    ok: u64,
+    errors: u64,
+    late: u64,
+    first_error: Option<u16>,
+}
+
+/// Sends publishes `index`, `index + connections`, ... below `args.count`, each at its slot of
+/// the common schedule (`start + n / rate`), or at once when the connection is behind it.
+async fn publish(
+    args: Arc<Args>,
+    path: Arc<str>,
+    index: u64,
+    start: Instant,
+) -> anyhow::Result<Sent> {
+    let mut conn = HttpConn::connect(args.http, &path, args.payload.max(8)).await?;
+    let mut sent = Sent::default();
+    let mut n = index;
+    while n < args.count {
+        let at = start + Duration::from_secs_f64(n as f64 / args.rate);
+        let now = Instant::now();
+        if now < at {
+            tokio::time::sleep_until(at.into()).await;
+        } else if now > at + LATE {
+            sent.late += 1;
+        }
+        match conn.post(&stamped(args.payload)).await? {
+            204 => sent.ok += 1,
+            status => {
+                sent.errors += 1;
+                sent.first_error.get_or_insert(status);
+            }
+        }
+        n += args.connections;
+    }
+    Ok(sent)
+}
+
+#[tokio::main(flavor = "current_thread")]
+async fn main() -> anyhow::Result<()> {
+    let args = Arc::new(Args::parse());
+    if args.rate.is_nan() || args.rate <= 0.0 || args.connections == 0 {
+        bail!("--rate and --connections must be above 0");
+    }
+    let topic = args
+        .topic
+        .clone()
+        .unwrap_or_else(|| format!("bench/latency/{}", random_hex()));
+    let path: Arc<str> = format!("/topics/{}", encode_path(&topic)).into();
+
+    let (conn, buf) = subscribe(args.mqtt, &topic).await?;
+    let counter = Arc::new(AtomicU64::new(0));
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let subscriber = tokio::spawn(receive(conn, buf, counter.clone(), stop_rx));
+
+    // A short lead lets every connection open before its first slot.
+    let start = Instant::now() + Duration::from_millis(50);
+    let mut publishers = JoinSet::new();
+    for index in 0..args.connections {
+        publishers.spawn(publish(args.clone(), path.clone(), index, start));
+    }
+    let mut sent = Sent::default();
+    while let Some(joined) = publishers.join_next().await {
+        let one = joined??;
+        sent.ok += one.ok;
+        sent.errors += one.errors;
+        sent.late += one.late;
+        if sent.first_error.is_none() {
+            sent.first_error = one.first_error;
+        }
+    }
+    if let Some(status) = sent.first_error {
+        eprintln!(
+            "{} publishes failed, the first with status {status}",
+            sent.errors
+        );
+    }
+
+    let deadline = Instant::now() + args.timeout;
+    while counter.load(Ordering::Relaxed) < sent.ok && Instant::now() < deadline {
+        if subscriber.is_finished() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let _ = stop_tx.send(true);
+    let received = subscriber.await??;
+    if received.short > 0 {
+        eprintln!("{} messages too short to carry a timestamp", received.short);
+    }
+
+    let elapsed = received
+        .last
+        .map_or(Duration::ZERO, |last| last.saturating_duration_since(start));
+    Report::new(
+        "http post -> mqtt",
+        received.count,
+        elapsed,
+        &received.latencies,
+    )
+    .with("sent", sent.ok)
+    .with("lost", sent.ok.saturating_sub(received.count))
+    .with("rate_target", args.rate)
+    .with("http_errors", sent.errors)
+    .with("late", sent.late)
+    .with("connections", args.connections)
+    .print();
+    Ok(())
+}
