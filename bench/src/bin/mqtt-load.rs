@@ -61,7 +61,7 @@ struct Args {
     /// Publishers stop when this passes; stragglers get 2 s more.
     #[arg(long, default_value = "20s", value_parser = parse_duration)]
     duration: Duration,
-    /// Unacknowledged QoS 1 publishes per publisher (brokers allow up to 100 or fewer).
+    /// Unacknowledged QoS 1 publishes per publisher (at most 100, topicgate's max_inflight).
     #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..=100))]
     inflight: u32,
     /// Total publishes per second, split across publishers; unlimited when absent.
@@ -70,6 +70,11 @@ struct Args {
     /// Topic prefix; a fresh random one by default, so runs never see each other's messages.
     #[arg(long)]
     topic: Option<String>,
+    /// Subscribers acknowledge TCP segments at once (TCP_QUICKACK after every read). Brokers
+    /// that leave Nagle's algorithm on otherwise hold QoS 0 deliveries until a delayed ACK
+    /// (up to 40 ms) from a subscriber that never sends; ordinary clients do not do this.
+    #[arg(long)]
+    quickack: bool,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -386,7 +391,7 @@ struct Seen {
 }
 
 /// Reads publishes until `until` says so, acknowledging QoS 1 ones.
-async fn subscriber(mut conn: Conn, mut until: Until) -> (Seen, Conn) {
+async fn subscriber(mut conn: Conn, mut until: Until, quickack: bool) -> (Seen, Conn) {
     let mut seen = Seen::default();
     let result: anyhow::Result<()> = async {
         let mut acks = BytesMut::with_capacity(4096);
@@ -446,6 +451,10 @@ async fn subscriber(mut conn: Conn, mut until: Until) -> (Seen, Conn) {
             };
             if read.with_context(|| format!("{}: read", conn.id))? == 0 {
                 bail!("{}: the broker closed the connection", conn.id);
+            }
+            if quickack {
+                // Linux drops out of quick-ACK mode on its own, so it is asked for again.
+                conn.stream.set_quickack(true)?;
             }
         }
         Ok(())
@@ -727,7 +736,7 @@ async fn main() -> anyhow::Result<()> {
     let until = Until { want, stop };
     let readers: Vec<_> = subs
         .into_iter()
-        .map(|conn| tokio::spawn(subscriber(conn, until.clone())))
+        .map(|conn| tokio::spawn(subscriber(conn, until.clone(), args.quickack)))
         .collect();
 
     let start = Instant::now();
