@@ -475,6 +475,9 @@ struct Plan {
     payload: usize,
     /// Publishes per second, unlimited when `None`.
     rate: Option<f64>,
+    /// Where in each interval of `1 / rate` this publisher's messages fall (0..1), so that paced
+    /// publishers do not all write at the same instant.
+    phase: f64,
     start: Instant,
     stop_at: Instant,
 }
@@ -570,9 +573,11 @@ async fn publisher(
             }
             let mut n = batch_max.min(plan.count - sent);
             if let Some(rate) = plan.rate {
-                let due = ((now - plan.start).as_secs_f64() * rate) as u64 + 1;
+                // Message `i` is due at `(i + phase) / rate` after the start.
+                let due = ((now - plan.start).as_secs_f64() * rate + 1.0 - plan.phase) as u64;
                 if due <= sent {
-                    let next = plan.start + Duration::from_secs_f64(sent as f64 / rate);
+                    let next =
+                        plan.start + Duration::from_secs_f64((sent as f64 + plan.phase) / rate);
                     sleep_until(next.min(plan.stop_at)).await;
                     continue;
                 }
@@ -761,6 +766,7 @@ async fn main() -> anyhow::Result<()> {
             count: args.count,
             payload: args.payload as usize,
             rate,
+            phase: i as f64 / f64::from(publishers),
             start,
             stop_at,
         };
