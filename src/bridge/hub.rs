@@ -2,8 +2,9 @@
 //! streams. Store updates and fan-out happen under one lock, so a new subscriber's retained
 //! snapshot and its live messages neither overlap nor leave a gap.
 
+use std::borrow::Cow;
 use std::collections::VecDeque;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use tokio::sync::broadcast;
@@ -22,6 +23,22 @@ pub struct Event {
     pub seq: u64,
     /// The message.
     pub message: Arc<Message>,
+    /// The message's JSON envelope, rendered by the first stream that sends it for all others.
+    rendered: Arc<OnceLock<String>>,
+}
+
+impl Event {
+    /// The message's envelope as one line of JSON at `now`. Rendered once and shared by every
+    /// stream, unless it has an expiry, whose remaining time depends on `now`.
+    pub fn envelope_json(&self, now: SystemTime) -> Cow<'_, str> {
+        if self.message.expires_at.is_some() {
+            return Cow::Owned(self.message.envelope_json(now));
+        }
+        Cow::Borrowed(
+            self.rendered
+                .get_or_init(|| self.message.envelope_json(now)),
+        )
+    }
 }
 
 /// Where a new subscription starts.
@@ -99,6 +116,7 @@ impl Hub {
         let event = Event {
             seq: inner.seq,
             message,
+            rendered: Arc::default(),
         };
         if self.history_cap > 0 {
             if inner.history.len() == self.history_cap {

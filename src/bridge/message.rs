@@ -118,6 +118,12 @@ impl Message {
         fnv1a(self.payload.iter().chain(&[0u8]).chain(ct))
     }
 
+    /// The envelope as one line of JSON, as event streams carry it.
+    pub fn envelope_json(&self, now: SystemTime) -> String {
+        // why: an Envelope holds only strings, numbers and lists, which always serialize.
+        serde_json::to_string(&self.envelope(now)).expect("an envelope serializes")
+    }
+
     /// The JSON form shared by wildcard GET and event streams.
     pub fn envelope(&self, now: SystemTime) -> Envelope {
         let textual = self.content_type.as_deref().is_none_or(is_textual);

@@ -32,9 +32,21 @@ use crate::config::HttpConfig;
 use crate::metrics::StatusLabel;
 use crate::policy::{Door, Refusal};
 
-/// What every handler can reach.
+/// What every handler can reach: one shared allocation, since every middleware layer and
+/// extractor clones the state for every request.
 #[derive(Clone)]
-pub(crate) struct AppState {
+pub(crate) struct AppState(Arc<Shared>);
+
+impl std::ops::Deref for AppState {
+    type Target = Shared;
+
+    fn deref(&self) -> &Shared {
+        &self.0
+    }
+}
+
+/// The state's fields.
+pub(crate) struct Shared {
     bridge: Bridge,
     config: Arc<HttpConfig>,
     cancel: CancellationToken,
@@ -81,7 +93,7 @@ pub fn router(
         bridge.metrics().sse_clients.clone(),
     );
     let max_payload = bridge.max_payload();
-    let state = AppState {
+    let state = AppState(Arc::new(Shared {
         bridge,
         config: Arc::new(config),
         cancel,
@@ -89,7 +101,7 @@ pub fn router(
         openapi: Arc::new(api.to_pretty_json().unwrap_or_default()),
         verifier: Arc::new(tokio::sync::Semaphore::new(VERIFIERS)),
         streams: Arc::new(streams),
-    };
+    }));
     finish(api_router, state, max_payload)
 }
 

@@ -9,22 +9,14 @@ use std::time::SystemTime;
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use futures_util::stream::{self, Stream, StreamExt};
 use prometheus_client::metrics::gauge::Gauge;
-use serde::Serialize;
 use tokio_stream::wrappers::BroadcastStream;
 use tokio_stream::wrappers::errors::BroadcastStreamRecvError;
 
 use super::AppState;
 use super::auth::Caller;
 use super::error::ApiError;
-use crate::bridge::{Bridge, Envelope, Message, Start, TopicFilter};
+use crate::bridge::{Bridge, Start, TopicFilter};
 use crate::metrics::{ProtocolLabel, StreamLabel};
-
-/// An envelope as sent in a stream.
-#[derive(Serialize)]
-struct StreamEnvelope {
-    #[serde(flatten)]
-    envelope: Envelope,
-}
 
 /// The open streams, counted in total (also shown as the `sse_clients` gauge) and per caller.
 pub(crate) struct Streams {
@@ -109,7 +101,7 @@ pub(crate) fn stream(
     match sub.start {
         Start::Resume(events) => {
             for e in events.iter().filter(|e| !e.message.is_expired(now)) {
-                first.push(message_event(&bridge, e.seq, &e.message, now));
+                first.push(message_event(&bridge, e.seq, &e.envelope_json(now)));
             }
         }
         Start::Snapshot { reset, retained } => {
@@ -122,7 +114,7 @@ pub(crate) fn stream(
                 );
             }
             for m in &retained {
-                first.push(message_event(&bridge, at, m, now));
+                first.push(message_event(&bridge, at, &m.envelope_json(now)));
             }
         }
     }
@@ -133,6 +125,10 @@ pub(crate) fn stream(
 
     let guard = slot;
     let live_bridge = bridge.clone();
+    let delivered = metrics
+        .deliveries
+        .get_or_create(&ProtocolLabel { protocol: "sse" })
+        .clone();
     let scope = sub.scope;
     let live = BroadcastStream::new(sub.live).filter_map(move |item| {
         let _alive = &guard;
@@ -144,11 +140,8 @@ pub(crate) fn stream(
             {
                 let now = SystemTime::now();
                 (!e.message.is_expired(now)).then(|| {
-                    metrics
-                        .deliveries
-                        .get_or_create(&ProtocolLabel { protocol: "sse" })
-                        .inc();
-                    message_event(&live_bridge, e.seq, &e.message, now)
+                    delivered.inc();
+                    message_event(&live_bridge, e.seq, &e.envelope_json(now))
                 })
             }
             Ok(_) => None,
@@ -178,11 +171,7 @@ pub(crate) fn stream(
     ))
 }
 
-fn message_event(bridge: &Bridge, seq: u64, message: &Message, now: SystemTime) -> SseEvent {
-    let body = StreamEnvelope {
-        envelope: message.envelope(now),
-    };
-    let data = serde_json::to_string(&body).unwrap_or_else(|_| "{}".to_owned());
+fn message_event(bridge: &Bridge, seq: u64, data: &str) -> SseEvent {
     SseEvent::default()
         .event("message")
         .id(bridge.event_id(seq))
