@@ -894,3 +894,113 @@ async fn main() -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use bytes::BytesMut;
+    use rumqttc::mqttbytes::QoS;
+    use rumqttc::mqttbytes::v4::{
+        ConnAck, ConnectReturnCode, Packet, PubAck, Publish, SubAck, SubscribeReasonCode,
+    };
+
+    use super::wire;
+
+    const MAX: usize = 2 * 1024 * 1024;
+
+    #[test]
+    fn what_the_load_writes_reads_back_as_mqtt() {
+        let mut out = BytesMut::new();
+        wire::connect(&mut out, "client-1", 60);
+        let Ok(Packet::Connect(connect)) = Packet::read(&mut out, MAX) else {
+            panic!("not a CONNECT");
+        };
+        assert_eq!(
+            (
+                connect.client_id.as_str(),
+                connect.keep_alive,
+                connect.clean_session
+            ),
+            ("client-1", 60, true)
+        );
+
+        wire::subscribe(&mut out, 7, "a/+", 1);
+        let Ok(Packet::Subscribe(subscribe)) = Packet::read(&mut out, MAX) else {
+            panic!("not a SUBSCRIBE");
+        };
+        assert_eq!(subscribe.pkid, 7);
+        assert_eq!(subscribe.filters[0].path, "a/+");
+        assert_eq!(subscribe.filters[0].qos, QoS::AtLeastOnce);
+
+        // A large payload needs a three-byte remaining length.
+        let payload = vec![b'p'; 1024 * 1024];
+        for (qos, retain, pkid) in [(0, false, 0), (1, true, 65535)] {
+            let at = wire::publish(&mut out, "a/b", qos, retain, pkid, &payload);
+            assert_eq!(&out[at..at + 4], b"pppp");
+            let Ok(Packet::Publish(publish)) = Packet::read(&mut out, MAX) else {
+                panic!("not a PUBLISH");
+            };
+            assert_eq!(publish.topic, "a/b");
+            assert_eq!(publish.qos as u8, qos);
+            assert_eq!((publish.retain, publish.pkid), (retain, pkid));
+            assert_eq!(publish.payload.len(), payload.len());
+        }
+
+        wire::puback(&mut out, 513);
+        assert_eq!(
+            Packet::read(&mut out, MAX).ok(),
+            Some(Packet::PubAck(PubAck::new(513)))
+        );
+        assert!(out.is_empty());
+    }
+
+    #[test]
+    fn what_a_broker_writes_is_parsed_only_once_complete() {
+        let mut publish = Publish::new("t/0", QoS::AtLeastOnce, vec![b'x'; 300]);
+        publish.pkid = 9;
+        publish.retain = true;
+        let mut bytes = BytesMut::new();
+        for packet in [
+            Packet::ConnAck(ConnAck::new(ConnectReturnCode::Success, false)),
+            Packet::SubAck(SubAck::new(1, vec![SubscribeReasonCode::Failure])),
+            Packet::Publish(publish),
+            Packet::PubAck(PubAck::new(300)),
+            Packet::PingResp,
+        ] {
+            packet.write(&mut bytes, MAX).expect("encodes");
+        }
+
+        let mut at = 0;
+        let mut seen = Vec::new();
+        while at < bytes.len() {
+            let rest = &bytes[at..];
+            let (packet, len) = wire::next(rest).expect("valid").expect("complete");
+            for cut in 0..len {
+                assert!(wire::next(&rest[..cut]).expect("valid").is_none(), "{cut}");
+            }
+            seen.push(match packet {
+                wire::Packet::ConnAck { code } => format!("connack {code}"),
+                wire::Packet::SubAck { codes } => format!("suback {codes:?}"),
+                wire::Packet::Publish {
+                    qos,
+                    retain,
+                    pkid,
+                    payload,
+                } => format!("publish {qos} {retain} {pkid} {}", payload.len()),
+                wire::Packet::PubAck { pkid } => format!("puback {pkid}"),
+                wire::Packet::Other => "other".to_owned(),
+            });
+            at += len;
+        }
+        assert_eq!(
+            seen,
+            [
+                "connack 0",
+                "suback [128]",
+                "publish 1 true 9 300",
+                "puback 300",
+                "other"
+            ]
+        );
+        assert!(wire::next(&[0x30, 0xFF, 0xFF, 0xFF, 0xFF, 0x01]).is_err());
+    }
+}
