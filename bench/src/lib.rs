@@ -1,6 +1,10 @@
 //! What the load tools share: a latency histogram, the one-line JSON report each tool prints last
 //! on stdout (read by `bench/run`), a clock for timestamps carried in payloads, and RSS readings.
 
+pub mod http;
+
+use std::collections::hash_map::RandomState;
+use std::hash::BuildHasher;
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
@@ -14,6 +18,13 @@ pub fn now_ns() -> u64 {
     static START: OnceLock<Instant> = OnceLock::new();
     let start = *START.get_or_init(Instant::now);
     u64::try_from(start.elapsed().as_nanos()).unwrap_or(u64::MAX)
+}
+
+/// A fresh 16-digit hex token for topic prefixes and client ids, so runs never see each other's
+/// messages (the standard library's per-process random hash keys, no random number crate).
+pub fn random_hex() -> String {
+    let hash = RandomState::new().hash_one((std::process::id(), now_ns()));
+    format!("{hash:016x}")
 }
 
 /// Writes `now_ns()` into the first 8 bytes of a payload of `size` bytes (at least 8).

@@ -2,9 +2,6 @@
 //! and measures their arrival at an MQTT 3.1.1 QoS 0 subscriber of the same topic.
 //! `bridge-latency --http 127.0.0.1:8080 --mqtt 127.0.0.1:1883 --rate 5000 --count 20000`
 
-use std::collections::hash_map::RandomState;
-use std::hash::{BuildHasher, Hasher};
-use std::io::Write as _;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -21,7 +18,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
-use topicgate_bench::{Latencies, Report, age, now_ns, parse_duration, stamped};
+use topicgate_bench::http::{HttpConn, encode_path};
+use topicgate_bench::{Latencies, Report, age, parse_duration, random_hex, stamped};
 
 /// Open-loop HTTP POST load, timed at an MQTT subscriber.
 #[derive(Parser)]
@@ -57,129 +55,6 @@ const MAX_PACKET: usize = 16 * 1024 * 1024;
 /// How far behind its slot a publish may start before it counts as late: tokio's timer has a
 /// resolution of 1 ms, so a publish woken on time may still start up to that much after its slot.
 const LATE: Duration = Duration::from_millis(1);
-
-fn random_hex() -> String {
-    let mut hasher = RandomState::new().build_hasher();
-    hasher.write_u64(now_ns());
-    format!("{:016x}", hasher.finish())
-}
-
-/// Percent-encodes what may not appear raw in a URL path (a topic may hold spaces, `#`, `?`...).
-fn encode_path(topic: &str) -> String {
-    let mut out = String::with_capacity(topic.len());
-    for &b in topic.as_bytes() {
-        if b.is_ascii_alphanumeric() || b"-._~/+!$&'()*,;=:@".contains(&b) {
-            out.push(char::from(b));
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    out
-}
-
-struct ResponseHead {
-    status: u16,
-    content_length: Option<usize>,
-    chunked: bool,
-}
-
-/// Reads a response head; the bytes after it stay in `buf`.
-async fn read_head(conn: &mut TcpStream, buf: &mut Vec<u8>) -> anyhow::Result<ResponseHead> {
-    loop {
-        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-            let head = parse_head(&buf[..end])?;
-            buf.drain(..end + 4);
-            return Ok(head);
-        }
-        if buf.len() > 64 * 1024 {
-            bail!("a response head over 64 KiB");
-        }
-        if buf.len() == buf.capacity() {
-            buf.reserve(4096);
-        }
-        if conn.read_buf(buf).await? == 0 {
-            bail!("the connection closed before a response");
-        }
-    }
-}
-
-fn parse_head(head: &[u8]) -> anyhow::Result<ResponseHead> {
-    let text = std::str::from_utf8(head).context("a response head that is not UTF-8")?;
-    let mut lines = text.split("\r\n");
-    let status_line = lines.next().unwrap_or_default();
-    let status = status_line
-        .split(' ')
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .with_context(|| format!("a bad status line {status_line:?}"))?;
-    let mut parsed = ResponseHead {
-        status,
-        content_length: None,
-        chunked: false,
-    };
-    for line in lines {
-        let Some((name, value)) = line.split_once(':') else {
-            continue;
-        };
-        let value = value.trim();
-        if name.eq_ignore_ascii_case("content-length") {
-            parsed.content_length = Some(value.parse().context("a bad Content-Length")?);
-        } else if name.eq_ignore_ascii_case("transfer-encoding") {
-            parsed.chunked = value.to_ascii_lowercase().contains("chunked");
-        }
-    }
-    Ok(parsed)
-}
-
-/// One keep-alive HTTP/1.1 connection for requests answered one at a time.
-struct HttpConn {
-    stream: TcpStream,
-    buf: Vec<u8>,
-    request: Vec<u8>,
-    /// The request head, the same for every publish: only the body changes.
-    head: Vec<u8>,
-}
-
-impl HttpConn {
-    async fn connect(addr: SocketAddr, path: &str, body_len: usize) -> anyhow::Result<Self> {
-        let stream = TcpStream::connect(addr)
-            .await
-            .with_context(|| format!("connecting to {addr}"))?;
-        stream.set_nodelay(true)?;
-        let mut head = Vec::new();
-        write!(
-            head,
-            "POST {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/octet-stream\r\nContent-Length: {body_len}\r\n\r\n"
-        )?;
-        Ok(Self {
-            stream,
-            buf: Vec::with_capacity(4096),
-            request: Vec::with_capacity(head.len() + body_len),
-            head,
-        })
-    }
-
-    /// POSTs `body` and returns the response status, with the response body read and dropped.
-    async fn post(&mut self, body: &[u8]) -> anyhow::Result<u16> {
-        self.request.clear();
-        self.request.extend_from_slice(&self.head);
-        self.request.extend_from_slice(body);
-        self.stream.write_all(&self.request).await?;
-        let head = read_head(&mut self.stream, &mut self.buf).await?;
-        if head.chunked {
-            bail!("a chunked answer to a publish: not expected");
-        }
-        let length = head.content_length.unwrap_or(0);
-        while self.buf.len() < length {
-            self.buf.reserve(length - self.buf.len());
-            if self.stream.read_buf(&mut self.buf).await? == 0 {
-                bail!("the connection closed inside a response body");
-            }
-        }
-        self.buf.drain(..length);
-        Ok(head.status)
-    }
-}
 
 /// Reads the next MQTT packet, reading more from `conn` as needed.
 async fn next_packet(conn: &mut TcpStream, buf: &mut BytesMut) -> anyhow::Result<Packet> {
@@ -290,7 +165,7 @@ async fn publish(
     index: u64,
     start: Instant,
 ) -> anyhow::Result<Sent> {
-    let mut conn = HttpConn::connect(args.http, &path, args.payload.max(8)).await?;
+    let mut conn = HttpConn::connect(args.http).await?;
     let mut sent = Sent::default();
     let mut n = index;
     while n < args.count {
@@ -301,7 +176,15 @@ async fn publish(
         } else if now > at + LATE {
             sent.late += 1;
         }
-        match conn.post(&stamped(args.payload)).await? {
+        match conn
+            .send(
+                "POST",
+                &path,
+                "application/octet-stream",
+                &stamped(args.payload),
+            )
+            .await?
+        {
             204 => sent.ok += 1,
             status => {
                 sent.errors += 1;

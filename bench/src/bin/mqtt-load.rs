@@ -3,12 +3,10 @@
 //! --qos 1 --clients 8 --count 100000`. Scenarios: one-to-one, fan-out (1 → N), fan-in (N → 1),
 //! and fill (`--count` retained QoS 1 values under `--topic`, latency = PUBLISH to PUBACK).
 
-use std::collections::hash_map::RandomState;
 use std::fmt::Write as _;
-use std::hash::BuildHasher as _;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use anyhow::{Context as _, anyhow, bail};
 use bytes::{Buf as _, BytesMut};
@@ -20,7 +18,7 @@ use tokio::sync::{Semaphore, watch};
 use tokio::task::JoinHandle;
 use tokio::time::{Instant, sleep_until, timeout, timeout_at};
 
-use topicgate_bench::{Latencies, Report, age, now_ns, parse_duration, stamped};
+use topicgate_bench::{Latencies, Report, age, now_ns, parse_duration, random_hex, stamped};
 
 /// Limit on every connect, handshake packet and acknowledgement write.
 const IO_TIMEOUT: Duration = Duration::from_secs(10);
@@ -390,6 +388,16 @@ struct Seen {
     error: Option<anyhow::Error>,
 }
 
+impl Seen {
+    /// Adds another reader's counts and latencies; its error, if any, goes to `errors`.
+    fn absorb(&mut self, other: Seen, errors: &mut Vec<anyhow::Error>) {
+        self.count += other.count;
+        self.latencies.merge(&other.latencies);
+        self.last = self.last.max(other.last);
+        errors.extend(other.error);
+    }
+}
+
 /// Reads publishes until `until` says so, acknowledging QoS 1 ones.
 async fn subscriber(mut conn: Conn, mut until: Until, quickack: bool) -> (Seen, Conn) {
     let mut seen = Seen::default();
@@ -680,12 +688,6 @@ async fn ack_reader(
     (seen, read)
 }
 
-/// A fresh hex token for topic prefixes and client ids.
-fn token() -> String {
-    let hash = RandomState::new().hash_one((std::process::id(), SystemTime::now()));
-    format!("{hash:016x}")
-}
-
 /// Opens `n` connections at once, with ids `<base><i>`.
 async fn open_all(addr: &str, base: &str, n: u32) -> anyhow::Result<Vec<Conn>> {
     let tasks: Vec<JoinHandle<anyhow::Result<Conn>>> = (0..n)
@@ -713,7 +715,7 @@ async fn main() -> anyhow::Result<()> {
         Scenario::FanIn => (args.clients, 1),
         Scenario::Fill => (1, 0),
     };
-    let run = token();
+    let run = random_hex();
     let prefix = args
         .topic
         .clone()
@@ -820,19 +822,13 @@ async fn main() -> anyhow::Result<()> {
     let mut conns = Vec::new();
     for reader in readers {
         let (seen, conn) = reader.await.context("a subscriber failed")?;
-        received.count += seen.count;
-        received.latencies.merge(&seen.latencies);
-        received.last = received.last.max(seen.last);
-        errors.extend(seen.error);
+        received.absorb(seen, &mut errors);
         conns.push(conn);
     }
     let mut acked = Seen::default();
     for acker in ackers {
         let (seen, read) = acker.await.context("a PUBACK reader failed")?;
-        acked.count += seen.count;
-        acked.latencies.merge(&seen.latencies);
-        acked.last = acked.last.max(seen.last);
-        errors.extend(seen.error);
+        acked.absorb(seen, &mut errors);
         idle.push(read);
     }
     timer.abort();

@@ -5,9 +5,6 @@
 
 use std::borrow::Cow;
 use std::collections::BTreeMap;
-use std::collections::hash_map::RandomState;
-use std::hash::{BuildHasher, Hasher};
-use std::io::Write as _;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -20,7 +17,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 use tokio::task::JoinSet;
-use topicgate_bench::{Latencies, Report, now_ns, parse_duration, rss_kib};
+use topicgate_bench::http::{HttpConn, encode_path, read_head};
+use topicgate_bench::{Latencies, Report, now_ns, parse_duration, random_hex, rss_kib};
 
 /// Server-sent events fan-out load.
 #[derive(Parser)]
@@ -267,134 +265,6 @@ impl Chunked {
         }
         Ok(pos)
     }
-}
-
-struct ResponseHead {
-    status: u16,
-    content_length: Option<usize>,
-    chunked: bool,
-}
-
-/// Reads a response head; the bytes after it stay in `buf`.
-async fn read_head(conn: &mut TcpStream, buf: &mut Vec<u8>) -> anyhow::Result<ResponseHead> {
-    loop {
-        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-            let head = parse_head(&buf[..end])?;
-            buf.drain(..end + 4);
-            return Ok(head);
-        }
-        if buf.len() > 64 * 1024 {
-            bail!("a response head over 64 KiB");
-        }
-        if buf.len() == buf.capacity() {
-            buf.reserve(4096);
-        }
-        if conn.read_buf(buf).await? == 0 {
-            bail!("the connection closed before a response");
-        }
-    }
-}
-
-fn parse_head(head: &[u8]) -> anyhow::Result<ResponseHead> {
-    let text = std::str::from_utf8(head).context("a response head that is not UTF-8")?;
-    let mut lines = text.split("\r\n");
-    let status_line = lines.next().unwrap_or_default();
-    let status = status_line
-        .split(' ')
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .with_context(|| format!("a bad status line {status_line:?}"))?;
-    let mut parsed = ResponseHead {
-        status,
-        content_length: None,
-        chunked: false,
-    };
-    for line in lines {
-        let Some((name, value)) = line.split_once(':') else {
-            continue;
-        };
-        let value = value.trim();
-        if name.eq_ignore_ascii_case("content-length") {
-            parsed.content_length = Some(value.parse().context("a bad Content-Length")?);
-        } else if name.eq_ignore_ascii_case("transfer-encoding") {
-            parsed.chunked = value.to_ascii_lowercase().contains("chunked");
-        }
-    }
-    Ok(parsed)
-}
-
-/// One keep-alive HTTP/1.1 connection for requests answered one at a time.
-struct HttpConn {
-    stream: TcpStream,
-    host: String,
-    buf: Vec<u8>,
-    request: Vec<u8>,
-}
-
-impl HttpConn {
-    async fn connect(addr: SocketAddr) -> anyhow::Result<Self> {
-        let stream = TcpStream::connect(addr)
-            .await
-            .with_context(|| format!("connecting to {addr}"))?;
-        stream.set_nodelay(true)?;
-        Ok(Self {
-            stream,
-            host: addr.to_string(),
-            buf: Vec::with_capacity(4096),
-            request: Vec::with_capacity(512),
-        })
-    }
-
-    /// Sends a request and returns the response status, with the body read and dropped.
-    async fn send(
-        &mut self,
-        method: &str,
-        path: &str,
-        content_type: &str,
-        body: &[u8],
-    ) -> anyhow::Result<u16> {
-        self.request.clear();
-        write!(
-            self.request,
-            "{method} {path} HTTP/1.1\r\nHost: {}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\n\r\n",
-            self.host,
-            body.len()
-        )?;
-        self.request.extend_from_slice(body);
-        self.stream.write_all(&self.request).await?;
-        let head = read_head(&mut self.stream, &mut self.buf).await?;
-        if head.chunked {
-            bail!("a chunked answer to {method} {path}: not expected");
-        }
-        let length = head.content_length.unwrap_or(0);
-        while self.buf.len() < length {
-            self.buf.reserve(length - self.buf.len());
-            if self.stream.read_buf(&mut self.buf).await? == 0 {
-                bail!("the connection closed inside a response body");
-            }
-        }
-        self.buf.drain(..length);
-        Ok(head.status)
-    }
-}
-
-/// Percent-encodes what may not appear raw in a URL path (a topic may hold spaces, `#`, `?`...).
-fn encode_path(topic: &str) -> String {
-    let mut out = String::with_capacity(topic.len());
-    for &b in topic.as_bytes() {
-        if b.is_ascii_alphanumeric() || b"-._~/+!$&'()*,;=:@".contains(&b) {
-            out.push(char::from(b));
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    out
-}
-
-fn random_hex() -> String {
-    let mut hasher = RandomState::new().build_hasher();
-    hasher.write_u64(now_ns());
-    format!("{:016x}", hasher.finish())
 }
 
 /// Raises the soft open-file limit to the hard one; returns the limit now in force.
