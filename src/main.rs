@@ -186,8 +186,8 @@ fn init_tracing(format: LogFormat) {
     use tracing_subscriber::EnvFilter;
     // rumqttd logs ordinary client disconnects as errors; its listener problems surface through
     // the gateway's own messages.
-    let filter = EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| EnvFilter::new("info,rumqttd=off,tower_http=warn"));
+    let filter =
+        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info,rumqttd=off"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none())

@@ -1,5 +1,6 @@
 //! The gateway's Prometheus metrics: one registry per gateway, rendered as text by `/metrics`.
 
+use std::sync::OnceLock;
 use std::sync::atomic::Ordering;
 
 use prometheus_client::encoding::EncodeLabelSet;
@@ -86,6 +87,9 @@ pub struct Metrics {
     pub coap_observers_removed: Family<ReasonLabel, Counter>,
     /// Requests refused by the policy: failed logins, ACL denials, rate limits.
     pub refusals: Family<RefusalLabel, Counter>,
+    /// Handles on `http_responses` by status, made on first use: a family lookup takes a lock
+    /// and hashes the label, which every response would pay.
+    status_counters: Box<[OnceLock<Counter>]>,
 }
 
 impl Default for Metrics {
@@ -187,6 +191,7 @@ impl Default for Metrics {
             coap_retransmissions,
             coap_observers_removed,
             refusals,
+            status_counters: (100..600).map(|_| OnceLock::new()).collect(),
         }
     }
 }
@@ -197,6 +202,19 @@ impl Metrics {
         self.publishes
             .get_or_create(&ProtocolLabel { protocol })
             .inc();
+    }
+
+    /// Counts one HTTP response.
+    pub fn http_response(&self, status: u16) {
+        let family = &self.http_responses;
+        let make = || family.get_or_create(&StatusLabel { status }).clone();
+        match self
+            .status_counters
+            .get(usize::from(status).wrapping_sub(100))
+        {
+            Some(slot) => slot.get_or_init(make).inc(),
+            None => make().inc(),
+        };
     }
 
     /// Sets a counter mirrored from a value kept elsewhere.

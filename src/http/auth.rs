@@ -3,10 +3,8 @@
 
 use std::net::SocketAddr;
 
-use axum::extract::{ConnectInfo, Request, State};
+use axum::extract::{ConnectInfo, Request};
 use axum::http::{HeaderMap, header};
-use axum::middleware::Next;
-use axum::response::{IntoResponse, Response};
 use base64::Engine;
 use utoipa::Modify;
 use utoipa::openapi::OpenApi;
@@ -58,37 +56,26 @@ impl Modify for SecuritySchemes {
     }
 }
 
-/// Authenticates the request, applies the rate limit, and hands the [`Caller`] on.
-pub(crate) async fn authenticate(
-    State(state): State<AppState>,
-    mut request: Request,
-    next: Next,
-) -> Response {
-    let policy = state.bridge.policy().clone();
-    let peer = request
-        .extensions()
-        .get::<ConnectInfo<SocketAddr>>()
-        .map(|c| c.0);
+/// Authenticates the request and applies the rate limit; the request comes back with its
+/// [`Caller`] attached.
+pub(crate) async fn identify(state: &AppState, mut request: Request) -> Result<Request, ApiError> {
+    let policy = state.bridge.policy();
     // A client certificate names the caller whatever the headers say, as Mosquitto's
     // use_identity_as_username does.
-    let certified = request
-        .extensions()
-        .get::<ClientName>()
-        .map(|n| n.0.clone());
-    let principal = match certified {
-        Some(name) => policy.certificate(&name),
-        None => match principal(&state, &policy, request.headers()).await {
-            Ok(p) => p,
-            Err(e) => return e.into_response(),
+    let principal = match request.extensions().get::<ClientName>() {
+        Some(name) => policy.certificate(&name.0),
+        None => principal(state, policy, request.headers()).await?,
+    };
+    let key = match &principal {
+        Principal::Named(_) => Policy::client_key(&principal, ""),
+        Principal::Anonymous => match request.extensions().get::<ConnectInfo<SocketAddr>>() {
+            Some(peer) => format!("addr:{}", peer.0.ip()),
+            None => "addr:unknown".to_owned(),
         },
     };
-    let address = peer.map_or_else(|| "addr:unknown".to_owned(), |p| format!("addr:{}", p.ip()));
-    let key = Policy::client_key(&principal, &address);
-    if let Err(secs) = policy.admit(&key) {
-        return ApiError::RateLimited(secs).into_response();
-    }
+    policy.admit(&key).map_err(ApiError::RateLimited)?;
     request.extensions_mut().insert(Caller { principal, key });
-    next.run(request).await
+    Ok(request)
 }
 
 async fn principal(

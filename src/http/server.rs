@@ -2,12 +2,14 @@
 //! the TLS handshake and for request headers (slowloris), and the peer's address and certificate
 //! name handed to the router with every request.
 
+use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::Router;
+use axum::body::Body;
 use axum::extract::{ConnectInfo, Request};
+use futures_util::FutureExt;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto::Builder;
@@ -15,8 +17,8 @@ use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
-use tower::ServiceExt;
 
+use super::App;
 use super::auth::ClientName;
 use crate::tls::{Tls, accept};
 
@@ -32,10 +34,10 @@ pub struct Listening {
     pub tls: Option<Tls>,
 }
 
-/// Serves `router` on `listener` until `cancel` fires, then lets in-flight requests finish.
+/// Serves `app` on `listener` until `cancel` fires, then lets in-flight requests finish.
 pub async fn serve(
     listener: TcpListener,
-    router: Router,
+    app: App,
     listening: Listening,
     cancel: CancellationToken,
 ) -> std::io::Result<()> {
@@ -67,7 +69,7 @@ pub async fn serve(
             },
         };
         let connection = Connection {
-            router: router.clone(),
+            app: app.clone(),
             builder: builder.clone(),
             tls: tls.clone(),
             deadline: listening.header_timeout,
@@ -85,7 +87,7 @@ pub async fn serve(
 }
 
 struct Connection {
-    router: Router,
+    app: App,
     builder: Arc<Builder<TokioExecutor>>,
     tls: Option<Tls>,
     deadline: Duration,
@@ -95,7 +97,7 @@ struct Connection {
 impl Connection {
     async fn serve(self, stream: TcpStream, watcher: hyper_util::server::graceful::Watcher) {
         let Self {
-            router,
+            app,
             builder,
             tls,
             deadline,
@@ -116,7 +118,7 @@ impl Connection {
             if let Some(name) = &client_name {
                 request.extensions_mut().insert(ClientName(name.clone()));
             }
-            router.clone().oneshot(request)
+            app.handle(request.map(Body::new)).map(Ok::<_, Infallible>)
         });
         let served = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
         if let Err(e) = watcher.watch(served.into_owned()).await {

@@ -3,11 +3,11 @@
 use std::time::SystemTime;
 
 use axum::Json;
-use axum::body::Bytes;
-use axum::extract::rejection::BytesRejection;
-use axum::extract::{Extension, Query, State};
-use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode, Uri, header};
+use axum::body::{Body, Bytes};
+use axum::extract::{Query, Request, State};
+use axum::http::{Extensions, HeaderMap, HeaderName, HeaderValue, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
+use http_body_util::{BodyExt, LengthLimitError, Limited};
 use percent_encoding::percent_decode_str;
 use serde::Deserialize;
 use utoipa::openapi::path::{Parameter, ParameterIn};
@@ -97,19 +97,21 @@ pub(crate) struct ReadQuery {
 )]
 pub(crate) async fn publish(
     State(state): State<AppState>,
-    Extension(caller): Extension<Caller>,
-    uri: Uri,
-    headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
+    request: Request,
 ) -> Result<StatusCode, ApiError> {
-    let topic = Topic::parse(&path_text(&uri)?)?;
-    let query = parse_query::<PublishQuery>(&uri)?;
+    let (request, body) = request.into_parts();
+    let topic = Topic::parse(&path_text(&request.uri)?)?;
+    let query = parse_query::<PublishQuery>(&request.uri)?;
     let retain = match query.retain.as_deref() {
         None => false,
         Some(v) => parse_flag("retain", v)?,
     };
-    let message = build_message(&state, topic, &query, &headers, body, retain)?;
-    state.bridge.publish(message, &caller.principal).await?;
+    let payload = payload(&state, &request.headers, body).await?;
+    let message = build_message(topic, &query, &request.headers, payload, retain)?;
+    state
+        .bridge
+        .publish(message, &caller(&request.extensions)?.principal)
+        .await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -135,13 +137,12 @@ pub(crate) async fn publish(
 )]
 pub(crate) async fn put_retained(
     State(state): State<AppState>,
-    Extension(caller): Extension<Caller>,
-    uri: Uri,
-    headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
+    request: Request,
 ) -> Result<Response, ApiError> {
-    let topic = Topic::parse(&path_text(&uri)?)?;
-    let query = parse_query::<PublishQuery>(&uri)?;
+    let (request, body) = request.into_parts();
+    let uri = &request.uri;
+    let topic = Topic::parse(&path_text(uri)?)?;
+    let query = parse_query::<PublishQuery>(uri)?;
     if let Some(v) = query.retain.as_deref()
         && !parse_flag("retain", v)?
     {
@@ -149,8 +150,12 @@ pub(crate) async fn put_retained(
             "PUT always retains; use POST to publish without retaining".to_owned(),
         ));
     }
-    let message = build_message(&state, topic, &query, &headers, body, true)?;
-    state.bridge.publish(message, &caller.principal).await?;
+    let payload = payload(&state, &request.headers, body).await?;
+    let message = build_message(topic, &query, &request.headers, payload, true)?;
+    state
+        .bridge
+        .publish(message, &caller(&request.extensions)?.principal)
+        .await?;
     let location = HeaderValue::from_str(uri.path()).map_err(|_| ApiError::Internal)?;
     Ok((StatusCode::NO_CONTENT, [(header::LOCATION, location)]).into_response())
 }
@@ -183,25 +188,25 @@ pub(crate) async fn put_retained(
 )]
 pub(crate) async fn read(
     State(state): State<AppState>,
-    Extension(caller): Extension<Caller>,
-    uri: Uri,
-    headers: HeaderMap,
+    request: Request,
 ) -> Result<Response, ApiError> {
-    let filter = TopicFilter::parse(&path_text(&uri)?)?;
-    let query = parse_query::<ReadQuery>(&uri)?;
+    let (uri, headers) = (request.uri(), request.headers());
+    let caller = caller(request.extensions())?;
+    let filter = TopicFilter::parse(&path_text(uri)?)?;
+    let query = parse_query::<ReadQuery>(uri)?;
     let wants_stream = match query.stream.as_deref() {
         Some(v) => parse_flag("stream", v)?,
-        None => accepts_event_stream(&headers),
+        None => accepts_event_stream(headers),
     };
     if wants_stream {
         let last_id = headers
             .get("last-event-id")
             .and_then(|v| v.to_str().ok())
             .map(str::to_owned);
-        return Ok(sse::stream(&state, &caller, filter, last_id.as_deref())?.into_response());
+        return Ok(sse::stream(&state, caller, filter, last_id.as_deref())?.into_response());
     }
     if filter.is_wildcard() {
-        return list(&state, &caller, &filter, &query);
+        return list(&state, caller, &filter, &query);
     }
     if query.limit.is_some() || query.cursor.is_some() {
         return Err(ApiError::InvalidParameter(
@@ -213,7 +218,7 @@ pub(crate) async fn read(
         .bridge
         .retained(&topic, &caller.principal)?
         .ok_or_else(|| ApiError::NotRetained(topic.to_string()))?;
-    Ok(single(&message, &headers))
+    Ok(single(&message, headers))
 }
 
 /// Clear a topic's retained value (an empty retained publish, seen by MQTT subscribers too).
@@ -234,11 +239,11 @@ pub(crate) async fn read(
 )]
 pub(crate) async fn clear(
     State(state): State<AppState>,
-    Extension(caller): Extension<Caller>,
-    uri: Uri,
+    request: Request,
 ) -> Result<StatusCode, ApiError> {
-    let topic = Topic::parse(&path_text(&uri)?)?;
-    parse_query::<Empty>(&uri)?;
+    let topic = Topic::parse(&path_text(request.uri())?)?;
+    parse_query::<Empty>(request.uri())?;
+    let caller = caller(request.extensions())?;
     if state
         .bridge
         .clear(&topic, Origin::Http, &caller.principal)
@@ -349,21 +354,36 @@ fn single(message: &Message, request: &HeaderMap) -> Response {
     (StatusCode::OK, headers, message.payload.clone()).into_response()
 }
 
+/// The caller the front attached to a `/topics` request.
+fn caller(extensions: &Extensions) -> Result<&Caller, ApiError> {
+    extensions.get::<Caller>().ok_or(ApiError::Internal)
+}
+
+/// The request body, refused with 413 past the payload limit: at once when Content-Length
+/// says so, else as soon as that many bytes have arrived.
+async fn payload(state: &AppState, headers: &HeaderMap, body: Body) -> Result<Bytes, ApiError> {
+    let limit = state.bridge.max_payload();
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit as u64) {
+        return Err(ApiError::PayloadTooLarge(limit));
+    }
+    match Limited::new(body, limit).collect().await {
+        Ok(collected) => Ok(collected.to_bytes()),
+        Err(e) if e.is::<LengthLimitError>() => Err(ApiError::PayloadTooLarge(limit)),
+        Err(_) => Err(ApiError::BadBody),
+    }
+}
+
 fn build_message(
-    state: &AppState,
     topic: Topic,
     query: &PublishQuery,
     headers: &HeaderMap,
-    body: Result<Bytes, BytesRejection>,
+    payload: Bytes,
     retain: bool,
 ) -> Result<Message, ApiError> {
-    let payload = body.map_err(|rejection| {
-        if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
-            ApiError::PayloadTooLarge(state.bridge.max_payload())
-        } else {
-            ApiError::BadBody
-        }
-    })?;
     let mut message = Message::new(topic, payload, Origin::Http);
     message.retain = retain;
     message.qos = match query.qos.as_deref() {
