@@ -75,7 +75,11 @@ impl Broker {
             .build()
             .map(|(tx, rx, _ack)| (tx, rx))
             .map_err(|e| MqttError::Link(e.to_string()))?;
-        let link_parts = LinkParts::new(link_tx, link_rx)?;
+        let full = {
+            let router_tx = router_tx.clone();
+            Box::new(move || router_tx.is_full())
+        };
+        let link_parts = LinkParts::new(link_tx, link_rx, full)?;
 
         let settings = ServerSettings {
             name: "mqtt".to_owned(),
@@ -251,7 +255,7 @@ fn link_client_id() -> String {
 }
 
 /// Every router setting chosen on purpose: rumqttd's `RouterConfig::default()` is all zeros.
-fn router_config(config: &MqttConfig, listeners: usize) -> RouterConfig {
+pub(super) fn router_config(config: &MqttConfig, listeners: usize) -> RouterConfig {
     RouterConfig {
         // The codec turns clients away above `max_connections` with a CONNACK; the router must
         // not refuse first (it closes without one), so it has room for the gateway's own link,

@@ -1,8 +1,9 @@
-//! The gateway's own connection into rumqttd's router: publishes go in through a dedicated
-//! thread, and a `#` subscription brings every client publish out, without ever stalling.
+//! The gateway's own connection into rumqttd's router: publishes go straight into the router's
+//! buffer for the link (through a dedicated thread when the router is behind), and a `#`
+//! subscription brings every client publish out, without ever stalling.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::thread;
 
 use bytes::Bytes;
@@ -59,17 +60,21 @@ impl LinkStats {
     }
 }
 
+/// Whether the router's event queue is full, so that one more event would block the sender.
+pub(crate) type RouterFull = Box<dyn Fn() -> bool + Send + Sync>;
+
 /// The link, connected to the router and subscribed, not yet running.
 pub(crate) struct LinkParts {
     tx: LinkTx,
     rx: LinkRx,
+    full: RouterFull,
 }
 
 impl LinkParts {
-    pub(crate) fn new(mut tx: LinkTx, rx: LinkRx) -> Result<Self, MqttError> {
+    pub(crate) fn new(mut tx: LinkTx, rx: LinkRx, full: RouterFull) -> Result<Self, MqttError> {
         tx.subscribe("#")
             .map_err(|e| MqttError::Link(e.to_string()))?;
-        Ok(Self { tx, rx })
+        Ok(Self { tx, rx, full })
     }
 
     pub(crate) fn run(
@@ -80,22 +85,62 @@ impl LinkParts {
         cancel: CancellationToken,
     ) -> Link {
         stats.up.store(true, Ordering::Relaxed);
-        let (publish_tx, publish_rx) = flume::bounded::<MqttPublish>(buffer.max(1));
         let (inbound_tx, inbound_rx) = mpsc::channel(buffer.max(1));
+        let sink = RouterSink::start(self.tx, self.full, buffer, stats.clone());
+        tracker.spawn(receive(self.rx, inbound_tx, stats.clone(), cancel));
+        Link::new(Sink::Router(sink), inbound_rx, stats)
+    }
+}
 
-        let thread_stats = stats.clone();
-        let mut tx = self.tx;
-        // LinkTx hands each batch to the router with a blocking channel send, so it runs on a
-        // thread of its own instead of stalling a runtime worker.
+/// Where the gateway's publishes go.
+pub(crate) enum Sink {
+    /// The embedded router.
+    Router(RouterSink),
+    /// An external broker, through the client task.
+    Remote(mpsc::Sender<Outbound>),
+}
+
+/// The way into the embedded router.
+///
+/// `LinkTx` appends to a buffer the router takes whole on each of the link's events, and sends
+/// that event on the router's bounded queue with a blocking send. A publish therefore goes in
+/// from the calling task when the queue has room, which spares a hand-off to another thread and
+/// the wake-up it costs; only when the queue is full does it go to the link thread, which may
+/// block, while the caller waits asynchronously for room in the thread's queue. Publishes keep
+/// their order: they pass one at a time, and none goes in directly while the thread still has
+/// some to hand over.
+pub(crate) struct RouterSink {
+    turn: tokio::sync::Mutex<()>,
+    tx: Arc<std::sync::Mutex<LinkTx>>,
+    full: RouterFull,
+    /// Publishes given to the thread and not yet in the router's buffer.
+    queued: Arc<AtomicUsize>,
+    thread: flume::Sender<MqttPublish>,
+    stats: Arc<LinkStats>,
+}
+
+impl RouterSink {
+    fn start(tx: LinkTx, full: RouterFull, buffer: usize, stats: Arc<LinkStats>) -> Self {
+        let (thread, publishes) = flume::bounded::<MqttPublish>(buffer.max(1));
+        let tx = Arc::new(std::sync::Mutex::new(tx));
+        let queued = Arc::new(AtomicUsize::new(0));
+        let (thread_tx, thread_queued, thread_stats) = (tx.clone(), queued.clone(), stats.clone());
         let spawned = thread::Builder::new()
             .name("mqtt-link-tx".to_owned())
             .spawn(move || {
-                while let Ok(first) = publish_rx.recv() {
-                    let mut batch = vec![first];
-                    batch.extend(publish_rx.try_iter().take(PUBLISH_BATCH - 1));
-                    let last = batch.pop().map(into_packet);
-                    tx.buffer().extend(batch.into_iter().map(into_packet));
-                    let sent = last.and_then(|p| tx.send(p).now_or_never());
+                while let Ok(first) = publishes.recv() {
+                    let mut batch: Vec<Packet> = std::iter::once(first)
+                        .chain(publishes.try_iter().take(PUBLISH_BATCH - 1))
+                        .map(into_packet)
+                        .collect();
+                    let count = batch.len();
+                    let sent = {
+                        let mut tx = lock(&thread_tx);
+                        let last = batch.pop();
+                        tx.buffer().extend(batch);
+                        last.and_then(|p| tx.send(p).now_or_never())
+                    };
+                    thread_queued.fetch_sub(count, Ordering::Release);
                     if !matches!(sent, Some(Ok(_))) {
                         thread_stats.up.store(false, Ordering::Relaxed);
                         break;
@@ -105,18 +150,56 @@ impl LinkParts {
         if spawned.is_err() {
             stats.up.store(false, Ordering::Relaxed);
         }
+        Self {
+            turn: tokio::sync::Mutex::new(()),
+            tx,
+            full,
+            queued,
+            thread,
+            stats,
+        }
+    }
 
-        tracker.spawn(receive(self.rx, inbound_tx, stats.clone(), cancel));
-        Link::new(Sink::Router(publish_tx), inbound_rx, stats)
+    async fn publish(&self, publish: MqttPublish) -> Result<(), MqttError> {
+        let _turn = self.turn.lock().await;
+        if self.queued.load(Ordering::Acquire) == 0 && !(self.full)() {
+            return self.push(into_packet(publish));
+        }
+        self.queued.fetch_add(1, Ordering::AcqRel);
+        if self.thread.send_async(publish).await.is_err() {
+            self.queued.fetch_sub(1, Ordering::AcqRel);
+            return Err(MqttError::LinkDown);
+        }
+        Ok(())
+    }
+
+    /// Appends to the router's buffer for the link, telling the router only when the buffer was
+    /// empty: while it holds packets, the event that announced the first is still queued, and
+    /// the router will take these with it.
+    fn push(&self, packet: Packet) -> Result<(), MqttError> {
+        let mut tx = lock(&self.tx);
+        {
+            let mut buffer = tx.buffer();
+            if !buffer.is_empty() {
+                buffer.push_back(packet);
+                return Ok(());
+            }
+        }
+        // The queue had room a moment ago; another connection may have filled it since, and
+        // then this waits for the router to take one event, which it does without waiting on
+        // anything of the gateway's.
+        match tx.send(packet).now_or_never() {
+            Some(Ok(_)) => Ok(()),
+            _ => {
+                self.stats.up.store(false, Ordering::Relaxed);
+                Err(MqttError::LinkDown)
+            }
+        }
     }
 }
 
-/// Where the gateway's publishes go.
-pub(crate) enum Sink {
-    /// The embedded router, through the link thread.
-    Router(flume::Sender<MqttPublish>),
-    /// An external broker, through the client task.
-    Remote(mpsc::Sender<Outbound>),
+fn lock(tx: &std::sync::Mutex<LinkTx>) -> std::sync::MutexGuard<'_, LinkTx> {
+    tx.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// A publish for an external broker, with where to report its acknowledgement.
@@ -162,9 +245,9 @@ impl Link {
     /// A link to no broker, never up: publishes fail with `LinkDown`. Lets the adapters' request
     /// handling run without a broker, as the fuzz targets do.
     pub(crate) fn detached() -> Self {
-        let (sink, _) = flume::bounded(1);
+        let (sink, _) = mpsc::channel(1);
         let (_, inbound) = mpsc::channel(1);
-        Self::new(Sink::Router(sink), inbound, Arc::new(LinkStats::default()))
+        Self::new(Sink::Remote(sink), inbound, Arc::new(LinkStats::default()))
     }
 
     /// Queues a publish for the broker, in order; waits while the broker is saturated. The
@@ -174,10 +257,8 @@ impl Link {
             return Err(MqttError::LinkDown);
         }
         match &self.sink {
-            Sink::Router(tx) => {
-                tx.send_async(publish)
-                    .await
-                    .map_err(|_| MqttError::LinkDown)?;
+            Sink::Router(sink) => {
+                sink.publish(publish).await?;
                 Ok(Receipt(None))
             }
             Sink::Remote(tx) => {
@@ -273,4 +354,75 @@ async fn receive(
         }
     }
     stats.up.store(false, Ordering::Relaxed);
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use rumqttd::Router;
+    use rumqttd::local::LinkBuilder;
+
+    use super::*;
+    use crate::config::MqttConfig;
+
+    /// The router's queue is reported full for two publishes of every three, so they alternate
+    /// between the direct way in and the link thread: a subscriber still gets every one, in
+    /// order.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn publishes_keep_their_order_whichever_way_they_go_in() {
+        let config = super::super::broker::router_config(&MqttConfig::default(), 1);
+        let router_tx = Router::new(0, config).spawn();
+        let (mut reader_tx, mut reader, _) = LinkBuilder::new("reader", router_tx.clone())
+            .build()
+            .unwrap();
+        reader_tx.subscribe("order/#").unwrap();
+        loop {
+            if let Some(Notification::DeviceAck(_)) = reader.next().await.unwrap() {
+                break;
+            }
+        }
+        let (tx, rx, _) = LinkBuilder::new("gateway", router_tx).build().unwrap();
+        let asked = AtomicUsize::new(0);
+        let full: RouterFull =
+            Box::new(move || !asked.fetch_add(1, Ordering::Relaxed).is_multiple_of(3));
+        let link = LinkParts::new(tx, rx, full).unwrap().run(
+            Arc::new(LinkStats::default()),
+            8,
+            &TaskTracker::new(),
+            CancellationToken::new(),
+        );
+
+        const COUNT: usize = 600;
+        let writer = async {
+            for i in 0..COUNT {
+                let publish = MqttPublish {
+                    topic: "order/x".to_owned(),
+                    payload: Bytes::from(i.to_string()),
+                    ..MqttPublish::default()
+                };
+                link.publish(publish).await.unwrap();
+            }
+        };
+        let read = async {
+            let mut got = Vec::new();
+            while got.len() < COUNT {
+                match reader.next().await.unwrap() {
+                    Some(Notification::Forward(f)) => {
+                        got.push(String::from_utf8(f.publish.payload.to_vec()).unwrap());
+                    }
+                    Some(Notification::Unschedule) => reader.wake().await.unwrap(),
+                    _ => {}
+                }
+            }
+            got
+        };
+        let ((), got) = tokio::time::timeout(Duration::from_secs(20), async {
+            tokio::join!(writer, read)
+        })
+        .await
+        .expect("every publish arrives");
+        let expected: Vec<String> = (0..COUNT).map(|i| i.to_string()).collect();
+        assert_eq!(got, expected);
+    }
 }
