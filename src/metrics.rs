@@ -90,7 +90,13 @@ pub struct Metrics {
     /// Handles on `http_responses` by status, made on first use: a family lookup takes a lock
     /// and hashes the label, which every response would pay.
     status_counters: Box<[OnceLock<Counter>]>,
+    /// Handles on `coap_requests`, by method (as ordered in [`COAP_METHODS`]) and response
+    /// code byte, made on first use.
+    coap_counters: Box<[OnceLock<Counter>]>,
 }
+
+/// The `method` values of `coap_requests`.
+pub const COAP_METHODS: [&str; 5] = ["GET", "PUT", "POST", "DELETE", "other"];
 
 impl Default for Metrics {
     fn default() -> Self {
@@ -192,6 +198,9 @@ impl Default for Metrics {
             coap_observers_removed,
             refusals,
             status_counters: (100..600).map(|_| OnceLock::new()).collect(),
+            coap_counters: (0..COAP_METHODS.len() * 256)
+                .map(|_| OnceLock::new())
+                .collect(),
         }
     }
 }
@@ -215,6 +224,22 @@ impl Metrics {
             Some(slot) => slot.get_or_init(make).inc(),
             None => make().inc(),
         };
+    }
+
+    /// Counts one CoAP request by the index of its method in [`COAP_METHODS`] and its
+    /// response code (class in the top three bits, detail in the low five).
+    pub fn coap_request(&self, method: usize, code: u8) {
+        let method = method.min(COAP_METHODS.len() - 1);
+        let make = || {
+            let label = CoapRequestLabel {
+                method: COAP_METHODS[method],
+                code: format!("{}.{:02}", code >> 5, code & 0x1f),
+            };
+            self.coap_requests.get_or_create(&label).clone()
+        };
+        self.coap_counters[method * 256 + usize::from(code)]
+            .get_or_init(make)
+            .inc();
     }
 
     /// Sets a counter mirrored from a value kept elsewhere.

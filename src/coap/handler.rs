@@ -193,13 +193,15 @@ impl Handler {
             };
             Reply::error(ResponseType::Unauthorized, why)
         })?;
-        let key = Policy::client_key(&who, &format!("addr:{}", peer.ip()));
-        policy.admit(&key).map_err(|secs| {
-            policy.count(Door::Coap, Refusal::Rate);
-            // Max-Age tells the client when to try again (RFC 8516).
-            Reply::error(ResponseType::TooManyRequests, "too many requests")
-                .with_uint(CoapOption::MaxAge, u32::try_from(secs).unwrap_or(u32::MAX))
-        })?;
+        if policy.limits_rate() {
+            let key = Policy::client_key(&who, &format!("addr:{}", peer.ip()));
+            policy.admit(&key).map_err(|secs| {
+                policy.count(Door::Coap, Refusal::Rate);
+                // Max-Age tells the client when to try again (RFC 8516).
+                Reply::error(ResponseType::TooManyRequests, "too many requests")
+                    .with_uint(CoapOption::MaxAge, u32::try_from(secs).unwrap_or(u32::MAX))
+            })?;
+        }
         Ok(who)
     }
 

@@ -24,7 +24,7 @@ use super::request::{self, Reply};
 use super::wire::{self, Inbound};
 use crate::bridge::{Event, Message};
 use crate::config::CoapConfig;
-use crate::metrics::{CoapRequestLabel, Metrics, ProtocolLabel, ReasonLabel, StreamLabel};
+use crate::metrics::{Metrics, ProtocolLabel, ReasonLabel, StreamLabel};
 
 /// A finished exchange: its key and the datagram that answered it.
 type Answered = (ExchangeKey, Option<Bytes>);
@@ -439,13 +439,7 @@ impl Exchange {
     /// non-confirmable request (a confirmable one still gets an empty ACK).
     fn frame(&self, reply: Reply, metrics: &Metrics) -> Option<Bytes> {
         let code = MessageClass::Response(reply.code);
-        metrics
-            .coap_requests
-            .get_or_create(&CoapRequestLabel {
-                method: method_label(self.method),
-                code: code.to_string(),
-            })
-            .inc();
+        metrics.coap_request(method_index(self.method), u8::from(code));
         let class = u8::from(code) >> 5;
         let suppressed = self.no_response & (1 << (class - 1).min(7)) != 0;
         if suppressed {
@@ -472,13 +466,14 @@ async fn next_event(
     }
 }
 
-fn method_label(method: RequestType) -> &'static str {
+/// The method's place in [`COAP_METHODS`].
+fn method_index(method: RequestType) -> usize {
     match method {
-        RequestType::Get => "GET",
-        RequestType::Put => "PUT",
-        RequestType::Post => "POST",
-        RequestType::Delete => "DELETE",
-        _ => "other",
+        RequestType::Get => 0,
+        RequestType::Put => 1,
+        RequestType::Post => 2,
+        RequestType::Delete => 3,
+        _ => 4,
     }
 }
 

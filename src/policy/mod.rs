@@ -263,6 +263,11 @@ impl Policy {
         }
     }
 
+    /// Whether requests are rate-limited at all; when not, callers need no bucket key.
+    pub fn limits_rate(&self) -> bool {
+        self.inner.rates.is_some()
+    }
+
     /// Takes one request from the bucket of `key`, or says in whole seconds (at least one)
     /// when to come back.
     pub fn admit(&self, key: &str) -> Result<(), u64> {
