@@ -93,7 +93,12 @@ pub struct Metrics {
     /// Handles on `coap_requests`, by method (as ordered in [`COAP_METHODS`]) and response
     /// code byte, made on first use.
     coap_counters: Box<[OnceLock<Counter>]>,
+    /// Handles on `publishes` for the protocols in [`PUBLISHERS`], made on first use.
+    publish_counters: [OnceLock<Counter>; PUBLISHERS.len()],
 }
+
+/// The `protocol` values of `publishes` counted through a kept handle.
+const PUBLISHERS: [&str; 3] = ["mqtt", "http", "coap"];
 
 /// The `method` values of `coap_requests`.
 pub const COAP_METHODS: [&str; 5] = ["GET", "PUT", "POST", "DELETE", "other"];
@@ -198,6 +203,7 @@ impl Default for Metrics {
             coap_observers_removed,
             refusals,
             status_counters: (100..600).map(|_| OnceLock::new()).collect(),
+            publish_counters: Default::default(),
             coap_counters: (0..COAP_METHODS.len() * 256)
                 .map(|_| OnceLock::new())
                 .collect(),
@@ -208,9 +214,15 @@ impl Default for Metrics {
 impl Metrics {
     /// Counts one publish from `protocol`.
     pub fn published(&self, protocol: &'static str) {
-        self.publishes
-            .get_or_create(&ProtocolLabel { protocol })
-            .inc();
+        let make = || {
+            self.publishes
+                .get_or_create(&ProtocolLabel { protocol })
+                .clone()
+        };
+        match PUBLISHERS.iter().position(|&p| p == protocol) {
+            Some(i) => self.publish_counters[i].get_or_init(make).inc(),
+            None => make().inc(),
+        };
     }
 
     /// Counts one HTTP response.

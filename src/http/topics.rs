@@ -7,6 +7,7 @@ use axum::body::{Body, Bytes};
 use axum::extract::{Query, Request, State};
 use axum::http::{Extensions, HeaderMap, HeaderName, HeaderValue, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
+use bytes::BytesMut;
 use http_body_util::{BodyExt, LengthLimitError, Limited};
 use percent_encoding::percent_decode_str;
 use serde::Deserialize;
@@ -370,11 +371,34 @@ async fn payload(state: &AppState, headers: &HeaderMap, body: Body) -> Result<By
     if declared.is_some_and(|n| n > limit as u64) {
         return Err(ApiError::PayloadTooLarge(limit));
     }
-    match Limited::new(body, limit).collect().await {
-        Ok(collected) => Ok(collected.to_bytes()),
-        Err(e) if e.is::<LengthLimitError>() => Err(ApiError::PayloadTooLarge(limit)),
-        Err(_) => Err(ApiError::BadBody),
+    let refused = |e: Box<dyn std::error::Error + Send + Sync>| {
+        if e.is::<LengthLimitError>() {
+            ApiError::PayloadTooLarge(limit)
+        } else {
+            ApiError::BadBody
+        }
+    };
+    // A small body comes in one frame, which is kept as it is; only a body in several frames
+    // is copied into one buffer.
+    let mut body = Limited::new(body, limit);
+    let mut whole = Bytes::new();
+    let mut joined: Option<BytesMut> = None;
+    while let Some(frame) = body.frame().await {
+        let Ok(data) = frame.map_err(refused)?.into_data() else {
+            continue;
+        };
+        match &mut joined {
+            Some(buffer) => buffer.extend_from_slice(&data),
+            None if whole.is_empty() => whole = data,
+            None => {
+                let mut buffer = BytesMut::with_capacity(whole.len() + data.len());
+                buffer.extend_from_slice(&whole);
+                buffer.extend_from_slice(&data);
+                joined = Some(buffer);
+            }
+        }
     }
+    Ok(joined.map_or(whole, BytesMut::freeze))
 }
 
 fn build_message(
