@@ -11,8 +11,8 @@ use axum::body::Body;
 use axum::extract::{ConnectInfo, Request};
 use futures_util::FutureExt;
 use hyper::body::Incoming;
+use hyper::server::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto::Builder;
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
@@ -46,16 +46,15 @@ pub async fn serve(
     // HTTP/1.1 only over TLS: hyper answers an HTTP/2 request refused before its body was read
     // with a stream reset that curl reports as a failed transfer instead of the 401 or 413.
     let tls = listening.tls.as_ref().map(|t| t.with_alpn(&[b"http/1.1"]));
-    let mut builder = Builder::new(TokioExecutor::new());
-    builder
-        .http1()
+    let mut http1 = http1::Builder::new();
+    http1
         .timer(TokioTimer::new())
         .header_read_timeout(listening.header_timeout);
-    builder
-        .http2()
+    let mut http2 = http2::Builder::new(TokioExecutor::new());
+    http2
         .timer(TokioTimer::new())
         .keep_alive_interval(Some(listening.header_timeout));
-    let builder = Arc::new(builder);
+    let builders = Arc::new((http1, http2));
     let what = if tls.is_some() { "https" } else { "http" };
     loop {
         let ((stream, peer), slot) = tokio::select! {
@@ -70,7 +69,7 @@ pub async fn serve(
         };
         let connection = Connection {
             app: app.clone(),
-            builder: builder.clone(),
+            builders: builders.clone(),
             tls: tls.clone(),
             deadline: listening.header_timeout,
             peer,
@@ -88,7 +87,7 @@ pub async fn serve(
 
 struct Connection {
     app: App,
-    builder: Arc<Builder<TokioExecutor>>,
+    builders: Arc<(http1::Builder, http2::Builder<TokioExecutor>)>,
     tls: Option<Tls>,
     deadline: Duration,
     peer: SocketAddr,
@@ -98,15 +97,18 @@ impl Connection {
     async fn serve(self, stream: TcpStream, watcher: hyper_util::server::graceful::Watcher) {
         let Self {
             app,
-            builder,
+            builders,
             tls,
             deadline,
             peer,
         } = self;
-        let (io, client_name): (Box<dyn Io>, _) = match tls {
-            None => (Box::new(stream), None),
+        let (io, client_name, h2): (Box<dyn Io>, _, _) = match tls {
+            None => match tokio::time::timeout(deadline, opens_with_preface(&stream)).await {
+                Ok(Ok(h2)) => (Box::new(stream), None, h2),
+                _ => return,
+            },
             Some(tls) => match tls.accept(stream, deadline).await {
-                Ok(accepted) => (Box::new(accepted.stream), accepted.client_name),
+                Ok(accepted) => (Box::new(accepted.stream), accepted.client_name, false),
                 Err(e) => {
                     tracing::debug!(%peer, error = %e, "TLS handshake failed");
                     return;
@@ -120,10 +122,45 @@ impl Connection {
             }
             app.handle(request.map(Body::new)).map(Ok::<_, Infallible>)
         });
-        let served = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
-        if let Err(e) = watcher.watch(served.into_owned()).await {
+        let io = TokioIo::new(io);
+        let served = if h2 {
+            watcher
+                .watch(builders.1.serve_connection(io, service))
+                .await
+        } else {
+            watcher
+                .watch(builders.0.serve_connection(io, service))
+                .await
+        };
+        if let Err(e) = served {
             tracing::debug!(%peer, error = %e, "HTTP connection ended with an error");
         }
+    }
+}
+
+/// The connection preface of HTTP/2 with prior knowledge (RFC 9113 §3.4).
+const PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// How long to wait for the rest of a preface that arrived in part.
+const PREFACE_REST: Duration = Duration::from_millis(5);
+
+/// Whether a plain connection opens with the HTTP/2 preface. The bytes are looked at, not
+/// read, so an HTTP/1.1 connection starts with an empty read buffer: replaying bytes read
+/// ahead made hyper grow its buffer to 16 KiB on every connection, twice what one request
+/// needs, which an open event stream holds for its whole life.
+async fn opens_with_preface(stream: &TcpStream) -> std::io::Result<bool> {
+    let mut seen = [0u8; PREFACE.len()];
+    loop {
+        let n = stream.peek(&mut seen).await?;
+        if n == 0 || seen[..n] != PREFACE[..n] {
+            return Ok(false);
+        }
+        if n == PREFACE.len() {
+            return Ok(true);
+        }
+        // The start of the preface: its rest is on its way, and the data already there keeps
+        // the socket readable, so waiting for readiness would return at once.
+        tokio::time::sleep(PREFACE_REST).await;
     }
 }
 

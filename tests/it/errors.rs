@@ -305,3 +305,40 @@ async fn a_request_slower_than_the_timeout_gets_408() {
     assert!(text.contains(r#""error":"timeout""#), "{text}");
     assert_eq!(gw.post("/topics/fast", "x").await.status(), 204);
 }
+
+/// One plain port serves HTTP/1.1 and HTTP/2 with prior knowledge, told apart by the first
+/// bytes, even when they arrive one write at a time.
+#[tokio::test]
+async fn http1_and_http2_prior_knowledge_share_the_port() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let gw = TestGateway::start().await;
+
+    // The preface in two writes, then an empty SETTINGS frame: the server answers with its own
+    // SETTINGS frame (type 4).
+    let mut s = tokio::net::TcpStream::connect(gw.http).await.unwrap();
+    s.write_all(b"PRI * HTTP/2").await.unwrap();
+    s.flush().await.unwrap();
+    tokio::task::yield_now().await;
+    s.write_all(b".0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0")
+        .await
+        .unwrap();
+    let mut frame = [0u8; 9];
+    crate::support::within("a SETTINGS frame", s.read_exact(&mut frame))
+        .await
+        .unwrap();
+    assert_eq!(frame[3], 4, "frame header {frame:?}");
+
+    // An HTTP/1.1 request starting with the same letter as the preface.
+    let mut s = tokio::net::TcpStream::connect(gw.http).await.unwrap();
+    s.write_all(b"P").await.unwrap();
+    s.flush().await.unwrap();
+    tokio::task::yield_now().await;
+    s.write_all(b"OST /topics/split HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\n\r\nz")
+        .await
+        .unwrap();
+    let mut head = [0u8; 12];
+    crate::support::within("a response", s.read_exact(&mut head))
+        .await
+        .unwrap();
+    assert_eq!(&head, b"HTTP/1.1 204");
+}
