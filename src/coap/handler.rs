@@ -194,7 +194,7 @@ impl Handler {
             Reply::error(ResponseType::Unauthorized, why)
         })?;
         if policy.limits_rate() {
-            let key = Policy::client_key(&who, &format!("addr:{}", peer.ip()));
+            let key = Policy::client_key(&who, || format!("addr:{}", peer.ip()));
             policy.admit(&key).map_err(|secs| {
                 policy.count(Door::Coap, Refusal::Rate);
                 // Max-Age tells the client when to try again (RFC 8516).

@@ -66,13 +66,12 @@ pub(crate) async fn identify(state: &AppState, mut request: Request) -> Result<R
         Some(name) => policy.certificate(&name.0),
         None => principal(state, policy, request.headers()).await?,
     };
-    let key = match &principal {
-        Principal::Named(_) => Policy::client_key(&principal, ""),
-        Principal::Anonymous => match request.extensions().get::<ConnectInfo<SocketAddr>>() {
+    let key = Policy::client_key(&principal, || {
+        match request.extensions().get::<ConnectInfo<SocketAddr>>() {
             Some(peer) => format!("addr:{}", peer.0.ip()),
             None => "addr:unknown".to_owned(),
-        },
-    };
+        }
+    });
     policy.admit(&key).map_err(ApiError::RateLimited)?;
     request.extensions_mut().insert(Caller { principal, key });
     Ok(request)

@@ -101,8 +101,8 @@ impl Guard {
                     policy.count(Door::Mqtt, Refusal::Acl);
                     Some(ConnectReturnCode::NotAuthorized)
                 } else {
-                    let client = format!("client:{}", connect.client_id);
-                    self.rate_key = Policy::client_key(&principal, &client);
+                    self.rate_key =
+                        Policy::client_key(&principal, || format!("client:{}", connect.client_id));
                     self.principal = Some(principal);
                     None
                 }

@@ -254,12 +254,12 @@ impl Policy {
         }
     }
 
-    /// The rate bucket of a client: its principal's name, or `anonymous` (an address, a client
-    /// id) for a client without one.
-    pub fn client_key(who: &Principal, anonymous: &str) -> String {
+    /// The rate bucket of a client: its principal's name, or what `anonymous` makes (an
+    /// address, a client id) for a client without one.
+    pub fn client_key(who: &Principal, anonymous: impl FnOnce() -> String) -> String {
         match who {
             Principal::Named(name) => format!("user:{name}"),
-            Principal::Anonymous => anonymous.to_owned(),
+            Principal::Anonymous => anonymous(),
         }
     }
 
