@@ -219,23 +219,21 @@ impl Metrics {
                 .get_or_create(&ProtocolLabel { protocol })
                 .clone()
         };
-        match PUBLISHERS.iter().position(|&p| p == protocol) {
-            Some(i) => self.publish_counters[i].get_or_init(make).inc(),
-            None => make().inc(),
-        };
+        let slot = PUBLISHERS.iter().position(|&p| p == protocol);
+        count(slot.map(|i| &self.publish_counters[i]), make);
     }
 
     /// Counts one HTTP response.
     pub fn http_response(&self, status: u16) {
-        let family = &self.http_responses;
-        let make = || family.get_or_create(&StatusLabel { status }).clone();
-        match self
-            .status_counters
-            .get(usize::from(status).wrapping_sub(100))
-        {
-            Some(slot) => slot.get_or_init(make).inc(),
-            None => make().inc(),
+        let make = || {
+            self.http_responses
+                .get_or_create(&StatusLabel { status })
+                .clone()
         };
+        let slot = self
+            .status_counters
+            .get(usize::from(status).wrapping_sub(100));
+        count(slot, make);
     }
 
     /// Counts one CoAP request by the index of its method in [`COAP_METHODS`] and its
@@ -249,9 +247,10 @@ impl Metrics {
             };
             self.coap_requests.get_or_create(&label).clone()
         };
-        self.coap_counters[method * 256 + usize::from(code)]
-            .get_or_init(make)
-            .inc();
+        count(
+            self.coap_counters.get(method * 256 + usize::from(code)),
+            make,
+        );
     }
 
     /// Sets a counter mirrored from a value kept elsewhere.
@@ -266,4 +265,13 @@ impl Metrics {
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
         out
     }
+}
+
+/// Adds one to the counter kept in `slot`, made by `make` on first use; without a slot, `make`
+/// looks it up in its family each time.
+fn count(slot: Option<&OnceLock<Counter>>, make: impl FnOnce() -> Counter) {
+    match slot {
+        Some(slot) => slot.get_or_init(make).inc(),
+        None => make().inc(),
+    };
 }
