@@ -5,6 +5,7 @@ use std::time::SystemTime;
 use axum::Json;
 use axum::body::{Body, Bytes};
 use axum::extract::{Query, Request, State};
+use axum::http::request::Parts;
 use axum::http::{Extensions, HeaderMap, HeaderName, HeaderValue, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
 use bytes::BytesMut;
@@ -107,12 +108,7 @@ pub(crate) async fn publish(
         None => false,
         Some(v) => parse_flag("retain", v)?,
     };
-    let payload = payload(&state, &request.headers, body).await?;
-    let message = build_message(topic, &query, &request.headers, payload, retain)?;
-    state
-        .bridge
-        .publish(message, &caller(&request.extensions)?.principal)
-        .await?;
+    send(&state, &request, body, topic, &query, retain).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -151,12 +147,7 @@ pub(crate) async fn put_retained(
             "PUT always retains; use POST to publish without retaining".to_owned(),
         ));
     }
-    let payload = payload(&state, &request.headers, body).await?;
-    let message = build_message(topic, &query, &request.headers, payload, true)?;
-    state
-        .bridge
-        .publish(message, &caller(&request.extensions)?.principal)
-        .await?;
+    send(&state, &request, body, topic, &query, true).await?;
     let location = HeaderValue::from_str(uri.path()).map_err(|_| ApiError::Internal)?;
     Ok((StatusCode::NO_CONTENT, [(header::LOCATION, location)]).into_response())
 }
@@ -353,6 +344,21 @@ fn single(message: &Message, request: &HeaderMap) -> Response {
         headers.insert(EXPIRY, HeaderValue::from(secs));
     }
     (StatusCode::OK, headers, message.payload.clone()).into_response()
+}
+
+/// Reads the body and publishes it with the request's metadata, as the caller.
+async fn send(
+    state: &AppState,
+    request: &Parts,
+    body: Body,
+    topic: Topic,
+    query: &PublishQuery,
+    retain: bool,
+) -> Result<(), ApiError> {
+    let payload = payload(state, &request.headers, body).await?;
+    let message = build_message(topic, query, &request.headers, payload, retain)?;
+    let who = &caller(&request.extensions)?.principal;
+    Ok(state.bridge.publish(message, who).await?)
 }
 
 /// The caller the front attached to a `/topics` request.

@@ -310,18 +310,17 @@ async fn a_request_slower_than_the_timeout_gets_408() {
 /// bytes, even when they arrive one write at a time.
 #[tokio::test]
 async fn http1_and_http2_prior_knowledge_share_the_port() {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::io::AsyncReadExt;
     let gw = TestGateway::start().await;
 
     // The preface in two writes, then an empty SETTINGS frame: the server answers with its own
     // SETTINGS frame (type 4).
-    let mut s = tokio::net::TcpStream::connect(gw.http).await.unwrap();
-    s.write_all(b"PRI * HTTP/2").await.unwrap();
-    s.flush().await.unwrap();
-    tokio::task::yield_now().await;
-    s.write_all(b".0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0")
-        .await
-        .unwrap();
+    let mut s = in_two_writes(
+        &gw,
+        b"PRI * HTTP/2",
+        b".0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0",
+    )
+    .await;
     let mut frame = [0u8; 9];
     crate::support::within("a SETTINGS frame", s.read_exact(&mut frame))
         .await
@@ -329,16 +328,23 @@ async fn http1_and_http2_prior_knowledge_share_the_port() {
     assert_eq!(frame[3], 4, "frame header {frame:?}");
 
     // An HTTP/1.1 request starting with the same letter as the preface.
-    let mut s = tokio::net::TcpStream::connect(gw.http).await.unwrap();
-    s.write_all(b"P").await.unwrap();
-    s.flush().await.unwrap();
-    tokio::task::yield_now().await;
-    s.write_all(b"OST /topics/split HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\n\r\nz")
-        .await
-        .unwrap();
+    let request = b"OST /topics/split HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\n\r\nz";
+    let mut s = in_two_writes(&gw, b"P", request).await;
     let mut head = [0u8; 12];
     crate::support::within("a response", s.read_exact(&mut head))
         .await
         .unwrap();
     assert_eq!(&head, b"HTTP/1.1 204");
+}
+
+/// A connection to the HTTP port that has sent `first`, then, after giving the server a turn,
+/// `rest`.
+async fn in_two_writes(gw: &TestGateway, first: &[u8], rest: &[u8]) -> tokio::net::TcpStream {
+    use tokio::io::AsyncWriteExt;
+    let mut s = tokio::net::TcpStream::connect(gw.http).await.unwrap();
+    s.write_all(first).await.unwrap();
+    s.flush().await.unwrap();
+    tokio::task::yield_now().await;
+    s.write_all(rest).await.unwrap();
+    s
 }
