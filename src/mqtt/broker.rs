@@ -114,6 +114,7 @@ impl Broker {
             });
             let (server_tx, reap_tx) = (router_tx.clone(), router_tx.clone());
             Listener::new(
+                settings.listen,
                 move || {
                     let protocol = GatewayProtocol::new(shared.clone());
                     Server::new(settings.clone(), server_tx.clone(), protocol)
@@ -305,4 +306,49 @@ async fn probe(addr: SocketAddr, introduction: &[u8]) -> io::Result<()> {
     tokio::time::timeout(Duration::from_secs(1), attempt)
         .await
         .map_err(|_| io::Error::from(io::ErrorKind::TimedOut))?
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct NoRetained;
+
+    impl RetainedSource for NoRetained {
+        fn retained_matching(&self, _: &str) -> Vec<super::super::MqttPublish> {
+            Vec::new()
+        }
+    }
+
+    /// A client's PUBACKs and deliveries leave at once: the connection rumqttd accepted for it
+    /// has Nagle's algorithm off (see `nodelay`).
+    #[cfg(target_os = "linux")]
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn clients_are_served_without_nagles_delay() {
+        let config = MqttConfig {
+            addr: (Ipv4Addr::LOCALHOST, 0).into(),
+            ..MqttConfig::default()
+        };
+        let broker =
+            Broker::bind(&config, 1024, Arc::new(NoRetained), Policy::open(), None).unwrap();
+        let addr = broker.addr();
+        let cancel = CancellationToken::new();
+        let _link = broker
+            .run(8, &TaskTracker::new(), cancel.clone())
+            .await
+            .unwrap();
+
+        let mut client = TcpStream::connect(addr).await.unwrap();
+        client
+            .write_all(&[0x10, 12, 0, 4, b'M', b'Q', b'T', b'T', 4, 0x02, 0, 5, 0, 0])
+            .await
+            .unwrap();
+        let mut connack = [0u8; 4];
+        client.read_exact(&mut connack).await.unwrap();
+        assert_eq!(connack, [0x20, 2, 0, 0], "accepted");
+        assert!(super::super::nodelay::accepted_has_nodelay(
+            client.local_addr().unwrap()
+        ));
+        cancel.cancel();
+    }
 }

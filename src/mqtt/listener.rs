@@ -18,7 +18,9 @@
 //! (its CONNACK was written), its session is taken over and ended by a short-lived local link,
 //! or it would hold a router connection for good.
 
+use std::net::SocketAddr;
 use std::sync::Arc;
+use std::task::Poll;
 
 use futures_util::FutureExt;
 use rumqttd::local::LinkBuilder;
@@ -64,6 +66,8 @@ type Reap = Arc<dyn Fn(&Orphan) -> Result<(), String> + Send + Sync>;
 
 /// Everything needed to (re)build the client listener.
 pub(crate) struct Listener {
+    /// The address the server binds.
+    addr: SocketAddr,
     make_server: MakeServer,
     reap: Reap,
     reports: mpsc::UnboundedReceiver<Report>,
@@ -74,11 +78,13 @@ impl Listener {
     /// the router, usually with [`end_session`]. (Both are closures because the router channel's
     /// item type is private to rumqttd.)
     pub(crate) fn new(
+        addr: SocketAddr,
         make_server: impl Fn() -> Server<GatewayProtocol> + Send + 'static,
         reap: impl Fn(&Orphan) -> Result<(), String> + Send + Sync + 'static,
         reports: mpsc::UnboundedReceiver<Report>,
     ) -> Self {
         Self {
+            addr,
             make_server: Box::new(make_server),
             reap: Arc::new(reap),
             reports,
@@ -92,6 +98,11 @@ impl Listener {
             let mut server = (self.make_server)();
             let start = server.start(LinkType::Remote);
             tokio::pin!(start);
+            // The first poll binds the listening socket (and fails only when it cannot).
+            if let Poll::Ready(res) = futures_util::poll!(&mut start) {
+                return res.map_err(|e| e.to_string());
+            }
+            self.turn_nagle_off();
             let mut renew_at: Option<Instant> = None;
             loop {
                 tokio::select! {
@@ -111,6 +122,19 @@ impl Listener {
             tracing::info!(
                 "MQTT listener renewed for clients whose connection broke before its CONNACK"
             );
+        }
+    }
+
+    /// Connections rumqttd accepts from now on send each packet at once (see `nodelay`).
+    fn turn_nagle_off(&self) {
+        #[cfg(target_os = "linux")]
+        let set = super::nodelay::set_on_listener(self.addr);
+        #[cfg(not(target_os = "linux"))]
+        let set: std::io::Result<()> = Err(std::io::ErrorKind::Unsupported.into());
+        if let Err(e) = set {
+            tracing::warn!(addr = %self.addr, error = %e,
+                "cannot turn Nagle's algorithm off for MQTT clients: small packets such as \
+                 PUBACKs may wait up to 40 ms for the client's ACK");
         }
     }
 

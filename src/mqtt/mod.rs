@@ -8,6 +8,8 @@ mod guard;
 mod link;
 mod listener;
 mod message;
+#[cfg(target_os = "linux")]
+mod nodelay;
 mod protocol;
 mod remote;
 mod routing;
