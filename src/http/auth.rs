@@ -1,7 +1,7 @@
 //! Who is calling: HTTP Basic or Bearer credentials turned into a [`Principal`], and the request
 //! rate of that principal (or of the address, for anonymous callers), before any handler runs.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 
 use axum::extract::{ConnectInfo, Request};
 use axum::http::{HeaderMap, header};
@@ -23,8 +23,18 @@ pub(crate) struct ClientName(pub(crate) String);
 pub(crate) struct Caller {
     /// Who it is.
     pub(crate) principal: Principal,
+    /// The address it calls from, when known.
+    peer: Option<IpAddr>,
+}
+
+impl Caller {
     /// Its rate and stream bucket: the principal's name, or the address of an anonymous caller.
-    pub(crate) key: String,
+    pub(crate) fn key(&self) -> String {
+        Policy::client_key(&self.principal, || match self.peer {
+            Some(ip) => format!("addr:{ip}"),
+            None => "addr:unknown".to_owned(),
+        })
+    }
 }
 
 /// The two schemes `/topics` accepts, as OpenAPI security schemes; each operation there lists
@@ -66,14 +76,15 @@ pub(crate) async fn identify(state: &AppState, mut request: Request) -> Result<R
         Some(name) => policy.certificate(&name.0),
         None => principal(state, policy, request.headers()).await?,
     };
-    let key = Policy::client_key(&principal, || {
-        match request.extensions().get::<ConnectInfo<SocketAddr>>() {
-            Some(peer) => format!("addr:{}", peer.0.ip()),
-            None => "addr:unknown".to_owned(),
-        }
-    });
-    policy.admit(&key).map_err(ApiError::RateLimited)?;
-    request.extensions_mut().insert(Caller { principal, key });
+    let peer = request
+        .extensions()
+        .get::<ConnectInfo<SocketAddr>>()
+        .map(|peer| peer.0.ip());
+    let caller = Caller { principal, peer };
+    if policy.limits_rate() {
+        policy.admit(&caller.key()).map_err(ApiError::RateLimited)?;
+    }
+    request.extensions_mut().insert(caller);
     Ok(request)
 }
 

@@ -93,7 +93,7 @@ pub(crate) fn stream(
     let bridge = state.bridge.clone();
     let metrics = bridge.metrics().clone();
     let sub = bridge.subscribe(&filter, &caller.principal, last_event_id)?;
-    let slot = state.streams.take(&caller.key)?;
+    let slot = state.streams.take(&caller.key())?;
     let at = sub.at;
     let now = SystemTime::now();
 

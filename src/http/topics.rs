@@ -297,13 +297,6 @@ fn list(
 
 fn single(message: &Message, request: &HeaderMap) -> Response {
     let etag = message.etag();
-    let mut headers = HeaderMap::new();
-    if let Ok(v) = HeaderValue::from_str(&etag) {
-        headers.insert(header::ETAG, v);
-    }
-    if let Ok(v) = HeaderValue::from_str(&httpdate::fmt_http_date(message.updated_at)) {
-        headers.insert(header::LAST_MODIFIED, v);
-    }
     let unchanged = request
         .get_all(header::IF_NONE_MATCH)
         .iter()
@@ -311,8 +304,23 @@ fn single(message: &Message, request: &HeaderMap) -> Response {
         .flat_map(|v| v.split(','))
         .map(|t| t.trim().trim_start_matches("W/"))
         .any(|t| t == "*" || t == etag);
+    let mut response = if unchanged {
+        let mut response = Response::new(Body::empty());
+        *response.status_mut() = StatusCode::NOT_MODIFIED;
+        response
+    } else {
+        Response::new(Body::from(message.payload.clone()))
+    };
+    let headers = response.headers_mut();
+    // Both values are ASCII, made here: taken as they are, not copied.
+    let last_modified = httpdate::fmt_http_date(message.updated_at);
+    for (name, value) in [(header::ETAG, etag), (header::LAST_MODIFIED, last_modified)] {
+        if let Ok(v) = HeaderValue::from_maybe_shared(Bytes::from(value)) {
+            headers.insert(name, v);
+        }
+    }
     if unchanged {
-        return (StatusCode::NOT_MODIFIED, headers).into_response();
+        return response;
     }
     let content_type = message
         .content_type
@@ -343,7 +351,7 @@ fn single(message: &Message, request: &HeaderMap) -> Response {
     if let Some(secs) = message.remaining_expiry(SystemTime::now()) {
         headers.insert(EXPIRY, HeaderValue::from(secs));
     }
-    (StatusCode::OK, headers, message.payload.clone()).into_response()
+    response
 }
 
 /// Reads the body and publishes it with the request's metadata, as the caller.
