@@ -102,7 +102,7 @@ impl Listener {
             if let Poll::Ready(res) = futures_util::poll!(&mut start) {
                 return res.map_err(|e| e.to_string());
             }
-            self.turn_nagle_off();
+            turn_nagle_off(self.addr).await;
             let mut renew_at: Option<Instant> = None;
             loop {
                 tokio::select! {
@@ -125,19 +125,6 @@ impl Listener {
         }
     }
 
-    /// Connections rumqttd accepts from now on send each packet at once (see `nodelay`).
-    fn turn_nagle_off(&self) {
-        #[cfg(target_os = "linux")]
-        let set = super::nodelay::set_on_listener(self.addr);
-        #[cfg(not(target_os = "linux"))]
-        let set: std::io::Result<()> = Err(std::io::ErrorKind::Unsupported.into());
-        if let Err(e) = set {
-            tracing::warn!(addr = %self.addr, error = %e,
-                "cannot turn Nagle's algorithm off for MQTT clients: small packets such as \
-                 PUBACKs may wait up to 40 ms for the client's ACK");
-        }
-    }
-
     /// Ends an orphan's session in the router, off the runtime's workers: registering a local
     /// link waits on the router.
     fn reap(&self, orphan: Orphan) {
@@ -148,6 +135,25 @@ impl Listener {
                     "cannot end an orphaned MQTT session");
             }
         });
+    }
+}
+
+/// Connections rumqttd accepts from now on send each packet at once (see `nodelay`). The
+/// search goes through every descriptor of the process, thousands when the listener is
+/// renewed under load, so it runs off the runtime's workers. A connection whose handshake
+/// completes in that moment (before the gateway reports ready, or during a renewal) keeps
+/// Nagle's algorithm.
+async fn turn_nagle_off(addr: SocketAddr) {
+    #[cfg(target_os = "linux")]
+    let set = tokio::task::spawn_blocking(move || super::nodelay::set_on_listener(addr))
+        .await
+        .unwrap_or_else(|e| Err(std::io::Error::other(e)));
+    #[cfg(not(target_os = "linux"))]
+    let set: std::io::Result<()> = Err(std::io::ErrorKind::Unsupported.into());
+    if let Err(e) = set {
+        tracing::warn!(%addr, error = %e,
+            "cannot turn Nagle's algorithm off for MQTT clients: small packets such as \
+             PUBACKs may wait up to 40 ms for the client's ACK");
     }
 }
 
