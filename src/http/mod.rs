@@ -2,6 +2,7 @@
 //! from the same handler annotations.
 
 mod auth;
+mod direct;
 mod error;
 mod front;
 mod ops;

@@ -17,9 +17,11 @@ use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use super::App;
 use super::auth::ClientName;
+use super::direct::{self, Then};
 use crate::tls::{Tls, accept};
 
 /// How one listener treats its connections.
@@ -43,6 +45,9 @@ pub async fn serve(
 ) -> std::io::Result<()> {
     let slots = Arc::new(Semaphore::new(listening.max_connections));
     let graceful = GracefulShutdown::new();
+    // Every connection task, so that shutdown also waits for the event streams `direct` writes,
+    // which hyper's graceful shutdown does not see.
+    let connections = TaskTracker::new();
     // HTTP/1.1 only over TLS: hyper answers an HTTP/2 request refused before its body was read
     // with a stream reset that curl reports as a failed transfer instead of the 401 or 413.
     let tls = listening.tls.as_ref().map(|t| t.with_alpn(&[b"http/1.1"]));
@@ -75,13 +80,15 @@ pub async fn serve(
             peer,
         };
         let watcher = graceful.watcher();
-        tokio::spawn(async move {
+        connections.spawn(async move {
             connection.serve(stream, watcher).await;
             drop(slot);
         });
     }
     drop(listener);
     graceful.shutdown().await;
+    connections.close();
+    connections.wait().await;
     Ok(())
 }
 
@@ -103,8 +110,20 @@ impl Connection {
             peer,
         } = self;
         let (io, client_name, h2): (Box<dyn Io>, _, _) = match tls {
-            None => match tokio::time::timeout(deadline, opens_with_preface(&stream)).await {
-                Ok(Ok(h2)) => (Box::new(stream), None, h2),
+            None => match tokio::time::timeout(deadline, opening(&stream, peer)).await {
+                Ok(Ok(Opening::Http2)) => (Box::new(stream), None, true),
+                Ok(Ok(Opening::Http1(None))) => (Box::new(stream), None, false),
+                Ok(Ok(Opening::Http1(Some(asked)))) => {
+                    let mut stream = stream;
+                    match direct::answer(&mut stream, asked, &app).await {
+                        Ok(Then::GoOn) => (Box::new(stream), None, false),
+                        Ok(Then::Close) => return,
+                        Err(e) => {
+                            tracing::debug!(%peer, error = %e, "event stream connection ended");
+                            return;
+                        }
+                    }
+                }
                 _ => return,
             },
             Some(tls) => match tls.accept(stream, deadline).await {
@@ -144,19 +163,32 @@ const PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 /// How long to wait for the rest of a preface that arrived in part.
 const PREFACE_REST: Duration = Duration::from_millis(5);
 
-/// Whether a plain connection opens with the HTTP/2 preface. The bytes are looked at, not
-/// read, so an HTTP/1.1 connection starts with an empty read buffer: replaying bytes read
-/// ahead made hyper grow its buffer to 16 KiB on every connection, twice what one request
-/// needs, which an open event stream holds for its whole life.
-async fn opens_with_preface(stream: &TcpStream) -> std::io::Result<bool> {
+/// How a plain connection opens.
+enum Opening {
+    /// With the HTTP/2 preface.
+    Http2,
+    /// With anything else, for HTTP/1.1; a first request asking for an event stream is taken
+    /// by `direct`.
+    Http1(Option<direct::Asked>),
+}
+
+/// Tells how a plain connection opens. The bytes are looked at, not read, so hyper starts
+/// with an empty read buffer: replaying bytes read ahead made hyper grow its buffer to 16 KiB
+/// on every connection, twice what one request needs.
+async fn opening(stream: &TcpStream, peer: SocketAddr) -> std::io::Result<Opening> {
     let mut seen = [0u8; PREFACE.len()];
     loop {
         let n = stream.peek(&mut seen).await?;
         if n == 0 || seen[..n] != PREFACE[..n] {
-            return Ok(false);
+            let asked = if direct::may_ask_for_events(&seen[..n]) {
+                direct::look(stream, peer).await?
+            } else {
+                None
+            };
+            return Ok(Opening::Http1(asked));
         }
         if n == PREFACE.len() {
-            return Ok(true);
+            return Ok(Opening::Http2);
         }
         // The start of the preface: its rest is on its way, and the data already there keeps
         // the socket readable, so waiting for readiness would return at once.

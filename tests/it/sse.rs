@@ -2,7 +2,10 @@
 
 use std::time::Duration;
 
-use crate::support::{TestGateway, within};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use crate::support::{TestGateway, eventually, metric, within};
 
 #[tokio::test]
 async fn stream_sends_retained_then_live_from_mqtt_and_http() {
@@ -179,4 +182,185 @@ async fn streams_end_cleanly_on_shutdown() {
         .await
         .unwrap()
         .expect("clean exit");
+}
+
+/// Reads one HTTP/1.1 response head off `stream`, and whatever followed it in the same reads.
+async fn read_head(stream: &mut TcpStream) -> (String, Vec<u8>) {
+    let mut got = Vec::new();
+    loop {
+        if let Some(end) = got.windows(4).position(|w| w == b"\r\n\r\n") {
+            let rest = got.split_off(end + 4);
+            return (String::from_utf8(got).unwrap(), rest);
+        }
+        let mut buf = [0u8; 4096];
+        let n = within("a response head", stream.read(&mut buf))
+            .await
+            .unwrap();
+        assert!(n > 0, "the connection closed before a response head");
+        got.extend_from_slice(&buf[..n]);
+    }
+}
+
+/// Reads chunks of a chunked body, after `rest`, until their data holds `wanted`; returns the data.
+async fn read_chunks_until(stream: &mut TcpStream, mut rest: Vec<u8>, wanted: &str) -> String {
+    let mut data = Vec::new();
+    loop {
+        // Take every whole chunk in `rest`.
+        while let Some(line) = rest.windows(2).position(|w| w == b"\r\n") {
+            let size = std::str::from_utf8(&rest[..line]).unwrap();
+            let size = usize::from_str_radix(size, 16).expect("a chunk size line");
+            if rest.len() < line + 2 + size + 2 {
+                break;
+            }
+            assert_ne!(size, 0, "the stream ended");
+            data.extend_from_slice(&rest[line + 2..line + 2 + size]);
+            assert_eq!(&rest[line + 2 + size..line + 4 + size], b"\r\n");
+            rest.drain(..line + 4 + size);
+        }
+        let text = String::from_utf8_lossy(&data).into_owned();
+        if text.contains(wanted) {
+            return text;
+        }
+        let mut buf = [0u8; 4096];
+        let n = within("a chunk", stream.read(&mut buf)).await.unwrap();
+        assert!(n > 0, "the connection closed mid-stream");
+        rest.extend_from_slice(&buf[..n]);
+    }
+}
+
+#[tokio::test]
+async fn a_stream_over_plain_http11_is_chunked_and_ends_with_its_client() {
+    let gw = TestGateway::start().await;
+    gw.client
+        .put(gw.url("/topics/wire/kept"))
+        .body("old")
+        .send()
+        .await
+        .unwrap();
+    let mut stream = TcpStream::connect(gw.http).await.unwrap();
+    stream
+        .write_all(
+            b"GET /topics/wire/%23 HTTP/1.1\r\nHost: gw\r\nAccept: text/event-stream\r\n\r\n",
+        )
+        .await
+        .unwrap();
+    let (head, rest) = read_head(&mut stream).await;
+    let lower = head.to_ascii_lowercase();
+    assert!(lower.starts_with("http/1.1 200 ok\r\n"), "{head}");
+    assert!(
+        lower.contains("\r\ncontent-type: text/event-stream"),
+        "{head}"
+    );
+    assert!(
+        lower.contains("\r\ntransfer-encoding: chunked\r\n"),
+        "{head}"
+    );
+    assert!(lower.contains("\r\ndate: "), "{head}");
+    assert!(!lower.contains("content-length"), "{head}");
+    let retained = read_chunks_until(&mut stream, rest, "\n\n").await;
+    assert!(retained.starts_with("event: message\n"), "{retained}");
+    assert!(retained.contains(r#""payload":"old""#), "{retained}");
+
+    gw.client
+        .post(gw.url("/topics/wire/live"))
+        .body("new")
+        .send()
+        .await
+        .unwrap();
+    let live = read_chunks_until(&mut stream, Vec::new(), r#""payload":"new""#).await;
+    assert!(live.contains(r#""topic":"wire/live""#), "{live}");
+    assert_eq!(
+        metric(&gw, "topicgate_sse_clients").await,
+        1.0,
+        "the stream is counted"
+    );
+
+    drop(stream);
+    eventually("the stream's end to be noticed", || async {
+        (metric(&gw, "topicgate_sse_clients").await == 0.0).then_some(())
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_refused_stream_leaves_its_connection_to_the_next_request() {
+    let gw = TestGateway::start().await;
+    let mut stream = TcpStream::connect(gw.http).await.unwrap();
+    // '#' must be the last level: 400, written as a whole response.
+    stream
+        .write_all(b"GET /topics/a/%23/b HTTP/1.1\r\nHost: gw\r\nAccept: text/event-stream\r\n\r\n")
+        .await
+        .unwrap();
+    let (head, mut body) = read_head(&mut stream).await;
+    assert!(head.starts_with("HTTP/1.1 400 Bad Request\r\n"), "{head}");
+    let length: usize = head
+        .lines()
+        .find_map(|l| l.strip_prefix("content-length: "))
+        .expect("a content-length")
+        .parse()
+        .unwrap();
+    while body.len() < length {
+        let mut buf = [0u8; 1024];
+        let n = within("the error body", stream.read(&mut buf))
+            .await
+            .unwrap();
+        assert!(n > 0);
+        body.extend_from_slice(&buf[..n]);
+    }
+    let error: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert!(error["error"].is_string(), "{error}");
+
+    stream
+        .write_all(b"GET /healthz HTTP/1.1\r\nHost: gw\r\n\r\n")
+        .await
+        .unwrap();
+    let (head, _) = read_head(&mut stream).await;
+    assert!(head.starts_with("HTTP/1.1 200 OK\r\n"), "{head}");
+}
+
+#[tokio::test]
+async fn a_not_modified_answer_to_a_stream_request_has_no_body_and_the_connection_goes_on() {
+    let gw = TestGateway::start().await;
+    let put = gw
+        .client
+        .put(gw.url("/topics/wire/same"))
+        .body("v")
+        .send()
+        .await
+        .unwrap();
+    assert!(put.status().is_success());
+    let got = gw
+        .client
+        .get(gw.url("/topics/wire/same"))
+        .send()
+        .await
+        .unwrap();
+    let etag = got.headers()["etag"].to_str().unwrap().to_owned();
+
+    let mut stream = TcpStream::connect(gw.http).await.unwrap();
+    let ask = format!(
+        "GET /topics/wire/same?stream=false HTTP/1.1\r\nHost: gw\r\n\
+         Accept: text/event-stream\r\nIf-None-Match: {etag}\r\n\r\n"
+    );
+    stream.write_all(ask.as_bytes()).await.unwrap();
+    let (head, rest) = read_head(&mut stream).await;
+    assert!(head.starts_with("HTTP/1.1 304 Not Modified\r\n"), "{head}");
+    let lower = head.to_ascii_lowercase();
+    assert!(!lower.contains("content-length"), "{head}");
+    assert!(!lower.contains("transfer-encoding"), "{head}");
+    assert!(rest.is_empty(), "a 304 carries no body");
+
+    stream
+        .write_all(b"GET /topics/wire/same HTTP/1.1\r\nHost: gw\r\n\r\n")
+        .await
+        .unwrap();
+    let (head, mut body) = read_head(&mut stream).await;
+    assert!(head.starts_with("HTTP/1.1 200 OK\r\n"), "{head}");
+    while body.is_empty() {
+        let mut buf = [0u8; 64];
+        let n = within("the body", stream.read(&mut buf)).await.unwrap();
+        assert!(n > 0);
+        body.extend_from_slice(&buf[..n]);
+    }
+    assert_eq!(body, b"v");
 }
