@@ -26,12 +26,6 @@ use crate::bridge::{Event, Message};
 use crate::config::CoapConfig;
 use crate::metrics::{Metrics, ProtocolLabel, ReasonLabel, StreamLabel};
 
-/// Most datagrams taken by one `keep_receiving` before the loop's other work gets a turn.
-const BURST: u32 = 64;
-
-/// Empty looks at the socket, each after a yield, before the loop waits for readiness again.
-const SPINS: u32 = 20;
-
 /// A finished exchange: its key and the datagram that answered it.
 type Answered = (ExchangeKey, Option<Bytes>);
 
@@ -89,10 +83,7 @@ impl Endpoint {
             tokio::select! {
                 () = cancel.cancelled() => break,
                 received = endpoint.socket.recv_from(&mut buf) => match received {
-                    Ok((len, peer)) => {
-                        endpoint.datagram(&buf[..len], peer).await;
-                        endpoint.keep_receiving(&mut buf).await;
-                    }
+                    Ok((len, peer)) => endpoint.datagram(&buf[..len], peer).await,
                     // An ICMP error from an earlier send surfaces here; the socket is fine.
                     Err(e) => tracing::debug!(error = %e, "CoAP receive error"),
                 },
@@ -120,32 +111,6 @@ impl Endpoint {
             endpoint.finish(key, bytes).await;
         }
         endpoint.farewell().await;
-    }
-
-    /// Takes the datagrams that follow the one just answered without going back to the
-    /// loop's `select!`, and looks again a few times, yielding in between, before letting the
-    /// worker sleep: under load the next request is microseconds away, and a worker that parks
-    /// after every request pays a sleep and a wake-up for each. Bounded, so timers, answered
-    /// publishes and notifications wait at most one burst.
-    async fn keep_receiving(&mut self, buf: &mut [u8]) {
-        let (mut taken, mut idle) = (0, 0);
-        while taken < BURST && idle < SPINS {
-            match self.socket.try_recv_from(buf) {
-                Ok((len, peer)) => {
-                    self.datagram(&buf[..len], peer).await;
-                    taken += 1;
-                    idle = 0;
-                }
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                    idle += 1;
-                    tokio::task::yield_now().await;
-                }
-                Err(e) => {
-                    tracing::debug!(error = %e, "CoAP receive error");
-                    return;
-                }
-            }
-        }
     }
 
     async fn datagram(&mut self, data: &[u8], peer: SocketAddr) {
