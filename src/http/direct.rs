@@ -319,6 +319,23 @@ mod tests {
     }
 
     #[test]
+    fn any_change_to_a_head_is_taken_whole_or_left_to_hyper() {
+        let head = b"GET /topics/a/%23?stream=true HTTP/1.1\r\nHost: x\r\nAccept: text/event-stream\r\n\r\n";
+        for at in 0..head.len() {
+            for byte in [0u8, b' ', b'\r', b'\n', b':', b'%', b'?', 0x7f, 0xff] {
+                let mut changed = head.to_vec();
+                changed[at] = byte;
+                for cut in [changed.len(), at + 1] {
+                    if let Parsed::Asked(asked) = parse(&changed[..cut], peer()) {
+                        assert!(asked.head <= cut);
+                        assert_eq!(asked.request.method(), Method::GET);
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
     fn heads_carry_hypers_framing_and_date() {
         let response = Response::builder()
             .status(404)
