@@ -42,9 +42,49 @@ impl CoapServer {
         self.socket.local_addr().unwrap_or(self.config.addr)
     }
 
-    /// Serves until `cancel`, spawning publishes on `tracker`.
+    /// Serves until `cancel` on a thread of its own, spawning publishes on `tracker`; returns
+    /// when the endpoint has said goodbye to its observers.
+    ///
+    /// The endpoint is one task that owns the socket, and on the gateway's multi-threaded
+    /// runtime it is woken on whichever worker is free, so its requests cross cores. On a
+    /// current-thread runtime of its own, as libcoap's server runs on one thread, it answers
+    /// CON GETs from 16 sockets at 70–98k/s where it did 44–51k/s beside it, measured in turns
+    /// on the same machine (`bench/README.md`).
     pub async fn run(self, bridge: Bridge, tracker: TaskTracker, cancel: CancellationToken) {
         let handler = handler::Handler::new(bridge, wire::szx_of(self.config.block_size));
-        server::Endpoint::run(self.socket, &self.config, handler, tracker, cancel).await;
+        let config = self.config;
+        // The socket is registered with the runtime that bound it; it moves to the endpoint's.
+        let socket = match self.socket.into_std() {
+            Ok(socket) => socket,
+            Err(e) => return tracing::error!(error = %e, "the CoAP socket cannot be moved"),
+        };
+        let (done, finished) = tokio::sync::oneshot::channel::<()>();
+        let thread = std::thread::Builder::new()
+            .name("coap".to_owned())
+            .spawn(move || {
+                let runtime = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build();
+                match runtime {
+                    Ok(runtime) => runtime.block_on(async move {
+                        match UdpSocket::from_std(socket) {
+                            Ok(socket) => {
+                                server::Endpoint::run(socket, &config, handler, tracker, cancel)
+                                    .await;
+                            }
+                            Err(e) => tracing::error!(error = %e, "the CoAP socket cannot be used"),
+                        }
+                    }),
+                    Err(e) => tracing::error!(error = %e, "the CoAP runtime cannot start"),
+                }
+                drop(done);
+            });
+        match thread {
+            // `done` is dropped when the thread ends, however it ends.
+            Ok(_) => {
+                let _ = finished.await;
+            }
+            Err(e) => tracing::error!(error = %e, "the CoAP thread cannot start"),
+        }
     }
 }
