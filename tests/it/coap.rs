@@ -392,14 +392,12 @@ async fn discovery_lists_topics_in_link_format() {
 #[tokio::test]
 async fn requests_in_flight_together_are_all_answered_while_an_observer_is_notified() {
     let gw = TestGateway::start().await;
-    let put = gw
-        .client
-        .put(gw.url("/topics/burst/x"))
-        .body("kept")
-        .send()
-        .await
-        .unwrap();
-    assert!(put.status().is_success());
+    assert!(
+        gw.put("/topics/burst/x", "kept")
+            .await
+            .status()
+            .is_success()
+    );
     let watcher = CoapClient::new(gw.coap).await;
     let mut observe = watcher.request(RequestType::Get, "topics/burst/seen");
     set_uint(&mut observe, CoapOption::Observe, 0);
@@ -415,13 +413,7 @@ async fn requests_in_flight_together_are_all_answered_while_an_observer_is_notif
             sent.insert(get.header.message_id);
             coap.send(&get).await;
             if round == 3 && i == 25 {
-                let post = gw
-                    .client
-                    .post(gw.url("/topics/burst/seen"))
-                    .body("news")
-                    .send()
-                    .await
-                    .unwrap();
+                let post = gw.post("/topics/burst/seen", "news").await;
                 assert!(post.status().is_success());
             }
         }

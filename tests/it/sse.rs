@@ -231,12 +231,12 @@ async fn read_chunks_until(stream: &mut TcpStream, mut rest: Vec<u8>, wanted: &s
 #[tokio::test]
 async fn a_stream_over_plain_http11_is_chunked_and_ends_with_its_client() {
     let gw = TestGateway::start().await;
-    gw.client
-        .put(gw.url("/topics/wire/kept"))
-        .body("old")
-        .send()
-        .await
-        .unwrap();
+    assert!(
+        gw.put("/topics/wire/kept", "old")
+            .await
+            .status()
+            .is_success()
+    );
     let mut stream = TcpStream::connect(gw.http).await.unwrap();
     stream
         .write_all(
@@ -261,12 +261,12 @@ async fn a_stream_over_plain_http11_is_chunked_and_ends_with_its_client() {
     assert!(retained.starts_with("event: message\n"), "{retained}");
     assert!(retained.contains(r#""payload":"old""#), "{retained}");
 
-    gw.client
-        .post(gw.url("/topics/wire/live"))
-        .body("new")
-        .send()
-        .await
-        .unwrap();
+    assert!(
+        gw.post("/topics/wire/live", "new")
+            .await
+            .status()
+            .is_success()
+    );
     let live = read_chunks_until(&mut stream, Vec::new(), r#""payload":"new""#).await;
     assert!(live.contains(r#""topic":"wire/live""#), "{live}");
     assert_eq!(
@@ -321,20 +321,8 @@ async fn a_refused_stream_leaves_its_connection_to_the_next_request() {
 #[tokio::test]
 async fn a_not_modified_answer_to_a_stream_request_has_no_body_and_the_connection_goes_on() {
     let gw = TestGateway::start().await;
-    let put = gw
-        .client
-        .put(gw.url("/topics/wire/same"))
-        .body("v")
-        .send()
-        .await
-        .unwrap();
-    assert!(put.status().is_success());
-    let got = gw
-        .client
-        .get(gw.url("/topics/wire/same"))
-        .send()
-        .await
-        .unwrap();
+    assert!(gw.put("/topics/wire/same", "v").await.status().is_success());
+    let got = gw.get("/topics/wire/same").await;
     let etag = got.headers()["etag"].to_str().unwrap().to_owned();
 
     let mut stream = TcpStream::connect(gw.http).await.unwrap();

@@ -99,12 +99,29 @@ impl TestGateway {
         path: &str,
         body: impl Into<reqwest::Body>,
     ) -> reqwest::Response {
+        self.send_body(reqwest::Method::POST, path, body).await
+    }
+
+    pub(crate) async fn put(
+        &self,
+        path: &str,
+        body: impl Into<reqwest::Body>,
+    ) -> reqwest::Response {
+        self.send_body(reqwest::Method::PUT, path, body).await
+    }
+
+    async fn send_body(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: impl Into<reqwest::Body>,
+    ) -> reqwest::Response {
         self.client
-            .post(self.url(path))
+            .request(method.clone(), self.url(path))
             .body(body)
             .send()
             .await
-            .expect("POST is answered")
+            .unwrap_or_else(|e| panic!("{method} {path} is not answered: {e}"))
     }
 
     pub(crate) async fn get(&self, path: &str) -> reqwest::Response {
