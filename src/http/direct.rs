@@ -12,7 +12,7 @@
 
 use std::io::{self, Write};
 use std::net::SocketAddr;
-use std::time::{Duration, SystemTime};
+use std::time::SystemTime;
 
 use axum::body::Body;
 use axum::extract::{ConnectInfo, Request};
@@ -29,9 +29,6 @@ const MAX_HEAD: usize = 8 * 1024;
 
 /// Most headers in a request read here; a request with more is left to hyper.
 const MAX_HEADERS: usize = 64;
-
-/// How long to wait for the rest of a head that arrived in part.
-const HEAD_REST: Duration = Duration::from_millis(5);
 
 /// How the opening bytes of a connection start a request this module may take.
 const OPENING: &[u8] = b"GET /topics";
@@ -57,12 +54,18 @@ pub(super) struct Asked {
 /// `stream=` in its query), `None` for anything hyper should read instead.
 pub(super) async fn look(stream: &TcpStream, peer: SocketAddr) -> io::Result<Option<Asked>> {
     let mut seen = vec![0u8; MAX_HEAD];
+    let mut n = stream.peek(&mut seen).await?;
     loop {
-        let n = stream.peek(&mut seen).await?;
         match parse(&seen[..n], peer) {
             Parsed::Asked(asked) => return Ok(Some(asked)),
             Parsed::Other => return Ok(None),
-            Parsed::Partial if n < MAX_HEAD && n > 0 => tokio::time::sleep(HEAD_REST).await,
+            Parsed::Partial if n < MAX_HEAD && n > 0 => {
+                match super::server::peek_more(stream, &mut seen, n).await? {
+                    Some(more) => n = more,
+                    // Closed before the head was whole: hyper reads what there is and ends it.
+                    None => return Ok(None),
+                }
+            }
             Parsed::Partial => return Ok(None),
         }
     }

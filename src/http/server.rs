@@ -14,6 +14,8 @@ use hyper::body::Incoming;
 use hyper::server::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
+use rustix::net::RecvFlags;
+use tokio::io::Interest;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
@@ -160,9 +162,6 @@ impl Connection {
 /// The connection preface of HTTP/2 with prior knowledge (RFC 9113 §3.4).
 const PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
-/// How long to wait for the rest of a preface that arrived in part.
-const PREFACE_REST: Duration = Duration::from_millis(5);
-
 /// How a plain connection opens.
 enum Opening {
     /// With the HTTP/2 preface.
@@ -177,8 +176,8 @@ enum Opening {
 /// on every connection, twice what one request needs.
 async fn opening(stream: &TcpStream, peer: SocketAddr) -> std::io::Result<Opening> {
     let mut seen = [0u8; PREFACE.len()];
+    let mut n = stream.peek(&mut seen).await?;
     loop {
-        let n = stream.peek(&mut seen).await?;
         if n == 0 || seen[..n] != PREFACE[..n] {
             let asked = if direct::may_ask_for_events(&seen[..n]) {
                 direct::look(stream, peer).await?
@@ -190,9 +189,44 @@ async fn opening(stream: &TcpStream, peer: SocketAddr) -> std::io::Result<Openin
         if n == PREFACE.len() {
             return Ok(Opening::Http2);
         }
-        // The start of the preface: its rest is on its way, and the data already there keeps
-        // the socket readable, so waiting for readiness would return at once.
-        tokio::time::sleep(PREFACE_REST).await;
+        match peek_more(stream, &mut seen, n).await? {
+            Some(more) => n = more,
+            // Closed in the middle of the preface: hyper reads what there is and ends it.
+            None => return Ok(Opening::Http1(None)),
+        }
+    }
+}
+
+/// Waits until more than `known` bytes are queued on `stream` and looks at them, without
+/// reading, into `buf`; `None` once the peer has closed its side with no more than `known`
+/// sent.
+///
+/// The bytes already queued keep the socket readable, so waiting for readiness alone would
+/// return at once: the readiness is cleared while no new bytes are there, and the next segment
+/// (or the peer's FIN) sets it again. A client that sends its head a byte at a time therefore
+/// costs one wake-up per segment, not a poll on a timer.
+pub(super) async fn peek_more(
+    stream: &TcpStream,
+    buf: &mut [u8],
+    known: usize,
+) -> std::io::Result<Option<usize>> {
+    loop {
+        let ready = stream.ready(Interest::READABLE).await?;
+        let looked = stream.try_io(Interest::READABLE, || {
+            let (n, _) =
+                rustix::net::recv(stream, &mut *buf, RecvFlags::PEEK | RecvFlags::DONTWAIT)?;
+            if n > known {
+                Ok(Some(n))
+            } else if ready.is_read_closed() {
+                Ok(None)
+            } else {
+                Err(std::io::ErrorKind::WouldBlock.into())
+            }
+        });
+        match looked {
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+            other => return other,
+        }
     }
 }
 

@@ -348,3 +348,30 @@ async fn in_two_writes(gw: &TestGateway, first: &[u8], rest: &[u8]) -> tokio::ne
     s.write_all(rest).await.unwrap();
     s
 }
+
+/// A client that closes its side partway through its first request (an event-stream request
+/// or the HTTP/2 preface, both looked at before hyper reads them) has its connection closed at
+/// once, not held until the header deadline.
+#[tokio::test]
+async fn a_head_cut_short_by_the_client_closes_its_connection_at_once() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let gw = TestGateway::start_with(|c| {
+        c.http.header_timeout = std::time::Duration::from_secs(3600);
+    })
+    .await;
+    for opening in [
+        &b"GET /topics/cut/%23 HTTP/1.1\r\nHost: x\r\nAccept: text/event-stream\r\n"[..],
+        &b"PRI * HTTP/2.0\r\n"[..],
+    ] {
+        let mut s = tokio::net::TcpStream::connect(gw.http).await.unwrap();
+        s.write_all(opening).await.unwrap();
+        s.shutdown().await.unwrap();
+        let mut answer = Vec::new();
+        crate::support::within("the connection to close", s.read_to_end(&mut answer))
+            .await
+            .unwrap();
+        let text = String::from_utf8_lossy(&answer);
+        assert!(!text.contains(" 200 "), "{text}");
+    }
+    assert_eq!(gw.post("/topics/after", "x").await.status(), 204);
+}

@@ -282,6 +282,28 @@ async fn a_stream_over_plain_http11_is_chunked_and_ends_with_its_client() {
     .await;
 }
 
+/// A slow client's request, arriving in pieces, is read as one head once its last piece comes.
+#[tokio::test]
+async fn a_stream_request_arriving_in_pieces_is_answered() {
+    let gw = TestGateway::start().await;
+    assert!(gw.put("/topics/slow/kept", "v").await.status().is_success());
+    let mut stream = TcpStream::connect(gw.http).await.unwrap();
+    stream.set_nodelay(true).unwrap();
+    for piece in [
+        &b"GET /topics/slow/%23 HTTP/1.1\r\nHo"[..],
+        b"st: gw\r\nAccept: text/event-",
+        b"stream\r\n\r\n",
+    ] {
+        stream.write_all(piece).await.unwrap();
+        // The client is slow: each piece reaches the gateway on its own.
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let (head, rest) = read_head(&mut stream).await;
+    assert!(head.starts_with("HTTP/1.1 200 OK\r\n"), "{head}");
+    let retained = read_chunks_until(&mut stream, rest, "\n\n").await;
+    assert!(retained.contains(r#""topic":"slow/kept""#), "{retained}");
+}
+
 #[tokio::test]
 async fn a_refused_stream_leaves_its_connection_to_the_next_request() {
     let gw = TestGateway::start().await;
