@@ -108,6 +108,8 @@ pub enum AclAccess {
     Write,
     /// Both.
     ReadWrite,
+    /// Neither, whatever other rules grant: deny rules are checked first.
+    Deny,
 }
 
 /// `[limits]`: limits every protocol applies, each answered in its own terms.

@@ -1,23 +1,21 @@
 //! The gateway's own connection into rumqttd's router: publishes go straight into the router's
-//! buffer for the link (through a dedicated thread when the router is behind), and a `#`
-//! subscription brings every client publish out, without ever stalling.
+//! buffer for the link (through a dedicated thread when the router is behind); client
+//! publishes reach the gateway from their sessions, not from the router.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::thread;
 
-use bytes::Bytes;
 use futures_util::FutureExt;
 use rumqttd::Notification;
 use rumqttd::local::{LinkRx, LinkTx};
-use rumqttd::protocol::{Packet, Publish};
+use rumqttd::protocol::Packet;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::MqttError;
-use super::message::{Meta, MqttPublish};
-use super::routing::{from_router, to_router};
+use super::message::MqttPublish;
 
 /// Publishes the link thread hands to the router in one batch, at most.
 const PUBLISH_BATCH: usize = 256;
@@ -71,24 +69,23 @@ pub(crate) struct LinkParts {
 }
 
 impl LinkParts {
-    pub(crate) fn new(mut tx: LinkTx, rx: LinkRx, full: RouterFull) -> Result<Self, MqttError> {
-        tx.subscribe("#")
-            .map_err(|e| MqttError::Link(e.to_string()))?;
-        Ok(Self { tx, rx, full })
+    pub(crate) fn new(tx: LinkTx, rx: LinkRx, full: RouterFull) -> Self {
+        Self { tx, rx, full }
     }
 
+    /// Starts the link; `inbound` carries the publishes of the broker's clients.
     pub(crate) fn run(
         self,
         stats: Arc<LinkStats>,
+        inbound: mpsc::Receiver<MqttPublish>,
         buffer: usize,
         tracker: &TaskTracker,
         cancel: CancellationToken,
     ) -> Link {
         stats.up.store(true, Ordering::Relaxed);
-        let (inbound_tx, inbound_rx) = mpsc::channel(buffer.max(1));
         let sink = RouterSink::start(self.tx, self.full, buffer, stats.clone());
-        tracker.spawn(receive(self.rx, inbound_tx, stats.clone(), cancel));
-        Link::new(Sink::Router(sink), inbound_rx, stats)
+        tracker.spawn(receive(self.rx, stats.clone(), cancel));
+        Link::new(Sink::Router(sink), inbound, stats)
     }
 }
 
@@ -286,60 +283,21 @@ impl Link {
 }
 
 fn into_packet(p: MqttPublish) -> Packet {
-    let meta = Meta {
-        retain: p.retain,
-        qos: p.qos,
-        from_gateway: true,
-    };
-    let props = p.properties(Some(meta));
     // The router delivers at each subscriber's granted QoS whatever the publish QoS, so the link
-    // publishes at QoS 0 (all rumqttd lets a local link use) and carries the real QoS in `meta`.
-    let publish = Publish::new(to_router(Bytes::from(p.topic)), p.payload, false);
-    Packet::Publish(publish, Some(props))
+    // publishes at QoS 0 (all rumqttd lets a local link use) and carries the real QoS in the
+    // marker; each session delivers at the lower of the two.
+    super::broker::router_publish(&p)
 }
 
-async fn receive(
-    mut rx: LinkRx,
-    inbound: mpsc::Sender<MqttPublish>,
-    stats: Arc<LinkStats>,
-    cancel: CancellationToken,
-) {
-    let mut last_offset: Option<u64> = None;
+/// Watches the link's side of the router: it subscribes to nothing, so only the router's
+/// pauses and its end come this way.
+async fn receive(mut rx: LinkRx, stats: Arc<LinkStats>, cancel: CancellationToken) {
     loop {
         let next = tokio::select! {
             n = rx.next() => n,
             () = cancel.cancelled() => break,
         };
         match next {
-            Ok(Some(Notification::Forward(forward))) => {
-                if let Some((_, offset)) = forward.cursor {
-                    // The link subscribes before any client can publish, so the first message
-                    // it is owed is at offset 0: a burst that overruns the segments before the
-                    // first read is a gap too.
-                    let expected = last_offset.map_or(0, |l| l + 1);
-                    if offset > expected {
-                        let dropped = offset - expected;
-                        stats.lag_events.fetch_add(1, Ordering::Relaxed);
-                        stats.lag_dropped.fetch_add(dropped, Ordering::Relaxed);
-                        tracing::warn!(dropped, "bridge link lagged behind the broker");
-                    }
-                    last_offset = Some(offset);
-                }
-                let publish = forward.publish;
-                let Some(message) = MqttPublish::from_forward(
-                    from_router(publish.topic),
-                    publish.payload,
-                    forward.properties,
-                ) else {
-                    continue;
-                };
-                stats.received.fetch_add(1, Ordering::Relaxed);
-                if inbound.send(message).await.is_err() {
-                    break;
-                }
-            }
-            // The router stops scheduling a link whose buffer filled up until it says it is
-            // ready again; without this the link would stall for good.
             Ok(Some(Notification::Unschedule)) => {
                 stats.wakeups.fetch_add(1, Ordering::Relaxed);
                 if rx.wake().await.is_err() {
@@ -371,7 +329,7 @@ mod tests {
     /// order.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn publishes_keep_their_order_whichever_way_they_go_in() {
-        let config = super::super::broker::router_config(&MqttConfig::default(), 1);
+        let config = super::super::broker::router_config(&MqttConfig::default());
         let router_tx = Router::new(0, config).spawn();
         let (mut reader_tx, mut reader, _) = LinkBuilder::new("reader", router_tx.clone())
             .build()
@@ -386,8 +344,10 @@ mod tests {
         let asked = AtomicUsize::new(0);
         let full: RouterFull =
             Box::new(move || !asked.fetch_add(1, Ordering::Relaxed).is_multiple_of(3));
-        let link = LinkParts::new(tx, rx, full).unwrap().run(
+        let (_inbound_tx, inbound) = mpsc::channel(1);
+        let link = LinkParts::new(tx, rx, full).run(
             Arc::new(LinkStats::default()),
+            inbound,
             8,
             &TaskTracker::new(),
             CancellationToken::new(),
@@ -398,7 +358,7 @@ mod tests {
             for i in 0..COUNT {
                 let publish = MqttPublish {
                     topic: "order/x".to_owned(),
-                    payload: Bytes::from(i.to_string()),
+                    payload: bytes::Bytes::from(i.to_string()),
                     ..MqttPublish::default()
                 };
                 link.publish(publish).await.unwrap();

@@ -43,34 +43,6 @@ impl MqttPublish {
             ..PublishProperties::default()
         }
     }
-
-    /// Rebuilds a publish from what the router forwarded; `None` for the gateway's own publishes.
-    pub(crate) fn from_forward(
-        topic: Bytes,
-        payload: Bytes,
-        props: Option<PublishProperties>,
-    ) -> Option<Self> {
-        let mut props = props.unwrap_or_default();
-        let meta = Meta::detach(&mut props.payload_format_indicator).unwrap_or(Meta {
-            retain: false,
-            qos: 0,
-            from_gateway: false,
-        });
-        if meta.from_gateway {
-            return None;
-        }
-        Some(Self {
-            topic: String::from_utf8_lossy(&topic).into_owned(),
-            payload,
-            qos: meta.qos,
-            retain: meta.retain,
-            content_type: props.content_type,
-            user_properties: props.user_properties,
-            response_topic: props.response_topic,
-            correlation_data: props.correlation_data,
-            expiry_secs: props.message_expiry_interval,
-        })
-    }
 }
 
 /// Where retained messages come from when a client subscribes.
@@ -168,18 +140,5 @@ mod tests {
         Meta::from_client(false, 0).attach(&mut pfi);
         assert_eq!(Meta::detach(&mut pfi), Some(Meta::from_client(false, 0)));
         assert_eq!(pfi, Some(1));
-    }
-
-    #[test]
-    fn gateway_publishes_are_not_echoed_back() {
-        let mut props = PublishProperties::default();
-        Meta {
-            retain: true,
-            qos: 1,
-            from_gateway: true,
-        }
-        .attach(&mut props.payload_format_indicator);
-        let echoed = MqttPublish::from_forward("t".into(), "p".into(), Some(props));
-        assert_eq!(echoed, None);
     }
 }

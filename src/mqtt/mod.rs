@@ -1,26 +1,26 @@
-//! The gateway's MQTT side: the embedded broker (the only module that names rumqttd), serving
-//! MQTT 3.1.1 and 5 on one port with rumqttd's traps kept inside (see `protocol` and `link`), or
-//! a client of an external broker (`remote`, with rumqttc). Either way the rest of the gateway
-//! sees one [`Link`] and plain [`MqttPublish`] values.
+//! The gateway's MQTT side: the embedded broker, whose connections each run our own codec
+//! (`wire`) and session (`session`, `connection`, `sessions`) in front of rumqttd's router (the
+//! only module that names rumqttd), or a client of an external broker (`remote`, with rumqttc).
+//! Either way the rest of the gateway sees one [`Link`] and plain [`MqttPublish`] values.
 
 mod broker;
-mod guard;
+mod connection;
 mod link;
-mod listener;
 mod message;
-#[cfg(target_os = "linux")]
-mod nodelay;
-mod protocol;
 mod remote;
 mod routing;
-mod rules;
-mod secure;
+mod session;
+mod sessions;
+mod settings;
+pub(crate) mod wire;
 
 use std::net::SocketAddr;
 
 pub use broker::Broker;
 pub use link::{Link, LinkStats, Receipt};
+pub use message::{MqttPublish, RetainedSource};
 pub use remote::RemoteBroker;
+pub use settings::BrokerStats;
 
 /// Connects to an external broker instead of running the embedded one.
 pub fn connect_remote(
@@ -31,7 +31,6 @@ pub fn connect_remote(
 ) -> Link {
     remote::start(broker, buffer, tracker, cancel)
 }
-pub use message::{MqttPublish, RetainedSource};
 
 /// What can go wrong starting or using the broker.
 #[derive(Debug, thiserror::Error)]

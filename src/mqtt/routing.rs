@@ -3,15 +3,17 @@
 
 use bytes::{Bytes, BytesMut};
 
-/// Put in front of a topic (and filter) whose first byte is not ASCII on its way through the
-/// router, and in front of one that starts with this byte already, so that the mapping stays
-/// one-to-one and matching is unchanged. rumqttd's `matches` slices the first byte of a topic as
-/// a `str`: a first character of two or more bytes panicked the router thread, which stopped
-/// the whole broker.
+/// Put in front of a topic (and filter) whose first byte is not ASCII or is `$` on its way
+/// through the router, and in front of one that starts with this byte already, so that the
+/// mapping stays one-to-one. rumqttd's `matches` slices the first byte of a topic as a `str` (a
+/// first character of two or more bytes panicked the router thread) and matches no `$` topic at
+/// all; marked, both are matched level by level, and the session applies MQTT's rule that a
+/// filter starting with a wildcard does not match `$` topics.
 const ROUTER_MARK: u8 = 0x01;
 
 fn needs_mark(text: &[u8]) -> bool {
-    text.first().is_some_and(|&b| b >= 0x80 || b == ROUTER_MARK)
+    text.first()
+        .is_some_and(|&b| b >= 0x80 || b == ROUTER_MARK || b == b'$')
 }
 
 /// A topic as it travels through the router.
@@ -90,5 +92,12 @@ mod tests {
         ));
         assert_eq!(filter_to_router("$share/g/é/#"), "$share/g/\u{1}é/#");
         assert_eq!(filter_to_router("$share/g/a/#"), "$share/g/a/#");
+        let sys = to_router(Bytes::from("$SYS/broker/uptime"));
+        let sys = std::str::from_utf8(&sys).unwrap();
+        assert!(rumqttd::protocol::matches(sys, &filter_to_router("$SYS/#")));
+        assert_eq!(
+            from_router(Bytes::from(sys.to_owned())),
+            "$SYS/broker/uptime"
+        );
     }
 }

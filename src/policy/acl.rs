@@ -11,6 +11,8 @@ use crate::topic::matches;
 pub(crate) struct Grant {
     pub(crate) read: bool,
     pub(crate) write: bool,
+    /// A deny rule: it refuses both, whatever other rules grant.
+    pub(crate) deny: bool,
 }
 
 /// Whom a rule applies to.
@@ -39,6 +41,8 @@ pub enum Readable {
     All,
     /// Only the topics matched by these narrower filters.
     Part(Vec<String>),
+    /// What `0` admits, except the topics these deny patterns match.
+    Except(Box<Readable>, Vec<String>),
     /// None: the subscription is refused.
     Nothing,
 }
@@ -50,12 +54,16 @@ impl Readable {
         match self {
             Self::All => true,
             Self::Part(filters) => filters.iter().any(|f| matches(f, topic)),
+            Self::Except(base, denied) => {
+                base.admits(topic) && !denied.iter().any(|d| matches(d, topic))
+            }
             Self::Nothing => false,
         }
     }
 }
 
-/// The rules, in the order written; any rule that grants is enough.
+/// The rules, in the order written: a deny rule that matches refuses, whatever the order;
+/// otherwise any rule that grants is enough.
 #[derive(Debug, Default)]
 pub(crate) struct Acl {
     rules: Vec<Rule>,
@@ -77,18 +85,28 @@ impl Acl {
         who: &'a Principal,
         write: bool,
     ) -> impl Iterator<Item = Cow<'a, str>> + 'a {
+        self.matching(who, move |grant| {
+            !grant.deny && if write { grant.write } else { grant.read }
+        })
+    }
+
+    /// The patterns of the deny rules that apply to `who`.
+    fn denied<'a>(&'a self, who: &'a Principal) -> impl Iterator<Item = Cow<'a, str>> + 'a {
+        self.matching(who, |grant| grant.deny)
+    }
+
+    fn matching<'a>(
+        &'a self,
+        who: &'a Principal,
+        wanted: impl Fn(&Grant) -> bool + 'a,
+    ) -> impl Iterator<Item = Cow<'a, str>> + 'a {
         self.rules.iter().filter_map(move |rule| {
             let applies = match (&rule.who, who) {
                 (Who::Everyone, _) | (Who::Anonymous, Principal::Anonymous) => true,
                 (Who::Named(n), Principal::Named(m)) => n.as_str() == &**m,
                 _ => false,
             };
-            let granted = if write {
-                rule.grant.write
-            } else {
-                rule.grant.read
-            };
-            if !applies || !granted {
+            if !applies || !wanted(&rule.grant) {
                 return None;
             }
             if !rule.pattern.contains("%u") {
@@ -107,12 +125,16 @@ impl Acl {
 
     /// Whether `who` may publish to `topic`.
     pub(crate) fn may_write(&self, who: &Principal, topic: &str) -> bool {
-        self.is_open() || self.patterns(who, true).any(|p| matches(&p, topic))
+        self.is_open()
+            || !self.denied(who).any(|d| matches(&d, topic))
+                && self.patterns(who, true).any(|p| matches(&p, topic))
     }
 
     /// Whether `who` may read messages of `topic`.
     pub(crate) fn may_read(&self, who: &Principal, topic: &str) -> bool {
-        self.is_open() || self.patterns(who, false).any(|p| matches(&p, topic))
+        self.is_open()
+            || !self.denied(who).any(|d| matches(&d, topic))
+                && self.patterns(who, false).any(|p| matches(&p, topic))
     }
 
     /// The part of `filter` that `who` may read.
@@ -120,6 +142,24 @@ impl Acl {
         if self.is_open() {
             return Readable::All;
         }
+        let mut denied = Vec::new();
+        for d in self.denied(who) {
+            if covers(&d, filter) {
+                return Readable::Nothing;
+            }
+            if intersect(&d, filter).is_some() {
+                denied.push(d.into_owned());
+            }
+        }
+        match self.granted(who, filter) {
+            Readable::Nothing => Readable::Nothing,
+            base if denied.is_empty() => base,
+            base => Readable::Except(Box::new(base), denied),
+        }
+    }
+
+    /// The part of `filter` the grants of `who` cover, before deny rules.
+    fn granted(&self, who: &Principal, filter: &str) -> Readable {
         let mut parts: Vec<String> = Vec::new();
         for pattern in self.patterns(who, false) {
             match intersect(&pattern, filter) {
@@ -199,8 +239,48 @@ mod tests {
         Rule {
             who,
             pattern: pattern.to_owned(),
-            grant: Grant { read, write },
+            grant: Grant {
+                read,
+                write,
+                deny: false,
+            },
         }
+    }
+
+    fn deny(who: Who, pattern: &str) -> Rule {
+        Rule {
+            who,
+            pattern: pattern.to_owned(),
+            grant: Grant {
+                read: false,
+                write: false,
+                deny: true,
+            },
+        }
+    }
+
+    #[test]
+    fn a_deny_rule_refuses_whatever_grants() {
+        let acl = Acl::new(vec![
+            rule(Who::Everyone, "#", true, true),
+            deny(Who::Everyone, "test/nosubscribe"),
+            deny(Who::Anonymous, "private/#"),
+        ]);
+        let anon = Principal::Anonymous;
+        assert!(acl.may_write(&anon, "test/x"));
+        assert!(!acl.may_write(&anon, "test/nosubscribe"));
+        assert!(!acl.may_read(&anon, "test/nosubscribe"));
+        assert!(!acl.may_read(&anon, "private/a"));
+        assert!(
+            acl.may_read(&alice(), "private/a"),
+            "deny rules apply to whom they name"
+        );
+        assert_eq!(acl.readable(&anon, "test/nosubscribe"), Readable::Nothing);
+        assert_eq!(acl.readable(&anon, "private/#"), Readable::Nothing);
+        let wide = acl.readable(&anon, "test/+");
+        assert!(wide.admits("test/x"));
+        assert!(!wide.admits("test/nosubscribe"), "{wide:?}");
+        assert_eq!(acl.readable(&anon, "other/#"), Readable::All);
     }
 
     fn alice() -> Principal {

@@ -154,6 +154,7 @@ impl Policy {
                 grant: acl::Grant {
                     read: matches!(r.access, AclAccess::Read | AclAccess::ReadWrite),
                     write: matches!(r.access, AclAccess::Write | AclAccess::ReadWrite),
+                    deny: r.access == AclAccess::Deny,
                 },
             })
             .collect();
@@ -184,6 +185,12 @@ impl Policy {
     /// where a listener on a non-loopback address deserves a warning.
     pub fn is_unprotected(&self) -> bool {
         self.inner.allow_anonymous && self.inner.acl.is_open()
+    }
+
+    /// Whether no user or token is configured and anonymous clients are let in: credentials a
+    /// client sends anyway are then ignored, as Mosquitto does with `allow_anonymous true`.
+    pub fn is_open_door(&self) -> bool {
+        self.inner.allow_anonymous && self.inner.identities.is_empty()
     }
 
     /// The principal of a client that sent no credentials.

@@ -128,10 +128,6 @@ fn cases() -> Vec<Case> {
             connect_raw(b"MQIsdp", 4, 0x02, b"n2", &[]),
         ),
         unsupported_level(
-            "protocol name MQIsdp with level 3 (MQTT 3.1)",
-            connect_raw(b"MQIsdp", 3, 0x02, b"n3", &[]),
-        ),
-        unsupported_level(
             "protocol level 3",
             connect_raw(b"MQTT", 3, 0x02, b"n4", &[]),
         ),
@@ -296,11 +292,6 @@ fn cases() -> Vec<Case> {
             V5,
             "PUBLISH to an empty topic with an alias never set",
             publish_with(V5, 0x30, b"", None, &[0x23, 0, 7], b"x"),
-        ),
-        after_connect(
-            V5,
-            "PUBLISH with a subscription identifier",
-            publish_with(V5, 0x30, b"a/b", None, &[0x0B, 1], b"x"),
         ),
         after_connect(
             V5,

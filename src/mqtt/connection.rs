@@ -1,0 +1,795 @@
+//! One client connection, whatever it came in by (TCP, TLS, WebSocket): reads its CONNECT,
+//! authenticates, joins the router through a local link, then carries packets between the
+//! socket, the [`Session`] and the router until one side ends.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::time::Duration;
+
+use bytes::BytesMut;
+use futures_util::FutureExt;
+use rumqttd::local::{LinkRx, LinkTx};
+use rumqttd::protocol as r;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use super::message::MqttPublish;
+use super::session::{End, Out, Session, code};
+use super::sessions::{PendingWill, Sessions, Start};
+use super::settings::Settings;
+use super::wire::{
+    Answer, ConnAck, Connect, Decoder, Disconnect, Packet, Version, encode, encoded_len,
+};
+use crate::policy::{AuthError, Door, Principal, Refusal};
+
+/// Builds a router link for a client id: `(tx, rx)`, or why the router refused.
+pub(super) type LinkFactory =
+    Arc<dyn Fn(&str, bool) -> Result<(LinkTx, LinkRx), String> + Send + Sync>;
+
+/// What every connection of one gateway shares.
+pub(crate) struct Front {
+    pub(super) settings: Arc<Settings>,
+    pub(super) sessions: Arc<Sessions>,
+    pub(super) links: LinkFactory,
+    pub(super) bridge: mpsc::Sender<MqttPublish>,
+    pub(super) connect_timeout: Duration,
+    pub(super) max_clients: usize,
+    pub(super) clients: AtomicUsize,
+    pub(super) origins: AtomicU64,
+}
+
+/// A subscriber behind on its deliveries that writes nothing for this long is stuck: it stops
+/// holding publishers back, and the router drops what it cannot keep for it.
+const STUCK: Duration = Duration::from_secs(5);
+
+/// A subscriber that was behind and gets nothing more from the router for this long has caught
+/// up (the router sends at once what it holds when woken).
+const CAUGHT_UP: Duration = Duration::from_millis(5);
+/// Decoded packets handled before the socket's writes are flushed.
+const BATCH: usize = 256;
+
+/// Why a connection ended, for the log line.
+#[derive(Debug)]
+enum Closed {
+    Io(std::io::Error),
+    Refused(&'static str),
+    Violation(u8, &'static str),
+    /// Closed without a word: what MQTT 3.1.1, or Mosquitto, does for this violation.
+    Dropped(&'static str),
+    Client,
+    TakenOver,
+    Shutdown,
+    KeepAlive,
+    RouterGone,
+}
+
+/// Serves one client connection until it ends.
+pub(crate) async fn serve<S>(
+    front: Arc<Front>,
+    stream: S,
+    peer: SocketAddr,
+    certified: Option<String>,
+    cancel: CancellationToken,
+) where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let mut conn = Conn {
+        stream,
+        read: BytesMut::with_capacity(4096),
+        write: BytesMut::with_capacity(4096),
+        decoder: Decoder::new(front.settings.max_packet),
+        version: Version::V311,
+    };
+    let connect = tokio::select! {
+        c = tokio::time::timeout(front.connect_timeout, conn.first()) => c,
+        () = cancel.cancelled() => return,
+    };
+    let connect = match connect {
+        Ok(Ok(connect)) => connect,
+        Ok(Err(closed)) => {
+            log_close(peer, None, &closed);
+            return;
+        }
+        Err(_) => {
+            tracing::info!(%peer, "MQTT client sent no CONNECT in time");
+            return;
+        }
+    };
+    conn.version = connect.version;
+    let client_id = connect.client_id.clone();
+    let closed = run(&front, &mut conn, *connect, certified, cancel).await;
+    log_close(peer, Some(&client_id), &closed);
+}
+
+fn log_close(peer: SocketAddr, client_id: Option<&str>, closed: &Closed) {
+    let client = client_id.unwrap_or("");
+    match closed {
+        Closed::Client | Closed::Shutdown => {
+            tracing::debug!(%peer, client, "MQTT client disconnected");
+        }
+        Closed::Io(e) => tracing::debug!(%peer, client, error = %e, "MQTT connection lost"),
+        Closed::TakenOver => tracing::info!(%peer, client, "MQTT session taken over"),
+        Closed::KeepAlive => tracing::info!(%peer, client, "MQTT client missed its keep-alive"),
+        Closed::Refused(why) => tracing::info!(%peer, client, reason = why, "MQTT client refused"),
+        Closed::Dropped(why) => {
+            tracing::info!(%peer, client, reason = why, "MQTT client disconnected for a protocol violation")
+        }
+        Closed::Violation(code, why) => {
+            tracing::info!(%peer, client, code, reason = why, "MQTT client disconnected for a protocol violation")
+        }
+        Closed::RouterGone => tracing::warn!(%peer, client, "MQTT session ended by the router"),
+    }
+}
+
+struct Conn<S> {
+    stream: S,
+    read: BytesMut,
+    write: BytesMut,
+    decoder: Decoder,
+    version: Version,
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
+    /// Reads until the first packet, which must be a CONNECT.
+    async fn first(&mut self) -> Result<Box<Connect>, Closed> {
+        loop {
+            match self.decoder.decode(&mut self.read) {
+                Ok(Some(Packet::Connect(connect))) => return Ok(connect),
+                Ok(Some(_)) => return Err(Closed::Refused("the first packet is not CONNECT")),
+                Ok(None) => {}
+                Err(e) => {
+                    self.answer(&e.answer).await;
+                    return Err(Closed::Refused(e.detail));
+                }
+            }
+            let n = self
+                .stream
+                .read_buf(&mut self.read)
+                .await
+                .map_err(Closed::Io)?;
+            if n == 0 {
+                return Err(Closed::Refused("closed before its CONNECT"));
+            }
+        }
+    }
+
+    async fn answer(&mut self, answer: &Answer) {
+        answer.encode(&mut self.write);
+        let _ = self.flush().await;
+    }
+
+    fn push(&mut self, packet: &Packet) {
+        encode(packet, self.version, &mut self.write);
+    }
+
+    async fn flush(&mut self) -> std::io::Result<()> {
+        let mut idle = Congestion::idle();
+        self.flush_watched(&mut idle).await
+    }
+
+    /// Writes what is buffered; a subscriber that makes no progress for [`STUCK`] stops
+    /// holding publishers back. Cancel-safe: `write_buf` consumes what it wrote.
+    async fn flush_watched(&mut self, congestion: &mut Congestion) -> std::io::Result<()> {
+        while !self.write.is_empty() {
+            tokio::select! {
+                written = self.stream.write_buf(&mut self.write) => {
+                    if written? == 0 {
+                        return Err(std::io::ErrorKind::WriteZero.into());
+                    }
+                    congestion.progress();
+                }
+                () = congestion.stuck() => congestion.give_up(),
+            }
+        }
+        self.stream.flush().await
+    }
+}
+
+/// Refuses a CONNECT with `v5` as its MQTT 5 reason code (and its 3.1.1 return code).
+async fn refuse<S: AsyncRead + AsyncWrite + Unpin>(
+    conn: &mut Conn<S>,
+    v5: u8,
+    why: &'static str,
+) -> Closed {
+    let code = if conn.version == Version::V5 {
+        v5
+    } else {
+        match v5 {
+            0x85 => 2,
+            0x86 => 4,
+            0x87 | 0x8C => 5,
+            _ => 3,
+        }
+    };
+    conn.push(&Packet::ConnAck(Box::new(ConnAck {
+        code,
+        ..ConnAck::default()
+    })));
+    let _ = conn.flush().await;
+    Closed::Refused(why)
+}
+
+async fn run<S: AsyncRead + AsyncWrite + Unpin>(
+    front: &Arc<Front>,
+    conn: &mut Conn<S>,
+    mut connect: Connect,
+    certified: Option<String>,
+    cancel: CancellationToken,
+) -> Closed {
+    let settings = &front.settings;
+    let v5 = connect.version == Version::V5;
+    if connect.authentication_method.is_some() {
+        return refuse(conn, 0x8C, "unsupported authentication method").await;
+    }
+    let mut assigned = None;
+    if connect.client_id.is_empty() {
+        if !connect.clean_start && !v5 || connect.version == Version::V31 {
+            return refuse(conn, 0x85, "empty client id with a persistent session").await;
+        }
+        let id = format!("auto-{:016x}", rand::random::<u64>());
+        connect.client_id = id.clone();
+        assigned = Some(id);
+    }
+    let principal = match login(settings, &connect, certified).await {
+        Ok(p) => p,
+        Err(e) => {
+            settings.policy.count(Door::Mqtt, Refusal::Login);
+            let code = match e {
+                AuthError::Required => 0x87,
+                _ => 0x86,
+            };
+            return refuse(conn, code, "login refused").await;
+        }
+    };
+    if let Some(will) = &connect.will {
+        let denied = will.topic.starts_with("$SYS")
+            || settings
+                .policy
+                .authorize(&principal, crate::policy::Action::Publish, &will.topic)
+                .is_err();
+        if denied {
+            settings.policy.count(Door::Mqtt, Refusal::Acl);
+            return refuse(conn, 0x87, "the will's topic is not writable").await;
+        }
+    }
+    if front.clients.fetch_add(1, Ordering::AcqRel) >= front.max_clients {
+        front.clients.fetch_sub(1, Ordering::AcqRel);
+        return refuse(conn, 0x97, "too many clients").await;
+    }
+    let _slot = Slot(&front.clients);
+
+    let keep_alive = if connect.keep_alive == 0 || connect.keep_alive > settings.max_keep_alive {
+        settings.max_keep_alive
+    } else {
+        connect.keep_alive
+    };
+    let mut ack = ConnAck::default();
+    if v5 {
+        ack.assigned_client_identifier = assigned;
+        ack.topic_alias_maximum = Some(settings.topic_alias_max);
+        ack.receive_maximum = Some(settings.receive_maximum);
+        ack.maximum_packet_size = u32::try_from(settings.max_packet).ok();
+        // Retained messages, wildcards, subscription identifiers and shared subscriptions are
+        // all available: the properties' defaults, so they are not sent.
+        if keep_alive != connect.keep_alive {
+            ack.server_keep_alive = Some(keep_alive);
+        }
+    }
+    // MQTT 5 §3.1.2.24: a CONNACK larger than the client takes cannot be sent at all.
+    let fits = connect.maximum_packet_size.is_none_or(|max| {
+        encoded_len(&Packet::ConnAck(Box::new(ack.clone())), connect.version) <= max as usize
+    });
+    if !fits {
+        return Closed::Refused("its Maximum Packet Size is smaller than the CONNACK");
+    }
+    // MQTT 3.1.1 sessions are kept for ever unless clean; MQTT 5 ones for their expiry.
+    let mut session_expiry: Option<u32> = if v5 {
+        Some(connect.session_expiry.unwrap_or(0))
+    } else if connect.clean_start {
+        Some(0)
+    } else {
+        None
+    };
+    // rumqttd's one clean flag means both "start afresh" and "forget at the end". A client
+    // resuming a session it will not keep gets the session (clean off), and the router's part
+    // is ended when the connection is.
+    let router_clean = connect.clean_start && session_expiry == Some(0);
+    let start = front
+        .sessions
+        .begin(&connect.client_id, connect.clean_start)
+        .await;
+    let Start {
+        generation,
+        kick,
+        gone,
+        kept,
+        reap_first,
+    } = start;
+    if reap_first {
+        front
+            .sessions
+            .reap(&router_client_id(&connect.client_id))
+            .await;
+    }
+    let session_present = kept.is_some();
+    let router_id = router_client_id(&connect.client_id);
+    let links = front.links.clone();
+    let link = tokio::task::spawn_blocking(move || links(&router_id, router_clean)).await;
+    let (mut tx, mut rx) = match link {
+        Ok(Ok(link)) => link,
+        _ => {
+            let _ = gone.send(true);
+            front
+                .sessions
+                .end(&connect.client_id, generation, None, None);
+            return refuse(conn, 0x88, "the router refused the session").await;
+        }
+    };
+    // MQTT 3.1 has no Session Present flag: the byte is reserved.
+    ack.session_present = session_present && connect.version != Version::V31;
+    conn.push(&Packet::ConnAck(Box::new(ack)));
+    settings.stats.connected();
+    let origin = front.origins.fetch_add(1, Ordering::Relaxed) + 1;
+    let mut session = Session::new(
+        settings.clone(),
+        connect.version,
+        principal,
+        &connect.client_id,
+        origin,
+        connect.receive_maximum,
+        connect.maximum_packet_size,
+        kept.unwrap_or_default(),
+    );
+    let mut resumed = Out::default();
+    session.resume(&mut resumed);
+    for packet in resumed.client.drain(..) {
+        conn.push(&packet);
+    }
+    let mut will = connect.will.take().map(|w| PendingWill {
+        delay: w.delay_interval.unwrap_or(0),
+        publish: MqttPublish {
+            topic: w.topic,
+            payload: w.payload,
+            qos: w.qos as u8,
+            retain: w.retain,
+            content_type: w.properties.content_type,
+            user_properties: w.properties.user_properties,
+            response_topic: w.properties.response_topic,
+            correlation_data: w.properties.correlation_data,
+            expiry_secs: w.properties.message_expiry_interval,
+        },
+    });
+
+    let closed = pump(
+        front,
+        conn,
+        &mut session,
+        &mut tx,
+        &mut rx,
+        keep_alive,
+        &kick,
+        &cancel,
+    )
+    .await;
+    let (publish_will, reason) = match &closed {
+        Closed::Client => (false, None),
+        Closed::Violation(code, _) => (true, Some(*code)),
+        Closed::TakenOver => (true, Some(0x8E)),
+        Closed::Shutdown => (false, Some(0x8B)),
+        Closed::KeepAlive => (true, Some(0x8D)),
+        Closed::RouterGone => (true, Some(code::UNSPECIFIED)),
+        Closed::Io(_) | Closed::Refused(_) | Closed::Dropped(_) => (true, None),
+    };
+    if let Some(End::Client {
+        with_will,
+        session_expiry: new_expiry,
+    }) = &session.ended
+    {
+        // A DISCONNECT drops the will, unless it is 0x04 (disconnect with will message).
+        if !*with_will {
+            will = None;
+        }
+        if let (Some(e), true) = (new_expiry, v5) {
+            session_expiry = Some(*e);
+        }
+    }
+    if let (Some(reason), true) = (reason, v5) {
+        conn.push(&Packet::Disconnect(Disconnect {
+            reason,
+            ..Disconnect::default()
+        }));
+    }
+    let _ = tokio::time::timeout(Duration::from_secs(1), conn.flush()).await;
+    // The router's side ends with a DISCONNECT: it keeps its session state when not clean.
+    let bye = r::Packet::Disconnect(
+        r::Disconnect {
+            reason_code: r::DisconnectReasonCode::NormalDisconnection,
+        },
+        None,
+    );
+    let _ = tx.send(bye).now_or_never();
+    let shutting_down = matches!(closed, Closed::Shutdown);
+    let will = if publish_will
+        || matches!(
+            session.ended,
+            Some(End::Client {
+                with_will: true,
+                ..
+            })
+        ) {
+        will
+    } else {
+        None
+    };
+    let kept = match session_expiry {
+        Some(0) => None,
+        other => Some((session.keep(), other)),
+    };
+    if kept.is_none() && !router_clean {
+        front
+            .sessions
+            .reap(&router_client_id(&connect.client_id))
+            .await;
+    }
+    settings.stats.disconnected(kept.is_some());
+    front.sessions.end(
+        &connect.client_id,
+        generation,
+        kept,
+        will.filter(|_| !shutting_down),
+    );
+    let _ = gone.send(true);
+    closed
+}
+
+/// Gives the client slot back when the connection ends.
+struct Slot<'a>(&'a AtomicUsize);
+
+impl Drop for Slot<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+async fn login(
+    settings: &Settings,
+    connect: &Connect,
+    certified: Option<String>,
+) -> Result<Principal, AuthError> {
+    let policy = &settings.policy;
+    if let Some(name) = certified {
+        return Ok(policy.certificate(&name));
+    }
+    let Some(user) = connect.username.clone() else {
+        return policy.anonymous();
+    };
+    let password = connect.password.clone().unwrap_or_default();
+    let Ok(password) = String::from_utf8(password.to_vec()) else {
+        return Err(AuthError::BadPassword);
+    };
+    if policy.is_open_door() {
+        return Ok(Principal::Anonymous);
+    }
+    if let Some(p) = policy.known_password(&user, &password) {
+        return Ok(p);
+    }
+    let policy = policy.clone();
+    tokio::task::spawn_blocking(move || policy.verify_password(&user, &password))
+        .await
+        .unwrap_or(Err(AuthError::BadPassword))
+}
+
+/// The router's name for a client id: rumqttd drops, without a word, clients whose id holds
+/// one of `/ + # $`; they are escaped one-to-one.
+fn router_client_id(id: &str) -> String {
+    if !id.contains(['+', '$', '#', '/', '%']) {
+        return id.to_owned();
+    }
+    let mut out = String::with_capacity(id.len() + 8);
+    for c in id.chars() {
+        match c {
+            '+' | '$' | '#' | '/' | '%' => out.push_str(&format!("%{:02X}", c as u32)),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn pump<S: AsyncRead + AsyncWrite + Unpin>(
+    front: &Arc<Front>,
+    conn: &mut Conn<S>,
+    session: &mut Session,
+    tx: &mut LinkTx,
+    rx: &mut LinkRx,
+    keep_alive: u16,
+    kick: &CancellationToken,
+    cancel: &CancellationToken,
+) -> Closed {
+    let settings = &front.settings;
+    // MQTT §3.1.2.10: one and a half keep-alive periods without a packet end the connection.
+    let grace = Duration::from_millis(u64::from(keep_alive) * 1500);
+    let mut deadline = Instant::now() + grace;
+    let mut paused_until: Option<Instant> = None;
+    let mut out = Out::default();
+    let mut congestion = Congestion::new(settings.clone());
+    // Bytes that came with the CONNECT may hold whole packets already.
+    let mut buffered = !conn.read.is_empty();
+    loop {
+        if buffered && paused_until.is_none() && !settings.congested() {
+            match handle_input(front, conn, session, tx, rx, &mut out).await {
+                Ok(Input::Drained) => buffered = false,
+                Ok(Input::More) => {}
+                Ok(Input::Pause(secs)) => {
+                    paused_until = Some(Instant::now() + Duration::from_secs(secs));
+                }
+                Err(closed) => return closed,
+            }
+        }
+        if let Err(e) = conn.flush_watched(&mut congestion).await {
+            return Closed::Io(e);
+        }
+        let may_read = paused_until.is_none() && !settings.congested();
+        let reading = !buffered && may_read;
+        tokio::select! {
+            biased;
+            () = cancel.cancelled() => return Closed::Shutdown,
+            () = kick.cancelled() => return Closed::TakenOver,
+            next = rx.next() => {
+                match next {
+                    Ok(Some(notification)) => {
+                        session.router(notification, &mut out);
+                        // Take what else the router has ready without waiting.
+                        for _ in 0..BATCH {
+                            match rx.next().now_or_never() {
+                                Some(Ok(Some(n))) => session.router(n, &mut out),
+                                _ => break,
+                            }
+                        }
+                    }
+                    Ok(None) => {}
+                    Err(_) => return Closed::RouterGone,
+                }
+                congestion.router_batch(out.wake_router || session.lagging());
+                if let Some(closed) = apply(front, conn, session, tx, rx, &mut out).await {
+                    return closed;
+                }
+            }
+            read = conn.stream.read_buf(&mut conn.read), if reading => {
+                match read {
+                    Ok(0) => return Closed::Io(std::io::ErrorKind::UnexpectedEof.into()),
+                    Ok(n) => settings.stats.packets(0, 0, n as u64, 0),
+                    Err(e) => return Closed::Io(e),
+                }
+                deadline = Instant::now() + grace;
+                buffered = true;
+            }
+            () = tokio::time::sleep_until(deadline), if keep_alive > 0 => return Closed::KeepAlive,
+            () = tokio::time::sleep_until(paused_until.unwrap_or_else(Instant::now)), if paused_until.is_some() => {
+                paused_until = None;
+            }
+            () = settings.uncongested(), if settings.congested() => {}
+            // More whole packets may be buffered: handled once the router had its turn.
+            () = std::future::ready(()), if buffered && may_read => {}
+            // Woken after a pause, the router had nothing more: this subscriber caught up.
+            () = tokio::time::sleep_until(congestion.last_batch + CAUGHT_UP), if congestion.marked => {
+                congestion.router_batch(false);
+            }
+        }
+    }
+}
+
+/// Whether this connection, as a subscriber, holds publishers back.
+struct Congestion {
+    settings: Option<Arc<Settings>>,
+    marked: bool,
+    stuck: bool,
+    progress: Instant,
+    last_batch: Instant,
+}
+
+impl Congestion {
+    fn new(settings: Arc<Settings>) -> Self {
+        Self {
+            settings: Some(settings),
+            marked: false,
+            stuck: false,
+            progress: Instant::now(),
+            last_batch: Instant::now(),
+        }
+    }
+
+    /// For writes that never hold anyone back.
+    fn idle() -> Self {
+        Self {
+            settings: None,
+            marked: false,
+            stuck: false,
+            progress: Instant::now(),
+            last_batch: Instant::now(),
+        }
+    }
+
+    /// After a batch from the router: `behind` when the router had more than the connection
+    /// took (it paused the link) or the QoS 1/2 window is full.
+    fn router_batch(&mut self, behind: bool) {
+        let Some(settings) = &self.settings else {
+            return;
+        };
+        self.last_batch = Instant::now();
+        if behind {
+            if !self.marked && !self.stuck {
+                self.marked = true;
+                self.progress = Instant::now();
+                settings.congest();
+            }
+        } else {
+            self.stuck = false;
+            if std::mem::take(&mut self.marked) {
+                settings.decongest();
+            }
+        }
+    }
+
+    fn progress(&mut self) {
+        self.progress = Instant::now();
+    }
+
+    async fn stuck(&self) {
+        if self.marked {
+            tokio::time::sleep_until(self.progress + STUCK).await;
+        } else {
+            std::future::pending::<()>().await;
+        }
+    }
+
+    fn give_up(&mut self) {
+        if let Some(settings) = &self.settings
+            && std::mem::take(&mut self.marked)
+        {
+            self.stuck = true;
+            settings.stats.stuck.fetch_add(1, Ordering::Relaxed);
+            settings.decongest();
+            tracing::info!(
+                "an MQTT subscriber wrote nothing for {STUCK:?}: publishers no longer wait for it"
+            );
+        }
+    }
+}
+
+impl Drop for Congestion {
+    fn drop(&mut self) {
+        if let Some(settings) = &self.settings
+            && self.marked
+        {
+            settings.decongest();
+        }
+    }
+}
+
+/// What reading the buffered bytes came to.
+enum Input {
+    /// Every whole packet was handled.
+    Drained,
+    /// A batch was handled and more may be buffered.
+    More,
+    /// The client is over its publish rate: read nothing more for this many seconds.
+    Pause(u64),
+}
+
+/// Decodes and handles up to a batch of buffered packets, then carries out what they asked.
+async fn handle_input<S: AsyncRead + AsyncWrite + Unpin>(
+    front: &Arc<Front>,
+    conn: &mut Conn<S>,
+    session: &mut Session,
+    tx: &mut LinkTx,
+    rx: &mut LinkRx,
+    out: &mut Out,
+) -> Result<Input, Closed> {
+    let mut handled = 0;
+    let mut input = Input::More;
+    while handled < BATCH {
+        match conn.decoder.decode(&mut conn.read) {
+            Ok(Some(packet)) => {
+                handled += 1;
+                session.client(packet, out);
+            }
+            Ok(None) => {
+                input = Input::Drained;
+                break;
+            }
+            Err(e) => {
+                out.end = Some(match e.answer {
+                    Answer::Disconnect(reason) => End::Violation(reason, e.detail),
+                    _ => End::Close(e.detail),
+                });
+            }
+        }
+        if out.end.is_some() {
+            break;
+        }
+        if let Some(secs) = out.pause.take() {
+            input = Input::Pause(secs);
+            break;
+        }
+    }
+    front.settings.stats.packets(handled as u64, 0, 0, 0);
+    match apply(front, conn, session, tx, rx, out).await {
+        Some(closed) => Err(closed),
+        None => Ok(input),
+    }
+}
+
+/// Carries out what the session asked for; `Some` when the connection must end.
+async fn apply<S: AsyncRead + AsyncWrite + Unpin>(
+    front: &Arc<Front>,
+    conn: &mut Conn<S>,
+    session: &mut Session,
+    tx: &mut LinkTx,
+    rx: &mut LinkRx,
+    out: &mut Out,
+) -> Option<Closed> {
+    let sent = out.client.len() as u64;
+    for packet in out.client.drain(..) {
+        encode(&packet, conn.version, &mut conn.write);
+    }
+    front
+        .settings
+        .stats
+        .packets(0, sent, 0, conn.write.len() as u64);
+    if !out.router.is_empty() {
+        let mut packets = std::mem::take(&mut out.router);
+        {
+            // While the buffer holds packets, the event that announced the first is still
+            // queued and the router takes these with it: no event per packet.
+            let mut buffer = tx.buffer();
+            if !buffer.is_empty() {
+                buffer.extend(packets.drain(..));
+            }
+        }
+        if let Some(last) = packets.pop() {
+            tx.buffer().extend(packets);
+            // `send` queues the packet and signals the router on its bounded queue, which the
+            // router drains without ever waiting on a connection.
+            if !matches!(tx.send(last).now_or_never(), Some(Ok(_))) {
+                return Some(Closed::RouterGone);
+            }
+        }
+    }
+    for publish in out.bridge.drain(..) {
+        // A full queue slows this publisher down: the socket is not read meanwhile.
+        if front.bridge.send(publish).await.is_err() {
+            return Some(Closed::Shutdown);
+        }
+    }
+    if std::mem::take(&mut out.wake_router) && rx.wake().await.is_err() {
+        return Some(Closed::RouterGone);
+    }
+    match out.end.take() {
+        None => None,
+        Some(end) => {
+            let closed = match &end {
+                End::Client { .. } => Closed::Client,
+                End::Violation(code, why) => Closed::Violation(*code, why),
+                End::Close(why) => Closed::Dropped(why),
+            };
+            session.ended = Some(end);
+            Some(closed)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn client_ids_the_router_refuses_are_escaped_one_to_one() {
+        assert_eq!(router_client_id("plain-id"), "plain-id");
+        assert_eq!(router_client_id("a/b+c#$%"), "a%2Fb%2Bc%23%24%25");
+        assert_ne!(router_client_id("a/b"), router_client_id("a%2Fb"));
+    }
+}

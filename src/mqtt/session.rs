@@ -1,0 +1,1015 @@
+//! One client's session once its CONNECT is accepted: the rules MQTT puts on what it sends and
+//! receives (ACL, QoS, aliases, packet sizes, No Local, `$` topics), applied in front of
+//! rumqttd's router. Sans-I/O: a packet or a router notification in, packets for the client,
+//! the router and the bridge out.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use rumqttd::protocol as r;
+use rumqttd::{Forward, Notification};
+
+use super::message::{Meta, MqttPublish};
+use super::routing::{filter_to_router, from_router, to_router};
+use super::settings::Settings;
+use super::wire::{
+    Ack, Packet, Publish, PublishProperties, QoS, SubAck, Subscribe, Subscription, Unsubscribe,
+    Version,
+};
+use crate::policy::{Action, Denial, Door, Principal, Readable, Refusal};
+
+/// MQTT 5 reason codes the session answers with.
+pub(super) mod code {
+    pub(crate) const SUCCESS: u8 = 0x00;
+    pub(crate) const NO_MATCHING_SUBSCRIBERS: u8 = 0x10;
+    pub(crate) const NO_SUBSCRIPTION_EXISTED: u8 = 0x11;
+    pub(crate) const UNSPECIFIED: u8 = 0x80;
+    pub(crate) const PROTOCOL_ERROR: u8 = 0x82;
+    pub(crate) const NOT_AUTHORIZED: u8 = 0x87;
+    pub(crate) const TOPIC_FILTER_INVALID: u8 = 0x8F;
+    pub(crate) const TOPIC_NAME_INVALID: u8 = 0x90;
+    pub(crate) const RECEIVE_MAXIMUM_EXCEEDED: u8 = 0x93;
+    pub(crate) const TOPIC_ALIAS_INVALID: u8 = 0x94;
+    pub(crate) const PACKET_TOO_LARGE: u8 = 0x95;
+}
+
+/// The packet ids rumqttd's router gives the publishes it forwards (it keeps at most this many
+/// in flight); the session numbers its own above them.
+const ROUTER_IDS: u16 = 100;
+
+/// The user property that carries a publish's origin and arrival time through the router. Its
+/// name holds U+0000, which no client can send, so it cannot be forged; it never reaches a
+/// client.
+const TRACE: &str = "\0topicgate";
+
+/// How a session ends.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) enum End {
+    /// The client sent DISCONNECT: its will is published only with reason 0x04.
+    Client {
+        /// Reason 0x04, disconnect with will message.
+        with_will: bool,
+        /// A new Session Expiry Interval the client gave.
+        session_expiry: Option<u32>,
+    },
+    /// The client broke a rule: an MQTT 5 client gets DISCONNECT with this reason code, then
+    /// the connection closes and the will is published.
+    Violation(u8, &'static str),
+    /// The client broke a rule for which the connection closes without a word; the will is
+    /// published.
+    Close(&'static str),
+}
+
+/// What one step of the session produced.
+#[derive(Debug, Default)]
+pub(super) struct Out {
+    /// Packets to write to the client, in order.
+    pub(super) client: Vec<Packet>,
+    /// Packets for the router, in order.
+    pub(super) router: Vec<r::Packet>,
+    /// Client publishes for the gateway's store and streams.
+    pub(super) bridge: Vec<MqttPublish>,
+    /// Set when the session must end after the packets above are written.
+    pub(super) end: Option<End>,
+    /// The router paused this connection and must be told it is ready again.
+    pub(super) wake_router: bool,
+    /// Seconds to stop reading the client: its publish rate is over the limit.
+    pub(super) pause: Option<u64>,
+}
+
+/// One subscription as the session knows it; the router holds the same filter under `id`.
+#[derive(Debug, Clone)]
+pub(super) struct Held {
+    pub(super) filter: String,
+    pub(super) qos: QoS,
+    pub(super) no_local: bool,
+    pub(super) retain_as_published: bool,
+    /// The client's own subscription identifier.
+    pub(super) identifier: Option<u32>,
+    /// The topics under the filter the ACL lets the client read.
+    pub(super) scope: Readable,
+    /// A filter whose first level is a wildcard never matches topics starting with `$`.
+    pub(super) wild_first: bool,
+}
+
+/// What survives a connection when the session is kept: the router keeps its own part. Its
+/// subscriptions count as subscribers until it is resumed or dropped.
+#[derive(Default)]
+pub(super) struct Kept {
+    held: HashMap<usize, Held>,
+    qos2_in: HashSet<u16>,
+    /// The session's own publishes not acknowledged yet, with whether PUBREL was sent.
+    unacked: Vec<(Publish, bool)>,
+    settings: Option<Arc<Settings>>,
+}
+
+impl Drop for Kept {
+    fn drop(&mut self) {
+        if let Some(settings) = &self.settings {
+            release(settings, self.held.values());
+        }
+    }
+}
+
+/// Takes subscriptions out of the gateway's count of subscribers.
+fn release<'a>(settings: &Settings, held: impl Iterator<Item = &'a Held>) {
+    for h in held {
+        settings.unsubscribed(split_share(&h.filter).1);
+        if h.no_local {
+            settings.no_local_removed();
+        }
+    }
+}
+
+/// An outgoing QoS 1/2 publish the client has not acknowledged yet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Flight {
+    /// Forwarded by the router under its own id: acknowledgements go back to it.
+    Router { qos: QoS, released: bool },
+    /// Sent by the session itself (retained messages on subscribe).
+    Own { qos: QoS, released: bool },
+}
+
+/// The state of one connected client.
+pub(super) struct Session {
+    settings: Arc<Settings>,
+    version: Version,
+    principal: Principal,
+    rate_key: String,
+    /// Told apart from every other connection, for No Local.
+    origin: u64,
+    held: HashMap<usize, Held>,
+    by_filter: HashMap<String, usize>,
+    next_sub: usize,
+    aliases_in: HashMap<u16, String>,
+    /// Publishes received at QoS 2 whose PUBREL has not come.
+    qos2_in: HashSet<u16>,
+    in_flight: HashMap<u16, Flight>,
+    /// The session's own QoS 1/2 publishes until acknowledged, to send again on resumption.
+    own: HashMap<u16, Publish>,
+    /// What a resumed session sends again (see [`Session::resume`]).
+    unacked: Vec<(Publish, bool)>,
+    /// Router ids acknowledged by the session itself after downgrading the delivery; a PUBREL
+    /// for one of them is answered here too.
+    swallowed: HashSet<u16>,
+    /// QoS 1/2 publishes held back by the client's Receive Maximum.
+    waiting: VecDeque<(Publish, Flight)>,
+    /// Retained messages for the filters of the SUBSCRIBE being answered.
+    pending_retained: Vec<(usize, MqttPublish)>,
+    next_own: u16,
+    client_receive_max: usize,
+    client_max_packet: usize,
+    router_sub_id: u16,
+    /// How the session ended, once it has.
+    pub(super) ended: Option<End>,
+}
+
+impl Session {
+    /// A session for an accepted CONNECT.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn new(
+        settings: Arc<Settings>,
+        version: Version,
+        principal: Principal,
+        client_id: &str,
+        origin: u64,
+        receive_max: Option<u16>,
+        max_packet: Option<u32>,
+        mut kept: Kept,
+    ) -> Self {
+        let held = std::mem::take(&mut kept.held);
+        let qos2_in = std::mem::take(&mut kept.qos2_in);
+        let unacked = std::mem::take(&mut kept.unacked);
+        let rate_key =
+            crate::policy::Policy::client_key(&principal, || format!("client:{client_id}"));
+        let by_filter = held.iter().map(|(id, h)| (h.filter.clone(), *id)).collect();
+        let next_sub = held.keys().max().map_or(1, |m| m + 1);
+        Self {
+            settings,
+            version,
+            principal,
+            rate_key,
+            origin,
+            held,
+            by_filter,
+            next_sub,
+            aliases_in: HashMap::new(),
+            qos2_in,
+            in_flight: HashMap::new(),
+            own: HashMap::new(),
+            swallowed: HashSet::new(),
+            waiting: VecDeque::new(),
+            pending_retained: Vec::new(),
+            next_own: ROUTER_IDS + 1,
+            client_receive_max: usize::from(receive_max.unwrap_or(u16::MAX)),
+            client_max_packet: max_packet.map_or(usize::MAX, |m| m as usize),
+            router_sub_id: 0,
+            ended: None,
+            unacked,
+        }
+    }
+
+    /// Sends again what the resumed session had not had acknowledged (MQTT 4.4): its own
+    /// publishes with DUP set, or their PUBREL. The router sends its own again by itself.
+    pub(super) fn resume(&mut self, out: &mut Out) {
+        for (mut p, released) in std::mem::take(&mut self.unacked) {
+            let id = p.packet_id;
+            let qos = p.qos;
+            self.in_flight.insert(id, Flight::Own { qos, released });
+            if released {
+                out.client.push(Packet::PubRel(ack(id, code::SUCCESS)));
+            } else {
+                p.dup = true;
+                out.client.push(Packet::Publish(p.clone()));
+            }
+            self.own.insert(id, p);
+        }
+    }
+
+    /// What to keep of the session when it outlives the connection.
+    pub(super) fn keep(mut self) -> Kept {
+        let mut unacked: Vec<(Publish, bool)> = Vec::new();
+        for (id, flight) in &self.in_flight {
+            if let (Flight::Own { released, .. }, Some(p)) = (flight, self.own.get(id)) {
+                unacked.push((p.clone(), *released));
+            }
+        }
+        // Waiting ones never went out: they go first on resumption, after the unacknowledged.
+        unacked.sort_by_key(|(p, _)| p.packet_id);
+        for (p, flight) in std::mem::take(&mut self.waiting) {
+            if matches!(flight, Flight::Own { .. }) {
+                unacked.push((p, false));
+            }
+        }
+        Kept {
+            held: std::mem::take(&mut self.held),
+            qos2_in: std::mem::take(&mut self.qos2_in),
+            unacked,
+            settings: Some(self.settings.clone()),
+        }
+    }
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        release(&self.settings, self.held.values());
+    }
+}
+
+impl Session {
+    /// Whether the client is behind on QoS 1/2 deliveries: the router's window or the client's
+    /// Receive Maximum is full.
+    pub(super) fn lagging(&self) -> bool {
+        !self.waiting.is_empty() || self.in_flight.len() >= usize::from(ROUTER_IDS)
+    }
+
+    fn v5(&self) -> bool {
+        self.version == Version::V5
+    }
+
+    /// One packet from the client.
+    pub(super) fn client(&mut self, packet: Packet, out: &mut Out) {
+        match packet {
+            Packet::Publish(p) => self.publish(p, out),
+            Packet::PubAck(a) => self.acked(a.packet_id, AckKind::Ack, a.reason, out),
+            Packet::PubRec(a) => self.acked(a.packet_id, AckKind::Received, a.reason, out),
+            Packet::PubComp(a) => self.acked(a.packet_id, AckKind::Complete, a.reason, out),
+            Packet::PubRel(a) => self.released(a.packet_id, out),
+            Packet::Subscribe(s) => self.subscribe(s, out),
+            Packet::Unsubscribe(u) => self.unsubscribe(u, out),
+            Packet::PingReq => out.client.push(Packet::PingResp),
+            Packet::Disconnect(d) => {
+                if self.v5() && d.reason != 0x00 && d.reason != 0x04 {
+                    // Any other reason code is the client reporting its own error.
+                    tracing::debug!(reason = d.reason, "client disconnected with an error");
+                }
+                out.end = Some(End::Client {
+                    with_will: d.reason == 0x04,
+                    session_expiry: d.session_expiry,
+                });
+            }
+            Packet::Auth(_) => {
+                out.end = Some(End::Violation(
+                    code::PROTOCOL_ERROR,
+                    "AUTH without an authentication method",
+                ));
+            }
+            Packet::Connect(_) => {
+                out.end = Some(End::Violation(code::PROTOCOL_ERROR, "a second CONNECT"));
+            }
+            Packet::ConnAck(_) | Packet::SubAck(_) | Packet::UnsubAck(_) | Packet::PingResp => {
+                out.end = Some(End::Violation(
+                    code::PROTOCOL_ERROR,
+                    "a packet only a server sends",
+                ));
+            }
+        }
+    }
+
+    fn publish(&mut self, mut p: Publish, out: &mut Out) {
+        // Topic aliases: the client's own, up to the maximum the CONNACK announced.
+        if let Some(alias) = p.properties.topic_alias.take() {
+            if alias == 0 || alias > self.settings.topic_alias_max {
+                out.end = Some(End::Violation(
+                    code::TOPIC_ALIAS_INVALID,
+                    "topic alias out of range",
+                ));
+                return;
+            }
+            if p.topic.is_empty() {
+                match self.aliases_in.get(&alias) {
+                    Some(topic) => p.topic = topic.clone(),
+                    None => {
+                        out.end = Some(End::Violation(
+                            code::PROTOCOL_ERROR,
+                            "topic alias not set before",
+                        ));
+                        return;
+                    }
+                }
+            } else {
+                self.aliases_in.insert(alias, p.topic.clone());
+            }
+        }
+        if p.topic.is_empty() {
+            out.end = Some(End::Violation(code::TOPIC_NAME_INVALID, "empty topic"));
+            return;
+        }
+        if p.payload.len() > self.settings.max_payload {
+            out.end = Some(End::Violation(
+                code::PACKET_TOO_LARGE,
+                "payload over the limit",
+            ));
+            return;
+        }
+        if p.qos == QoS::ExactlyOnce {
+            if self.qos2_in.contains(&p.packet_id) {
+                // A retransmission: acknowledged again, delivered once.
+                out.client
+                    .push(Packet::PubRec(ack(p.packet_id, code::SUCCESS)));
+                return;
+            }
+            if self.qos2_in.len() >= usize::from(self.settings.receive_maximum) {
+                out.end = Some(End::Violation(
+                    code::RECEIVE_MAXIMUM_EXCEEDED,
+                    "more QoS 2 publishes in flight than Receive Maximum",
+                ));
+                return;
+            }
+        }
+        if let Err(retry) = self.settings.policy.admit(&self.rate_key) {
+            self.settings.policy.count(Door::Mqtt, Refusal::Rate);
+            out.pause = Some(retry);
+        }
+        let allowed = if p.topic.starts_with("$SYS") {
+            Err(code::NOT_AUTHORIZED)
+        } else {
+            match self
+                .settings
+                .policy
+                .authorize(&self.principal, Action::Publish, &p.topic)
+            {
+                Ok(()) => Ok(()),
+                Err(Denial::TooLong(_) | Denial::TooDeep(_)) => Err(code::TOPIC_NAME_INVALID),
+                Err(_) => {
+                    self.settings.policy.count(Door::Mqtt, Refusal::Acl);
+                    Err(code::NOT_AUTHORIZED)
+                }
+            }
+        };
+        let reason = match allowed {
+            Ok(()) => {
+                self.settings.stats.count_in(&p);
+                self.route(&p, out);
+                code::SUCCESS
+            }
+            Err(reason) => {
+                tracing::debug!(topic = %p.topic, "publish refused by the ACL");
+                reason
+            }
+        };
+        // MQTT 3.1.1 has no way to say no to a publish: it is acknowledged and dropped.
+        let reason = if self.v5() { reason } else { code::SUCCESS };
+        match p.qos {
+            QoS::AtMostOnce => {}
+            QoS::AtLeastOnce => {
+                // MQTT 5 tells a publisher when nobody subscribes, as Mosquitto does.
+                let reason = if reason == code::SUCCESS
+                    && self.v5()
+                    && !self.settings.has_subscribers(&p.topic)
+                {
+                    code::NO_MATCHING_SUBSCRIBERS
+                } else {
+                    reason
+                };
+                out.client.push(Packet::PubAck(ack(p.packet_id, reason)));
+            }
+            QoS::ExactlyOnce => {
+                if reason == code::SUCCESS {
+                    self.qos2_in.insert(p.packet_id);
+                }
+                out.client.push(Packet::PubRec(ack(p.packet_id, reason)));
+            }
+        }
+    }
+
+    /// Hands an accepted publish to the bridge and to the router.
+    fn route(&self, p: &Publish, out: &mut Out) {
+        let props = &p.properties;
+        out.bridge.push(MqttPublish {
+            topic: p.topic.clone(),
+            payload: p.payload.clone(),
+            qos: p.qos as u8,
+            retain: p.retain,
+            content_type: props.content_type.clone(),
+            user_properties: props.user_properties.clone(),
+            response_topic: props.response_topic.clone(),
+            correlation_data: props.correlation_data.clone(),
+            expiry_secs: props.message_expiry_interval,
+        });
+        let mut rprops = r::PublishProperties {
+            payload_format_indicator: props.payload_format_indicator,
+            message_expiry_interval: props.message_expiry_interval,
+            topic_alias: None,
+            response_topic: props.response_topic.clone(),
+            correlation_data: props.correlation_data.clone(),
+            user_properties: props.user_properties.clone(),
+            subscription_identifiers: Vec::new(),
+            content_type: props.content_type.clone(),
+        };
+        Meta::from_client(p.retain, p.qos as u8).attach(&mut rprops.payload_format_indicator);
+        if props.message_expiry_interval.is_some() || self.settings.no_local_in_use() {
+            rprops
+                .user_properties
+                .push((TRACE.to_owned(), format!("{}/{}", self.origin, now_ms())));
+        }
+        // rumqttd keeps no retained messages (the gateway's store does), and delivers at each
+        // subscriber's QoS: the publish QoS travels in the marker.
+        let publish = r::Publish::new(
+            to_router(Bytes::from(p.topic.clone())),
+            p.payload.clone(),
+            false,
+        );
+        out.router.push(r::Packet::Publish(publish, Some(rprops)));
+    }
+
+    fn acked(&mut self, id: u16, kind: AckKind, reason: u8, out: &mut Out) {
+        let Some(flight) = self.in_flight.get(&id).copied() else {
+            // An acknowledgement for nothing in flight is ignored, as Mosquitto does, except a
+            // PUBREC: the client may have lost the PUBREL, so it is sent (again).
+            if kind == AckKind::Received && reason < 0x80 {
+                out.client.push(Packet::PubRel(ack(id, code::SUCCESS)));
+            }
+            return;
+        };
+        let (router, qos, released) = match flight {
+            Flight::Router { qos, released } => (true, qos, released),
+            Flight::Own { qos, released } => (false, qos, released),
+        };
+        match (qos, released, kind) {
+            (QoS::AtLeastOnce, _, AckKind::Ack) => {
+                self.landed(id);
+                if router {
+                    out.router.push(r::Packet::PubAck(
+                        r::PubAck {
+                            pkid: id,
+                            reason: r::PubAckReason::Success,
+                        },
+                        None,
+                    ));
+                }
+            }
+            // MQTT 5 §4.3.3: a PUBREC with a failure reason ends the exchange.
+            (QoS::ExactlyOnce, false, AckKind::Received) if reason >= 0x80 => {
+                self.landed(id);
+                if router {
+                    self.settle_router(QoS::ExactlyOnce, id, out);
+                }
+            }
+            (QoS::ExactlyOnce, false, AckKind::Received) => {
+                let released = true;
+                self.in_flight.insert(
+                    id,
+                    if router {
+                        Flight::Router { qos, released }
+                    } else {
+                        Flight::Own { qos, released }
+                    },
+                );
+                if router {
+                    // The router answers with the PUBREL, which goes on to the client.
+                    out.router.push(r::Packet::PubRec(
+                        r::PubRec {
+                            pkid: id,
+                            reason: r::PubRecReason::Success,
+                        },
+                        None,
+                    ));
+                } else {
+                    out.client.push(Packet::PubRel(ack(id, code::SUCCESS)));
+                }
+            }
+            // The PUBREL was lost: sent again.
+            (QoS::ExactlyOnce, true, AckKind::Received) => {
+                out.client.push(Packet::PubRel(ack(id, code::SUCCESS)));
+            }
+            (QoS::ExactlyOnce, true, AckKind::Complete) => {
+                self.landed(id);
+                if router {
+                    out.router.push(r::Packet::PubComp(
+                        r::PubComp {
+                            pkid: id,
+                            reason: r::PubCompReason::Success,
+                        },
+                        None,
+                    ));
+                }
+            }
+            _ => {
+                out.end = Some(End::Violation(
+                    code::PROTOCOL_ERROR,
+                    "an acknowledgement of the wrong kind",
+                ));
+                return;
+            }
+        }
+        self.send_waiting(out);
+    }
+
+    fn released(&mut self, id: u16, out: &mut Out) {
+        // A PUBREL for an id not awaited (its PUBCOMP was lost) is answered with success too,
+        // as Mosquitto does: the message was delivered once either way.
+        self.qos2_in.remove(&id);
+        out.client.push(Packet::PubComp(ack(id, code::SUCCESS)));
+    }
+
+    fn subscribe(&mut self, s: Subscribe, out: &mut Out) {
+        let v5 = self.v5();
+        let mut codes = Vec::with_capacity(s.subscriptions.len());
+        for sub in s.subscriptions {
+            let code = self.subscribe_one(sub, s.subscription_identifier, out);
+            codes.push(match code {
+                Ok((qos, _)) => qos as u8,
+                Err(reason) if v5 => reason,
+                Err(_) => 0x80,
+            });
+        }
+        out.client.push(Packet::SubAck(SubAck {
+            packet_id: s.packet_id,
+            codes,
+            ..SubAck::default()
+        }));
+        // Retained messages follow the SUBACK.
+        for (id, publish) in std::mem::take(&mut self.pending_retained) {
+            self.deliver_own(id, publish, out);
+        }
+    }
+
+    /// Subscribes one filter; the granted QoS and whether it is new, or the reason it is not.
+    fn subscribe_one(
+        &mut self,
+        sub: Subscription,
+        identifier: Option<u32>,
+        out: &mut Out,
+    ) -> Result<(QoS, bool), u8> {
+        let (group, inner) = split_share(&sub.filter);
+        if group.is_some() && sub.no_local {
+            return Err(code::PROTOCOL_ERROR);
+        }
+        let scope = match self.settings.policy.subscription(&self.principal, inner) {
+            Ok(scope) => scope,
+            Err(Denial::TooLong(_) | Denial::TooDeep(_)) => return Err(code::TOPIC_FILTER_INVALID),
+            Err(_) => {
+                self.settings.policy.count(Door::Mqtt, Refusal::Acl);
+                return Err(code::NOT_AUTHORIZED);
+            }
+        };
+        let qos = sub.qos;
+        let held = Held {
+            filter: sub.filter.clone(),
+            qos,
+            no_local: sub.no_local,
+            retain_as_published: sub.retain_as_published,
+            identifier,
+            scope,
+            wild_first: inner.starts_with(['+', '#']),
+        };
+        if held.no_local {
+            self.settings.no_local_added();
+        }
+        let (id, new) = match self.by_filter.get(&sub.filter) {
+            Some(&id) => {
+                if self.held.insert(id, held).is_some_and(|old| old.no_local) {
+                    self.settings.no_local_removed();
+                }
+                (id, false)
+            }
+            None => {
+                let id = self.next_sub;
+                self.next_sub += 1;
+                self.by_filter.insert(sub.filter.clone(), id);
+                self.held.insert(id, held);
+                self.settings.subscribed(inner);
+                (id, true)
+            }
+        };
+        self.router_sub_id = self.router_sub_id.wrapping_add(1).max(1);
+        out.router.push(r::Packet::Subscribe(
+            r::Subscribe {
+                pkid: self.router_sub_id,
+                filters: vec![r::Filter {
+                    path: filter_to_router(&sub.filter),
+                    qos: router_qos(qos),
+                    nolocal: false,
+                    preserve_retain: false,
+                    retain_forward_rule: r::RetainForwardRule::Never,
+                }],
+            },
+            Some(r::SubscribeProperties {
+                id: Some(id),
+                user_properties: Vec::new(),
+            }),
+        ));
+        let wanted = match sub.retain_handling {
+            0 => true,
+            1 => new,
+            _ => false,
+        };
+        // MQTT 5 §4.8.2: no retained messages for shared subscriptions.
+        if wanted && group.is_none() {
+            for m in self.settings.retained.retained_matching(inner) {
+                self.pending_retained.push((id, m));
+            }
+        }
+        Ok((qos, new))
+    }
+
+    fn unsubscribe(&mut self, u: Unsubscribe, out: &mut Out) {
+        let mut codes = Vec::with_capacity(u.filters.len());
+        for filter in u.filters {
+            match self.by_filter.remove(&filter) {
+                Some(id) => {
+                    if self.held.remove(&id).is_some_and(|old| old.no_local) {
+                        self.settings.no_local_removed();
+                    }
+                    self.settings.unsubscribed(split_share(&filter).1);
+                    self.router_sub_id = self.router_sub_id.wrapping_add(1).max(1);
+                    out.router.push(r::Packet::Unsubscribe(
+                        r::Unsubscribe {
+                            pkid: self.router_sub_id,
+                            filters: vec![filter_to_router(&filter)],
+                        },
+                        None,
+                    ));
+                    codes.push(code::SUCCESS);
+                }
+                None => codes.push(code::NO_SUBSCRIPTION_EXISTED),
+            }
+        }
+        out.client.push(Packet::UnsubAck(SubAck {
+            packet_id: u.packet_id,
+            codes,
+            ..SubAck::default()
+        }));
+    }
+
+    /// One notification from the router.
+    pub(super) fn router(&mut self, notification: Notification, out: &mut Out) {
+        match notification {
+            Notification::Forward(forward) => self.forwarded(forward, out),
+            Notification::Unschedule => out.wake_router = true,
+            Notification::Disconnect(..) => {
+                out.end = Some(End::Violation(
+                    code::UNSPECIFIED,
+                    "the router ended the session",
+                ));
+            }
+            other @ Notification::DeviceAck(_) => {
+                // The session answers the client's SUBSCRIBE, UNSUBSCRIBE, PUBLISH and PINGREQ
+                // itself; of the router's acknowledgements only PUBREL goes on.
+                if let Some(r::Packet::PubRel(pubrel, _)) = Option::<r::Packet>::from(other) {
+                    if self.swallowed.remove(&pubrel.pkid) {
+                        out.router.push(r::Packet::PubComp(
+                            r::PubComp {
+                                pkid: pubrel.pkid,
+                                reason: r::PubCompReason::Success,
+                            },
+                            None,
+                        ));
+                    } else {
+                        out.client
+                            .push(Packet::PubRel(ack(pubrel.pkid, code::SUCCESS)));
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+
+    fn forwarded(&mut self, forward: Forward, out: &mut Out) {
+        let Forward {
+            publish,
+            properties,
+            ..
+        } = forward;
+        let (router_qos, router_id) = qos_and_id(&publish);
+        let mut props = properties.unwrap_or_default();
+        let meta = Meta::detach(&mut props.payload_format_indicator);
+        let trace = take_trace(&mut props.user_properties);
+        let id = props.subscription_identifiers.pop();
+        let topic = from_router(publish.topic);
+        let held = match std::str::from_utf8(&topic) {
+            Ok(topic) => self.held_for(id, topic).map(|(_, h)| h.clone()),
+            Err(_) => None,
+        };
+        let delivery = held.and_then(|held| {
+            let topic = String::from_utf8(topic.to_vec()).ok()?;
+            let (origin, at) = trace.unwrap_or((0, 0));
+            if held.no_local && origin == self.origin && origin != 0 {
+                return None;
+            }
+            if held.wild_first && topic.starts_with('$') {
+                return None;
+            }
+            if !held.scope.admits(&topic) {
+                return None;
+            }
+            let mut expiry = props.message_expiry_interval;
+            if let (Some(secs), true) = (expiry, at > 0) {
+                let waited = now_ms().saturating_sub(at) / 1000;
+                if waited >= u64::from(secs) {
+                    return None;
+                }
+                expiry = Some(secs - waited as u32);
+            }
+            let published = meta.map_or(QoS::AtMostOnce, |m| qos_of(m.qos));
+            let qos = published.min(held.qos);
+            let retain = held.retain_as_published && meta.is_some_and(|m| m.retain);
+            let mut subscription_identifiers = Vec::new();
+            subscription_identifiers.extend(held.identifier);
+            Some(Publish {
+                dup: false,
+                qos,
+                retain,
+                topic,
+                packet_id: 0,
+                properties: PublishProperties {
+                    payload_format_indicator: props.payload_format_indicator,
+                    message_expiry_interval: expiry,
+                    topic_alias: None,
+                    response_topic: props.response_topic.take(),
+                    correlation_data: props.correlation_data.take(),
+                    user_properties: std::mem::take(&mut props.user_properties),
+                    subscription_identifiers,
+                    content_type: props.content_type.take(),
+                },
+                payload: publish.payload,
+            })
+        });
+        let router_q = router_qos;
+        match delivery {
+            Some(mut p) if p.qos == router_q && router_q != QoS::AtMostOnce => {
+                p.packet_id = router_id;
+                self.send(
+                    p,
+                    Flight::Router {
+                        qos: router_q,
+                        released: false,
+                    },
+                    out,
+                );
+            }
+            other => {
+                // Delivered at a lower QoS than the router's, or not at all: the router's
+                // part of the exchange is finished here.
+                self.settle_router(router_q, router_id, out);
+                if let Some(mut p) = other {
+                    if p.qos == QoS::AtMostOnce {
+                        self.write(p, out);
+                    } else {
+                        p.packet_id = self.own_id();
+                        let qos = p.qos;
+                        self.send(
+                            p,
+                            Flight::Own {
+                                qos,
+                                released: false,
+                            },
+                            out,
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    fn settle_router(&mut self, qos: QoS, id: u16, out: &mut Out) {
+        match qos {
+            QoS::AtMostOnce => {}
+            QoS::AtLeastOnce => out.router.push(r::Packet::PubAck(
+                r::PubAck {
+                    pkid: id,
+                    reason: r::PubAckReason::Success,
+                },
+                None,
+            )),
+            QoS::ExactlyOnce => {
+                self.swallowed.insert(id);
+                out.router.push(r::Packet::PubRec(
+                    r::PubRec {
+                        pkid: id,
+                        reason: r::PubRecReason::Success,
+                    },
+                    None,
+                ));
+            }
+        }
+    }
+
+    /// The held subscription a forwarded message came through: by the identifier the router
+    /// put on it, or (a session restored without identifiers) the first filter that matches.
+    fn held_for(&self, id: Option<usize>, topic: &str) -> Option<(usize, &Held)> {
+        if let Some(id) = id {
+            return self.held.get(&id).map(|h| (id, h));
+        }
+        self.held
+            .iter()
+            .find(|(_, h)| crate::topic::matches(split_share(&h.filter).1, topic))
+            .map(|(id, h)| (*id, h))
+    }
+
+    /// Takes an own publish out of flight.
+    fn landed(&mut self, id: u16) {
+        self.in_flight.remove(&id);
+        self.own.remove(&id);
+    }
+
+    /// A retained message for a new subscription, sent by the session itself.
+    fn deliver_own(&mut self, id: usize, m: MqttPublish, out: &mut Out) {
+        let Some(held) = self.held.get(&id) else {
+            return;
+        };
+        if held.wild_first && m.topic.starts_with('$') || !held.scope.admits(&m.topic) {
+            return;
+        }
+        let qos = qos_of(m.qos).min(held.qos);
+        let mut p = Publish {
+            dup: false,
+            qos,
+            retain: true,
+            topic: m.topic,
+            packet_id: 0,
+            properties: PublishProperties {
+                message_expiry_interval: m.expiry_secs,
+                response_topic: m.response_topic,
+                correlation_data: m.correlation_data,
+                user_properties: m.user_properties,
+                subscription_identifiers: held.identifier.into_iter().collect(),
+                content_type: m.content_type,
+                ..PublishProperties::default()
+            },
+            payload: m.payload,
+        };
+        if qos == QoS::AtMostOnce {
+            self.write(p, out);
+        } else {
+            p.packet_id = self.own_id();
+            self.send(
+                p,
+                Flight::Own {
+                    qos,
+                    released: false,
+                },
+                out,
+            );
+        }
+    }
+
+    /// Sends a QoS 1/2 publish now, or keeps it until the client's Receive Maximum allows.
+    fn send(&mut self, p: Publish, flight: Flight, out: &mut Out) {
+        if self.too_large(&p) {
+            // MQTT 5 §3.1.2.24: a packet over the client's maximum is discarded as if sent.
+            if let Flight::Router { qos, .. } = flight {
+                self.settle_router(qos, p.packet_id, out);
+            }
+            return;
+        }
+        if self.in_flight.len() >= self.client_receive_max {
+            self.waiting.push_back((p, flight));
+            return;
+        }
+        self.in_flight.insert(p.packet_id, flight);
+        if matches!(flight, Flight::Own { .. }) {
+            self.own.insert(p.packet_id, p.clone());
+        }
+        self.settings.stats.count_out(&p);
+        out.client.push(Packet::Publish(p));
+    }
+
+    fn send_waiting(&mut self, out: &mut Out) {
+        while self.in_flight.len() < self.client_receive_max {
+            let Some((p, flight)) = self.waiting.pop_front() else {
+                break;
+            };
+            self.send(p, flight, out);
+        }
+    }
+
+    fn write(&mut self, p: Publish, out: &mut Out) {
+        if self.too_large(&p) {
+            return;
+        }
+        self.settings.stats.count_out(&p);
+        out.client.push(Packet::Publish(p));
+    }
+
+    fn too_large(&self, p: &Publish) -> bool {
+        self.client_max_packet != usize::MAX
+            && super::wire::encoded_len(&Packet::Publish(p.clone()), self.version)
+                > self.client_max_packet
+    }
+
+    fn own_id(&mut self) -> u16 {
+        loop {
+            let id = self.next_own;
+            self.next_own = if id == u16::MAX {
+                ROUTER_IDS + 1
+            } else {
+                id + 1
+            };
+            if !self.in_flight.contains_key(&id) {
+                return id;
+            }
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum AckKind {
+    Ack,
+    Received,
+    Complete,
+}
+
+fn ack(packet_id: u16, reason: u8) -> Ack {
+    Ack {
+        packet_id,
+        reason,
+        ..Ack::default()
+    }
+}
+
+/// The QoS and packet id of a publish the router forwards. rumqttd keeps both fields private;
+/// its MQTT-independent serialization writes them first (here without the payload).
+fn qos_and_id(publish: &r::Publish) -> (QoS, u16) {
+    let mut probe = publish.clone();
+    probe.payload = Bytes::new();
+    probe.topic = Bytes::new();
+    let bytes = probe.serialize();
+    match bytes.as_ref() {
+        [header, hi, lo, ..] => (qos_of((header >> 1) & 0b11), u16::from_be_bytes([*hi, *lo])),
+        _ => (QoS::AtMostOnce, 0),
+    }
+}
+
+fn qos_of(q: u8) -> QoS {
+    match q {
+        0 => QoS::AtMostOnce,
+        1 => QoS::AtLeastOnce,
+        _ => QoS::ExactlyOnce,
+    }
+}
+
+fn router_qos(q: QoS) -> r::QoS {
+    match q {
+        QoS::AtMostOnce => r::QoS::AtMostOnce,
+        QoS::AtLeastOnce => r::QoS::AtLeastOnce,
+        QoS::ExactlyOnce => r::QoS::ExactlyOnce,
+    }
+}
+
+/// `$share/group/filter` into its group and filter.
+pub(super) fn split_share(filter: &str) -> (Option<&str>, &str) {
+    match filter
+        .strip_prefix("$share/")
+        .and_then(|rest| rest.split_once('/'))
+    {
+        Some((group, inner)) => (Some(group), inner),
+        None => (None, filter),
+    }
+}
+
+fn take_trace(props: &mut Vec<(String, String)>) -> Option<(u64, u64)> {
+    let at = props.iter().rposition(|(k, _)| k == TRACE)?;
+    let (_, v) = props.remove(at);
+    let (origin, ms) = v.split_once('/')?;
+    Some((origin.parse().ok()?, ms.parse().ok()?))
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}

@@ -1,0 +1,211 @@
+//! What every MQTT connection of one gateway shares: its limits, the policy, the retained
+//! store, and the broker's counters (published under `$SYS`).
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicI64, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+
+use super::message::RetainedSource;
+use super::wire::Publish;
+use crate::policy::Policy;
+
+/// Settings and counters shared by the connections of one gateway.
+pub(crate) struct Settings {
+    /// The shared payload limit, bytes.
+    pub(crate) max_payload: usize,
+    /// The largest packet a client may send, bytes (announced as Maximum Packet Size).
+    pub(crate) max_packet: usize,
+    /// Topic Alias Maximum announced to MQTT 5 clients.
+    pub(crate) topic_alias_max: u16,
+    /// Receive Maximum announced to MQTT 5 clients: QoS 2 publishes awaiting PUBREL.
+    pub(crate) receive_maximum: u16,
+    /// Longest keep-alive granted; a client asking for more (or for none) gets this.
+    pub(crate) max_keep_alive: u16,
+    /// Where retained messages for new subscriptions come from.
+    pub(crate) retained: Arc<dyn RetainedSource>,
+    /// Who may connect, publish and subscribe.
+    pub(crate) policy: Policy,
+    /// The broker's counters.
+    pub(crate) stats: Arc<BrokerStats>,
+    /// Subscriptions with No Local held now: while there are none, publishes need no origin.
+    no_local: AtomicUsize,
+    /// Every subscribed filter (without `$share/group/`), with how many sessions hold it.
+    filters: Mutex<HashMap<String, usize>>,
+    /// Subscribers behind on their deliveries: while there are any, publishers wait.
+    congested: AtomicUsize,
+    uncongested: tokio::sync::Notify,
+}
+
+impl Settings {
+    /// Settings with no No Local subscription held yet.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn new(
+        max_payload: usize,
+        max_packet: usize,
+        topic_alias_max: u16,
+        receive_maximum: u16,
+        max_keep_alive: u16,
+        retained: Arc<dyn RetainedSource>,
+        policy: Policy,
+        stats: Arc<BrokerStats>,
+    ) -> Self {
+        Self {
+            max_payload,
+            max_packet,
+            topic_alias_max,
+            receive_maximum,
+            max_keep_alive,
+            retained,
+            policy,
+            stats,
+            no_local: AtomicUsize::new(0),
+            filters: Mutex::new(HashMap::new()),
+            congested: AtomicUsize::new(0),
+            uncongested: tokio::sync::Notify::new(),
+        }
+    }
+
+    /// Whether some subscriber is behind, so that publishers should wait before reading more.
+    pub(crate) fn congested(&self) -> bool {
+        self.congested.load(Ordering::Acquire) > 0
+    }
+
+    /// Resolves when no subscriber is behind any more, or soon in any case (a wake-up missed
+    /// between the check and the wait costs this much at most).
+    pub(crate) async fn uncongested(&self) {
+        let _ = tokio::time::timeout(
+            std::time::Duration::from_millis(20),
+            self.uncongested.notified(),
+        )
+        .await;
+    }
+
+    pub(crate) fn congest(&self) {
+        self.congested.fetch_add(1, Ordering::AcqRel);
+    }
+
+    pub(crate) fn decongest(&self) {
+        if self.congested.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.uncongested.notify_waiters();
+        }
+    }
+
+    fn filters(&self) -> std::sync::MutexGuard<'_, HashMap<String, usize>> {
+        self.filters.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Counts a new subscription to `filter`.
+    pub(crate) fn subscribed(&self, filter: &str) {
+        *self.filters().entry(filter.to_owned()).or_default() += 1;
+        self.stats.subscriptions(1);
+    }
+
+    /// Counts a subscription to `filter` gone.
+    pub(crate) fn unsubscribed(&self, filter: &str) {
+        let mut filters = self.filters();
+        if let Some(n) = filters.get_mut(filter) {
+            *n -= 1;
+            if *n == 0 {
+                filters.remove(filter);
+            }
+        }
+        self.stats.subscriptions(-1);
+    }
+
+    /// Whether any MQTT session, connected or kept, subscribes to a filter matching `topic`.
+    pub(crate) fn has_subscribers(&self, topic: &str) -> bool {
+        self.filters()
+            .keys()
+            .any(|f| crate::topic::matches(f, topic))
+    }
+
+    pub(crate) fn no_local_in_use(&self) -> bool {
+        self.no_local.load(Ordering::Relaxed) > 0
+    }
+
+    pub(crate) fn no_local_added(&self) {
+        self.no_local.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(crate) fn no_local_removed(&self) {
+        self.no_local.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// The broker's counters, by Mosquitto's `$SYS` names.
+#[derive(Debug, Default)]
+pub struct BrokerStats {
+    pub(crate) clients_connected: AtomicI64,
+    pub(crate) clients_maximum: AtomicI64,
+    pub(crate) clients_disconnected: AtomicI64,
+    pub(crate) messages_received: AtomicU64,
+    pub(crate) messages_sent: AtomicU64,
+    pub(crate) publish_received: AtomicU64,
+    pub(crate) publish_sent: AtomicU64,
+    pub(crate) publish_dropped: AtomicU64,
+    pub(crate) stuck: AtomicU64,
+    pub(crate) bytes_received: AtomicU64,
+    pub(crate) bytes_sent: AtomicU64,
+    pub(crate) subscriptions: AtomicI64,
+}
+
+impl BrokerStats {
+    pub(crate) fn count_in(&self, p: &Publish) {
+        self.publish_received.fetch_add(1, Ordering::Relaxed);
+        let _ = p;
+    }
+
+    pub(crate) fn count_out(&self, p: &Publish) {
+        self.publish_sent.fetch_add(1, Ordering::Relaxed);
+        let _ = p;
+    }
+
+    pub(crate) fn subscriptions(&self, delta: i64) {
+        self.subscriptions.fetch_add(delta, Ordering::Relaxed);
+    }
+
+    pub(crate) fn connected(&self) {
+        let now = self.clients_connected.fetch_add(1, Ordering::Relaxed) + 1;
+        self.clients_maximum.fetch_max(now, Ordering::Relaxed);
+    }
+
+    pub(crate) fn disconnected(&self, kept: bool) {
+        self.clients_connected.fetch_sub(1, Ordering::Relaxed);
+        if kept {
+            self.clients_disconnected.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    pub(crate) fn packets(&self, received: u64, sent: u64, bytes_in: u64, bytes_out: u64) {
+        self.messages_received
+            .fetch_add(received, Ordering::Relaxed);
+        self.messages_sent.fetch_add(sent, Ordering::Relaxed);
+        self.bytes_received.fetch_add(bytes_in, Ordering::Relaxed);
+        self.bytes_sent.fetch_add(bytes_out, Ordering::Relaxed);
+    }
+
+    /// A snapshot, as (name under `$SYS/broker/`, value).
+    pub fn snapshot(&self) -> Vec<(&'static str, i64)> {
+        let u = |a: &AtomicU64| i64::try_from(a.load(Ordering::Relaxed)).unwrap_or(i64::MAX);
+        let i = |a: &AtomicI64| a.load(Ordering::Relaxed);
+        let connected = i(&self.clients_connected);
+        let disconnected = i(&self.clients_disconnected);
+        vec![
+            ("clients/connected", connected),
+            ("clients/active", connected),
+            ("clients/disconnected", disconnected),
+            ("clients/inactive", disconnected),
+            ("clients/total", connected + disconnected),
+            ("clients/maximum", i(&self.clients_maximum)),
+            ("messages/received", u(&self.messages_received)),
+            ("messages/sent", u(&self.messages_sent)),
+            ("publish/messages/received", u(&self.publish_received)),
+            ("publish/messages/sent", u(&self.publish_sent)),
+            ("publish/messages/dropped", u(&self.publish_dropped)),
+            ("clients/stuck", u(&self.stuck)),
+            ("bytes/received", u(&self.bytes_received)),
+            ("bytes/sent", u(&self.bytes_sent)),
+            ("subscriptions/count", i(&self.subscriptions)),
+        ]
+    }
+}
