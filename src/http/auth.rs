@@ -149,3 +149,24 @@ fn login_error(e: impl Into<LoginError>) -> ApiError {
     };
     ApiError::Unauthorized(message.to_owned())
 }
+
+#[cfg(test)]
+mod tests {
+    use axum::response::IntoResponse;
+
+    use super::*;
+
+    #[tokio::test]
+    async fn a_full_line_of_password_checks_is_a_503_to_retry() {
+        let response = login_error(LoginError::Busy).into_response();
+        assert_eq!(response.status(), 503);
+        assert_eq!(response.headers()[header::RETRY_AFTER], "1");
+        let body = axum::body::to_bytes(response.into_body(), 1024)
+            .await
+            .unwrap();
+        let body: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(body["error"], "busy");
+        let response = login_error(AuthError::BadPassword).into_response();
+        assert_eq!(response.status(), 401);
+    }
+}
