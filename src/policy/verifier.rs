@@ -111,20 +111,27 @@ impl Verifier {
     /// when it is.
     pub(crate) fn slot(&self) -> Result<Slot<'_>, Busy> {
         let mut state = self.lock();
+        // Once in the line, a check stays in it until a slot is free.
+        let mut queued = false;
         let buffer = loop {
             if let Some(buffer) = state.idle.pop() {
                 break buffer;
             }
-            if state.waiting >= self.queue {
-                return Err(Busy);
+            if !queued {
+                if state.waiting >= self.queue {
+                    return Err(Busy);
+                }
+                state.waiting += 1;
+                queued = true;
             }
-            state.waiting += 1;
             state = self
                 .freed
                 .wait(state)
                 .unwrap_or_else(PoisonError::into_inner);
-            state.waiting -= 1;
         };
+        if queued {
+            state.waiting -= 1;
+        }
         state.running += 1;
         state.most_running = state.most_running.max(state.running);
         Ok(Slot {
