@@ -12,7 +12,7 @@ use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 
 use super::AppState;
 use super::error::ApiError;
-use crate::policy::{AuthError, Policy, Principal};
+use crate::policy::{AuthError, LoginError, Policy, Principal};
 
 /// The common name of the TLS client certificate a request came with.
 #[derive(Debug, Clone)]
@@ -119,28 +119,54 @@ async fn principal(
     let (user, password) = decoded.split_once(':').ok_or_else(|| {
         ApiError::Unauthorized("the Basic credentials are not base64 of user:password".into())
     })?;
-    if let Some(p) = policy.known_password(user, password) {
-        return Ok(p);
+    if let Some(verdict) = policy.login_cached(user, password.as_bytes()) {
+        return verdict.map_err(login_error);
     }
-    // argon2 takes tens of milliseconds: it runs on the blocking pool, a few at a time, so
-    // that a flood of wrong passwords queues here instead of stalling the async threads.
+    // argon2 runs in the policy's one verifier, which every door shares and which refuses at
+    // once (503) when too many checks wait. This permit only keeps HTTP's share of that line
+    // to a couple of blocking threads; the rest of a flood waits here as futures, which cost
+    // no thread, and the request timeout ends their wait.
     let _permit = state
         .verifier
         .acquire()
         .await
         .map_err(|_| ApiError::Internal)?;
     let (policy, user, password) = (policy.clone(), user.to_owned(), password.to_owned());
-    tokio::task::spawn_blocking(move || policy.verify_password(&user, &password))
+    tokio::task::spawn_blocking(move || policy.login(&user, password.as_bytes()))
         .await
         .map_err(|_| ApiError::Internal)?
         .map_err(login_error)
 }
 
-fn login_error(e: AuthError) -> ApiError {
-    let message = match e {
-        AuthError::Required => "credentials are required: HTTP Basic or a Bearer token",
-        AuthError::BadPassword => "the user name or password is wrong",
-        AuthError::BadToken => "the bearer token is not valid",
+fn login_error(e: impl Into<LoginError>) -> ApiError {
+    let message = match e.into() {
+        LoginError::Busy => return ApiError::LoginsBusy,
+        LoginError::Refused(AuthError::Required) => {
+            "credentials are required: HTTP Basic or a Bearer token"
+        }
+        LoginError::Refused(AuthError::BadPassword) => "the user name or password is wrong",
+        LoginError::Refused(AuthError::BadToken) => "the bearer token is not valid",
     };
     ApiError::Unauthorized(message.to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use axum::response::IntoResponse;
+
+    use super::*;
+
+    #[tokio::test]
+    async fn a_full_line_of_password_checks_is_a_503_to_retry() {
+        let response = login_error(LoginError::Busy).into_response();
+        assert_eq!(response.status(), 503);
+        assert_eq!(response.headers()[header::RETRY_AFTER], "1");
+        let body = axum::body::to_bytes(response.into_body(), 1024)
+            .await
+            .unwrap();
+        let body: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(body["error"], "busy");
+        let response = login_error(AuthError::BadPassword).into_response();
+        assert_eq!(response.status(), 401);
+    }
 }

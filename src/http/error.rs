@@ -51,6 +51,9 @@ pub enum ApiError {
     /// Missing or wrong credentials.
     #[error("{0}")]
     Unauthorized(String),
+    /// Too many password checks waiting already; retry in a second.
+    #[error("the gateway is busy checking other logins, try again shortly")]
+    LoginsBusy,
     /// The ACL does not grant this to anonymous clients.
     #[error("this topic needs credentials: HTTP Basic or a Bearer token")]
     NeedsCredentials,
@@ -174,7 +177,9 @@ impl ApiError {
             ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
             ApiError::TopicLimit(_) => StatusCode::BAD_REQUEST,
             ApiError::RateLimited(_) | ApiError::ClientStreams(_) => StatusCode::TOO_MANY_REQUESTS,
-            ApiError::Unavailable | ApiError::TooManyStreams(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Unavailable | ApiError::TooManyStreams(_) | ApiError::LoginsBusy => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             ApiError::Internal => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -197,6 +202,7 @@ impl ApiError {
             ApiError::RateLimited(_) => "rate_limited",
             ApiError::TooManyStreams(_) | ApiError::ClientStreams(_) => "too_many_streams",
             ApiError::Unavailable => "broker_unavailable",
+            ApiError::LoginsBusy => "busy",
             ApiError::Internal => "internal_error",
         }
     }
@@ -250,7 +256,7 @@ impl IntoResponse for ApiError {
         )
             .into_response();
         let refusal = match self {
-            ApiError::Unauthorized(_) => Some(Refusal::Login),
+            ApiError::Unauthorized(_) | ApiError::LoginsBusy => Some(Refusal::Login),
             ApiError::NeedsCredentials | ApiError::Forbidden(_) => Some(Refusal::Acl),
             ApiError::RateLimited(_) => Some(Refusal::Rate),
             _ => None,

@@ -5,6 +5,7 @@
 mod acl;
 mod identity;
 mod rate;
+mod verifier;
 
 use std::fmt;
 use std::num::NonZeroU32;
@@ -54,6 +55,18 @@ pub enum AuthError {
     /// The token is not known.
     #[error("the token is not valid")]
     BadToken,
+}
+
+/// Why a user name and password were not let in: refused, or not checked because too many
+/// password checks are waiting already.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum LoginError {
+    /// The credentials were checked, or needed no check, and are refused.
+    #[error(transparent)]
+    Refused(#[from] AuthError),
+    /// Not checked: the line of password checks is full. Worth retrying in a second.
+    #[error("the gateway is busy checking other logins, try again shortly")]
+    Busy,
 }
 
 /// What a client wants to do with a topic or filter.
@@ -207,21 +220,67 @@ impl Policy {
         Principal::Named(Arc::from(common_name))
     }
 
-    /// The principal of a bearer token.
+    /// The principal of a bearer token. A gateway with no user or token configured that lets
+    /// anonymous clients in takes any token as anonymous, as it does a user name and password.
     pub fn token(&self, token: &str) -> Result<Principal, AuthError> {
-        self.inner.identities.token(token)
+        if self.is_open() {
+            return Ok(Principal::Anonymous);
+        }
+        self.inner.identities.token(token.as_bytes())
     }
 
-    /// The principal of credentials verified before, without hashing.
+    /// Logs in with a user name and password, or with a token as the password of its name.
+    /// With no user or token configured, anonymous access on, the client is let in as
+    /// anonymous, as Mosquitto does with `allow_anonymous true`; with identities configured,
+    /// wrong credentials are refused, never taken as anonymous. Credentials checked before are
+    /// answered at once; new ones wait for the one argon2 verifier that every door shares
+    /// (tens of milliseconds and more, blocking the thread: call it where blocking is allowed)
+    /// or, when too many checks wait already, are refused at once as [`LoginError::Busy`].
+    pub fn login(&self, user: &str, password: &[u8]) -> Result<Principal, LoginError> {
+        match self.login_cached(user, password) {
+            Some(verdict) => verdict,
+            None => self.inner.identities.verify(user, password),
+        }
+    }
+
+    /// What [`Policy::login`] answers when that needs no argon2, without blocking; `None` when
+    /// it does and `login` must run where blocking is allowed.
+    pub fn login_cached(
+        &self,
+        user: &str,
+        password: &[u8],
+    ) -> Option<Result<Principal, LoginError>> {
+        if self.is_open() {
+            return Some(Ok(Principal::Anonymous));
+        }
+        if self.inner.identities.is_empty() {
+            // No one to log in as, and anonymous access off: nothing can match.
+            return Some(Err(AuthError::BadPassword.into()));
+        }
+        let verdict = self.inner.identities.cached(user, password)?;
+        Some(verdict.map_err(LoginError::from))
+    }
+
+    /// The principal of credentials [`Policy::login`] can answer without argon2 (checked and
+    /// accepted before, a token as the password of its name, an open gateway); `None` when it
+    /// cannot, or when it refuses them.
     pub fn known_password(&self, user: &str, password: &str) -> Option<Principal> {
-        self.inner.identities.known(user, password)
+        self.login_cached(user, password.as_bytes())?.ok()
     }
 
-    /// Verifies a user name and password (or a token as the password of its name). The first
-    /// check of given credentials runs argon2 for tens of milliseconds: call it where blocking
-    /// is allowed.
+    /// [`Policy::login`] for a UTF-8 password, with [`LoginError::Busy`] reported as
+    /// [`AuthError::BadPassword`], since `AuthError` cannot say busy. Blocks like `login`.
     pub fn verify_password(&self, user: &str, password: &str) -> Result<Principal, AuthError> {
-        self.inner.identities.verify(user, password)
+        self.login(user, password.as_bytes()).map_err(|e| match e {
+            LoginError::Refused(e) => e,
+            LoginError::Busy => AuthError::BadPassword,
+        })
+    }
+
+    /// Whether anyone is let in whatever credentials they bring: no user or token to check
+    /// them against, and anonymous access on.
+    fn is_open(&self) -> bool {
+        self.inner.allow_anonymous && self.inner.identities.is_empty()
     }
 
     /// Checks a topic or filter against the length and depth limits.
@@ -320,4 +379,83 @@ pub fn check_pattern(pattern: &str) -> Result<(), String> {
     TopicFilter::parse(pattern)
         .map(drop)
         .map_err(|e| format!("{pattern:?}: {e}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{TokenEntry, UserEntry};
+
+    fn policy(allow_anonymous: Option<bool>, users: &[(&str, &str)]) -> Policy {
+        let auth = AuthConfig {
+            allow_anonymous,
+            users: users
+                .iter()
+                .map(|&(name, password)| UserEntry {
+                    name: name.to_owned(),
+                    password_hash: hash_password(password).unwrap(),
+                })
+                .collect(),
+            ..AuthConfig::default()
+        };
+        Policy::new(&auth, &LimitsConfig::default())
+    }
+
+    #[test]
+    fn an_open_gateway_takes_credentials_as_anonymous() {
+        for open in [Policy::open(), policy(Some(true), &[])] {
+            assert_eq!(open.login("someone", b"secret"), Ok(Principal::Anonymous));
+            assert_eq!(open.login("", &[0xff]), Ok(Principal::Anonymous));
+            assert_eq!(
+                open.login_cached("someone", b"secret"),
+                Some(Ok(Principal::Anonymous))
+            );
+            assert_eq!(open.token("whatever"), Ok(Principal::Anonymous));
+            assert_eq!(
+                open.known_password("someone", "secret"),
+                Some(Principal::Anonymous)
+            );
+            assert_eq!(open.anonymous(), Ok(Principal::Anonymous));
+        }
+        let shut = policy(Some(false), &[]);
+        let wrong = Err(LoginError::Refused(AuthError::BadPassword));
+        assert_eq!(shut.login("someone", b"secret"), wrong);
+        assert_eq!(shut.token("whatever"), Err(AuthError::BadToken));
+        assert_eq!(shut.anonymous(), Err(AuthError::Required));
+    }
+
+    #[test]
+    fn with_identities_wrong_credentials_are_refused_not_downgraded() {
+        let alice = || Ok(Principal::Named(Arc::from("alice")));
+        let wrong = Err(LoginError::Refused(AuthError::BadPassword));
+        let mut with_token = AuthConfig {
+            allow_anonymous: Some(true),
+            ..AuthConfig::default()
+        };
+        with_token.tokens.push(TokenEntry {
+            name: "sensor".to_owned(),
+            token: "tok-0123456789abcdef".to_owned(),
+        });
+        let tokens_only = Policy::new(&with_token, &LimitsConfig::default());
+        assert_eq!(tokens_only.login("someone", b"secret"), wrong);
+        assert_eq!(tokens_only.token("whatever"), Err(AuthError::BadToken));
+        for users in [
+            policy(Some(true), &[("alice", "s3cret")]),
+            policy(None, &[("alice", "s3cret")]),
+        ] {
+            assert_eq!(users.login_cached("alice", b"s3cret"), None);
+            assert_eq!(users.login("alice", b"s3cret"), alice());
+            assert_eq!(users.login_cached("alice", b"s3cret"), Some(alice()));
+            assert_eq!(users.login("alice", b"wrong"), wrong);
+            assert_eq!(users.login("alice", &[0xff, 0x00]), wrong);
+            assert_eq!(users.login("nobody", b"s3cret"), wrong);
+            assert_eq!(users.login_cached("alice", b"wrong"), Some(wrong.clone()));
+            assert_eq!(users.known_password("alice", "wrong"), None);
+            assert_eq!(
+                users.verify_password("alice", "wrong"),
+                Err(AuthError::BadPassword)
+            );
+            assert_eq!(users.token("whatever"), Err(AuthError::BadToken));
+        }
+    }
 }

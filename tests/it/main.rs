@@ -8,6 +8,7 @@ mod coap_observe;
 mod durable;
 mod errors;
 mod http_mqtt;
+mod logins;
 mod mqtt_malformed;
 mod mqtt_raw;
 mod mqtt_traps;
