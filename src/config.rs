@@ -175,7 +175,7 @@ pub struct MqttConfig {
     /// Time allowed between accept and CONNECT.
     #[serde(with = "humantime_serde")]
     pub connect_timeout: Duration,
-    /// Most packets read from one connection in a batch.
+    /// Receive Maximum announced to MQTT 5 clients: QoS 2 publishes awaiting PUBREL at once.
     pub max_inflight: usize,
     /// Size of one in-memory log segment, bytes.
     #[serde(deserialize_with = "size")]
@@ -184,6 +184,12 @@ pub struct MqttConfig {
     pub segment_count: usize,
     /// MQTT over TLS listener address, opened when `[tls]` has a certificate.
     pub tls_addr: SocketAddr,
+    /// Longest keep-alive granted, seconds: an MQTT 5 client asking for more (or for none) is
+    /// told this one in the CONNACK's Server Keep Alive.
+    pub max_keepalive: u16,
+    /// How often the `$SYS` topics are published; 0 turns them off.
+    #[serde(with = "humantime_serde")]
+    pub sys_interval: Duration,
 }
 
 /// `[http]`: the HTTP API.
@@ -338,6 +344,8 @@ impl Default for MqttConfig {
             segment_size: 1024 * 1024,
             segment_count: 3,
             tls_addr: SocketAddr::from(([0, 0, 0, 0], 8883)),
+            max_keepalive: 65535,
+            sys_interval: Duration::from_secs(10),
         }
     }
 }

@@ -183,8 +183,10 @@ impl Gateway {
             dir = %config.data_dir.display(),
             "retained store loaded"
         );
+        let mut broker_stats = None;
         let link = match broker {
             BrokerMode::Embedded(broker) => {
+                broker_stats = Some(broker.stats());
                 let mqtt_addr = broker.addr();
                 let mqtts_addr = broker.tls_addr();
                 let link = broker
@@ -219,6 +221,16 @@ impl Gateway {
             config.http.sse_history,
         );
         tracker.spawn(bridge.clone().run(cancel.clone()));
+        if let Some(stats) = broker_stats
+            && !config.mqtt.sys_interval.is_zero()
+        {
+            tracker.spawn(crate::bridge::sys::run(
+                bridge.clone(),
+                stats,
+                config.mqtt.sys_interval,
+                cancel.clone(),
+            ));
+        }
 
         tracker.spawn(coap.run(bridge.clone(), tracker.clone(), cancel.clone()));
         tracing::info!(protocol = "coap", addr = %coap_addr, "listening");

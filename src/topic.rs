@@ -48,6 +48,16 @@ impl Topic {
         Ok(Self(s.into()))
     }
 
+    /// A topic that may start with `$`: one the broker itself publishes (`$SYS`), or an MQTT
+    /// client's, or one being read. Publishing from HTTP or CoAP goes through [`Topic::parse`].
+    pub fn parse_any(s: &str) -> Result<Self, TopicError> {
+        check_common(s)?;
+        if s.contains(['+', '#']) {
+            return Err(TopicError::Wildcard);
+        }
+        Ok(Self(s.into()))
+    }
+
     /// Checks raw bytes, refusing invalid UTF-8.
     pub fn parse_bytes(b: &[u8]) -> Result<Self, TopicError> {
         Self::parse(std::str::from_utf8(b).map_err(|_| TopicError::NotUtf8)?)
@@ -103,9 +113,9 @@ impl TopicFilter {
         self.0.contains(['+', '#'])
     }
 
-    /// The one topic a filter without wildcards names.
+    /// The one topic a filter without wildcards names (`$` topics included: they are read).
     pub fn as_topic(&self) -> Option<Topic> {
-        Topic::parse(&self.0).ok()
+        Topic::parse_any(&self.0).ok()
     }
 
     /// The filter's levels.

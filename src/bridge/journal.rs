@@ -305,6 +305,7 @@ fn encode(m: &Message) -> Vec<u8> {
             Origin::Mqtt => 0,
             Origin::Http => 1,
             Origin::Coap => 2,
+            Origin::Broker => 3,
         },
     };
     let mut out = vec![VERSION];
@@ -320,7 +321,7 @@ fn decode(topic: &str, bytes: &[u8]) -> Option<Message> {
     let r: Record = postcard::from_bytes(rest).ok()?;
     let at = |ms: u64| UNIX_EPOCH + Duration::from_millis(ms);
     Some(Message {
-        topic: Topic::parse(topic).ok()?,
+        topic: Topic::parse_any(topic).ok()?,
         payload: Bytes::from(r.payload),
         content_type: r.content_type,
         user_properties: r.user_properties,
@@ -333,6 +334,7 @@ fn decode(topic: &str, bytes: &[u8]) -> Option<Message> {
         origin: match r.origin {
             0 => Origin::Mqtt,
             1 => Origin::Http,
+            3 => Origin::Broker,
             _ => Origin::Coap,
         },
     })

@@ -20,6 +20,8 @@ pub enum Origin {
     Http,
     /// A CoAP request.
     Coap,
+    /// The broker itself: its `$SYS` figures.
+    Broker,
 }
 
 impl Origin {
@@ -29,6 +31,7 @@ impl Origin {
             Origin::Mqtt => "mqtt",
             Origin::Http => "http",
             Origin::Coap => "coap",
+            Origin::Broker => "broker",
         }
     }
 }

@@ -8,6 +8,7 @@ mod journal;
 mod message;
 mod params;
 mod store;
+pub mod sys;
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -130,7 +131,7 @@ impl Bridge {
         self.publish_authorized(message).await
     }
 
-    async fn publish_authorized(&self, mut message: Message) -> Result<(), BridgeError> {
+    pub(crate) async fn publish_authorized(&self, mut message: Message) -> Result<(), BridgeError> {
         compact(&mut message);
         let size = message.payload.len();
         if size > self.inner.max_payload {
@@ -352,7 +353,7 @@ fn to_mqtt(m: &Message) -> MqttPublish {
 fn from_mqtt(p: MqttPublish) -> Result<Message, TopicError> {
     let now = SystemTime::now();
     Ok(Message {
-        topic: Topic::parse(&p.topic)?,
+        topic: Topic::parse_any(&p.topic)?,
         payload: p.payload,
         content_type: p.content_type,
         user_properties: p.user_properties,

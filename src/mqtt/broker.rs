@@ -36,9 +36,6 @@ const ROUTER_HEADROOM: usize = 1024;
 /// Topic Alias Maximum announced to MQTT 5 clients (Mosquitto's default).
 const TOPIC_ALIAS_MAX: u16 = 10;
 
-/// Longest keep-alive granted: a client asking for none or for more is told this one.
-const MAX_KEEP_ALIVE: u16 = u16::MAX;
-
 /// The broker, bound and ready to run.
 pub struct Broker {
     listener: StdTcpListener,
@@ -142,7 +139,7 @@ impl Broker {
             max_payload + PACKET_OVERHEAD,
             TOPIC_ALIAS_MAX,
             u16::try_from(config.max_inflight.clamp(1, 65535)).unwrap_or(u16::MAX),
-            MAX_KEEP_ALIVE,
+            config.max_keepalive.max(1),
             retained,
             policy,
             broker_stats.clone(),

@@ -23,7 +23,7 @@ use super::settings::Settings;
 use super::wire::{
     Answer, ConnAck, Connect, Decoder, Disconnect, Packet, Version, encode, encoded_len,
 };
-use crate::policy::{AuthError, Door, Principal, Refusal};
+use crate::policy::{AuthError, Door, LoginError, Principal, Refusal};
 
 /// Builds a router link for a client id: `(tx, rx)`, or why the router refused.
 pub(super) type LinkFactory =
@@ -201,6 +201,7 @@ async fn refuse<S: AsyncRead + AsyncWrite + Unpin>(
             0x85 => 2,
             0x86 => 4,
             0x87 | 0x8C => 5,
+            // Server unavailable: busy, over quota, or the router refused.
             _ => 3,
         }
     };
@@ -237,11 +238,12 @@ async fn run<S: AsyncRead + AsyncWrite + Unpin>(
         Ok(p) => p,
         Err(e) => {
             settings.policy.count(Door::Mqtt, Refusal::Login);
-            let code = match e {
-                AuthError::Required => 0x87,
-                _ => 0x86,
+            let (code, why) = match e {
+                LoginError::Refused(AuthError::Required) => (0x87, "credentials required"),
+                LoginError::Refused(_) => (0x86, "bad user name or password"),
+                LoginError::Busy => (0x89, "too many logins being checked"),
             };
-            return refuse(conn, code, "login refused").await;
+            return refuse(conn, code, why).await;
         }
     };
     if let Some(will) = &connect.will {
@@ -261,10 +263,12 @@ async fn run<S: AsyncRead + AsyncWrite + Unpin>(
     }
     let _slot = Slot(&front.clients);
 
-    let keep_alive = if connect.keep_alive == 0 || connect.keep_alive > settings.max_keep_alive {
-        settings.max_keep_alive
-    } else {
-        connect.keep_alive
+    // As Mosquitto's max_keepalive: at the largest value every keep-alive is granted, none
+    // included; below it, a client asking for more or for none is given the maximum.
+    let keep_alive = match (connect.keep_alive, settings.max_keep_alive) {
+        (_, u16::MAX) => connect.keep_alive,
+        (0, max) => max,
+        (asked, max) => asked.min(max),
     };
     let mut ack = ConnAck::default();
     if v5 {
@@ -458,28 +462,23 @@ async fn login(
     settings: &Settings,
     connect: &Connect,
     certified: Option<String>,
-) -> Result<Principal, AuthError> {
+) -> Result<Principal, LoginError> {
     let policy = &settings.policy;
     if let Some(name) = certified {
         return Ok(policy.certificate(&name));
     }
     let Some(user) = connect.username.clone() else {
-        return policy.anonymous();
+        return Ok(policy.anonymous()?);
     };
     let password = connect.password.clone().unwrap_or_default();
-    let Ok(password) = String::from_utf8(password.to_vec()) else {
-        return Err(AuthError::BadPassword);
-    };
-    if policy.is_open_door() {
-        return Ok(Principal::Anonymous);
+    if let Some(verdict) = policy.login_cached(&user, &password) {
+        return verdict;
     }
-    if let Some(p) = policy.known_password(&user, &password) {
-        return Ok(p);
-    }
+    // argon2 runs on a blocking thread, within the policy's one bound for every door.
     let policy = policy.clone();
-    tokio::task::spawn_blocking(move || policy.verify_password(&user, &password))
+    tokio::task::spawn_blocking(move || policy.login(&user, &password))
         .await
-        .unwrap_or(Err(AuthError::BadPassword))
+        .unwrap_or(Err(LoginError::Busy))
 }
 
 /// The router's name for a client id: rumqttd drops, without a word, clients whose id holds

@@ -123,6 +123,14 @@ fn release<'a>(settings: &Settings, held: impl Iterator<Item = &'a Held>) {
     }
 }
 
+/// A SUBACK held until the router has taken the SUBSCRIBE's filters.
+#[derive(Debug)]
+struct PendingSubAck {
+    suback: SubAck,
+    router_ids: HashSet<u16>,
+    retained: Vec<(usize, MqttPublish)>,
+}
+
 /// An outgoing QoS 1/2 publish the client has not acknowledged yet.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Flight {
@@ -158,10 +166,15 @@ pub(super) struct Session {
     waiting: VecDeque<(Publish, Flight)>,
     /// Retained messages for the filters of the SUBSCRIBE being answered.
     pending_retained: Vec<(usize, MqttPublish)>,
+    /// SUBACKs waiting for the router to have taken every filter of their SUBSCRIBE, so that
+    /// a message published once the client has its SUBACK reaches it; in order.
+    subacks: VecDeque<PendingSubAck>,
     next_own: u16,
     client_receive_max: usize,
     client_max_packet: usize,
     router_sub_id: u16,
+    /// Router ids of the SUBSCRIBEs sent for the client's SUBSCRIBE being handled.
+    router_waiting: HashSet<u16>,
     /// How the session ended, once it has.
     pub(super) ended: Option<End>,
 }
@@ -202,10 +215,12 @@ impl Session {
             swallowed: HashSet::new(),
             waiting: VecDeque::new(),
             pending_retained: Vec::new(),
+            subacks: VecDeque::new(),
             next_own: ROUTER_IDS + 1,
             client_receive_max: usize::from(receive_max.unwrap_or(u16::MAX)),
             client_max_packet: max_packet.map_or(usize::MAX, |m| m as usize),
             router_sub_id: 0,
+            router_waiting: HashSet::new(),
             ended: None,
             unacked,
         }
@@ -556,15 +571,45 @@ impl Session {
                 Err(_) => 0x80,
             });
         }
-        out.client.push(Packet::SubAck(SubAck {
-            packet_id: s.packet_id,
-            codes,
-            ..SubAck::default()
-        }));
-        // Retained messages follow the SUBACK.
-        for (id, publish) in std::mem::take(&mut self.pending_retained) {
-            self.deliver_own(id, publish, out);
+        let waiting = std::mem::take(&mut self.router_waiting);
+        self.subacks.push_back(PendingSubAck {
+            suback: SubAck {
+                packet_id: s.packet_id,
+                codes,
+                ..SubAck::default()
+            },
+            router_ids: waiting,
+            retained: std::mem::take(&mut self.pending_retained),
+        });
+        self.release_subacks(out);
+    }
+
+    /// Writes the SUBACKs whose filters the router has all taken, each followed by its
+    /// retained messages.
+    fn release_subacks(&mut self, out: &mut Out) {
+        while self
+            .subacks
+            .front()
+            .is_some_and(|p| p.router_ids.is_empty())
+        {
+            let Some(done) = self.subacks.pop_front() else {
+                break;
+            };
+            out.client.push(Packet::SubAck(done.suback));
+            for (id, publish) in done.retained {
+                self.deliver_own(id, publish, out);
+            }
         }
+    }
+
+    /// The router acknowledged one of the SUBSCRIBEs it was given.
+    fn router_subscribed(&mut self, router_id: u16, out: &mut Out) {
+        for pending in &mut self.subacks {
+            if pending.router_ids.remove(&router_id) {
+                break;
+            }
+        }
+        self.release_subacks(out);
     }
 
     /// Subscribes one filter; the granted QoS and whether it is new, or the reason it is not.
@@ -616,6 +661,7 @@ impl Session {
             }
         };
         self.router_sub_id = self.router_sub_id.wrapping_add(1).max(1);
+        self.router_waiting.insert(self.router_sub_id);
         out.router.push(r::Packet::Subscribe(
             r::Subscribe {
                 pkid: self.router_sub_id,
@@ -689,7 +735,11 @@ impl Session {
             other @ Notification::DeviceAck(_) => {
                 // The session answers the client's SUBSCRIBE, UNSUBSCRIBE, PUBLISH and PINGREQ
                 // itself; of the router's acknowledgements only PUBREL goes on.
-                if let Some(r::Packet::PubRel(pubrel, _)) = Option::<r::Packet>::from(other) {
+                let packet = Option::<r::Packet>::from(other);
+                if let Some(r::Packet::SubAck(suback, _)) = &packet {
+                    self.router_subscribed(suback.pkid, out);
+                }
+                if let Some(r::Packet::PubRel(pubrel, _)) = packet {
                     if self.swallowed.remove(&pubrel.pkid) {
                         out.router.push(r::Packet::PubComp(
                             r::PubComp {

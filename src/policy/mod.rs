@@ -200,12 +200,6 @@ impl Policy {
         self.inner.allow_anonymous && self.inner.acl.is_open()
     }
 
-    /// Whether no user or token is configured and anonymous clients are let in: credentials a
-    /// client sends anyway are then ignored, as Mosquitto does with `allow_anonymous true`.
-    pub fn is_open_door(&self) -> bool {
-        self.inner.allow_anonymous && self.inner.identities.is_empty()
-    }
-
     /// The principal of a client that sent no credentials.
     pub fn anonymous(&self) -> Result<Principal, AuthError> {
         if self.inner.allow_anonymous {
@@ -259,22 +253,6 @@ impl Policy {
         }
         let verdict = self.inner.identities.cached(user, password)?;
         Some(verdict.map_err(LoginError::from))
-    }
-
-    /// The principal of credentials [`Policy::login`] can answer without argon2 (checked and
-    /// accepted before, a token as the password of its name, an open gateway); `None` when it
-    /// cannot, or when it refuses them.
-    pub fn known_password(&self, user: &str, password: &str) -> Option<Principal> {
-        self.login_cached(user, password.as_bytes())?.ok()
-    }
-
-    /// [`Policy::login`] for a UTF-8 password, with [`LoginError::Busy`] reported as
-    /// [`AuthError::BadPassword`], since `AuthError` cannot say busy. Blocks like `login`.
-    pub fn verify_password(&self, user: &str, password: &str) -> Result<Principal, AuthError> {
-        self.login(user, password.as_bytes()).map_err(|e| match e {
-            LoginError::Refused(e) => e,
-            LoginError::Busy => AuthError::BadPassword,
-        })
     }
 
     /// Whether anyone is let in whatever credentials they bring: no user or token to check
@@ -411,10 +389,6 @@ mod tests {
                 Some(Ok(Principal::Anonymous))
             );
             assert_eq!(open.token("whatever"), Ok(Principal::Anonymous));
-            assert_eq!(
-                open.known_password("someone", "secret"),
-                Some(Principal::Anonymous)
-            );
             assert_eq!(open.anonymous(), Ok(Principal::Anonymous));
         }
         let shut = policy(Some(false), &[]);
@@ -450,11 +424,6 @@ mod tests {
             assert_eq!(users.login("alice", &[0xff, 0x00]), wrong);
             assert_eq!(users.login("nobody", b"s3cret"), wrong);
             assert_eq!(users.login_cached("alice", b"wrong"), Some(wrong.clone()));
-            assert_eq!(users.known_password("alice", "wrong"), None);
-            assert_eq!(
-                users.verify_password("alice", "wrong"),
-                Err(AuthError::BadPassword)
-            );
             assert_eq!(users.token("whatever"), Err(AuthError::BadToken));
         }
     }

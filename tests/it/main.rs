@@ -11,6 +11,7 @@ mod http_mqtt;
 mod logins;
 mod mqtt_malformed;
 mod mqtt_raw;
+mod mqtt_session;
 mod mqtt_traps;
 mod openapi;
 mod security;

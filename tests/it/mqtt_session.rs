@@ -1,0 +1,419 @@
+//! The MQTT session rules, byte by byte over real sockets: `$` topics and `$SYS`, Session
+//! Expiry, UNSUBACK, DISCONNECT forms and wills, delivery QoS, Maximum Packet Size, No Local and
+//! client ids.
+
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use topicgate::config::{AclAccess, AclEntry};
+
+use crate::mqtt_raw::{Version, connect, packet, props, publish, string};
+use crate::support::{TestGateway, eventually, within};
+
+/// A client that speaks raw bytes and reads whole packets.
+struct Raw {
+    stream: TcpStream,
+    buf: Vec<u8>,
+}
+
+impl Raw {
+    /// Connects and returns the client with its CONNACK.
+    async fn open(gw: &TestGateway, connect: Vec<u8>) -> (Self, Vec<u8>) {
+        let stream = TcpStream::connect(gw.mqtt).await.unwrap();
+        let mut raw = Self {
+            stream,
+            buf: Vec::new(),
+        };
+        raw.send(&connect).await;
+        let connack = raw.next().await.expect("a CONNACK");
+        (raw, connack)
+    }
+
+    async fn send(&mut self, bytes: &[u8]) {
+        self.stream.write_all(bytes).await.unwrap();
+    }
+
+    /// The next whole packet, or `None` when the server closed the connection.
+    async fn next(&mut self) -> Option<Vec<u8>> {
+        within("a packet from the server", async {
+            loop {
+                if let Some(len) = whole(&self.buf) {
+                    return Some(self.buf.drain(..len).collect());
+                }
+                let mut chunk = [0u8; 4096];
+                match self.stream.read(&mut chunk).await {
+                    Ok(0) | Err(_) => return None,
+                    Ok(n) => self.buf.extend_from_slice(&chunk[..n]),
+                }
+            }
+        })
+        .await
+    }
+
+    /// The next packet that is not a `$SYS` publish.
+    async fn next_not_sys(&mut self) -> Option<Vec<u8>> {
+        loop {
+            let p = self.next().await?;
+            if !(p[0] >> 4 == 3 && topic_of(&p).starts_with("$SYS")) {
+                return Some(p);
+            }
+        }
+    }
+
+    /// Whether nothing arrives before a PINGRESP: what was sent before the PINGREQ was dropped.
+    async fn nothing_before_pingresp(&mut self) -> bool {
+        self.send(&[0xC0, 0]).await;
+        self.next().await == Some(vec![0xD0, 0])
+    }
+}
+
+/// The length of the first whole packet in `buf`.
+fn whole(buf: &[u8]) -> Option<usize> {
+    let mut len = 0usize;
+    for i in 1..5 {
+        let b = *buf.get(i)?;
+        len |= usize::from(b & 0x7F) << (7 * (i - 1));
+        if b & 0x80 == 0 {
+            let total = i + 1 + len;
+            return (buf.len() >= total).then_some(total);
+        }
+    }
+    None
+}
+
+/// The topic of a PUBLISH packet.
+fn topic_of(p: &[u8]) -> String {
+    let mut at = 1;
+    while p[at] & 0x80 != 0 {
+        at += 1;
+    }
+    at += 1;
+    let len = usize::from(u16::from_be_bytes([p[at], p[at + 1]]));
+    String::from_utf8_lossy(&p[at + 2..at + 2 + len]).into_owned()
+}
+
+/// An MQTT 5 CONNECT with raw CONNECT properties.
+fn connect_v5(flags: u8, client_id: &[u8], raw_props: &[u8]) -> Vec<u8> {
+    let mut body = string(b"MQTT");
+    body.extend_from_slice(&[5, flags, 0, 60]);
+    body.extend(props(Version::V5, raw_props));
+    body.extend(string(client_id));
+    packet(0x10, &body)
+}
+
+/// A SUBSCRIBE with packet id 1 of filters with their option bytes.
+fn subscribe(version: Version, raw_props: &[u8], filters: &[(&[u8], u8)]) -> Vec<u8> {
+    let mut body = 1u16.to_be_bytes().to_vec();
+    body.extend(props(version, raw_props));
+    for (f, options) in filters {
+        body.extend(string(f));
+        body.push(*options);
+    }
+    packet(0x82, &body)
+}
+
+fn unsubscribe(version: Version, filters: &[&[u8]]) -> Vec<u8> {
+    crate::mqtt_raw::unsubscribe(version, 0xA2, filters)
+}
+
+#[tokio::test]
+async fn dollar_filters_are_granted_and_sys_statistics_arrive_everywhere() {
+    let gw = TestGateway::start_with(|c| c.mqtt.sys_interval = Duration::from_millis(200)).await;
+    let (mut c, connack) = Raw::open(&gw, connect(Version::V311, 0x02, b"sys", &[])).await;
+    assert_eq!(connack, [0x20, 2, 0, 0]);
+    // What MQTT Explorer sends on connect, with ordinary filters mixed in.
+    c.send(&subscribe(
+        Version::V311,
+        &[],
+        &[(b"$SYS/#", 0), (b"a/#", 1), (b"$foo/#", 0)],
+    ))
+    .await;
+    assert_eq!(c.next().await.unwrap(), [0x90, 5, 0, 1, 0, 1, 0]);
+    let mut seen = Vec::new();
+    // The gateway's own figures come last in each round.
+    while !seen
+        .iter()
+        .any(|t: &String| t == "$SYS/broker/coap/observers/count")
+    {
+        let p = c.next().await.expect("still connected");
+        seen.push(topic_of(&p));
+    }
+    assert!(
+        seen.iter().all(|t| t.starts_with("$SYS/broker/")),
+        "{seen:?}"
+    );
+    assert!(seen.iter().any(|t| t == "$SYS/broker/clients/connected"));
+    assert!(
+        seen.iter()
+            .any(|t| t == "$SYS/broker/load/messages/received/1min")
+    );
+
+    // Readable over HTTP like any topic, never writable.
+    let version = gw.get("/topics/%24SYS/broker/version").await;
+    assert_eq!(version.status(), 200);
+    assert!(version.text().await.unwrap().starts_with("topicgate "));
+    let listing = gw.get("/topics/%24SYS/broker/%23").await;
+    assert_eq!(listing.status(), 200);
+    assert!(
+        listing
+            .text()
+            .await
+            .unwrap()
+            .contains("$SYS/broker/subscriptions/count")
+    );
+    assert_eq!(
+        gw.post("/topics/%24SYS/broker/version", "x").await.status(),
+        400
+    );
+}
+
+#[tokio::test]
+async fn dollar_topics_reach_only_dollar_filters() {
+    let gw = TestGateway::start_with(|c| c.mqtt.sys_interval = Duration::ZERO).await;
+    let (mut all, _) = Raw::open(&gw, connect(Version::V311, 0x02, b"all", &[])).await;
+    all.send(&subscribe(Version::V311, &[], &[(b"#", 0), (b"+/x", 0)]))
+        .await;
+    assert_eq!(all.next().await.unwrap()[0], 0x90);
+    let (mut custom, _) = Raw::open(&gw, connect(Version::V311, 0x02, b"custom", &[])).await;
+    custom
+        .send(&subscribe(Version::V311, &[], &[(b"$custom/#", 0)]))
+        .await;
+    assert_eq!(custom.next().await.unwrap()[0], 0x90);
+
+    let (mut publisher, _) = Raw::open(&gw, connect(Version::V311, 0x02, b"pub", &[])).await;
+    publisher
+        .send(&publish(Version::V311, 0x32, b"$custom/x", Some(7), b"d"))
+        .await;
+    assert_eq!(publisher.next().await.unwrap(), [0x40, 2, 0, 7], "accepted");
+    let p = custom.next().await.unwrap();
+    assert_eq!(topic_of(&p), "$custom/x");
+    // A publish to $SYS is dropped (acknowledged: MQTT 3.1.1 cannot say no), the client stays.
+    publisher
+        .send(&publish(Version::V311, 0x32, b"$SYS/fake", Some(8), b"d"))
+        .await;
+    assert_eq!(publisher.next().await.unwrap(), [0x40, 2, 0, 8]);
+    publisher
+        .send(&publish(Version::V311, 0x30, b"plain/x", None, b"d"))
+        .await;
+    let p = all.next().await.unwrap();
+    assert_eq!(
+        topic_of(&p),
+        "plain/x",
+        "the $ topics never reached '#' or '+/x'"
+    );
+    assert_eq!(gw.get("/topics/%24SYS/fake").await.status(), 404);
+}
+
+#[tokio::test]
+async fn session_expiry_keeps_a_session_as_long_as_asked() {
+    let gw = TestGateway::start().await;
+    // Session Expiry Interval property (0x11) of `secs`.
+    let expiry = |secs: u32| {
+        let mut p = vec![0x11];
+        p.extend_from_slice(&secs.to_be_bytes());
+        p
+    };
+    let present = |connack: &[u8]| connack[2] & 1 == 1;
+
+    // Clean start with an expiry: the session outlives the connection, queued messages too.
+    let (mut c, connack) = Raw::open(&gw, connect_v5(0x02, b"exp", &expiry(60))).await;
+    assert!(!present(&connack));
+    c.send(&subscribe(Version::V5, &[], &[(b"exp/x", 1)])).await;
+    assert_eq!(c.next().await.unwrap()[0], 0x90);
+    c.send(&[0xE0, 0]).await;
+    assert_eq!(c.next().await, None);
+    assert_eq!(
+        gw.post("/topics/exp/x?qos=1", "while away").await.status(),
+        204
+    );
+    let (mut c, connack) = Raw::open(&gw, connect_v5(0x00, b"exp", &expiry(0))).await;
+    assert!(present(&connack), "resumed: {connack:?}");
+    let p = c.next().await.unwrap();
+    assert_eq!((p[0], topic_of(&p)), (0x32, "exp/x".to_owned()));
+    c.send(&[0xE0, 0]).await;
+    assert_eq!(c.next().await, None);
+    // Expiry 0 on that connection: the session ended with it.
+    let (_c, connack) = Raw::open(&gw, connect_v5(0x00, b"exp", &expiry(0))).await;
+    assert!(!present(&connack), "{connack:?}");
+
+    // An expiry of one second: gone once it has passed.
+    let (mut c, _) = Raw::open(&gw, connect_v5(0x02, b"short", &expiry(1))).await;
+    c.send(&[0xE0, 0]).await;
+    assert_eq!(c.next().await, None);
+    eventually("the session expires", || async {
+        let (mut c, connack) = Raw::open(&gw, connect_v5(0x00, b"short", &expiry(1))).await;
+        c.send(&[0xE0, 0]).await;
+        // A probe that finds the session renews it for another second: wait it out between
+        // probes, so the one that finds it gone says so.
+        tokio::time::sleep(Duration::from_millis(1100)).await;
+        (!present(&connack)).then_some(())
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn every_unsubscribe_is_acknowledged_with_a_code_per_filter() {
+    let gw = TestGateway::start().await;
+    let (mut c, _) = Raw::open(&gw, connect_v5(0x02, b"unsub5", &[])).await;
+    c.send(&subscribe(Version::V5, &[], &[(b"held", 0)])).await;
+    assert_eq!(c.next().await.unwrap()[0], 0x90);
+    c.send(&unsubscribe(Version::V5, &[b"held", b"never"]))
+        .await;
+    assert_eq!(c.next().await.unwrap(), [0xB0, 5, 0, 1, 0, 0x00, 0x11]);
+    let (mut c, _) = Raw::open(&gw, connect(Version::V311, 0x02, b"unsub4", &[])).await;
+    c.send(&unsubscribe(Version::V311, &[b"never"])).await;
+    assert_eq!(c.next().await.unwrap(), [0xB0, 2, 0, 1]);
+}
+
+#[tokio::test]
+async fn disconnect_forms_and_the_will() {
+    let gw = TestGateway::start().await;
+    let (mut watch, _) = Raw::open(&gw, connect(Version::V311, 0x02, b"will-watch", &[])).await;
+    watch
+        .send(&subscribe(Version::V311, &[], &[(b"will/#", 0)]))
+        .await;
+    assert_eq!(watch.next().await.unwrap()[0], 0x90);
+    // CONNECT with a will "gone" on will/<id>, MQTT 5: empty will properties.
+    let with_will = |id: &[u8]| {
+        let mut rest = vec![0];
+        rest.extend(string(&[b"will/".as_slice(), id].concat()));
+        rest.extend(string(b"gone"));
+        will_connect(id, &rest)
+    };
+    // DISCONNECT with no reason byte, and with reason 0: closed at once, no will.
+    for (id, bye) in [(b"a".as_slice(), vec![0xE0, 0]), (b"b", vec![0xE0, 1, 0])] {
+        let (mut c, connack) = Raw::open(&gw, with_will(id)).await;
+        assert_eq!(connack[3], 0, "accepted");
+        c.send(&bye).await;
+        assert_eq!(c.next().await, None, "closed at once");
+    }
+    // Reason 0x04: disconnect with the will.
+    let (mut c, _) = Raw::open(&gw, with_will(b"c")).await;
+    c.send(&[0xE0, 1, 0x04]).await;
+    assert_eq!(c.next().await, None);
+    let p = watch.next().await.unwrap();
+    assert_eq!(
+        topic_of(&p),
+        "will/c",
+        "only the will asked for is published"
+    );
+    // A connection that just drops publishes its will too.
+    let (c, _) = Raw::open(&gw, with_will(b"d")).await;
+    drop(c);
+    assert_eq!(topic_of(&watch.next().await.unwrap()), "will/d");
+}
+
+/// An MQTT 5 CONNECT (clean start, will flag) whose will fields `rest` follow the client id.
+fn will_connect(id: &[u8], rest: &[u8]) -> Vec<u8> {
+    let mut body = string(b"MQTT");
+    body.extend_from_slice(&[5, 0x06, 0, 60, 0]);
+    body.extend(string(id));
+    body.extend_from_slice(rest);
+    packet(0x10, &body)
+}
+
+#[tokio::test]
+async fn delivery_qos_is_the_lower_of_published_and_granted() {
+    let gw = TestGateway::start().await;
+    let (mut c, _) = Raw::open(&gw, connect(Version::V311, 0x02, b"qos", &[])).await;
+    c.send(&subscribe(Version::V311, &[], &[(b"q/#", 2)])).await;
+    assert_eq!(c.next().await.unwrap(), [0x90, 3, 0, 1, 2]);
+    assert_eq!(gw.post("/topics/q/one?qos=1", "1").await.status(), 204);
+    let p = c.next().await.unwrap();
+    assert_eq!(p[0], 0x32, "QoS 1, not the granted 2: {p:?}");
+    assert_eq!(gw.post("/topics/q/zero", "0").await.status(), 204);
+    assert_eq!(c.next().await.unwrap()[0], 0x30);
+    // A retained message goes to a new subscriber at its own QoS too, not always at 0.
+    assert_eq!(gw.put("/topics/r/kept?qos=1", "k").await.status(), 204);
+    let (mut late, _) = Raw::open(&gw, connect(Version::V311, 0x02, b"late", &[])).await;
+    late.send(&subscribe(Version::V311, &[], &[(b"r/#", 2)]))
+        .await;
+    assert_eq!(late.next().await.unwrap()[0], 0x90);
+    assert_eq!(late.next().await.unwrap()[0], 0x33, "retained, QoS 1");
+}
+
+#[tokio::test]
+async fn the_clients_maximum_packet_size_is_honoured() {
+    let gw = TestGateway::start().await;
+    // Maximum Packet Size (0x27) 64 bytes.
+    let (mut c, connack) = Raw::open(&gw, connect_v5(0x02, b"small", &[0x27, 0, 0, 0, 64])).await;
+    assert_eq!(connack[3], 0);
+    c.send(&subscribe(Version::V5, &[], &[(b"m/#", 0)])).await;
+    assert_eq!(c.next().await.unwrap()[0], 0x90);
+    assert_eq!(
+        gw.post("/topics/m/big", vec![b'x'; 200]).await.status(),
+        204
+    );
+    assert_eq!(gw.post("/topics/m/small", "fits").await.status(), 204);
+    let p = c.next().await.unwrap();
+    assert_eq!(
+        topic_of(&p),
+        "m/small",
+        "the one over 64 bytes was not sent"
+    );
+}
+
+#[tokio::test]
+async fn no_local_keeps_a_clients_own_messages_from_it() {
+    let gw = TestGateway::start().await;
+    let (mut c, _) = Raw::open(&gw, connect_v5(0x02, b"nl", &[])).await;
+    // Options 0x04: No Local, QoS 0.
+    c.send(&subscribe(Version::V5, &[], &[(b"nl/#", 0x04)]))
+        .await;
+    assert_eq!(c.next().await.unwrap()[0], 0x90);
+    c.send(&publish_v5(b"nl/own", b"mine")).await;
+    assert_eq!(gw.post("/topics/nl/other", "theirs").await.status(), 204);
+    let p = c.next().await.unwrap();
+    assert_eq!(topic_of(&p), "nl/other");
+    assert!(c.nothing_before_pingresp().await);
+}
+
+fn rule(user: &str, topic: &str, access: AclAccess) -> AclEntry {
+    AclEntry {
+        user: user.to_owned(),
+        topic: topic.to_owned(),
+        access,
+    }
+}
+
+fn publish_v5(topic: &[u8], payload: &[u8]) -> Vec<u8> {
+    crate::mqtt_raw::publish(Version::V5, 0x30, topic, None, payload)
+}
+
+#[tokio::test]
+async fn an_empty_client_id_is_judged_by_each_connect_alone() {
+    let gw = TestGateway::start().await;
+    // MQTT 3.1.1: an empty id needs a clean session.
+    let (_, refused) = Raw::open(&gw, connect(Version::V311, 0x00, b"", &[])).await;
+    assert_eq!(refused, [0x20, 2, 0, 2]);
+    let (mut c, accepted) = Raw::open(&gw, connect(Version::V311, 0x02, b"", &[])).await;
+    assert_eq!(accepted, [0x20, 2, 0, 0]);
+    assert!(c.nothing_before_pingresp().await);
+    // MQTT 5: the server assigns one (Assigned Client Identifier, 0x12).
+    let (_, connack) = Raw::open(&gw, connect_v5(0x02, b"", &[])).await;
+    assert!(connack.contains(&0x12), "{connack:?}");
+}
+
+#[tokio::test]
+async fn a_subscriber_can_read_the_next_message_after_a_refused_filter() {
+    let gw = TestGateway::start_with(|c| {
+        c.auth.acl = vec![
+            rule("*", "#", AclAccess::ReadWrite),
+            rule("*", "secret/#", AclAccess::Deny),
+        ];
+    })
+    .await;
+    let (mut c, _) = Raw::open(&gw, connect_v5(0x02, b"deny", &[])).await;
+    c.send(&subscribe(
+        Version::V5,
+        &[],
+        &[(b"secret/x", 0), (b"open/#", 0), (b"#", 0)],
+    ))
+    .await;
+    assert_eq!(c.next().await.unwrap(), [0x90, 6, 0, 1, 0, 0x87, 0, 0]);
+    assert_eq!(gw.post("/topics/secret/y", "s").await.status(), 401);
+    assert_eq!(gw.post("/topics/open/y", "o").await.status(), 204);
+    let p = c.next_not_sys().await.unwrap();
+    assert_eq!(topic_of(&p), "open/y");
+}
