@@ -184,15 +184,22 @@ impl Gateway {
             "retained store loaded"
         );
         let mut broker_stats = None;
+        let mut acceptor = None;
         let link = match broker {
             BrokerMode::Embedded(broker) => {
                 broker_stats = Some(broker.stats());
                 let mqtt_addr = broker.addr();
                 let mqtts_addr = broker.tls_addr();
-                let link = broker
+                let (link, serve) = broker
                     .run(config.bridge.link_buffer, &tracker, cancel.clone())
                     .await?;
+                acceptor = Some(serve);
                 tracing::info!(protocol = "mqtt", addr = %mqtt_addr, "listening");
+                tracing::info!(
+                    protocol = "mqtt+ws",
+                    path = "/mqtt",
+                    "MQTT over WebSocket on the HTTP listeners"
+                );
                 warn_if_open(&policy, "mqtt", mqtt_addr);
                 if let Some(addr) = mqtts_addr {
                     tracing::info!(protocol = "mqtts", %addr, "listening");
@@ -237,11 +244,18 @@ impl Gateway {
         warn_if_open(&policy, "coap", coap_addr);
 
         let draining = CancellationToken::new();
+        // MQTT over WebSocket: the HTTP side answers the upgrade, the broker serves the stream.
+        let mqtt_ws = acceptor.map(|acceptor| -> http::MqttAcceptor {
+            Arc::new(move |pending: http::PendingStream, peer, certified| {
+                acceptor.serve(pending, peer, certified);
+            })
+        });
         let router = http::router(
             bridge,
             config.http.clone(),
             cancel.clone(),
             draining.clone(),
+            mqtt_ws,
         );
         let listening = http::Listening {
             max_connections: config.http.max_connections,

@@ -12,6 +12,9 @@ pub use front::App;
 pub use server::{Listening, serve};
 mod sse;
 pub(crate) mod topics;
+mod ws;
+
+pub use ws::{MqttAcceptor, PendingStream, WsStream};
 
 use std::sync::Arc;
 
@@ -54,6 +57,8 @@ pub(crate) struct Shared {
     verifier: Arc<tokio::sync::Semaphore>,
     /// Open event streams, in total and per caller.
     streams: Arc<sse::Streams>,
+    /// Where MQTT over WebSocket connections go; `None` in front of an external broker.
+    mqtt: Option<MqttAcceptor>,
 }
 
 #[derive(OpenApi)]
@@ -81,6 +86,7 @@ pub fn router(
     config: HttpConfig,
     cancel: CancellationToken,
     draining: CancellationToken,
+    mqtt: Option<MqttAcceptor>,
 ) -> App {
     let (api_router, api) = api_parts();
     let streams = sse::Streams::new(
@@ -96,6 +102,7 @@ pub fn router(
         openapi: Arc::new(api.to_pretty_json().unwrap_or_default()),
         verifier: Arc::new(tokio::sync::Semaphore::new(VERIFIERS)),
         streams: Arc::new(streams),
+        mqtt,
     }));
     finish(api_router, state)
 }
@@ -141,7 +148,9 @@ async fn method_not_allowed() -> ApiError {
 }
 
 fn finish(router: Router<AppState>, state: AppState) -> App {
+    // MQTT over WebSocket is not a REST resource: it stays out of the OpenAPI document.
     let router = router
+        .route("/mqtt", axum::routing::get(ws::upgrade))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .with_state(state.clone());

@@ -13,7 +13,6 @@ use futures_util::FutureExt;
 use hyper::body::Incoming;
 use hyper::server::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::graceful::GracefulShutdown;
 use rustix::net::RecvFlags;
 use tokio::io::Interest;
 use tokio::net::{TcpListener, TcpStream};
@@ -46,7 +45,9 @@ pub async fn serve(
     cancel: CancellationToken,
 ) -> std::io::Result<()> {
     let slots = Arc::new(Semaphore::new(listening.max_connections));
-    let graceful = GracefulShutdown::new();
+    // Cancelled when the listener stops: each connection then finishes its in-flight requests
+    // (hyper's graceful shutdown) and ends.
+    let stopping = CancellationToken::new();
     // Every connection task, so that shutdown also waits for the event streams `direct` writes,
     // which hyper's graceful shutdown does not see.
     let connections = TaskTracker::new();
@@ -81,14 +82,14 @@ pub async fn serve(
             deadline: listening.header_timeout,
             peer,
         };
-        let watcher = graceful.watcher();
+        let stopping = stopping.clone();
         connections.spawn(async move {
-            connection.serve(stream, watcher).await;
+            connection.serve(stream, stopping).await;
             drop(slot);
         });
     }
     drop(listener);
-    graceful.shutdown().await;
+    stopping.cancel();
     connections.close();
     connections.wait().await;
     Ok(())
@@ -103,7 +104,7 @@ struct Connection {
 }
 
 impl Connection {
-    async fn serve(self, stream: TcpStream, watcher: hyper_util::server::graceful::Watcher) {
+    async fn serve(self, stream: TcpStream, stopping: CancellationToken) {
         let Self {
             app,
             builders,
@@ -145,13 +146,27 @@ impl Connection {
         });
         let io = TokioIo::new(io);
         let served = if h2 {
-            watcher
-                .watch(builders.1.serve_connection(io, service))
-                .await
+            let conn = builders.1.serve_connection(io, service);
+            tokio::pin!(conn);
+            tokio::select! {
+                r = conn.as_mut() => r,
+                () = stopping.cancelled() => {
+                    conn.as_mut().graceful_shutdown();
+                    conn.await
+                }
+            }
         } else {
-            watcher
-                .watch(builders.0.serve_connection(io, service))
-                .await
+            // Upgrades serve MQTT over WebSocket (`/mqtt`); an upgraded connection belongs to
+            // the broker from then on.
+            let conn = builders.0.serve_connection(io, service).with_upgrades();
+            tokio::pin!(conn);
+            tokio::select! {
+                r = conn.as_mut() => r,
+                () = stopping.cancelled() => {
+                    conn.as_mut().graceful_shutdown();
+                    conn.await
+                }
+            }
         };
         if let Err(e) = served {
             tracing::debug!(%peer, error = %e, "HTTP connection ended with an error");

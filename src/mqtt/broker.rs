@@ -179,13 +179,14 @@ impl Broker {
         self.broker_stats.clone()
     }
 
-    /// Starts accepting clients and the gateway's link.
+    /// Starts accepting clients and the gateway's link; the acceptor serves connections that
+    /// come in another way (MQTT over WebSocket).
     pub async fn run(
         mut self,
         link_buffer: usize,
         tracker: &TaskTracker,
         cancel: CancellationToken,
-    ) -> Result<Link, MqttError> {
+    ) -> Result<(Link, Acceptor), MqttError> {
         let addr = self.addr();
         let Some(parts) = self.front.take() else {
             return Err(MqttError::NotReady(addr));
@@ -223,9 +224,40 @@ impl Broker {
                 cancel.clone(),
             ));
         }
-        Ok(self
+        let acceptor = Acceptor {
+            front,
+            tracker: tracker.clone(),
+            cancel: cancel.clone(),
+        };
+        let link = self
             .link_parts
-            .run(self.stats, parts.inbound.1, link_buffer, tracker, cancel))
+            .run(self.stats, parts.inbound.1, link_buffer, tracker, cancel);
+        Ok((link, acceptor))
+    }
+}
+
+/// Serves MQTT on connections accepted elsewhere, with the same identity, ACL and limits.
+#[derive(Clone)]
+pub struct Acceptor {
+    front: Arc<Front>,
+    tracker: TaskTracker,
+    cancel: CancellationToken,
+}
+
+impl Acceptor {
+    /// Serves the connection `stream` resolves to (nothing when it resolves to `None`), from
+    /// `peer`, named by its TLS client certificate when `certified`.
+    pub fn serve<S, F>(&self, stream: F, peer: SocketAddr, certified: Option<String>)
+    where
+        F: std::future::Future<Output = Option<S>> + Send + 'static,
+        S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    {
+        let (front, cancel) = (self.front.clone(), self.cancel.clone());
+        self.tracker.spawn(async move {
+            if let Some(stream) = stream.await {
+                serve(front, stream, peer, certified, cancel).await;
+            }
+        });
     }
 }
 

@@ -16,7 +16,7 @@ pub(crate) mod wire;
 
 use std::net::SocketAddr;
 
-pub use broker::Broker;
+pub use broker::{Acceptor, Broker};
 pub use link::{Link, LinkStats, Receipt};
 pub use message::{MqttPublish, RetainedSource};
 pub use remote::RemoteBroker;

@@ -214,7 +214,7 @@ async fn publishes_get_503_when_the_broker_link_is_down() {
     .unwrap();
     let tracker = TaskTracker::new();
     let link_cancel = CancellationToken::new();
-    let link = broker.run(16, &tracker, link_cancel.clone()).await.unwrap();
+    let (link, _acceptor) = broker.run(16, &tracker, link_cancel.clone()).await.unwrap();
     let bridge = Bridge::new(
         store,
         link,
@@ -232,6 +232,7 @@ async fn publishes_get_503_when_the_broker_link_is_down() {
         config.http.clone(),
         http_cancel.clone(),
         CancellationToken::new(),
+        None,
     );
     let listening = topicgate::http::Listening {
         max_connections: 16,

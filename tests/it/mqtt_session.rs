@@ -417,3 +417,69 @@ async fn a_subscriber_can_read_the_next_message_after_a_refused_filter() {
     let p = c.next_not_sys().await.unwrap();
     assert_eq!(topic_of(&p), "open/y");
 }
+
+#[tokio::test]
+async fn mqtt_over_websocket_talks_with_tcp_clients() {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+
+    let gw = TestGateway::start().await;
+    let mut request = format!("ws://{}/mqtt", gw.http)
+        .into_client_request()
+        .unwrap();
+    request
+        .headers_mut()
+        .insert("sec-websocket-protocol", "mqtt".parse().unwrap());
+    let tcp = TcpStream::connect(gw.http).await.unwrap();
+    let (mut ws, response) = within("the upgrade", tokio_tungstenite::client_async(request, tcp))
+        .await
+        .unwrap();
+    assert_eq!(response.headers()["sec-websocket-protocol"], "mqtt");
+    async fn next<S>(ws: &mut S) -> Vec<u8>
+    where
+        S: futures_util::Stream<Item = Result<Message, tokio_tungstenite::tungstenite::Error>>
+            + Unpin,
+    {
+        loop {
+            match within("a WebSocket message", ws.next()).await {
+                Some(Ok(Message::Binary(b))) => return b.to_vec(),
+                Some(Ok(_)) => {}
+                other => panic!("{other:?}"),
+            }
+        }
+    }
+    // One message holding CONNECT and SUBSCRIBE: packets are a byte stream across messages.
+    let mut both = connect(Version::V311, 0x02, b"ws-client", &[]);
+    both.extend(subscribe(Version::V311, &[], &[(b"ws/#", 0)]));
+    ws.send(Message::Binary(both.into())).await.unwrap();
+    let mut got = Vec::new();
+    while got.len() < 9 {
+        got.extend(next(&mut ws).await);
+    }
+    assert_eq!(got, [0x20, 2, 0, 0, 0x90, 3, 0, 1, 0]);
+
+    let (mut tcp, _) = Raw::open(&gw, connect(Version::V311, 0x02, b"tcp-client", &[])).await;
+    tcp.send(&subscribe(Version::V311, &[], &[(b"ws/#", 0)]))
+        .await;
+    assert_eq!(tcp.next().await.unwrap()[0], 0x90);
+    tcp.send(&publish(Version::V311, 0x30, b"ws/from-tcp", None, b"1"))
+        .await;
+    let p = next(&mut ws).await;
+    assert_eq!(topic_of(&p), "ws/from-tcp");
+    // A packet split over two messages.
+    let from_ws = publish(Version::V311, 0x30, b"ws/from-ws", None, b"2");
+    let (a, b) = from_ws.split_at(5);
+    ws.send(Message::Binary(a.to_vec().into())).await.unwrap();
+    ws.send(Message::Binary(b.to_vec().into())).await.unwrap();
+    loop {
+        let p = tcp.next().await.unwrap();
+        if topic_of(&p) == "ws/from-ws" {
+            break;
+        }
+    }
+    // Without the subprotocol, or without an upgrade, the endpoint says what it expects.
+    let plain = gw.get("/mqtt").await;
+    assert_eq!(plain.status(), 400);
+    assert!(plain.text().await.unwrap().contains("WebSocket"));
+}
