@@ -102,6 +102,16 @@ pub(crate) async fn serve<S>(
     let client_id = connect.client_id.clone();
     let closed = run(&front, &mut conn, *connect, certified, cancel).await;
     log_close(peer, Some(&client_id), &closed);
+    // An orderly end: FIN on TCP, TLS close_notify, a WebSocket Close frame; then what the
+    // client still sends (its own Close frame) is read until it closes too, so that its last
+    // writes do not meet a reset.
+    let _ = tokio::time::timeout(Duration::from_secs(1), async {
+        conn.stream.shutdown().await?;
+        let mut rest = [0u8; 512];
+        while conn.stream.read(&mut rest).await? > 0 {}
+        Ok::<_, std::io::Error>(())
+    })
+    .await;
 }
 
 fn log_close(peer: SocketAddr, client_id: Option<&str>, closed: &Closed) {
