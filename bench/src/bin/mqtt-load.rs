@@ -2,6 +2,8 @@
 //! from raw TCP clients with batched writes: `mqtt-load --addr 127.0.0.1:1883 --scenario fan-out
 //! --qos 1 --clients 8 --count 100000`. Scenarios: one-to-one, fan-out (1 → N), fan-in (N → 1),
 //! and fill (`--count` retained QoS 1 values under `--topic`, latency = PUBLISH to PUBACK).
+//! With `--ws /mqtt` every client speaks MQTT over WebSocket (subprotocol `mqtt`, the MQTT bytes
+//! in binary messages) instead of raw TCP.
 
 use std::fmt::Write as _;
 use std::sync::Arc;
@@ -11,9 +13,9 @@ use std::time::Duration;
 use anyhow::{Context as _, anyhow, bail};
 use bytes::{Buf as _, BytesMut};
 use clap::{Parser, ValueEnum};
-use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _};
 use tokio::net::TcpStream;
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::tcp::OwnedReadHalf;
 use tokio::sync::{Semaphore, watch};
 use tokio::task::JoinHandle;
 use tokio::time::{Instant, sleep_until, timeout, timeout_at};
@@ -73,6 +75,10 @@ struct Args {
     /// (up to 40 ms) from a subscriber that never sends; ordinary clients do not do this.
     #[arg(long)]
     quickack: bool,
+    /// Speak MQTT over WebSocket at this path of `--addr` (e.g. `/mqtt`), subprotocol `mqtt`,
+    /// one binary message per batch of MQTT bytes; raw TCP when absent.
+    #[arg(long)]
+    ws: Option<String>,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -254,24 +260,176 @@ mod wire {
     }
 }
 
-/// A connected client: its socket and the bytes read but not yet parsed.
+/// The write side of a connection: a TCP write half, or the write half of a WebSocket.
+type Writer = Box<dyn AsyncWrite + Send + Unpin>;
+
+/// The read side of a connection.
+enum Reader {
+    Tcp(OwnedReadHalf),
+    Ws(tokio::io::ReadHalf<ws::WsIo>),
+}
+
+impl Reader {
+    /// Asks for TCP quick ACKs again (raw TCP only).
+    fn quickack(&self) -> std::io::Result<()> {
+        match self {
+            Self::Tcp(read) => read.as_ref().set_quickack(true),
+            Self::Ws(_) => Ok(()),
+        }
+    }
+}
+
+impl AsyncRead for Reader {
+    fn poll_read(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Self::Tcp(read) => std::pin::Pin::new(read).poll_read(cx, buf),
+            Self::Ws(read) => std::pin::Pin::new(read).poll_read(cx, buf),
+        }
+    }
+}
+
+/// MQTT bytes carried in binary WebSocket messages, as a byte stream.
+mod ws {
+    use std::io;
+    use std::pin::Pin;
+    use std::task::{Context, Poll, ready};
+
+    use anyhow::{Context as _, bail};
+    use bytes::{Buf as _, Bytes};
+    use futures_util::{Sink, Stream};
+    use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+    use tokio::net::TcpStream;
+    use tokio_tungstenite::WebSocketStream;
+    use tokio_tungstenite::tungstenite::Message;
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest as _;
+    use tokio_tungstenite::tungstenite::http::HeaderValue;
+    use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+
+    pub(crate) struct WsIo {
+        ws: WebSocketStream<TcpStream>,
+        /// What is left of the last binary message read.
+        pending: Bytes,
+    }
+
+    /// The WebSocket handshake on a connected socket, asking for subprotocol `mqtt`.
+    pub(crate) async fn handshake(
+        stream: TcpStream,
+        addr: &str,
+        path: &str,
+    ) -> anyhow::Result<WsIo> {
+        let mut request = format!("ws://{addr}{path}").into_client_request()?;
+        request
+            .headers_mut()
+            .insert("Sec-WebSocket-Protocol", HeaderValue::from_static("mqtt"));
+        // Each message is written to the socket as it is sent, as a raw TCP write would be.
+        let config = WebSocketConfig::default().write_buffer_size(0);
+        let (ws, response) =
+            tokio_tungstenite::client_async_with_config(request, stream, Some(config))
+                .await
+                .with_context(|| format!("WebSocket handshake with ws://{addr}{path}"))?;
+        if response
+            .headers()
+            .get("Sec-WebSocket-Protocol")
+            .is_none_or(|p| p.as_bytes() != b"mqtt")
+        {
+            bail!("ws://{addr}{path} did not accept subprotocol mqtt");
+        }
+        Ok(WsIo {
+            ws,
+            pending: Bytes::new(),
+        })
+    }
+
+    impl AsyncRead for WsIo {
+        fn poll_read(
+            self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            buf: &mut ReadBuf<'_>,
+        ) -> Poll<io::Result<()>> {
+            let this = self.get_mut();
+            while this.pending.is_empty() {
+                match ready!(Pin::new(&mut this.ws).poll_next(cx)) {
+                    Some(Ok(Message::Binary(data))) => this.pending = data,
+                    // End of stream: a read of 0 bytes.
+                    Some(Ok(Message::Close(_))) | None => return Poll::Ready(Ok(())),
+                    // Pings are answered by tungstenite itself.
+                    Some(Ok(_)) => {}
+                    Some(Err(e)) => return Poll::Ready(Err(io::Error::other(e))),
+                }
+            }
+            let n = this.pending.len().min(buf.remaining());
+            buf.put_slice(&this.pending[..n]);
+            this.pending.advance(n);
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    impl AsyncWrite for WsIo {
+        fn poll_write(
+            self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            data: &[u8],
+        ) -> Poll<io::Result<usize>> {
+            let this = self.get_mut();
+            ready!(Pin::new(&mut this.ws).poll_ready(cx)).map_err(io::Error::other)?;
+            Pin::new(&mut this.ws)
+                .start_send(Message::Binary(Bytes::copy_from_slice(data)))
+                .map_err(io::Error::other)?;
+            Poll::Ready(Ok(data.len()))
+        }
+
+        fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Pin::new(&mut self.get_mut().ws)
+                .poll_flush(cx)
+                .map_err(io::Error::other)
+        }
+
+        fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Pin::new(&mut self.get_mut().ws)
+                .poll_close(cx)
+                .map_err(io::Error::other)
+        }
+    }
+}
+
+/// A connected client: its socket's two halves and the bytes read but not yet parsed.
 struct Conn {
     id: String,
-    stream: TcpStream,
+    read: Reader,
+    write: Writer,
     buf: BytesMut,
 }
 
 impl Conn {
-    /// Connects and waits for a CONNACK that accepts the client.
-    async fn open(addr: &str, id: String) -> anyhow::Result<Self> {
+    /// Connects (and for `ws`, upgrades to a WebSocket at that path) and waits for a CONNACK
+    /// that accepts the client.
+    async fn open(addr: &str, id: String, ws: Option<&str>) -> anyhow::Result<Self> {
         let stream = timeout(IO_TIMEOUT, TcpStream::connect(addr))
             .await
             .map_err(|_| anyhow!("{id}: connect to {addr} timed out"))?
             .with_context(|| format!("{id}: connect to {addr}"))?;
         stream.set_nodelay(true)?;
+        let (read, write): (Reader, Writer) = match ws {
+            None => {
+                let (read, write) = stream.into_split();
+                (Reader::Tcp(read), Box::new(write))
+            }
+            Some(path) => {
+                let io = timeout(IO_TIMEOUT, ws::handshake(stream, addr, path))
+                    .await
+                    .map_err(|_| anyhow!("{id}: WebSocket handshake timed out"))??;
+                let (read, write) = tokio::io::split(io);
+                (Reader::Ws(read), Box::new(write))
+            }
+        };
         let mut conn = Self {
             id,
-            stream,
+            read,
+            write,
             buf: BytesMut::with_capacity(4 * READ_CHUNK),
         };
         let mut out = BytesMut::new();
@@ -308,7 +466,7 @@ impl Conn {
     }
 
     async fn send(&mut self, bytes: &[u8]) -> anyhow::Result<()> {
-        timeout(IO_TIMEOUT, self.stream.write_all(bytes))
+        timeout(IO_TIMEOUT, write_out(&mut self.write, bytes))
             .await
             .map_err(|_| anyhow!("{}: write timed out", self.id))?
             .with_context(|| format!("{}: write", self.id))
@@ -329,7 +487,7 @@ impl Conn {
                     return Ok(reply);
                 }
             }
-            let read = timeout_at(deadline, self.stream.read_buf(&mut self.buf))
+            let read = timeout_at(deadline, self.read.read_buf(&mut self.buf))
                 .await
                 .map_err(|_| anyhow!("{}: no answer from the broker", self.id))?
                 .with_context(|| format!("{}: read", self.id))?;
@@ -343,6 +501,13 @@ impl Conn {
 enum Reply {
     ConnAck(u8),
     SubAck(u8),
+}
+
+/// Writes all of `bytes` and flushes them: a no-op on TCP, where a WebSocket sends what it
+/// still holds.
+async fn write_out(write: &mut Writer, bytes: &[u8]) -> std::io::Result<()> {
+    write.write_all(bytes).await?;
+    write.flush().await
 }
 
 fn connack_meaning(code: u8) -> &'static str {
@@ -450,7 +615,7 @@ async fn subscriber(mut conn: Conn, mut until: Until, quickack: bool) -> (Seen, 
             let read = tokio::select! {
                 () = until.changed() => continue,
                 () = sleep_until(ping_at) => None,
-                read = conn.stream.read_buf(&mut conn.buf) => Some(read),
+                read = conn.read.read_buf(&mut conn.buf) => Some(read),
             };
             let Some(read) = read else {
                 conn.send(&wire::PINGREQ).await?;
@@ -462,7 +627,7 @@ async fn subscriber(mut conn: Conn, mut until: Until, quickack: bool) -> (Seen, 
             }
             if quickack {
                 // Linux drops out of quick-ACK mode on its own, so it is asked for again.
-                conn.stream.set_quickack(true)?;
+                conn.read.quickack()?;
             }
         }
         Ok(())
@@ -495,7 +660,7 @@ struct Wrote {
     sent: u64,
     last_write: Option<Instant>,
     error: Option<anyhow::Error>,
-    write: OwnedWriteHalf,
+    write: Writer,
 }
 
 /// The QoS 1 side of a publisher: its window and the send times of what is in flight.
@@ -561,7 +726,7 @@ impl Window {
 /// tells the PUBACK reader how many to wait for.
 async fn publisher(
     plan: Plan,
-    mut write: OwnedWriteHalf,
+    mut write: Writer,
     window: Option<Arc<Window>>,
     acks_due: Option<watch::Sender<u64>>,
 ) -> Wrote {
@@ -614,7 +779,7 @@ async fn publisher(
                     window.mark(pkid, ns);
                 }
             }
-            match timeout_at(plan.stop_at, write.write_all(&out)).await {
+            match timeout_at(plan.stop_at, write_out(&mut write, &out)).await {
                 Ok(written) => written.with_context(|| format!("{}: write", plan.id))?,
                 // The broker stopped reading and the time is up; this batch does not count.
                 Err(_) => break,
@@ -641,11 +806,11 @@ async fn publisher(
 /// Reads a QoS 1 publisher's PUBACKs, reopening its window as they come.
 async fn ack_reader(
     id: String,
-    mut read: OwnedReadHalf,
+    mut read: Reader,
     mut buf: BytesMut,
     window: Arc<Window>,
     mut until: Until,
-) -> (Seen, OwnedReadHalf) {
+) -> (Seen, Reader) {
     let mut seen = Seen::default();
     let result: anyhow::Result<()> = async {
         while !until.reached(seen.count) {
@@ -689,12 +854,13 @@ async fn ack_reader(
 }
 
 /// Opens `n` connections at once, with ids `<base><i>`.
-async fn open_all(addr: &str, base: &str, n: u32) -> anyhow::Result<Vec<Conn>> {
+async fn open_all(addr: &str, ws: Option<&str>, base: &str, n: u32) -> anyhow::Result<Vec<Conn>> {
     let tasks: Vec<JoinHandle<anyhow::Result<Conn>>> = (0..n)
         .map(|i| {
             let addr = addr.to_owned();
+            let ws = ws.map(str::to_owned);
             let id = format!("{base}{i}");
-            tokio::spawn(async move { Conn::open(&addr, id).await })
+            tokio::spawn(async move { Conn::open(&addr, id, ws.as_deref()).await })
         })
         .collect();
     let mut conns = Vec::with_capacity(tasks.len());
@@ -731,11 +897,15 @@ async fn main() -> anyhow::Result<()> {
     // Short ids: MQTT 3.1.1 only obliges brokers to take 23 characters.
     let id_base = format!("ml{}", &run[..8]);
 
-    let mut subs = open_all(&args.addr, &format!("{id_base}s"), subscribers).await?;
+    let ws = args.ws.as_deref();
+    if ws.is_some_and(|p| !p.starts_with('/')) {
+        bail!("--ws takes a path, such as /mqtt");
+    }
+    let mut subs = open_all(&args.addr, ws, &format!("{id_base}s"), subscribers).await?;
     for sub in &mut subs {
         sub.subscribe(&filter, qos).await?;
     }
-    let pubs = open_all(&args.addr, &format!("{id_base}p"), publishers).await?;
+    let pubs = open_all(&args.addr, ws, &format!("{id_base}p"), publishers).await?;
 
     let planned = u64::from(publishers) * args.count;
     let (want_tx, want) = watch::channel(planned);
@@ -754,8 +924,12 @@ async fn main() -> anyhow::Result<()> {
     // QoS 0 publishers read nothing, but their read halves stay open until the end.
     let mut idle = Vec::new();
     for (i, conn) in pubs.into_iter().enumerate() {
-        let Conn { id, stream, buf } = conn;
-        let (read, write) = stream.into_split();
+        let Conn {
+            id,
+            read,
+            write,
+            buf,
+        } = conn;
         let plan = Plan {
             id: id.clone(),
             topic: if fill {
@@ -835,10 +1009,10 @@ async fn main() -> anyhow::Result<()> {
 
     // Best effort: the figures are taken, a broker that is gone by now changes nothing.
     for write in &mut writes {
-        let _ = timeout(GRACE, write.write_all(&wire::DISCONNECT)).await;
+        let _ = timeout(GRACE, write_out(write, &wire::DISCONNECT)).await;
     }
     for conn in &mut conns {
-        let _ = timeout(GRACE, conn.stream.write_all(&wire::DISCONNECT)).await;
+        let _ = timeout(GRACE, write_out(&mut conn.write, &wire::DISCONNECT)).await;
     }
     drop((writes, idle, conns));
 
@@ -854,7 +1028,11 @@ async fn main() -> anyhow::Result<()> {
         Scenario::OneToOne | Scenario::Fill => String::new(),
     };
     let mut report = Report::new(
-        format!("mqtt qos{qos} {}{shape}", args.scenario.name()),
+        format!(
+            "mqtt{} qos{qos} {}{shape}",
+            if ws.is_some() { " over websocket" } else { "" },
+            args.scenario.name()
+        ),
         count,
         end - start,
         &measured.latencies,
