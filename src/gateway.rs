@@ -11,7 +11,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::bridge::{Bridge, Journal, JournalError, RetainedStore, StoreSource};
 use crate::coap::CoapServer;
-use crate::config::Config;
+use crate::config::{Config, DefaultBind};
 use crate::http;
 use crate::metrics::Metrics;
 use crate::mqtt::{Broker, MqttError, RemoteBroker};
@@ -48,9 +48,11 @@ pub enum GatewayError {
 /// A gateway with every listener bound, ready to run.
 pub struct Gateway {
     config: Config,
-    http: TcpListener,
+    /// One listener per address of `Config::http_addrs`; never empty.
+    http: Vec<TcpListener>,
     https: Option<(TcpListener, Tls)>,
-    coap: CoapServer,
+    /// One endpoint per address of `Config::coap_addrs`; never empty.
+    coap: Vec<CoapServer>,
     broker: BrokerMode,
     store: Arc<RetainedStore>,
     policy: Policy,
@@ -65,17 +67,14 @@ enum BrokerMode {
 impl Gateway {
     /// Opens the retained store under the data dir, binds the HTTP, CoAP and MQTT listeners and
     /// starts the broker's router.
-    pub async fn bind(config: Config) -> Result<Self, GatewayError> {
+    pub async fn bind(mut config: Config) -> Result<Self, GatewayError> {
         let (journal, retained) = Journal::open(&config.data_dir)?;
         let store = Arc::new(RetainedStore::durable(journal, retained));
         let policy = Policy::new(&config.auth, &config.limits);
-        let http = TcpListener::bind(config.http.addr)
-            .await
-            .map_err(|source| GatewayError::Bind {
-                protocol: "HTTP",
-                addr: config.http.addr,
-                source,
-            })?;
+        let http = bind_all("HTTP", config.http_addrs(), TcpListener::bind, |l| {
+            l.local_addr().ok()
+        })
+        .await?;
         let tls = Tls::load(&config.tls)?;
         let https = match &tls {
             None => None,
@@ -90,13 +89,17 @@ impl Gateway {
                 tls.clone(),
             )),
         };
-        let coap = CoapServer::bind(&config.coap)
-            .await
-            .map_err(|source| GatewayError::Bind {
-                protocol: "CoAP",
-                addr: config.coap.addr,
-                source,
-            })?;
+        let coap = bind_all(
+            "CoAP",
+            config.coap_addrs(),
+            |addr| CoapServer::bind(addr, &config.coap),
+            |c| Some(c.addr()),
+        )
+        .await?;
+        // The embedded broker binds one address for now: the first of the list.
+        if let Some(&first) = config.mqtt_addrs().first() {
+            config.mqtt.addr = first;
+        }
         let endpoint = config.broker.endpoint().map_err(|reason| {
             GatewayError::Mqtt(MqttError::Link(format!("broker.url {reason}")))
         })?;
@@ -131,9 +134,17 @@ impl Gateway {
         })
     }
 
-    /// The bound HTTP address.
+    /// The first bound HTTP address.
     pub fn http_addr(&self) -> SocketAddr {
-        self.http.local_addr().unwrap_or(self.config.http.addr)
+        self.http_addrs()[0]
+    }
+
+    /// Every bound HTTP address (loopback IPv4 and IPv6 when none was given).
+    pub fn http_addrs(&self) -> Vec<SocketAddr> {
+        self.http
+            .iter()
+            .filter_map(|l| l.local_addr().ok())
+            .collect()
     }
 
     /// The bound HTTPS address, when `[tls]` names a certificate.
@@ -141,9 +152,14 @@ impl Gateway {
         self.https.as_ref().and_then(|(l, _)| l.local_addr().ok())
     }
 
-    /// The bound CoAP address.
+    /// The first bound CoAP address.
     pub fn coap_addr(&self) -> SocketAddr {
-        self.coap.addr()
+        self.coap[0].addr()
+    }
+
+    /// Every bound CoAP address.
+    pub fn coap_addrs(&self) -> Vec<SocketAddr> {
+        self.coap.iter().map(CoapServer::addr).collect()
     }
 
     /// The bound MQTT address of the embedded broker; `None` in front of an external broker.
@@ -175,8 +191,7 @@ impl Gateway {
         } = self;
         let cancel = CancellationToken::new();
         let tracker = TaskTracker::new();
-        let http_addr = http.local_addr().unwrap_or(config.http.addr);
-        let coap_addr = coap.addr();
+        let http_addrs: Vec<SocketAddr> = http.iter().filter_map(|l| l.local_addr().ok()).collect();
 
         tracing::info!(
             retained = store.len(),
@@ -220,9 +235,12 @@ impl Gateway {
         );
         tracker.spawn(bridge.clone().run(cancel.clone()));
 
-        tracker.spawn(coap.run(bridge.clone(), tracker.clone(), cancel.clone()));
-        tracing::info!(protocol = "coap", addr = %coap_addr, "listening");
-        warn_if_open(&policy, "coap", coap_addr);
+        for endpoint in coap {
+            let addr = endpoint.addr();
+            tracker.spawn(endpoint.run(bridge.clone(), tracker.clone(), cancel.clone()));
+            tracing::info!(protocol = "coap", %addr, "listening");
+            warn_if_open(&policy, "coap", addr);
+        }
 
         let draining = CancellationToken::new();
         let router = http::router(
@@ -236,14 +254,15 @@ impl Gateway {
             header_timeout: config.http.header_timeout,
             tls: None,
         };
-        let mut http_task = tracker.spawn(http::serve(
-            http,
-            router.clone(),
-            listening.clone(),
-            cancel.clone(),
-        ));
-        tracing::info!(protocol = "http", addr = %http_addr, "listening");
-        warn_if_open(&policy, "http", http_addr);
+        let mut http_tasks = tokio::task::JoinSet::new();
+        for listener in http {
+            let served = http::serve(listener, router.clone(), listening.clone(), cancel.clone());
+            http_tasks.spawn(tracker.track_future(served));
+        }
+        for &addr in &http_addrs {
+            tracing::info!(protocol = "http", %addr, "listening");
+            warn_if_open(&policy, "http", addr);
+        }
         let mut https_task = match https {
             None => None,
             Some((listener, tls)) => {
@@ -257,6 +276,7 @@ impl Gateway {
                 Some(tracker.spawn(http::serve(listener, router, listening, cancel.clone())))
             }
         };
+        announce(&config, &http_addrs);
         let https_stopped = async {
             match https_task.as_mut() {
                 Some(task) => task.await,
@@ -266,7 +286,7 @@ impl Gateway {
 
         let outcome = tokio::select! {
             () = shutdown => Ok(()),
-            res = &mut http_task => served(res),
+            Some(res) = http_tasks.join_next() => served(res),
             res = https_stopped => served(res),
         };
         draining.cancel();
@@ -296,6 +316,73 @@ fn served(res: Result<std::io::Result<()>, tokio::task::JoinError>) -> Result<()
         Ok(Ok(())) => Ok(()),
         Ok(Err(e)) => Err(GatewayError::Http(e)),
         Err(e) => Err(GatewayError::Http(std::io::Error::other(e))),
+    }
+}
+
+/// Binds `protocol` on each of `addrs` with `bind`. After the first, a port 0 becomes the
+/// port the first got, and an IPv6 address the host cannot bind (no IPv6) is skipped: only the
+/// default loopback pair has more than one address.
+async fn bind_all<T, F, Fut>(
+    protocol: &'static str,
+    addrs: Vec<SocketAddr>,
+    bind: F,
+    bound_addr: impl Fn(&T) -> Option<SocketAddr>,
+) -> Result<Vec<T>, GatewayError>
+where
+    F: Fn(SocketAddr) -> Fut,
+    Fut: Future<Output = std::io::Result<T>>,
+{
+    let mut bound: Vec<T> = Vec::with_capacity(addrs.len());
+    for mut addr in addrs {
+        let first_port = bound.first().and_then(&bound_addr).map(|a| a.port());
+        if let (0, Some(port)) = (addr.port(), first_port) {
+            addr.set_port(port);
+        }
+        match bind(addr).await {
+            Ok(listener) => bound.push(listener),
+            Err(e)
+                if first_port.is_some()
+                    && addr.is_ipv6()
+                    && e.kind() != std::io::ErrorKind::AddrInUse =>
+            {
+                tracing::debug!(protocol, %addr, error = %e, "no IPv6 loopback; IPv4 only");
+            }
+            Err(source) => {
+                return Err(GatewayError::Bind {
+                    protocol,
+                    addr,
+                    source,
+                });
+            }
+        }
+    }
+    Ok(bound)
+}
+
+/// The line that tells a person what to open, and, on the loopback default, how to open up.
+fn announce(config: &Config, http_addrs: &[SocketAddr]) {
+    let base = http_addrs
+        .first()
+        .map(|&addr| format!("http://{}", crate::probe::reachable(addr)))
+        .unwrap_or_default();
+    tracing::info!(
+        version = env!("CARGO_PKG_VERSION"),
+        explorer = %format!("{base}/"),
+        docs = %format!("{base}/docs"),
+        "topicgate {} ready: open {base}/ to explore the topics, {base}/docs for the API",
+        env!("CARGO_PKG_VERSION"),
+    );
+    let defaulted = config.http.addr.is_none()
+        || config.coap.addr.is_none()
+        || (config.mqtt.given_addr.is_none() && config.broker.url.is_empty());
+    if defaulted && config.default_bind() == DefaultBind::Loopback {
+        tracing::info!(
+            "only this machine can connect: with no [auth] and no address given, the listeners \
+             bind loopback; to open them up, configure [auth] (docs/security.md) or give \
+             addresses, e.g. --http-addr 0.0.0.0:8080 --mqtt-addr 0.0.0.0:1883 \
+             --coap-addr 0.0.0.0:5683 (env TOPICGATE_HTTP_ADDR etc., or `addr` in [http], \
+             [mqtt], [coap])"
+        );
     }
 }
 

@@ -115,8 +115,15 @@ impl Endpoint {
 
     async fn datagram(&mut self, data: &[u8], peer: SocketAddr) {
         match wire::decode(data) {
-            Inbound::Ignore => {}
-            Inbound::Reject(mid) => self.reset_peer(mid, peer).await,
+            Inbound::Ignore => {
+                let reason = format_args!("malformed datagram of {} bytes dropped", data.len());
+                crate::refused::log("coap", peer, &reason);
+            }
+            Inbound::Reject(mid) => {
+                let reason = format_args!("malformed datagram of {} bytes reset", data.len());
+                crate::refused::log("coap", peer, &reason);
+                self.reset_peer(mid, peer).await;
+            }
             Inbound::Message(packet) => self.message(packet, peer).await,
         }
     }
@@ -441,6 +448,13 @@ impl Exchange {
         let code = MessageClass::Response(reply.code);
         metrics.coap_request(method_index(self.method), u8::from(code));
         let class = u8::from(code) >> 5;
+        let detail = u8::from(code) & 0x1f;
+        // Refused requests are logged, 4.04 (nothing there) aside, as HTTP does.
+        if class == 4 && detail != 4 {
+            let text = String::from_utf8_lossy(&reply.payload);
+            let reason = format_args!("{class}.{detail:02} {text}");
+            crate::refused::log("coap", self.key.0, &reason);
+        }
         let suppressed = self.no_response & (1 << (class - 1).min(7)) != 0;
         if suppressed {
             if !self.confirmable {

@@ -126,13 +126,17 @@ impl Connection {
                         }
                     }
                 }
-                _ => return,
+                Ok(Err(_)) => return,
+                Err(_) => {
+                    let reason = "closed: no request within http.header_timeout";
+                    return crate::refused::log("http", peer, &reason);
+                }
             },
             Some(tls) => match tls.accept(stream, deadline).await {
                 Ok(accepted) => (Box::new(accepted.stream), accepted.client_name, false),
                 Err(e) => {
-                    tracing::debug!(%peer, error = %e, "TLS handshake failed");
-                    return;
+                    let reason = format_args!("TLS handshake refused: {e}");
+                    return crate::refused::log("https", peer, &reason);
                 }
             },
         };
