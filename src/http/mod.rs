@@ -1,9 +1,10 @@
 //! The HTTP API: the router below is the whole surface, and the OpenAPI document is generated
-//! from the same handler annotations.
+//! from the same handler annotations; the topic explorer (`explorer`) is served beside it.
 
 mod auth;
 mod direct;
 mod error;
+mod explorer;
 mod front;
 mod ops;
 mod server;
@@ -17,6 +18,7 @@ use std::sync::Arc;
 
 use axum::Router;
 use axum::http::Uri;
+use axum::routing::get;
 use tokio_util::sync::CancellationToken;
 use utoipa::OpenApi;
 use utoipa_axum::router::OpenApiRouter;
@@ -141,7 +143,12 @@ async fn method_not_allowed() -> ApiError {
 }
 
 fn finish(router: Router<AppState>, state: AppState) -> App {
+    // Pages for people, outside the OpenAPI document: the explorer and `/docs/` as `/docs`.
     let router = router
+        .route("/", get(explorer::page))
+        .route("/explorer/explorer.js", get(explorer::script))
+        .route("/explorer/explorer.css", get(explorer::style))
+        .route("/docs/", get(ops::docs))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .with_state(state.clone());
