@@ -84,12 +84,13 @@ async fn front(router: Router, state: AppState, request: Request) -> Response {
     }
     let status = response.status();
     state.bridge.metrics().http_response(status.as_u16());
-    if status.is_client_error() && status != StatusCode::NOT_FOUND {
-        if let Some(peer) = peer {
-            let reason = response.extensions().get::<Reason>();
-            let text = reason.map_or(status.canonical_reason().unwrap_or(""), |r| &r.0);
-            crate::refused::log("http", peer, &format_args!("{} {text}", status.as_u16()));
-        }
+    if status.is_client_error()
+        && status != StatusCode::NOT_FOUND
+        && let Some(peer) = peer
+    {
+        let reason = response.extensions().get::<Reason>();
+        let text = reason.map_or(status.canonical_reason().unwrap_or(""), |r| &r.0);
+        crate::refused::log("http", peer, &format_args!("{} {text}", status.as_u16()));
     }
     if let Some((started, method, uri)) = logged {
         tracing::debug!(%method, %uri, status = status.as_u16(), elapsed = ?started.elapsed(), "request");
