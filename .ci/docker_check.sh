@@ -2,9 +2,11 @@
 # Checks that the Docker build context builds. With a Docker daemon: `docker build`, then the
 # image's health check command against a running container. Without one: the files the
 # Dockerfile COPYs into its build stage, less what .dockerignore leaves out, are copied to a
-# temporary directory and the build stage's cargo command runs there (reusing CARGO_TARGET_DIR,
-# default ./target, so only the gateway itself is compiled again), and every file the runtime
-# stage COPYs from the context is checked to be in the context.
+# temporary directory and the build stage's cargo command runs there, reusing CARGO_TARGET_DIR
+# (default ./target). Cargo loads the whole workspace from the copy, and finds the gateway fresh
+# only if every source file its last build read is in the copy, unchanged (the copy keeps the
+# files' times); otherwise it compiles the copy. Every file the runtime stage COPYs from the
+# context is checked to be in the context too.
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
