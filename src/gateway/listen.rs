@@ -87,3 +87,26 @@ pub(super) fn warn_if_open(policy: &Policy, protocol: &'static str, addr: Socket
         );
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn the_loopback_pair_shares_one_port_and_ipv6_is_optional() {
+        let addrs = vec!["127.0.0.1:0".parse().unwrap(), "[::1]:0".parse().unwrap()];
+        let bound = bind_all("HTTP", addrs, tokio::net::TcpListener::bind, |l| {
+            l.local_addr().ok()
+        })
+        .await
+        .expect("IPv4 loopback binds");
+        let addrs: Vec<SocketAddr> = bound.iter().map(|l| l.local_addr().unwrap()).collect();
+        assert!(addrs[0].ip().is_loopback() && addrs[0].port() != 0);
+        // Where the host has IPv6, [::1] gets the port 127.0.0.1 got; else it is left out.
+        assert!(addrs.len() <= 2);
+        if let Some(v6) = addrs.get(1) {
+            assert!(v6.is_ipv6());
+            assert_eq!(v6.port(), addrs[0].port());
+        }
+    }
+}

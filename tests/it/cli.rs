@@ -501,6 +501,19 @@ fn startup_names_version_and_urls_refusals_are_logged_and_healthcheck_probes() {
         "{refused}"
     );
 
+    // A malformed CoAP datagram is a refused client too.
+    let coap: serde_json::Value = serde_json::from_str(listening_line(&r, "coap")).unwrap();
+    let coap = coap["fields"]["addr"].as_str().unwrap().to_owned();
+    let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    socket.send_to(&[0x40, 0x01], &coap).unwrap();
+    let malformed: serde_json::Value =
+        serde_json::from_str(&line_with(&r, "malformed datagram")).unwrap();
+    assert_eq!(malformed["fields"]["protocol"], "coap");
+    assert_eq!(
+        malformed["fields"]["peer"],
+        socket.local_addr().unwrap().to_string()
+    );
+
     let data = tempfile::tempdir().unwrap();
     let probe = command(&["--http-addr", &addr, "healthcheck"], &[], data.path())
         .output()
