@@ -214,6 +214,36 @@ try {
     notOk("clear-retained from the page empties the topic for every client", e.message);
   }
 
+  // The filter box narrows the tree to matching topics, whatever is open.
+  await page.type("#filter", "sensor17");
+  try {
+    // Every row is a match or a level above one: plant, its 10 lines, their 500 cells.
+    const rows = await (await page.waitForFunction(() => {
+      const rows = window.topicgateExplorer.state.rows.filter((n) => !n.sep).map((n) => n.full);
+      return rows.length === 1 + 10 + 500 + 500 && rows;
+    }, { timeout: 2_000 })).jsonValue();
+    const stray = rows.filter((t) => !t.endsWith("/sensor17") && t.split("/").length > 3);
+    if (stray.length) throw new Error("rows that do not match: " + stray.slice(0, 3).join(", "));
+    ok("the filter box shows the 500 matching topics and their levels");
+  } catch (e) {
+    notOk("the filter box shows the 500 matching topics and their levels", e.message);
+  }
+  await page.$eval("#filter", (e) => { e.value = ""; e.dispatchEvent(new Event("input")); });
+
+  // "Copy as curl" gives a command that works as it is.
+  await selectTopic(page, "home/humidity");
+  await page.$$eval("#detail button", (bs) => bs.find((b) => b.textContent === "Copy as curl").click());
+  const curl = await page.$eval("#detail pre.cmd", (e) => e.textContent);
+  try {
+    const read = await run("bash", ["-c", curl.split("\n")[0]]);
+    await run("bash", ["-c", curl.split("\n")[1].replace("'48'", "'49'")]);
+    const now = await (await fetch(base + "/topics/home/humidity")).text();
+    if (read !== "48" || now !== "49") throw new Error("read " + read + ", then " + now);
+    ok("the copied curl commands read and publish the topic", curl.split("\n")[1]);
+  } catch (e) {
+    notOk("the copied curl commands read and publish the topic", e.message + "\n#   " + curl);
+  }
+
   // 1,000 messages a second for 3 s over MQTT, to 10 topics: the page keeps drawing frames.
   await page.evaluate(() => {
     const r = (window.frameGaps = { gaps: [], last: performance.now(), on: true });
