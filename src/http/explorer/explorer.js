@@ -231,6 +231,11 @@ function drain(now) {
       for (let n = node; n; n = n.parent) n.topics += node.msg ? 1 : -1;
       state.structure = true;
     }
+    // In a small tree, a topic that arrives live is opened up to, so it is seen at once.
+    if (live && node.hist.length === 0 && root.topics < 200) {
+      for (let n = node.parent; n && n !== root; n = n.parent) n.open = true;
+      state.structure = true;
+    }
     if (live) {
       state.messages++;
       state.rate.n++;
