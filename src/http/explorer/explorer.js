@@ -63,13 +63,13 @@ const $ = (id) => document.getElementById(id);
 
 // ---- HTTP ----------------------------------------------------------------------------------
 
-/// Each level of a topic or filter percent-encoded for the path (`#` -> %23, `+` stays a level).
+// Each level of a topic or filter percent-encoded for the path (`#` -> %23, `+` stays a level).
 function topicPath(topic) {
   return "/topics/" + topic.split("/").map(encodeURIComponent).join("/");
 }
 
-/// fetch with this page's credentials. `credentials: "omit"` keeps the browser from answering
-/// a 401's Basic challenge with its own login prompt: the page asks, once, and sends the header.
+// fetch with this page's credentials. `credentials: "omit"` keeps the browser from answering
+// a 401's Basic challenge with its own login prompt: the page asks, once, and sends the header.
 function api(url, init) {
   return fetch(url, { ...init, credentials: "omit" });
 }
@@ -80,7 +80,7 @@ function headers(extra) {
   return h;
 }
 
-/// A refusal worth telling the user about; returns the error text.
+// A refusal worth telling the user about; returns the error text.
 async function refusal(res) {
   let text = res.status + " " + res.statusText;
   try {
@@ -103,7 +103,7 @@ function setStatus(s, text) {
   el.textContent = text || s;
 }
 
-/// Loads every retained message under `filter`, page by page, applying each page at once.
+// Loads every retained message under `filter`, page by page, applying each page at once.
 async function list(filter, signal, firstPage) {
   let cursor = null;
   for (;;) {
@@ -138,8 +138,8 @@ async function refused(res, what) {
   return false;
 }
 
-/// Reads the event stream of `filter` with fetch (EventSource cannot send Authorization),
-/// reconnecting with Last-Event-ID.
+// Reads the event stream of `filter` with fetch (EventSource cannot send Authorization),
+// reconnecting with Last-Event-ID.
 async function stream(filter, signal) {
   let lastId = null;
   let backoff = 500;
@@ -210,8 +210,8 @@ const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
 
 // ---- applying messages ---------------------------------------------------------------------
 
-/// Queues a message; `live` ones count as traffic unless they repeat the value already shown
-/// (the snapshot a stream starts with).
+// Queues a message; `live` ones count as traffic unless they repeat the value already shown
+// (the snapshot a stream starts with).
 function apply(m, live) {
   state.queue.push([m, live]);
 }
@@ -276,7 +276,7 @@ function frame(now) {
   if (state.queue.length || now - state.lastTouch < 1100) schedule();
 }
 
-/// The rows in view order: the topics, then the `$` topics under their own heading.
+// The rows in view order: the topics, then the `$` topics under their own heading.
 function flatten() {
   state.structure = false;
   const rows = [];
@@ -313,7 +313,7 @@ function flatten() {
   $("tree-space").style.height = rows.length * ROW + "px";
 }
 
-/// Whether `node` or a node under it has `f` in its topic; memoised per filter text.
+// Whether `node` or a node under it has `f` in its topic; memoised per filter text.
 function matches(node, f) {
   if (node.mf === f) return node.mm;
   let m = node.full.toLowerCase().includes(f);
@@ -447,8 +447,8 @@ function el(tag, cls, text) {
   return e;
 }
 
-/// The value view: JSON pretty-printed, numbers large with a sparkline, images shown, other
-/// binary as hex, text as is.
+// The value view: JSON pretty-printed, numbers large with a sparkline, images shown, other
+// binary as hex, text as is.
 function valueView(node) {
   const m = node.msg;
   const box = el("div");
