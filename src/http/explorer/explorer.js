@@ -271,7 +271,9 @@ function frame(now) {
     r.n = 0;
     r.since = now;
   }
-  $("stats").textContent = root.topics.toLocaleString() + " topics · " + r.shown.toLocaleString() + " msg/s";
+  $("stats").textContent = root.topics.toLocaleString() + (root.topics === 1 ? " topic · " : " topics · ") +
+    r.shown.toLocaleString() + " msg/s";
+  $("tree-empty").hidden = state.rows.length > 0 || window.topicgateExplorer.loadedMs === null;
   // Keep the highlights fading while anything is recent.
   if (state.queue.length || now - state.lastTouch < 1100) schedule();
 }
@@ -770,6 +772,9 @@ async function load(signal, t0) {
   };
   if (!(await list("#", signal, firstLook))) return;
   window.topicgateExplorer.loadedMs = performance.now() - t0;
+  const host = location.hostname.replace(/^\[|\]$/g, "");
+  $("tree-empty-cmd").textContent = "mosquitto_pub -h " + host + " -r -t hello/world -m 'Hello'";
+  schedule();
   stream("#", signal);
   if (await list("$SYS/#", signal)) stream("$SYS/#", signal);
 }
