@@ -240,7 +240,7 @@ pub struct CoapConfig {
     /// RFC 7252 MAX_RETRANSMIT: resends of an unacknowledged notification before the observer
     /// is dropped.
     pub max_retransmit: u8,
-    /// Most concurrent observations; a registration beyond it gets 5.03.
+    /// Most concurrent observations per CoAP socket; a registration beyond it gets 5.03.
     pub max_observers: usize,
     /// Largest block of a block-wise transfer, bytes: 16, 32, ... 1024.
     #[serde(deserialize_with = "size")]

@@ -46,6 +46,8 @@ pub(crate) struct Endpoint {
     pending: Arc<Semaphore>,
     answered: mpsc::UnboundedSender<Answered>,
     metrics: Arc<Metrics>,
+    /// This endpoint's share of the `coap_observers` gauge, which every CoAP socket adds to.
+    observers_counted: i64,
     tracker: TaskTracker,
 }
 
@@ -74,6 +76,7 @@ impl Endpoint {
             pending: Arc::new(Semaphore::new(config.max_pending)),
             answered,
             metrics: bridge.metrics().clone(),
+            observers_counted: 0,
             tracker,
             handler,
         };
@@ -215,7 +218,7 @@ impl Endpoint {
                     }
                     Err(Full) => unavailable("too many observers"),
                 };
-                self.metrics.coap_observers.set(self.observers.len() as i64);
+                self.count_observers();
                 self.answer(&exchange, reply).await;
             }
             Action::Deregister(reply) => {
@@ -386,7 +389,7 @@ impl Endpoint {
                 .coap_observers_removed
                 .get_or_create(&ReasonLabel { reason })
                 .inc();
-            self.metrics.coap_observers.set(self.observers.len() as i64);
+            self.count_observers();
         }
     }
 
@@ -408,7 +411,14 @@ impl Endpoint {
                 .get_or_create(&ReasonLabel { reason: "shutdown" })
                 .inc();
         }
-        self.metrics.coap_observers.set(0);
+        self.count_observers();
+    }
+
+    /// Brings the gauge in step with this endpoint's observers, leaving other sockets' share.
+    fn count_observers(&mut self) {
+        let now = self.observers.len() as i64;
+        self.metrics.coap_observers.inc_by(now - self.observers_counted);
+        self.observers_counted = now;
     }
 
     async fn reset_peer(&self, mid: u16, peer: SocketAddr) {
