@@ -87,7 +87,9 @@ async function refusal(res) {
     const body = await res.json();
     if (body && body.message) text = res.status + " " + body.error + ": " + body.message;
   } catch (_) { /* not JSON */ }
-  if (res.status === 429) text += " (retry after " + (res.headers.get("Retry-After") || "?") + " s)";
+  if (res.status === 429 && !text.includes("retry after")) {
+    text += " (retry after " + (res.headers.get("Retry-After") || "?") + " s)";
+  }
   return text;
 }
 
@@ -110,7 +112,14 @@ async function list(filter, signal, firstPage) {
     let url = topicPath(filter) + "?limit=" + PAGE;
     if (cursor !== null) url += "&cursor=" + encodeURIComponent(cursor);
     const res = await api(url, { headers: headers({ Accept: "application/json" }), signal });
+    if (res.status === 429) {
+      // Rate limited: say so, wait as told, and ask for the same page again.
+      banner("Listing " + filter + " was refused: " + (await refusal(res)) + "; retrying");
+      await sleep(1000 * (Number(res.headers.get("Retry-After")) || 1));
+      continue;
+    }
     if (!res.ok) return refused(res, filter);
+    banner("");
     const page = await res.json();
     for (const m of page.messages) apply(m, false);
     if (cursor === null && firstPage) {
