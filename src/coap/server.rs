@@ -417,7 +417,9 @@ impl Endpoint {
     /// Brings the gauge in step with this endpoint's observers, leaving other sockets' share.
     fn count_observers(&mut self) {
         let now = self.observers.len() as i64;
-        self.metrics.coap_observers.inc_by(now - self.observers_counted);
+        self.metrics
+            .coap_observers
+            .inc_by(now - self.observers_counted);
         self.observers_counted = now;
     }
 
