@@ -121,7 +121,10 @@ try {
     headers: { "Content-Type": "application/octet-stream" },
     body: new Uint8Array([0x7f, 0x45, 0x4c, 0x46, 2, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 3, 0, 0x3e, 0]),
   });
-  ok("seeded " + (names.length + 5) + " retained topics", Date.now() - seedStart + " ms");
+  // A 2×2 PNG, to be shown as an image.
+  const png = Buffer.from("iVBORw0KGgoAAAANSUhEUgAAAAIAAAACCAIAAAD91JpzAAAAFElEQVR42mP4z8DAAMIM////ZwAAHu8E/HMcU8wAAAAASUVORK5CYII=", "base64");
+  await fetch(base + "/topics/home/door/camera", { method: "PUT", headers: { "Content-Type": "image/png" }, body: png });
+  ok("seeded " + (names.length + 6) + " retained topics", Date.now() - seedStart + " ms");
 
   browser = await puppeteer.launch({
     executablePath: CHROMIUM,
@@ -212,6 +215,23 @@ try {
     ok("clear-retained from the page empties the topic for every client");
   } catch (e) {
     notOk("clear-retained from the page empties the topic for every client", e.message);
+  }
+
+  // Values by content type: JSON pretty-printed with its user property, binary as hex, images.
+  try {
+    await selectTopic(page, "home/livingroom/lamp");
+    const json = await page.$eval("#detail pre.value", (e) => e.textContent);
+    if (!json.includes('\n  "brightness": 80')) throw new Error("JSON not pretty-printed: " + json);
+    const meta = await page.$eval("#detail table", (e) => e.textContent);
+    if (!meta.includes("mqtt-user-room") || !meta.includes("application/json")) throw new Error("metadata: " + meta);
+    await selectTopic(page, "devices/sensor-7/firmware");
+    const hex = await page.$eval("#detail pre.value", (e) => e.textContent);
+    if (!hex.startsWith("000000  7f 45 4c 46 02 01 01 00")) throw new Error("not a hex dump: " + hex);
+    await selectTopic(page, "home/door/camera");
+    await page.waitForFunction(() => document.querySelector("#detail img")?.naturalWidth === 2, { timeout: 2_000 });
+    ok("JSON is pretty-printed with its metadata, binary shown as hex, images shown");
+  } catch (e) {
+    notOk("JSON is pretty-printed with its metadata, binary shown as hex, images shown", e.message);
   }
 
   // The filter box narrows the tree to matching topics, whatever is open.
