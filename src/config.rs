@@ -795,6 +795,16 @@ mod tests {
     }
 
     #[test]
+    fn the_docker_image_config_binds_every_interface() {
+        let text = include_str!("../config/docker.toml");
+        let c = Config::parse(text, Path::new("config/docker.toml")).expect("it parses");
+        c.validate().expect("it is valid");
+        assert_eq!(c.mqtt_addrs(), vec!["0.0.0.0:1883".parse().unwrap()]);
+        assert_eq!(c.http_addrs(), vec!["0.0.0.0:8080".parse().unwrap()]);
+        assert_eq!(c.coap_addrs(), vec!["0.0.0.0:5683".parse().unwrap()]);
+    }
+
+    #[test]
     fn sizes_parse_with_units() {
         assert_eq!(parse_size("1MiB"), Ok(1024 * 1024));
         assert_eq!(parse_size("512 KiB"), Ok(512 * 1024));
