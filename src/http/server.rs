@@ -157,8 +157,15 @@ impl Connection {
                 .watch(builders.0.serve_connection(io, service))
                 .await
         };
-        if let Err(e) = served {
-            tracing::debug!(%peer, error = %e, "HTTP connection ended with an error");
+        match served {
+            Ok(()) => {}
+            // hyper answered a request it could not parse (400, 431) or cut a slow head off
+            // itself: a refused client, as much as one the router refused.
+            Err(e) if e.is_parse() || e.is_timeout() => {
+                let what = if h2 { "http2" } else { "http" };
+                crate::refused::log(what, peer, &format_args!("closed: {e}"));
+            }
+            Err(e) => tracing::debug!(%peer, error = %e, "HTTP connection ended with an error"),
         }
     }
 }

@@ -501,6 +501,12 @@ fn startup_names_version_and_urls_refusals_are_logged_and_healthcheck_probes() {
         "{refused}"
     );
 
+    // So is a request hyper cannot parse.
+    let status = raw_request(&addr, "NOT HTTP AT ALL\r\n\r\n");
+    assert!(status.contains(" 400 "), "{status}");
+    let unparsed: serde_json::Value = serde_json::from_str(&line_with(&r, "closed: ")).unwrap();
+    assert_eq!(unparsed["fields"]["protocol"], "http");
+
     // A malformed CoAP datagram is a refused client too.
     let coap: serde_json::Value = serde_json::from_str(listening_line(&r, "coap")).unwrap();
     let coap = coap["fields"]["addr"].as_str().unwrap().to_owned();
