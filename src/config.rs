@@ -2,7 +2,7 @@
 //! validation. Flags and environment variables are applied on top by `main`.
 
 use std::fmt;
-use std::net::SocketAddr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -10,6 +10,13 @@ use serde::{Deserialize, Deserializer};
 
 /// The documented default configuration, printed by `topicgate print-config`.
 pub const DEFAULT_TOML: &str = include_str!("../config/topicgate.toml");
+
+/// Default ports of the MQTT, HTTP and CoAP listeners.
+pub const MQTT_PORT: u16 = 1883;
+/// Default HTTP port.
+pub const HTTP_PORT: u16 = 8080;
+/// Default CoAP port.
+pub const COAP_PORT: u16 = 5683;
 
 /// Largest payload any protocol allows: MQTT's maximum remaining length less room for headers.
 const MAX_PAYLOAD_CEILING: usize = 256 * 1024 * 1024 - 128 * 1024;
@@ -168,8 +175,9 @@ pub enum LogFormat {
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct MqttConfig {
-    /// TCP listener address.
-    pub addr: SocketAddr,
+    /// TCP listener address as given (file, env or flag); unset, see [`Config::mqtt_addrs`].
+    #[serde(rename = "addr")]
+    pub given_addr: Option<SocketAddr>,
     /// Most concurrent client connections.
     pub max_connections: usize,
     /// Time allowed between accept and CONNECT.
@@ -196,8 +204,8 @@ pub struct MqttConfig {
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct HttpConfig {
-    /// TCP listener address.
-    pub addr: SocketAddr,
+    /// TCP listener address as given; unset, see [`Config::http_addrs`].
+    pub addr: Option<SocketAddr>,
     /// Time limit of a non-streaming request.
     #[serde(with = "humantime_serde")]
     pub request_timeout: Duration,
@@ -228,15 +236,15 @@ pub struct HttpConfig {
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct CoapConfig {
-    /// UDP socket address.
-    pub addr: SocketAddr,
+    /// UDP socket address as given; unset, see [`Config::coap_addrs`].
+    pub addr: Option<SocketAddr>,
     /// RFC 7252 ACK_TIMEOUT: first wait for the ACK of a confirmable notification.
     #[serde(with = "humantime_serde")]
     pub ack_timeout: Duration,
     /// RFC 7252 MAX_RETRANSMIT: resends of an unacknowledged notification before the observer
     /// is dropped.
     pub max_retransmit: u8,
-    /// Most concurrent observations; a registration beyond it gets 5.03.
+    /// Most concurrent observations per CoAP socket; a registration beyond it gets 5.03.
     pub max_observers: usize,
     /// Largest block of a block-wise transfer, bytes: 16, 32, ... 1024.
     #[serde(deserialize_with = "size")]
@@ -337,7 +345,7 @@ impl Default for Config {
 impl Default for MqttConfig {
     fn default() -> Self {
         Self {
-            addr: SocketAddr::from(([0, 0, 0, 0], 1883)),
+            given_addr: None,
             max_connections: 10_000,
             connect_timeout: Duration::from_secs(5),
             max_inflight: 100,
@@ -353,7 +361,7 @@ impl Default for MqttConfig {
 impl Default for HttpConfig {
     fn default() -> Self {
         Self {
-            addr: SocketAddr::from(([0, 0, 0, 0], 8080)),
+            addr: None,
             request_timeout: Duration::from_secs(30),
             list_limit: 1000,
             sse_heartbeat: Duration::from_secs(15),
@@ -371,7 +379,7 @@ impl Default for HttpConfig {
 impl Default for CoapConfig {
     fn default() -> Self {
         Self {
-            addr: SocketAddr::from(([0, 0, 0, 0], 5683)),
+            addr: None,
             ack_timeout: Duration::from_secs(2),
             max_retransmit: 4,
             max_observers: 10_000,
@@ -433,7 +441,67 @@ impl fmt::Display for LineRef {
     }
 }
 
+impl AuthConfig {
+    /// Whether nothing is configured that keeps anyone out: anonymous clients may publish and
+    /// read every topic.
+    pub fn is_open(&self) -> bool {
+        let anonymous = self
+            .allow_anonymous
+            .unwrap_or(self.users.is_empty() && self.tokens.is_empty());
+        anonymous && self.acl.is_empty()
+    }
+}
+
+/// Where listeners bind when no address is given.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DefaultBind {
+    /// Loopback only: nothing in `[auth]` keeps anyone out (as Mosquitto 2 with no listener).
+    Loopback,
+    /// Every interface: `[auth]` asks for credentials or an ACL.
+    Everywhere,
+}
+
 impl Config {
+    /// Where listeners with no address given bind.
+    pub fn default_bind(&self) -> DefaultBind {
+        if self.auth.is_open() {
+            DefaultBind::Loopback
+        } else {
+            DefaultBind::Everywhere
+        }
+    }
+
+    /// The addresses the MQTT listener binds: the one given, else [`Self::listen_addrs`].
+    pub fn mqtt_addrs(&self) -> Vec<SocketAddr> {
+        self.listen_addrs(self.mqtt.given_addr, MQTT_PORT)
+    }
+
+    /// The addresses the HTTP listener binds.
+    pub fn http_addrs(&self) -> Vec<SocketAddr> {
+        self.listen_addrs(self.http.addr, HTTP_PORT)
+    }
+
+    /// The addresses the CoAP socket binds.
+    pub fn coap_addrs(&self) -> Vec<SocketAddr> {
+        self.listen_addrs(self.coap.addr, COAP_PORT)
+    }
+
+    /// A listener's addresses: the one given, used as is; else with an open `[auth]` IPv4 and
+    /// IPv6 loopback on `port` (a binder skips `[::1]` where the host has no IPv6 and gives it
+    /// the port the first bound, for port 0); else every interface on `port`.
+    pub fn listen_addrs(&self, given: Option<SocketAddr>, port: u16) -> Vec<SocketAddr> {
+        match (given, self.default_bind()) {
+            (Some(addr), _) => vec![addr],
+            (None, DefaultBind::Loopback) => vec![
+                SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), port),
+                SocketAddr::new(IpAddr::V6(Ipv6Addr::LOCALHOST), port),
+            ],
+            (None, DefaultBind::Everywhere) => {
+                vec![SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), port)]
+            }
+        }
+    }
+
     /// Reads `path`, or returns the defaults when there is none; then validates.
     pub fn load(path: Option<&Path>) -> Result<Self, ConfigError> {
         let config = match path {
@@ -708,6 +776,37 @@ mod tests {
         assert!(err.contains("bogus"), "{err}");
         assert!(err.contains("x.toml line 3"), "{err}");
         assert!(!err.contains('\n'), "{err}");
+    }
+
+    #[test]
+    fn listeners_bind_loopback_until_auth_or_an_address_says_otherwise() {
+        let mut c = Config::default();
+        let loopback: Vec<SocketAddr> = vec![
+            "127.0.0.1:8080".parse().unwrap(),
+            "[::1]:8080".parse().unwrap(),
+        ];
+        assert_eq!(c.http_addrs(), loopback);
+        assert_eq!(c.mqtt_addrs()[0], "127.0.0.1:1883".parse().unwrap());
+        assert_eq!(c.coap_addrs()[1], "[::1]:5683".parse().unwrap());
+        c.http.addr = Some("0.0.0.0:9000".parse().unwrap());
+        assert_eq!(c.http_addrs(), vec!["0.0.0.0:9000".parse().unwrap()]);
+        c.auth.tokens.push(TokenEntry {
+            name: "t".to_owned(),
+            token: "0123456789abcdef".to_owned(),
+        });
+        assert_eq!(c.coap_addrs(), vec!["0.0.0.0:5683".parse().unwrap()]);
+        let file = Config::parse("[mqtt]\naddr = \"[::1]:1884\"\n", Path::new("x")).unwrap();
+        assert_eq!(file.mqtt_addrs(), vec!["[::1]:1884".parse().unwrap()]);
+    }
+
+    #[test]
+    fn the_docker_image_config_binds_every_interface() {
+        let text = include_str!("../config/docker.toml");
+        let c = Config::parse(text, Path::new("config/docker.toml")).expect("it parses");
+        c.validate().expect("it is valid");
+        assert_eq!(c.mqtt_addrs(), vec!["0.0.0.0:1883".parse().unwrap()]);
+        assert_eq!(c.http_addrs(), vec!["0.0.0.0:8080".parse().unwrap()]);
+        assert_eq!(c.coap_addrs(), vec!["0.0.0.0:5683".parse().unwrap()]);
     }
 
     #[test]

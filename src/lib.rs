@@ -14,6 +14,8 @@
 //!   protocol alike.
 //! - [`tls`]: certificates and handshakes of the HTTPS and MQTT-over-TLS listeners.
 //! - [`config`]: the typed configuration; [`metrics`]: the Prometheus registry.
+//! - [`refused`]: the rate-limited log line of a refused client, for every protocol.
+//! - [`probe`]: the `healthcheck` subcommand's GET of `/healthz`.
 
 pub mod bridge;
 pub mod coap;
@@ -25,6 +27,8 @@ pub mod http;
 pub mod metrics;
 pub mod mqtt;
 pub mod policy;
+pub mod probe;
+pub mod refused;
 pub mod tls;
 pub mod topic;
 

@@ -16,10 +16,11 @@ struct Cli {
     /// Configuration file (TOML); see `topicgate print-config`.
     #[arg(long, env = "TOPICGATE_CONFIG", value_name = "FILE")]
     config: Option<PathBuf>,
-    /// MQTT listener address [default: 0.0.0.0:1883].
+    /// MQTT listener address [default: port 1883 on loopback (127.0.0.1 and ::1) while [auth]
+    /// lets anonymous clients do everything, else 0.0.0.0:1883].
     #[arg(long, env = "TOPICGATE_MQTT_ADDR", value_name = "ADDR")]
     mqtt_addr: Option<SocketAddr>,
-    /// HTTP listener address [default: 0.0.0.0:8080].
+    /// HTTP listener address [default: port 8080, loopback or all interfaces as for MQTT].
     #[arg(long, env = "TOPICGATE_HTTP_ADDR", value_name = "ADDR")]
     http_addr: Option<SocketAddr>,
     /// MQTT over TLS listener address, opened when [tls] names a certificate
@@ -29,7 +30,7 @@ struct Cli {
     /// HTTPS listener address, opened when [tls] names a certificate [default: 0.0.0.0:8443].
     #[arg(long, env = "TOPICGATE_HTTPS_ADDR", value_name = "ADDR")]
     https_addr: Option<SocketAddr>,
-    /// CoAP socket address [default: 0.0.0.0:5683].
+    /// CoAP socket address [default: port 5683, loopback or all interfaces as for MQTT].
     #[arg(long, env = "TOPICGATE_COAP_ADDR", value_name = "ADDR")]
     coap_addr: Option<SocketAddr>,
     /// Directory for the gateway's state [default: ./data].
@@ -63,6 +64,9 @@ enum Command {
     /// Read a password (prompted twice on a terminal, else the first line of standard input)
     /// and print its argon2 hash for `password_hash` in `[[auth.users]]`.
     Passwd,
+    /// GET /healthz from the HTTP listener the configuration names (as a container health
+    /// check does); exit 0 when it answers 200, else 1 with the reason.
+    Healthcheck,
 }
 
 fn main() -> ExitCode {
@@ -70,12 +74,23 @@ fn main() -> ExitCode {
         Ok(cli) => cli,
         // --help and --version print and exit 0 as clap does.
         Err(e) if !e.use_stderr() => e.exit(),
-        // A bad flag: one line, exit code 2, like every other startup error.
+        // A bad flag: one line, exit code 2, like every other startup error, keeping clap's
+        // "a similar argument exists" tip.
         Err(e) => {
             let text = e.to_string();
             let line = text.lines().next().unwrap_or("invalid arguments");
             let line = line.trim_start_matches("error: ");
-            let _ = writeln!(std::io::stderr(), "topicgate: error: {line}");
+            let tips: Vec<&str> = text
+                .lines()
+                .map(str::trim)
+                .filter(|l| l.starts_with("tip:"))
+                .collect();
+            let tips = if tips.is_empty() {
+                String::new()
+            } else {
+                format!(" ({})", tips.join("; "))
+            };
+            let _ = writeln!(std::io::stderr(), "topicgate: error: {line}{tips}");
             return ExitCode::from(2);
         }
     };
@@ -100,6 +115,16 @@ fn main() -> ExitCode {
         Ok(c) => c,
         Err(e) => return fail(&e),
     };
+    if let Some(Command::Healthcheck) = cli.command {
+        let addr = config.http_addrs()[0];
+        return match topicgate::probe::healthz(addr, std::time::Duration::from_secs(3)) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                let _ = writeln!(std::io::stderr(), "topicgate: unhealthy: {e}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     init_tracing(config.log_format);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -122,7 +147,7 @@ fn main() -> ExitCode {
 fn load(cli: &Cli) -> anyhow::Result<Config> {
     let mut config = Config::load(cli.config.as_deref())?;
     if let Some(a) = cli.mqtt_addr {
-        config.mqtt.addr = a;
+        config.mqtt.given_addr = Some(a);
     }
     if let Some(a) = cli.mqtts_addr {
         config.mqtt.tls_addr = a;
@@ -131,10 +156,10 @@ fn load(cli: &Cli) -> anyhow::Result<Config> {
         config.http.tls_addr = a;
     }
     if let Some(a) = cli.http_addr {
-        config.http.addr = a;
+        config.http.addr = Some(a);
     }
     if let Some(a) = cli.coap_addr {
-        config.coap.addr = a;
+        config.coap.addr = Some(a);
     }
     if let Some(d) = &cli.data_dir {
         config.data_dir.clone_from(d);

@@ -24,22 +24,25 @@ use crate::config::CoapConfig;
 /// A bound CoAP endpoint, ready to serve.
 pub struct CoapServer {
     socket: UdpSocket,
+    addr: SocketAddr,
     config: CoapConfig,
 }
 
 impl CoapServer {
-    /// Binds the UDP socket.
-    pub async fn bind(config: &CoapConfig) -> std::io::Result<Self> {
-        let socket = UdpSocket::bind(config.addr).await?;
+    /// Binds the UDP socket to `addr`.
+    pub async fn bind(addr: SocketAddr, config: &CoapConfig) -> std::io::Result<Self> {
+        let socket = UdpSocket::bind(addr).await?;
+        let addr = socket.local_addr().unwrap_or(addr);
         Ok(Self {
             socket,
+            addr,
             config: config.clone(),
         })
     }
 
     /// The bound address.
     pub fn addr(&self) -> SocketAddr {
-        self.socket.local_addr().unwrap_or(self.config.addr)
+        self.addr
     }
 
     /// Serves until `cancel` on a thread of its own, spawning publishes on `tracker`; returns

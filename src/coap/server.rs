@@ -46,6 +46,8 @@ pub(crate) struct Endpoint {
     pending: Arc<Semaphore>,
     answered: mpsc::UnboundedSender<Answered>,
     metrics: Arc<Metrics>,
+    /// This endpoint's share of the `coap_observers` gauge, which every CoAP socket adds to.
+    observers_counted: i64,
     tracker: TaskTracker,
 }
 
@@ -74,6 +76,7 @@ impl Endpoint {
             pending: Arc::new(Semaphore::new(config.max_pending)),
             answered,
             metrics: bridge.metrics().clone(),
+            observers_counted: 0,
             tracker,
             handler,
         };
@@ -115,8 +118,15 @@ impl Endpoint {
 
     async fn datagram(&mut self, data: &[u8], peer: SocketAddr) {
         match wire::decode(data) {
-            Inbound::Ignore => {}
-            Inbound::Reject(mid) => self.reset_peer(mid, peer).await,
+            Inbound::Ignore => {
+                let reason = format_args!("malformed datagram of {} bytes dropped", data.len());
+                crate::refused::log("coap", peer, &reason);
+            }
+            Inbound::Reject(mid) => {
+                let reason = format_args!("malformed datagram of {} bytes reset", data.len());
+                crate::refused::log("coap", peer, &reason);
+                self.reset_peer(mid, peer).await;
+            }
             Inbound::Message(packet) => self.message(packet, peer).await,
         }
     }
@@ -208,7 +218,7 @@ impl Endpoint {
                     }
                     Err(Full) => unavailable("too many observers"),
                 };
-                self.metrics.coap_observers.set(self.observers.len() as i64);
+                self.count_observers();
                 self.answer(&exchange, reply).await;
             }
             Action::Deregister(reply) => {
@@ -379,7 +389,7 @@ impl Endpoint {
                 .coap_observers_removed
                 .get_or_create(&ReasonLabel { reason })
                 .inc();
-            self.metrics.coap_observers.set(self.observers.len() as i64);
+            self.count_observers();
         }
     }
 
@@ -401,7 +411,16 @@ impl Endpoint {
                 .get_or_create(&ReasonLabel { reason: "shutdown" })
                 .inc();
         }
-        self.metrics.coap_observers.set(0);
+        self.count_observers();
+    }
+
+    /// Brings the gauge in step with this endpoint's observers, leaving other sockets' share.
+    fn count_observers(&mut self) {
+        let now = self.observers.len() as i64;
+        self.metrics
+            .coap_observers
+            .inc_by(now - self.observers_counted);
+        self.observers_counted = now;
     }
 
     async fn reset_peer(&self, mid: u16, peer: SocketAddr) {
@@ -441,6 +460,13 @@ impl Exchange {
         let code = MessageClass::Response(reply.code);
         metrics.coap_request(method_index(self.method), u8::from(code));
         let class = u8::from(code) >> 5;
+        let detail = u8::from(code) & 0x1f;
+        // Refused requests are logged, 4.04 (nothing there) aside, as HTTP does.
+        if class == 4 && detail != 4 {
+            let text = String::from_utf8_lossy(&reply.payload);
+            let reason = format_args!("{class}.{detail:02} {text}");
+            crate::refused::log("coap", self.key.0, &reason);
+        }
         let suppressed = self.no_response & (1 << (class - 1).min(7)) != 0;
         if suppressed {
             if !self.confirmable {

@@ -241,20 +241,30 @@ impl From<Denial> for ApiError {
     }
 }
 
+/// The message of a refused request (4xx), for the log line of the front service.
+#[derive(Debug, Clone)]
+pub(crate) struct Reason(pub(crate) String);
+
 /// The challenge sent with every 401.
 pub(crate) const CHALLENGE: &str = r#"Basic realm="topicgate", Bearer realm="topicgate""#;
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let status = self.status();
+        let message = self.to_string();
+        let reason = (status.is_client_error() && status != StatusCode::NOT_FOUND)
+            .then(|| Reason(format!("{}: {message}", self.code())));
         let mut response = (
             status,
             Json(ErrorBody {
                 error: self.code(),
-                message: self.to_string(),
+                message,
             }),
         )
             .into_response();
+        if let Some(reason) = reason {
+            response.extensions_mut().insert(reason);
+        }
         let refusal = match self {
             ApiError::Unauthorized(_) | ApiError::LoginsBusy => Some(Refusal::Login),
             ApiError::NeedsCredentials | ApiError::Forbidden(_) => Some(Refusal::Acl),

@@ -1,16 +1,19 @@
 //! What every request passes through before and after its route: identification and rate limit
-//! for `/topics`, the time limit, panic containment, status metrics and a debug log line.
+//! for `/topics`, the time limit, panic containment, status metrics, a debug log line, and the
+//! rate-limited info line of a refused client (`crate::refused`).
 //!
 //! It is one service around the whole router, with one boxed future per request. The same work
 //! as stacked tower layers (two `from_fn`, `CatchPanicLayer`, `TraceLayer`, `DefaultBodyLimit`)
 //! cost a boxed service clone and a boxed future per layer and per request, and a boxed body per
 //! response: a fifth of a request's time in the profile of a retained GET.
 
+use std::net::SocketAddr;
 use std::panic::AssertUnwindSafe;
 use std::time::Instant;
 
 use axum::Router;
-use axum::extract::Request;
+use axum::extract::{ConnectInfo, Request};
+use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use futures_util::FutureExt;
 use futures_util::future::BoxFuture;
@@ -18,7 +21,7 @@ use tower::ServiceExt;
 
 use super::AppState;
 use super::auth;
-use super::error::ApiError;
+use super::error::{ApiError, Reason};
 use crate::policy::{Door, Refusal};
 
 /// The HTTP API as the listeners serve it: the router behind the front checks.
@@ -48,6 +51,10 @@ async fn front(router: Router, state: AppState, request: Request) -> Response {
             request.uri().clone(),
         )
     });
+    let peer = request
+        .extensions()
+        .get::<ConnectInfo<SocketAddr>>()
+        .map(|c| c.0);
     let work = async {
         let path = request.uri().path();
         let request = if path == "/topics" || path.starts_with("/topics/") {
@@ -77,6 +84,14 @@ async fn front(router: Router, state: AppState, request: Request) -> Response {
     }
     let status = response.status();
     state.bridge.metrics().http_response(status.as_u16());
+    if status.is_client_error()
+        && status != StatusCode::NOT_FOUND
+        && let Some(peer) = peer
+    {
+        let reason = response.extensions().get::<Reason>();
+        let text = reason.map_or(status.canonical_reason().unwrap_or(""), |r| &r.0);
+        crate::refused::log("http", peer, &format_args!("{} {text}", status.as_u16()));
+    }
     if let Some((started, method, uri)) = logged {
         tracing::debug!(%method, %uri, status = status.as_u16(), elapsed = ?started.elapsed(), "request");
     }

@@ -1,9 +1,10 @@
 //! The HTTP API: the router below is the whole surface, and the OpenAPI document is generated
-//! from the same handler annotations.
+//! from the same handler annotations; the topic explorer (`explorer`) is served beside it.
 
 mod auth;
 mod direct;
 mod error;
+mod explorer;
 mod front;
 mod ops;
 mod server;
@@ -20,6 +21,7 @@ use std::sync::Arc;
 
 use axum::Router;
 use axum::http::Uri;
+use axum::routing::get;
 use tokio_util::sync::CancellationToken;
 use utoipa::OpenApi;
 use utoipa_axum::router::OpenApiRouter;
@@ -148,9 +150,14 @@ async fn method_not_allowed() -> ApiError {
 }
 
 fn finish(router: Router<AppState>, state: AppState) -> App {
-    // MQTT over WebSocket is not a REST resource: it stays out of the OpenAPI document.
+    // Outside the OpenAPI document: pages for people (the explorer, and `/docs/` as `/docs`),
+    // and MQTT over WebSocket, which is no REST resource.
     let router = router
-        .route("/mqtt", axum::routing::get(ws::upgrade))
+        .route("/", get(explorer::page))
+        .route("/explorer/explorer.js", get(explorer::script))
+        .route("/explorer/explorer.css", get(explorer::style))
+        .route("/docs/", get(ops::docs))
+        .route("/mqtt", get(ws::upgrade))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .with_state(state.clone());

@@ -127,13 +127,17 @@ impl Connection {
                         }
                     }
                 }
-                _ => return,
+                Ok(Err(_)) => return,
+                Err(_) => {
+                    let reason = "closed: no request within http.header_timeout";
+                    return crate::refused::log("http", peer, &reason);
+                }
             },
             Some(tls) => match tls.accept(stream, deadline).await {
                 Ok(accepted) => (Box::new(accepted.stream), accepted.client_name, false),
                 Err(e) => {
-                    tracing::debug!(%peer, error = %e, "TLS handshake failed");
-                    return;
+                    let reason = format_args!("TLS handshake refused: {e}");
+                    return crate::refused::log("https", peer, &reason);
                 }
             },
         };
@@ -168,8 +172,15 @@ impl Connection {
                 }
             }
         };
-        if let Err(e) = served {
-            tracing::debug!(%peer, error = %e, "HTTP connection ended with an error");
+        match served {
+            Ok(()) => {}
+            // hyper answered a request it could not parse (400, 431) or cut a slow head off
+            // itself: a refused client, as much as one the router refused.
+            Err(e) if e.is_parse() || e.is_timeout() => {
+                let what = if h2 { "http2" } else { "http" };
+                crate::refused::log(what, peer, &format_args!("closed: {e}"));
+            }
+            Err(e) => tracing::debug!(%peer, error = %e, "HTTP connection ended with an error"),
         }
     }
 }

@@ -38,7 +38,8 @@ const TOPIC_ALIAS_MAX: u16 = 10;
 
 /// The broker, bound and ready to run.
 pub struct Broker {
-    listener: StdTcpListener,
+    /// One or more addresses (IPv4 and IPv6 loopback by default), one port.
+    listeners: Vec<StdTcpListener>,
     secure: Option<(StdTcpListener, Tls)>,
     link_parts: LinkParts,
     front: Option<FrontParts>,
@@ -58,9 +59,12 @@ struct FrontParts {
 }
 
 impl Broker {
-    /// Starts the router, opens the gateway's link and binds the client listeners.
+    /// Starts the router, opens the gateway's link and binds the client listeners: every
+    /// address of `addrs` (a port 0 after the first takes the first's port; an IPv6 address the
+    /// host cannot bind is skipped), and the TLS one when TLS is configured.
     pub fn bind(
         config: &MqttConfig,
+        addrs: &[SocketAddr],
         max_payload: usize,
         retained: Arc<dyn RetainedSource>,
         policy: Policy,
@@ -71,7 +75,31 @@ impl Broker {
                 .and_then(|l| l.set_nonblocking(true).map(|()| l))
                 .map_err(|source| MqttError::Bind { addr, source })
         };
-        let listener = bind(config.addr)?;
+        let mut listeners: Vec<StdTcpListener> = Vec::with_capacity(addrs.len());
+        for &asked in addrs {
+            let mut addr = asked;
+            let first_port = listeners
+                .first()
+                .and_then(|l| l.local_addr().ok())
+                .map(|a| a.port());
+            if let (0, Some(port)) = (addr.port(), first_port) {
+                addr.set_port(port);
+            }
+            match bind(addr) {
+                Ok(listener) => listeners.push(listener),
+                Err(MqttError::Bind { source, .. })
+                    if first_port.is_some()
+                        && addr.is_ipv6()
+                        && source.kind() != std::io::ErrorKind::AddrInUse =>
+                {
+                    tracing::debug!(%addr, error = %source, "no IPv6 loopback for MQTT; IPv4 only");
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        if listeners.is_empty() {
+            return Err(MqttError::NotReady(SocketAddr::from(([0, 0, 0, 0], 0))));
+        }
         let secure = match tls {
             Some(tls) => Some((bind(config.tls_addr)?, tls)),
             None => None,
@@ -145,7 +173,7 @@ impl Broker {
             broker_stats.clone(),
         ));
         Ok(Self {
-            listener,
+            listeners,
             secure,
             link_parts,
             front: Some(FrontParts {
@@ -162,11 +190,20 @@ impl Broker {
         })
     }
 
-    /// The address MQTT clients connect to.
+    /// The address MQTT clients connect to (the first bound).
     pub fn addr(&self) -> SocketAddr {
-        self.listener
-            .local_addr()
-            .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)))
+        self.addrs()
+            .first()
+            .copied()
+            .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0)))
+    }
+
+    /// Every address MQTT clients can connect to.
+    pub fn addrs(&self) -> Vec<SocketAddr> {
+        self.listeners
+            .iter()
+            .filter_map(|l| l.local_addr().ok())
+            .collect()
     }
 
     /// The address MQTT-over-TLS clients connect to, when TLS is configured.
@@ -202,14 +239,16 @@ impl Broker {
             clients: AtomicUsize::new(0),
             origins: AtomicU64::new(0),
         });
-        let listener = TcpListener::from_std(self.listener)
-            .map_err(|source| MqttError::Bind { addr, source })?;
-        tracker.spawn(accept_plain(
-            listener,
-            front.clone(),
-            tracker.clone(),
-            cancel.clone(),
-        ));
+        for listener in self.listeners {
+            let listener = TcpListener::from_std(listener)
+                .map_err(|source| MqttError::Bind { addr, source })?;
+            tracker.spawn(accept_plain(
+                listener,
+                front.clone(),
+                tracker.clone(),
+                cancel.clone(),
+            ));
+        }
         if let Some((secure, tls)) = self.secure {
             let secure_addr = secure.local_addr().unwrap_or(addr);
             let secure = TcpListener::from_std(secure).map_err(|source| MqttError::Bind {
@@ -255,7 +294,7 @@ impl Acceptor {
         let (front, cancel) = (self.front.clone(), self.cancel.clone());
         self.tracker.spawn(async move {
             if let Some(stream) = stream.await {
-                serve(front, stream, peer, certified, cancel).await;
+                serve(front, "mqtt+ws", stream, peer, certified, cancel).await;
             }
         });
     }
@@ -272,7 +311,14 @@ async fn accept_plain(
             a = accept(&listener, "mqtt") => a,
             () = cancel.cancelled() => return,
         };
-        tracker.spawn(serve(front.clone(), stream, peer, None, cancel.clone()));
+        tracker.spawn(serve(
+            front.clone(),
+            "mqtt",
+            stream,
+            peer,
+            None,
+            cancel.clone(),
+        ));
     }
 }
 
@@ -293,9 +339,10 @@ async fn accept_tls(
         tracker.spawn(async move {
             match tls.accept(stream, front.connect_timeout).await {
                 Ok(accepted) => {
-                    serve(front, accepted.stream, peer, accepted.client_name, cancel).await;
+                    let name = accepted.client_name;
+                    serve(front, "mqtts", accepted.stream, peer, name, cancel).await;
                 }
-                Err(e) => tracing::info!(%peer, error = %e, "MQTT TLS handshake failed"),
+                Err(e) => crate::refused::log("mqtts", peer, &format_args!("TLS handshake: {e}")),
             }
         });
     }
@@ -362,5 +409,42 @@ pub(super) fn router_config(config: &MqttConfig) -> RouterConfig {
         custom_segment: None,
         initialized_filters: None,
         shared_subscriptions_strategy: Strategy::RoundRobin,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct NoRetained;
+
+    impl RetainedSource for NoRetained {
+        fn retained_matching(&self, _: &str) -> Vec<MqttPublish> {
+            Vec::new()
+        }
+    }
+
+    /// The loopback default: IPv4 and IPv6 on one port, even when the port is chosen by the
+    /// system; a host without IPv6 keeps IPv4 alone.
+    #[test]
+    fn every_address_is_bound_on_the_first_ones_port() {
+        let addrs: Vec<SocketAddr> =
+            vec!["127.0.0.1:0".parse().unwrap(), "[::1]:0".parse().unwrap()];
+        let broker = Broker::bind(
+            &MqttConfig::default(),
+            &addrs,
+            1024,
+            Arc::new(NoRetained),
+            Policy::open(),
+            None,
+        )
+        .unwrap();
+        let bound = broker.addrs();
+        assert!(matches!(bound.len(), 1 | 2), "{bound:?}");
+        assert!(bound[0].ip().is_loopback() && bound[0].is_ipv4());
+        assert!(
+            bound.iter().all(|a| a.port() == bound[0].port()),
+            "{bound:?}"
+        );
     }
 }

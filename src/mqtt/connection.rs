@@ -69,6 +69,7 @@ enum Closed {
 /// Serves one client connection until it ends.
 pub(crate) async fn serve<S>(
     front: Arc<Front>,
+    door: &'static str,
     stream: S,
     peer: SocketAddr,
     certified: Option<String>,
@@ -90,18 +91,18 @@ pub(crate) async fn serve<S>(
     let connect = match connect {
         Ok(Ok(connect)) => connect,
         Ok(Err(closed)) => {
-            log_close(peer, None, &closed);
+            log_close(door, peer, None, &closed);
             return;
         }
         Err(_) => {
-            tracing::info!(%peer, "MQTT client sent no CONNECT in time");
+            crate::refused::log(door, peer, &"no CONNECT in time");
             return;
         }
     };
     conn.version = connect.version;
     let client_id = connect.client_id.clone();
     let closed = run(&front, &mut conn, *connect, certified, cancel).await;
-    log_close(peer, Some(&client_id), &closed);
+    log_close(door, peer, Some(&client_id), &closed);
     // An orderly end: FIN on TCP, TLS close_notify, a WebSocket Close frame; then what the
     // client still sends (its own Close frame) is read until it closes too, so that its last
     // writes do not meet a reset.
@@ -114,22 +115,25 @@ pub(crate) async fn serve<S>(
     .await;
 }
 
-fn log_close(peer: SocketAddr, client_id: Option<&str>, closed: &Closed) {
+/// One line per ended connection: at info level (rate-limited, see `crate::refused`) when the
+/// gateway refused or cut off the client, at debug level otherwise.
+fn log_close(door: &'static str, peer: SocketAddr, client_id: Option<&str>, closed: &Closed) {
     let client = client_id.unwrap_or("");
+    let refused = |why: &dyn std::fmt::Display| {
+        crate::refused::log(door, peer, &format_args!("client id {client:?}: {why}"));
+    };
     match closed {
         Closed::Client | Closed::Shutdown => {
             tracing::debug!(%peer, client, "MQTT client disconnected");
         }
         Closed::Io(e) => tracing::debug!(%peer, client, error = %e, "MQTT connection lost"),
         Closed::TakenOver => tracing::info!(%peer, client, "MQTT session taken over"),
-        Closed::KeepAlive => tracing::info!(%peer, client, "MQTT client missed its keep-alive"),
-        Closed::Refused(why) => tracing::info!(%peer, client, reason = why, "MQTT client refused"),
-        Closed::Dropped(why) => {
-            tracing::info!(%peer, client, reason = why, "MQTT client disconnected for a protocol violation")
-        }
-        Closed::Violation(code, why) => {
-            tracing::info!(%peer, client, code, reason = why, "MQTT client disconnected for a protocol violation")
-        }
+        Closed::KeepAlive => refused(&"missed its keep-alive"),
+        Closed::Refused(why) => refused(&format_args!("refused: {why}")),
+        Closed::Dropped(why) => refused(&format_args!("closed for a protocol violation: {why}")),
+        Closed::Violation(code, why) => refused(&format_args!(
+            "disconnected with reason 0x{code:02x}: {why}"
+        )),
         Closed::RouterGone => tracing::warn!(%peer, client, "MQTT session ended by the router"),
     }
 }

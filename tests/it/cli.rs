@@ -418,3 +418,117 @@ fn a_closed_log_pipe_does_not_stop_the_gateway() {
     r.stderr = std::sync::mpsc::channel().1;
     terminate(r);
 }
+
+#[test]
+fn a_mistyped_flag_keeps_clap_s_suggestion() {
+    let out = run(&["--htp-addr", "127.0.0.1:0"], &[]);
+    expect_startup_error(&out, "--htp-addr");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("tip:") && stderr.contains("'--http-addr'"),
+        "{stderr}"
+    );
+}
+
+/// The next stderr line containing `needle`, within 10 s.
+fn line_with(r: &Running, needle: &str) -> String {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    if let Some(line) = r.lines.iter().find(|l| l.contains(needle)) {
+        return line.clone();
+    }
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let line = r
+            .stderr
+            .recv_timeout(left)
+            .unwrap_or_else(|_| panic!("a line with {needle:?}"));
+        if line.contains(needle) {
+            return line;
+        }
+    }
+}
+
+/// Sends one raw HTTP/1.1 request and returns the status line.
+fn raw_request(addr: &str, head: &str) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    s.write_all(head.as_bytes()).unwrap();
+    let mut text = String::new();
+    let _ = s.read_to_string(&mut text);
+    text.lines().next().unwrap_or_default().to_owned()
+}
+
+#[test]
+fn startup_names_version_and_urls_refusals_are_logged_and_healthcheck_probes() {
+    let r = start(
+        &[
+            "--http-addr",
+            "127.0.0.1:0",
+            "--mqtt-addr",
+            "127.0.0.1:0",
+            "--log-format",
+            "json",
+        ],
+        &[],
+    );
+    let http: serde_json::Value = serde_json::from_str(listening_line(&r, "http")).unwrap();
+    let addr = http["fields"]["addr"].as_str().unwrap().to_owned();
+    let ready: serde_json::Value = serde_json::from_str(&line_with(&r, "\"version\"")).unwrap();
+    assert_eq!(ready["fields"]["version"], env!("CARGO_PKG_VERSION"));
+    assert_eq!(ready["fields"]["explorer"], format!("http://{addr}/"));
+    assert_eq!(ready["fields"]["docs"], format!("http://{addr}/docs"));
+
+    let status = raw_request(
+        &addr,
+        "POST /topics/a%2Bb HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+    );
+    assert!(status.contains(" 400 "), "{status}");
+    let refused: serde_json::Value =
+        serde_json::from_str(&line_with(&r, "client refused")).unwrap();
+    assert_eq!(refused["level"], "INFO");
+    assert!(
+        refused["fields"]["peer"]
+            .as_str()
+            .unwrap()
+            .starts_with("127.0.0.1:")
+    );
+    assert!(
+        refused["fields"]["reason"]
+            .as_str()
+            .unwrap()
+            .starts_with("400 invalid_topic"),
+        "{refused}"
+    );
+
+    // So is a request hyper cannot parse.
+    let status = raw_request(&addr, "NOT HTTP AT ALL\r\n\r\n");
+    assert!(status.contains(" 400 "), "{status}");
+    let unparsed: serde_json::Value = serde_json::from_str(&line_with(&r, "closed: ")).unwrap();
+    assert_eq!(unparsed["fields"]["protocol"], "http");
+
+    // A malformed CoAP datagram is a refused client too.
+    let coap: serde_json::Value = serde_json::from_str(listening_line(&r, "coap")).unwrap();
+    let coap = coap["fields"]["addr"].as_str().unwrap().to_owned();
+    let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    socket.send_to(&[0x40, 0x01], &coap).unwrap();
+    let malformed: serde_json::Value =
+        serde_json::from_str(&line_with(&r, "malformed datagram")).unwrap();
+    assert_eq!(malformed["fields"]["protocol"], "coap");
+    assert_eq!(
+        malformed["fields"]["peer"],
+        socket.local_addr().unwrap().to_string()
+    );
+
+    let data = tempfile::tempdir().unwrap();
+    let probe = command(&["--http-addr", &addr, "healthcheck"], &[], data.path())
+        .output()
+        .unwrap();
+    assert_eq!(probe.status.code(), Some(0), "{probe:?}");
+    terminate(r);
+    let probe = command(&["--http-addr", &addr, "healthcheck"], &[], data.path())
+        .output()
+        .unwrap();
+    assert_eq!(probe.status.code(), Some(1), "{probe:?}");
+    assert!(String::from_utf8_lossy(&probe.stderr).contains("unhealthy"));
+}

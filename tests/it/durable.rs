@@ -106,9 +106,9 @@ async fn a_busy_or_unreadable_store_stops_startup_untouched() {
     let dir = tempfile::tempdir().unwrap();
     let gw = start_in(dir.path()).await;
     let mut config = Config::default();
-    config.http.addr = "127.0.0.1:0".parse().unwrap();
-    config.mqtt.addr = "127.0.0.1:0".parse().unwrap();
-    config.coap.addr = "127.0.0.1:0".parse().unwrap();
+    config.http.addr = Some("127.0.0.1:0".parse().unwrap());
+    config.mqtt.given_addr = Some("127.0.0.1:0".parse().unwrap());
+    config.coap.addr = Some("127.0.0.1:0".parse().unwrap());
     config.data_dir = dir.path().to_owned();
     let err = Gateway::bind(config.clone()).await.err().expect("refused");
     assert!(

@@ -201,11 +201,11 @@ async fn oversized_payloads_get_413_and_mqtt_clients_are_unaffected() {
 #[tokio::test]
 async fn publishes_get_503_when_the_broker_link_is_down() {
     let config = Config::default();
-    let mut mqtt = config.mqtt.clone();
-    mqtt.addr = "127.0.0.1:0".parse().unwrap();
+    let mqtt = config.mqtt.clone();
     let store = Arc::new(RetainedStore::new());
     let broker = Broker::bind(
         &mqtt,
+        &["127.0.0.1:0".parse().unwrap()],
         config.max_payload,
         Arc::new(StoreSource(store.clone())),
         Policy::open(),

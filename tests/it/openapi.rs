@@ -188,3 +188,47 @@ async fn refusals_look_as_documented() {
     let resp = limited.expect("a 429 past the burst");
     assert_as_documented(&doc, "get", resp).await;
 }
+
+#[tokio::test]
+async fn the_explorer_and_its_assets_are_served_offline_outside_the_api() {
+    let gw = TestGateway::start().await;
+    let page = gw.get("/").await;
+    assert_eq!(page.status(), 200);
+    let policy = page.headers()["content-security-policy"]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    assert!(policy.contains("default-src 'self'"), "{policy}");
+    let html = page.text().await.unwrap();
+    for (asset, kind) in [
+        ("/explorer/explorer.js", "text/javascript"),
+        ("/explorer/explorer.css", "text/css"),
+    ] {
+        assert!(html.contains(asset), "the page loads {asset}");
+        let resp = gw.get(asset).await;
+        assert_eq!(resp.status(), 200);
+        let content_type = resp.headers()["content-type"].to_str().unwrap().to_owned();
+        assert!(content_type.starts_with(kind), "{asset}: {content_type}");
+        // The SVG namespace is a name, not a resource.
+        let text = resp
+            .text()
+            .await
+            .unwrap()
+            .replace("http://www.w3.org/2000/svg", "");
+        for external in ["http://", "https://", "@import", "cdn"] {
+            assert!(
+                !text.contains(external),
+                "{asset} loads nothing from elsewhere ({external})"
+            );
+        }
+    }
+    for external in ["src=\"http", "href=\"http", "@import", "cdn"] {
+        assert!(!html.contains(external), "{external}");
+    }
+    // The page is not part of the API document, and `/docs/` is `/docs`.
+    let doc: serde_json::Value = gw.get("/openapi.json").await.json().await.unwrap();
+    assert!(doc["paths"]["/"].is_null());
+    let docs = gw.get("/docs/").await;
+    assert_eq!(docs.status(), 200);
+    assert!(docs.text().await.unwrap().contains("/openapi.json"));
+}

@@ -35,9 +35,9 @@ impl TestGateway {
 
     pub(crate) async fn start_with(tweak: impl FnOnce(&mut Config)) -> Self {
         let mut config = Config::default();
-        config.http.addr = "127.0.0.1:0".parse().unwrap();
-        config.mqtt.addr = "127.0.0.1:0".parse().unwrap();
-        config.coap.addr = "127.0.0.1:0".parse().unwrap();
+        config.http.addr = Some("127.0.0.1:0".parse().unwrap());
+        config.mqtt.given_addr = Some("127.0.0.1:0".parse().unwrap());
+        config.coap.addr = Some("127.0.0.1:0".parse().unwrap());
         config.http.tls_addr = "127.0.0.1:0".parse().unwrap();
         config.mqtt.tls_addr = "127.0.0.1:0".parse().unwrap();
         let data = tempfile::tempdir().unwrap();

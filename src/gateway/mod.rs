@@ -1,6 +1,8 @@
 //! Binds every listener, exposes the bound addresses, and runs the gateway until it is told to
 //! stop, then shuts down within the grace period.
 
+mod listen;
+
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -17,6 +19,8 @@ use crate::metrics::Metrics;
 use crate::mqtt::{Broker, MqttError, RemoteBroker};
 use crate::policy::Policy;
 use crate::tls::{Tls, TlsError};
+
+use self::listen::{announce, bind_all, warn_if_open};
 
 /// Why the gateway could not start or stopped with an error.
 #[derive(Debug, thiserror::Error)]
@@ -48,9 +52,11 @@ pub enum GatewayError {
 /// A gateway with every listener bound, ready to run.
 pub struct Gateway {
     config: Config,
-    http: TcpListener,
+    /// One listener per address of `Config::http_addrs`; never empty.
+    http: Vec<TcpListener>,
     https: Option<(TcpListener, Tls)>,
-    coap: CoapServer,
+    /// One endpoint per address of `Config::coap_addrs`; never empty.
+    coap: Vec<CoapServer>,
     broker: BrokerMode,
     store: Arc<RetainedStore>,
     policy: Policy,
@@ -69,13 +75,10 @@ impl Gateway {
         let (journal, retained) = Journal::open(&config.data_dir)?;
         let store = Arc::new(RetainedStore::durable(journal, retained));
         let policy = Policy::new(&config.auth, &config.limits);
-        let http = TcpListener::bind(config.http.addr)
-            .await
-            .map_err(|source| GatewayError::Bind {
-                protocol: "HTTP",
-                addr: config.http.addr,
-                source,
-            })?;
+        let http = bind_all("HTTP", config.http_addrs(), TcpListener::bind, |l| {
+            l.local_addr().ok()
+        })
+        .await?;
         let tls = Tls::load(&config.tls)?;
         let https = match &tls {
             None => None,
@@ -90,13 +93,13 @@ impl Gateway {
                 tls.clone(),
             )),
         };
-        let coap = CoapServer::bind(&config.coap)
-            .await
-            .map_err(|source| GatewayError::Bind {
-                protocol: "CoAP",
-                addr: config.coap.addr,
-                source,
-            })?;
+        let coap = bind_all(
+            "CoAP",
+            config.coap_addrs(),
+            |addr| CoapServer::bind(addr, &config.coap),
+            |c| Some(c.addr()),
+        )
+        .await?;
         let endpoint = config.broker.endpoint().map_err(|reason| {
             GatewayError::Mqtt(MqttError::Link(format!("broker.url {reason}")))
         })?;
@@ -104,6 +107,7 @@ impl Gateway {
             Some((host, port)) => BrokerMode::External(remote_broker(&config, host, port)),
             None => match Broker::bind(
                 &config.mqtt,
+                &config.mqtt_addrs(),
                 config.max_payload,
                 Arc::new(StoreSource(store.clone())),
                 policy.clone(),
@@ -131,9 +135,17 @@ impl Gateway {
         })
     }
 
-    /// The bound HTTP address.
+    /// The first bound HTTP address.
     pub fn http_addr(&self) -> SocketAddr {
-        self.http.local_addr().unwrap_or(self.config.http.addr)
+        self.http_addrs()[0]
+    }
+
+    /// Every bound HTTP address (loopback IPv4 and IPv6 when none was given).
+    pub fn http_addrs(&self) -> Vec<SocketAddr> {
+        self.http
+            .iter()
+            .filter_map(|l| l.local_addr().ok())
+            .collect()
     }
 
     /// The bound HTTPS address, when `[tls]` names a certificate.
@@ -141,9 +153,14 @@ impl Gateway {
         self.https.as_ref().and_then(|(l, _)| l.local_addr().ok())
     }
 
-    /// The bound CoAP address.
+    /// The first bound CoAP address.
     pub fn coap_addr(&self) -> SocketAddr {
-        self.coap.addr()
+        self.coap[0].addr()
+    }
+
+    /// Every bound CoAP address.
+    pub fn coap_addrs(&self) -> Vec<SocketAddr> {
+        self.coap.iter().map(CoapServer::addr).collect()
     }
 
     /// The bound MQTT address of the embedded broker; `None` in front of an external broker.
@@ -175,8 +192,7 @@ impl Gateway {
         } = self;
         let cancel = CancellationToken::new();
         let tracker = TaskTracker::new();
-        let http_addr = http.local_addr().unwrap_or(config.http.addr);
-        let coap_addr = coap.addr();
+        let http_addrs: Vec<SocketAddr> = http.iter().filter_map(|l| l.local_addr().ok()).collect();
 
         tracing::info!(
             retained = store.len(),
@@ -188,19 +204,21 @@ impl Gateway {
         let link = match broker {
             BrokerMode::Embedded(broker) => {
                 broker_stats = Some(broker.stats());
-                let mqtt_addr = broker.addr();
+                let mqtt_addrs = broker.addrs();
                 let mqtts_addr = broker.tls_addr();
                 let (link, serve) = broker
                     .run(config.bridge.link_buffer, &tracker, cancel.clone())
                     .await?;
                 acceptor = Some(serve);
-                tracing::info!(protocol = "mqtt", addr = %mqtt_addr, "listening");
+                for addr in &mqtt_addrs {
+                    tracing::info!(protocol = "mqtt", %addr, "listening");
+                    warn_if_open(&policy, "mqtt", *addr);
+                }
                 tracing::info!(
                     protocol = "mqtt+ws",
                     path = "/mqtt",
                     "MQTT over WebSocket on the HTTP listeners"
                 );
-                warn_if_open(&policy, "mqtt", mqtt_addr);
                 if let Some(addr) = mqtts_addr {
                     tracing::info!(protocol = "mqtts", %addr, "listening");
                     warn_if_open(&policy, "mqtts", addr);
@@ -239,9 +257,12 @@ impl Gateway {
             ));
         }
 
-        tracker.spawn(coap.run(bridge.clone(), tracker.clone(), cancel.clone()));
-        tracing::info!(protocol = "coap", addr = %coap_addr, "listening");
-        warn_if_open(&policy, "coap", coap_addr);
+        for endpoint in coap {
+            let addr = endpoint.addr();
+            tracker.spawn(endpoint.run(bridge.clone(), tracker.clone(), cancel.clone()));
+            tracing::info!(protocol = "coap", %addr, "listening");
+            warn_if_open(&policy, "coap", addr);
+        }
 
         let draining = CancellationToken::new();
         // MQTT over WebSocket: the HTTP side answers the upgrade, the broker serves the stream.
@@ -262,14 +283,15 @@ impl Gateway {
             header_timeout: config.http.header_timeout,
             tls: None,
         };
-        let mut http_task = tracker.spawn(http::serve(
-            http,
-            router.clone(),
-            listening.clone(),
-            cancel.clone(),
-        ));
-        tracing::info!(protocol = "http", addr = %http_addr, "listening");
-        warn_if_open(&policy, "http", http_addr);
+        let mut http_tasks = tokio::task::JoinSet::new();
+        for listener in http {
+            let served = http::serve(listener, router.clone(), listening.clone(), cancel.clone());
+            http_tasks.spawn(tracker.track_future(served));
+        }
+        for &addr in &http_addrs {
+            tracing::info!(protocol = "http", %addr, "listening");
+            warn_if_open(&policy, "http", addr);
+        }
         let mut https_task = match https {
             None => None,
             Some((listener, tls)) => {
@@ -283,6 +305,7 @@ impl Gateway {
                 Some(tracker.spawn(http::serve(listener, router, listening, cancel.clone())))
             }
         };
+        announce(&config, &http_addrs);
         let https_stopped = async {
             match https_task.as_mut() {
                 Some(task) => task.await,
@@ -292,7 +315,7 @@ impl Gateway {
 
         let outcome = tokio::select! {
             () = shutdown => Ok(()),
-            res = &mut http_task => served(res),
+            Some(res) = http_tasks.join_next() => served(res),
             res = https_stopped => served(res),
         };
         draining.cancel();
@@ -322,19 +345,6 @@ fn served(res: Result<std::io::Result<()>, tokio::task::JoinError>) -> Result<()
         Ok(Ok(())) => Ok(()),
         Ok(Err(e)) => Err(GatewayError::Http(e)),
         Err(e) => Err(GatewayError::Http(std::io::Error::other(e))),
-    }
-}
-
-/// Mosquitto 2's default posture: with no identities and no ACL anyone may do anything, which
-/// is worth a warning on every listener other machines can reach.
-fn warn_if_open(policy: &Policy, protocol: &'static str, addr: SocketAddr) {
-    if policy.is_unprotected() && !addr.ip().is_loopback() {
-        tracing::warn!(
-            protocol,
-            %addr,
-            "anonymous clients may publish and read every topic on this listener: \
-             configure [auth] users or tokens and an ACL (docs/security.md)"
-        );
     }
 }
 
