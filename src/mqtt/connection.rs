@@ -392,6 +392,12 @@ async fn run<S: AsyncRead + AsyncWrite + Unpin>(
         &cancel,
     )
     .await;
+    // What the router forwarded that was not written yet stays with a kept session (the
+    // router counts it delivered): its QoS 1/2 messages go out on resumption.
+    let mut leftover = Out::default();
+    while let Some(Ok(Some(notification))) = rx.next().now_or_never() {
+        session.router(notification, &mut leftover);
+    }
     let (publish_will, reason) = match &closed {
         Closed::Client => (false, None),
         Closed::Violation(code, _) => (true, Some(*code)),

@@ -5,7 +5,6 @@
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use rumqttd::protocol as r;
@@ -35,13 +34,13 @@ pub(super) mod code {
     pub(crate) const PACKET_TOO_LARGE: u8 = 0x95;
 }
 
-/// The packet ids rumqttd's router gives the publishes it forwards (it keeps at most this many
-/// in flight); the session numbers its own above them.
-const ROUTER_IDS: u16 = 100;
+/// Deliveries the session holds back for the client's Receive Maximum before it stops waking
+/// the router for more (the router then keeps the rest in its log).
+const MAX_WAITING: usize = 1024;
 
-/// The user property that carries a publish's origin and arrival time through the router. Its
-/// name holds U+0000, which no client can send, so it cannot be forged; it never reaches a
-/// client.
+/// The user property that carries a publish's origin (its connection) through the router, for
+/// No Local. Its name holds U+0000, which no client can send, so it cannot be forged; it never
+/// reaches a client.
 const TRACE: &str = "\0topicgate";
 
 /// How a session ends.
@@ -131,13 +130,15 @@ struct PendingSubAck {
     retained: Vec<(usize, MqttPublish)>,
 }
 
-/// An outgoing QoS 1/2 publish the client has not acknowledged yet.
+/// An outgoing QoS 1/2 publish the client has not acknowledged yet. The router delivers to
+/// the session at QoS 0 only: every exchange with the client is the session's, so the
+/// router's in-order acknowledgement rules and its window of 100 never apply, and what is
+/// unacknowledged when the connection ends is kept with the session.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Flight {
-    /// Forwarded by the router under its own id: acknowledgements go back to it.
-    Router { qos: QoS, released: bool },
-    /// Sent by the session itself (retained messages on subscribe).
-    Own { qos: QoS, released: bool },
+struct Flight {
+    qos: QoS,
+    /// PUBREC received and PUBREL sent (QoS 2).
+    released: bool,
 }
 
 /// The state of one connected client.
@@ -159,11 +160,11 @@ pub(super) struct Session {
     own: HashMap<u16, Publish>,
     /// What a resumed session sends again (see [`Session::resume`]).
     unacked: Vec<(Publish, bool)>,
-    /// Router ids acknowledged by the session itself after downgrading the delivery; a PUBREL
-    /// for one of them is answered here too.
-    swallowed: HashSet<u16>,
+    /// The router paused this connection while deliveries were held back: it is woken once
+    /// they have gone out.
+    router_paused: bool,
     /// QoS 1/2 publishes held back by the client's Receive Maximum.
-    waiting: VecDeque<(Publish, Flight)>,
+    waiting: VecDeque<Publish>,
     /// Retained messages for the filters of the SUBSCRIBE being answered.
     pending_retained: Vec<(usize, MqttPublish)>,
     /// SUBACKs waiting for the router to have taken every filter of their SUBSCRIBE, so that
@@ -212,11 +213,11 @@ impl Session {
             qos2_in,
             in_flight: HashMap::new(),
             own: HashMap::new(),
-            swallowed: HashSet::new(),
+            router_paused: false,
             waiting: VecDeque::new(),
             pending_retained: Vec::new(),
             subacks: VecDeque::new(),
-            next_own: ROUTER_IDS + 1,
+            next_own: 1,
             client_receive_max: usize::from(receive_max.unwrap_or(u16::MAX)),
             client_max_packet: max_packet.map_or(usize::MAX, |m| m as usize),
             router_sub_id: 0,
@@ -230,9 +231,13 @@ impl Session {
     /// publishes with DUP set, or their PUBREL. The router sends its own again by itself.
     pub(super) fn resume(&mut self, out: &mut Out) {
         for (mut p, released) in std::mem::take(&mut self.unacked) {
+            if p.packet_id == 0 {
+                self.waiting.push_back(p);
+                continue;
+            }
             let id = p.packet_id;
             let qos = p.qos;
-            self.in_flight.insert(id, Flight::Own { qos, released });
+            self.in_flight.insert(id, Flight { qos, released });
             if released {
                 out.client.push(Packet::PubRel(ack(id, code::SUCCESS)));
             } else {
@@ -247,17 +252,18 @@ impl Session {
     pub(super) fn keep(mut self) -> Kept {
         let mut unacked: Vec<(Publish, bool)> = Vec::new();
         for (id, flight) in &self.in_flight {
-            if let (Flight::Own { released, .. }, Some(p)) = (flight, self.own.get(id)) {
-                unacked.push((p.clone(), *released));
+            if let Some(p) = self.own.get(id) {
+                unacked.push((p.clone(), flight.released));
             }
         }
-        // Waiting ones never went out: they go first on resumption, after the unacknowledged.
+        // Waiting ones never went out: they go on resumption, after the unacknowledged.
         unacked.sort_by_key(|(p, _)| p.packet_id);
-        for (p, flight) in std::mem::take(&mut self.waiting) {
-            if matches!(flight, Flight::Own { .. }) {
-                unacked.push((p, false));
-            }
-        }
+        unacked.extend(
+            std::mem::take(&mut self.waiting)
+                .into_iter()
+                .map(|p| (p, false)),
+        );
+        // (Those have no packet id yet: they get one when they go out.)
         Kept {
             held: std::mem::take(&mut self.held),
             qos2_in: std::mem::take(&mut self.qos2_in),
@@ -277,7 +283,7 @@ impl Session {
     /// Whether the client is behind on QoS 1/2 deliveries: the router's window or the client's
     /// Receive Maximum is full.
     pub(super) fn lagging(&self) -> bool {
-        !self.waiting.is_empty() || self.in_flight.len() >= usize::from(ROUTER_IDS)
+        !self.waiting.is_empty()
     }
 
     fn v5(&self) -> bool {
@@ -455,10 +461,10 @@ impl Session {
             content_type: props.content_type.clone(),
         };
         Meta::from_client(p.retain, p.qos as u8).attach(&mut rprops.payload_format_indicator);
-        if props.message_expiry_interval.is_some() || self.settings.no_local_in_use() {
+        if self.settings.no_local_in_use() {
             rprops
                 .user_properties
-                .push((TRACE.to_owned(), format!("{}/{}", self.origin, now_ms())));
+                .push((TRACE.to_owned(), self.origin.to_string()));
         }
         // rumqttd keeps no retained messages (the gateway's store does), and delivers at each
         // subscriber's QoS: the publish QoS travels in the marker.
@@ -479,68 +485,28 @@ impl Session {
             }
             return;
         };
-        let (router, qos, released) = match flight {
-            Flight::Router { qos, released } => (true, qos, released),
-            Flight::Own { qos, released } => (false, qos, released),
-        };
-        match (qos, released, kind) {
-            (QoS::AtLeastOnce, _, AckKind::Ack) => {
-                self.landed(id);
-                if router {
-                    out.router.push(r::Packet::PubAck(
-                        r::PubAck {
-                            pkid: id,
-                            reason: r::PubAckReason::Success,
-                        },
-                        None,
-                    ));
-                }
-            }
+        match (flight.qos, flight.released, kind) {
+            (QoS::AtLeastOnce, _, AckKind::Ack)
+            | (QoS::ExactlyOnce, true, AckKind::Complete)
             // MQTT 5 §4.3.3: a PUBREC with a failure reason ends the exchange.
-            (QoS::ExactlyOnce, false, AckKind::Received) if reason >= 0x80 => {
+            | (QoS::ExactlyOnce, false, AckKind::Received)
+                if kind != AckKind::Received || reason >= 0x80 =>
+            {
                 self.landed(id);
-                if router {
-                    self.settle_router(QoS::ExactlyOnce, id, out);
-                }
             }
             (QoS::ExactlyOnce, false, AckKind::Received) => {
-                let released = true;
                 self.in_flight.insert(
                     id,
-                    if router {
-                        Flight::Router { qos, released }
-                    } else {
-                        Flight::Own { qos, released }
+                    Flight {
+                        qos: QoS::ExactlyOnce,
+                        released: true,
                     },
                 );
-                if router {
-                    // The router answers with the PUBREL, which goes on to the client.
-                    out.router.push(r::Packet::PubRec(
-                        r::PubRec {
-                            pkid: id,
-                            reason: r::PubRecReason::Success,
-                        },
-                        None,
-                    ));
-                } else {
-                    out.client.push(Packet::PubRel(ack(id, code::SUCCESS)));
-                }
+                out.client.push(Packet::PubRel(ack(id, code::SUCCESS)));
             }
             // The PUBREL was lost: sent again.
             (QoS::ExactlyOnce, true, AckKind::Received) => {
                 out.client.push(Packet::PubRel(ack(id, code::SUCCESS)));
-            }
-            (QoS::ExactlyOnce, true, AckKind::Complete) => {
-                self.landed(id);
-                if router {
-                    out.router.push(r::Packet::PubComp(
-                        r::PubComp {
-                            pkid: id,
-                            reason: r::PubCompReason::Success,
-                        },
-                        None,
-                    ));
-                }
             }
             _ => {
                 out.end = Some(End::Violation(
@@ -667,7 +633,7 @@ impl Session {
                 pkid: self.router_sub_id,
                 filters: vec![r::Filter {
                     path: filter_to_router(&sub.filter),
-                    qos: router_qos(qos),
+                    qos: r::QoS::AtMostOnce,
                     nolocal: false,
                     preserve_retain: false,
                     retain_forward_rule: r::RetainForwardRule::Never,
@@ -725,7 +691,13 @@ impl Session {
     pub(super) fn router(&mut self, notification: Notification, out: &mut Out) {
         match notification {
             Notification::Forward(forward) => self.forwarded(forward, out),
-            Notification::Unschedule => out.wake_router = true,
+            Notification::Unschedule => {
+                if self.waiting.len() >= MAX_WAITING {
+                    self.router_paused = true;
+                } else {
+                    out.wake_router = true;
+                }
+            }
             Notification::Disconnect(..) => {
                 out.end = Some(End::Violation(
                     code::UNSPECIFIED,
@@ -735,23 +707,8 @@ impl Session {
             other @ Notification::DeviceAck(_) => {
                 // The session answers the client's SUBSCRIBE, UNSUBSCRIBE, PUBLISH and PINGREQ
                 // itself; of the router's acknowledgements only PUBREL goes on.
-                let packet = Option::<r::Packet>::from(other);
-                if let Some(r::Packet::SubAck(suback, _)) = &packet {
+                if let Some(r::Packet::SubAck(suback, _)) = Option::<r::Packet>::from(other) {
                     self.router_subscribed(suback.pkid, out);
-                }
-                if let Some(r::Packet::PubRel(pubrel, _)) = packet {
-                    if self.swallowed.remove(&pubrel.pkid) {
-                        out.router.push(r::Packet::PubComp(
-                            r::PubComp {
-                                pkid: pubrel.pkid,
-                                reason: r::PubCompReason::Success,
-                            },
-                            None,
-                        ));
-                    } else {
-                        out.client
-                            .push(Packet::PubRel(ack(pubrel.pkid, code::SUCCESS)));
-                    }
                 }
             }
             _ => {}
@@ -764,7 +721,6 @@ impl Session {
             properties,
             ..
         } = forward;
-        let (router_qos, router_id) = qos_and_id(&publish);
         let mut props = properties.unwrap_or_default();
         let meta = Meta::detach(&mut props.payload_format_indicator);
         let trace = take_trace(&mut props.user_properties);
@@ -776,7 +732,7 @@ impl Session {
         };
         let delivery = held.and_then(|held| {
             let topic = String::from_utf8(topic.to_vec()).ok()?;
-            let (origin, at) = trace.unwrap_or((0, 0));
+            let origin = trace.unwrap_or(0);
             if held.no_local && origin == self.origin && origin != 0 {
                 return None;
             }
@@ -785,14 +741,6 @@ impl Session {
             }
             if !held.scope.admits(&topic) {
                 return None;
-            }
-            let mut expiry = props.message_expiry_interval;
-            if let (Some(secs), true) = (expiry, at > 0) {
-                let waited = now_ms().saturating_sub(at) / 1000;
-                if waited >= u64::from(secs) {
-                    return None;
-                }
-                expiry = Some(secs - waited as u32);
             }
             let published = meta.map_or(QoS::AtMostOnce, |m| qos_of(m.qos));
             let qos = published.min(held.qos);
@@ -807,7 +755,8 @@ impl Session {
                 packet_id: 0,
                 properties: PublishProperties {
                     payload_format_indicator: props.payload_format_indicator,
-                    message_expiry_interval: expiry,
+                    // The router counts down the expiry of what it held, and drops what expired.
+                    message_expiry_interval: props.message_expiry_interval,
                     topic_alias: None,
                     response_topic: props.response_topic.take(),
                     correlation_data: props.correlation_data.take(),
@@ -818,63 +767,22 @@ impl Session {
                 payload: publish.payload,
             })
         });
-        let router_q = router_qos;
-        match delivery {
-            Some(mut p) if p.qos == router_q && router_q != QoS::AtMostOnce => {
-                p.packet_id = router_id;
-                self.send(
-                    p,
-                    Flight::Router {
-                        qos: router_q,
-                        released: false,
-                    },
-                    out,
-                );
-            }
-            other => {
-                // Delivered at a lower QoS than the router's, or not at all: the router's
-                // part of the exchange is finished here.
-                self.settle_router(router_q, router_id, out);
-                if let Some(mut p) = other {
-                    if p.qos == QoS::AtMostOnce {
-                        self.write(p, out);
-                    } else {
-                        p.packet_id = self.own_id();
-                        let qos = p.qos;
-                        self.send(
-                            p,
-                            Flight::Own {
-                                qos,
-                                released: false,
-                            },
-                            out,
-                        );
-                    }
-                }
-            }
+        tracing::trace!(
+            delivered = ?delivery.as_ref().map(|p| (&p.topic, p.qos)),
+            "forwarded by the router"
+        );
+        if let Some(p) = delivery {
+            self.deliver(p, out);
         }
     }
 
-    fn settle_router(&mut self, qos: QoS, id: u16, out: &mut Out) {
-        match qos {
-            QoS::AtMostOnce => {}
-            QoS::AtLeastOnce => out.router.push(r::Packet::PubAck(
-                r::PubAck {
-                    pkid: id,
-                    reason: r::PubAckReason::Success,
-                },
-                None,
-            )),
-            QoS::ExactlyOnce => {
-                self.swallowed.insert(id);
-                out.router.push(r::Packet::PubRec(
-                    r::PubRec {
-                        pkid: id,
-                        reason: r::PubRecReason::Success,
-                    },
-                    None,
-                ));
-            }
+    /// Sends a publish at its QoS: at once for QoS 0, under a packet id of the session's for
+    /// QoS 1 and 2.
+    fn deliver(&mut self, p: Publish, out: &mut Out) {
+        if p.qos == QoS::AtMostOnce {
+            self.write(p, out);
+        } else {
+            self.send(p, out);
         }
     }
 
@@ -905,7 +813,7 @@ impl Session {
             return;
         }
         let qos = qos_of(m.qos).min(held.qos);
-        let mut p = Publish {
+        let p = Publish {
             dup: false,
             qos,
             retain: true,
@@ -922,48 +830,44 @@ impl Session {
             },
             payload: m.payload,
         };
-        if qos == QoS::AtMostOnce {
-            self.write(p, out);
-        } else {
-            p.packet_id = self.own_id();
-            self.send(
-                p,
-                Flight::Own {
-                    qos,
-                    released: false,
-                },
-                out,
-            );
-        }
+        self.deliver(p, out);
     }
 
     /// Sends a QoS 1/2 publish now, or keeps it until the client's Receive Maximum allows.
-    fn send(&mut self, p: Publish, flight: Flight, out: &mut Out) {
+    /// Sends a QoS 1/2 publish now, or keeps it until the client's Receive Maximum allows;
+    /// its packet id is given when it goes out.
+    fn send(&mut self, mut p: Publish, out: &mut Out) {
         if self.too_large(&p) {
             // MQTT 5 §3.1.2.24: a packet over the client's maximum is discarded as if sent.
-            if let Flight::Router { qos, .. } = flight {
-                self.settle_router(qos, p.packet_id, out);
-            }
             return;
         }
         if self.in_flight.len() >= self.client_receive_max {
-            self.waiting.push_back((p, flight));
+            self.waiting.push_back(p);
             return;
         }
-        self.in_flight.insert(p.packet_id, flight);
-        if matches!(flight, Flight::Own { .. }) {
-            self.own.insert(p.packet_id, p.clone());
-        }
+        p.packet_id = self.own_id();
+        self.in_flight.insert(
+            p.packet_id,
+            Flight {
+                qos: p.qos,
+                released: false,
+            },
+        );
+        self.own.insert(p.packet_id, p.clone());
         self.settings.stats.count_out(&p);
         out.client.push(Packet::Publish(p));
     }
 
     fn send_waiting(&mut self, out: &mut Out) {
         while self.in_flight.len() < self.client_receive_max {
-            let Some((p, flight)) = self.waiting.pop_front() else {
+            let Some(p) = self.waiting.pop_front() else {
                 break;
             };
-            self.send(p, flight, out);
+            self.send(p, out);
+        }
+        if self.router_paused && self.waiting.len() < MAX_WAITING / 2 {
+            self.router_paused = false;
+            out.wake_router = true;
         }
     }
 
@@ -984,11 +888,7 @@ impl Session {
     fn own_id(&mut self) -> u16 {
         loop {
             let id = self.next_own;
-            self.next_own = if id == u16::MAX {
-                ROUTER_IDS + 1
-            } else {
-                id + 1
-            };
+            self.next_own = if id == u16::MAX { 1 } else { id + 1 };
             if !self.in_flight.contains_key(&id) {
                 return id;
             }
@@ -1011,32 +911,11 @@ fn ack(packet_id: u16, reason: u8) -> Ack {
     }
 }
 
-/// The QoS and packet id of a publish the router forwards. rumqttd keeps both fields private;
-/// its MQTT-independent serialization writes them first (here without the payload).
-fn qos_and_id(publish: &r::Publish) -> (QoS, u16) {
-    let mut probe = publish.clone();
-    probe.payload = Bytes::new();
-    probe.topic = Bytes::new();
-    let bytes = probe.serialize();
-    match bytes.as_ref() {
-        [header, hi, lo, ..] => (qos_of((header >> 1) & 0b11), u16::from_be_bytes([*hi, *lo])),
-        _ => (QoS::AtMostOnce, 0),
-    }
-}
-
 fn qos_of(q: u8) -> QoS {
     match q {
         0 => QoS::AtMostOnce,
         1 => QoS::AtLeastOnce,
         _ => QoS::ExactlyOnce,
-    }
-}
-
-fn router_qos(q: QoS) -> r::QoS {
-    match q {
-        QoS::AtMostOnce => r::QoS::AtMostOnce,
-        QoS::AtLeastOnce => r::QoS::AtLeastOnce,
-        QoS::ExactlyOnce => r::QoS::ExactlyOnce,
     }
 }
 
@@ -1051,15 +930,9 @@ pub(super) fn split_share(filter: &str) -> (Option<&str>, &str) {
     }
 }
 
-fn take_trace(props: &mut Vec<(String, String)>) -> Option<(u64, u64)> {
+/// The publishing connection a publish's marker names, with the marker taken out.
+fn take_trace(props: &mut Vec<(String, String)>) -> Option<u64> {
     let at = props.iter().rposition(|(k, _)| k == TRACE)?;
-    let (_, v) = props.remove(at);
-    let (origin, ms) = v.split_once('/')?;
-    Some((origin.parse().ok()?, ms.parse().ok()?))
-}
-
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
+    let (_, origin) = props.remove(at);
+    origin.parse().ok()
 }

@@ -483,3 +483,72 @@ async fn mqtt_over_websocket_talks_with_tcp_clients() {
     assert_eq!(plain.status(), 400);
     assert!(plain.text().await.unwrap().contains("WebSocket"));
 }
+
+/// The value of the Message Expiry Interval (0x02) of an MQTT 5 PUBLISH at QoS 0.
+fn expiry_of(p: &[u8]) -> Option<u32> {
+    let mut at = 1;
+    while p[at] & 0x80 != 0 {
+        at += 1;
+    }
+    at += 1;
+    let topic_len = usize::from(u16::from_be_bytes([p[at], p[at + 1]]));
+    at += 2 + topic_len;
+    if p[0] & 0x06 != 0 {
+        at += 2;
+    }
+    let props_len = usize::from(p[at]);
+    let props = &p[at + 1..at + 1 + props_len];
+    props
+        .windows(5)
+        .find(|w| w[0] == 0x02)
+        .map(|w| u32::from_be_bytes([w[1], w[2], w[3], w[4]]))
+}
+
+#[tokio::test]
+async fn a_kept_session_gets_its_messages_with_the_time_they_have_left() {
+    let gw = TestGateway::start().await;
+    let (mut c, _) = Raw::open(&gw, connect_v5(0x02, b"away", &[0x11, 0, 0, 0, 60])).await;
+    c.send(&subscribe(Version::V5, &[], &[(b"away/#", 0)]))
+        .await;
+    assert_eq!(c.next().await.unwrap()[0], 0x90);
+    c.send(&[0xE0, 0]).await;
+    assert_eq!(c.next().await, None);
+    // Published with 3 s to live while the client is away; read more than a second later.
+    let (mut p, _) = Raw::open(&gw, connect_v5(0x02, b"away-pub", &[])).await;
+    p.send(&crate::mqtt_raw::publish_with(
+        Version::V5,
+        0x30,
+        b"away/x",
+        None,
+        &[0x02, 0, 0, 0, 3],
+        b"soon gone",
+    ))
+    .await;
+    assert!(p.nothing_before_pingresp().await);
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let (mut c, connack) = Raw::open(&gw, connect_v5(0x00, b"away", &[])).await;
+    assert_eq!(connack[2] & 1, 1, "resumed");
+    let got = c.next().await.unwrap();
+    assert_eq!(topic_of(&got), "away/x");
+    let left = expiry_of(&got).expect("the expiry is sent");
+    assert!((1..=2).contains(&left), "{left} s left of 3, counted once");
+}
+
+#[tokio::test]
+async fn unacknowledged_deliveries_are_sent_again_on_resumption() {
+    let gw = TestGateway::start().await;
+    let (mut c, _) = Raw::open(&gw, connect(Version::V311, 0x00, b"slow-acker", &[])).await;
+    c.send(&subscribe(Version::V311, &[], &[(b"redo/#", 1)]))
+        .await;
+    assert_eq!(c.next().await.unwrap()[0], 0x90);
+    assert_eq!(gw.post("/topics/redo/x?qos=1", "again").await.status(), 204);
+    let first = c.next().await.unwrap();
+    assert_eq!(first[0], 0x32, "QoS 1, not acknowledged");
+    drop(c);
+    let (mut c, connack) = Raw::open(&gw, connect(Version::V311, 0x00, b"slow-acker", &[])).await;
+    assert_eq!(connack, [0x20, 2, 1, 0], "session present");
+    let again = c.next().await.unwrap();
+    assert_eq!(again[0], 0x3A, "QoS 1 with DUP set");
+    assert_eq!(topic_of(&again), "redo/x");
+    assert_eq!(again[again.len() - 5..], *b"again");
+}
