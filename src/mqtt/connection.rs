@@ -359,6 +359,7 @@ async fn run<S: AsyncRead + AsyncWrite + Unpin>(
         origin,
         connect.receive_maximum,
         connect.maximum_packet_size,
+        connect.topic_alias_maximum,
         kept.unwrap_or_default(),
     );
     let mut resumed = Out::default();

@@ -173,6 +173,11 @@ pub(super) struct Session {
     next_own: u16,
     client_receive_max: usize,
     client_max_packet: usize,
+    /// Topic aliases the session uses toward the client, up to the client's Topic Alias
+    /// Maximum (MQTT 5 §3.3.2.3.4): the first topics sent get one, for as long as the
+    /// connection lasts.
+    aliases_out: HashMap<String, u16>,
+    alias_max_out: u16,
     router_sub_id: u16,
     /// Router ids of the SUBSCRIBEs sent for the client's SUBSCRIBE being handled.
     router_waiting: HashSet<u16>,
@@ -191,6 +196,7 @@ impl Session {
         origin: u64,
         receive_max: Option<u16>,
         max_packet: Option<u32>,
+        alias_max: Option<u16>,
         mut kept: Kept,
     ) -> Self {
         let held = std::mem::take(&mut kept.held);
@@ -220,6 +226,12 @@ impl Session {
             next_own: 1,
             client_receive_max: usize::from(receive_max.unwrap_or(u16::MAX)),
             client_max_packet: max_packet.map_or(usize::MAX, |m| m as usize),
+            aliases_out: HashMap::new(),
+            alias_max_out: if version == Version::V5 {
+                alias_max.unwrap_or(0)
+            } else {
+                0
+            },
             router_sub_id: 0,
             router_waiting: HashSet::new(),
             ended: None,
@@ -242,7 +254,8 @@ impl Session {
                 out.client.push(Packet::PubRel(ack(id, code::SUCCESS)));
             } else {
                 p.dup = true;
-                out.client.push(Packet::Publish(p.clone()));
+                let sent = self.aliased(p.clone());
+                out.client.push(Packet::Publish(sent));
             }
             self.own.insert(id, p);
         }
@@ -855,7 +868,25 @@ impl Session {
         );
         self.own.insert(p.packet_id, p.clone());
         self.settings.stats.count_out(&p);
+        let p = self.aliased(p);
         out.client.push(Packet::Publish(p));
+    }
+
+    /// The publish as written to the client: under a topic alias when the client takes them.
+    fn aliased(&mut self, mut p: Publish) -> Publish {
+        if self.alias_max_out == 0 {
+            return p;
+        }
+        if let Some(&alias) = self.aliases_out.get(&p.topic) {
+            p.topic.clear();
+            p.properties.topic_alias = Some(alias);
+        } else if let Ok(n) = u16::try_from(self.aliases_out.len())
+            && n < self.alias_max_out
+        {
+            self.aliases_out.insert(p.topic.clone(), n + 1);
+            p.properties.topic_alias = Some(n + 1);
+        }
+        p
     }
 
     fn send_waiting(&mut self, out: &mut Out) {
@@ -876,6 +907,7 @@ impl Session {
             return;
         }
         self.settings.stats.count_out(&p);
+        let p = self.aliased(p);
         out.client.push(Packet::Publish(p));
     }
 

@@ -552,3 +552,27 @@ async fn unacknowledged_deliveries_are_sent_again_on_resumption() {
     assert_eq!(topic_of(&again), "redo/x");
     assert_eq!(again[again.len() - 5..], *b"again");
 }
+
+#[tokio::test]
+async fn topics_are_sent_under_aliases_the_client_takes() {
+    let gw = TestGateway::start().await;
+    // Topic Alias Maximum (0x22) 1.
+    let (mut c, _) = Raw::open(&gw, connect_v5(0x02, b"alias", &[0x22, 0, 1])).await;
+    c.send(&subscribe(Version::V5, &[], &[(b"al/#", 0)])).await;
+    assert_eq!(c.next().await.unwrap()[0], 0x90);
+    for topic in ["/topics/al/a", "/topics/al/a", "/topics/al/b"] {
+        assert_eq!(gw.post(topic, "v").await.status(), 204);
+    }
+    let first = c.next().await.unwrap();
+    assert_eq!(topic_of(&first), "al/a");
+    assert!(
+        first.windows(3).any(|w| w == [0x23, 0, 1]),
+        "sets alias 1: {first:?}"
+    );
+    let second = c.next().await.unwrap();
+    assert_eq!(topic_of(&second), "", "the topic stands as its alias");
+    assert!(second.windows(3).any(|w| w == [0x23, 0, 1]));
+    let third = c.next().await.unwrap();
+    assert_eq!(topic_of(&third), "al/b", "no alias left for another topic");
+    assert!(!third.windows(1).any(|w| w == [0x23]));
+}
