@@ -150,27 +150,13 @@ impl Connection {
         });
         let io = TokioIo::new(io);
         let served = if h2 {
-            let conn = builders.1.serve_connection(io, service);
-            tokio::pin!(conn);
-            tokio::select! {
-                r = conn.as_mut() => r,
-                () = stopping.cancelled() => {
-                    conn.as_mut().graceful_shutdown();
-                    conn.await
-                }
-            }
+            let conn = std::pin::pin!(builders.1.serve_connection(io, service));
+            until_stopped(conn, &stopping, |c| c.graceful_shutdown()).await
         } else {
             // Upgrades serve MQTT over WebSocket (`/mqtt`); an upgraded connection belongs to
             // the broker from then on.
-            let conn = builders.0.serve_connection(io, service).with_upgrades();
-            tokio::pin!(conn);
-            tokio::select! {
-                r = conn.as_mut() => r,
-                () = stopping.cancelled() => {
-                    conn.as_mut().graceful_shutdown();
-                    conn.await
-                }
-            }
+            let conn = std::pin::pin!(builders.0.serve_connection(io, service).with_upgrades());
+            until_stopped(conn, &stopping, |c| c.graceful_shutdown()).await
         };
         match served {
             Ok(()) => {}
@@ -181,6 +167,24 @@ impl Connection {
                 crate::refused::log(what, peer, &format_args!("closed: {e}"));
             }
             Err(e) => tracing::debug!(%peer, error = %e, "HTTP connection ended with an error"),
+        }
+    }
+}
+
+/// Serves a connection; once `stopping` fires, lets it finish its requests and end.
+async fn until_stopped<C, T>(
+    mut conn: std::pin::Pin<&mut C>,
+    stopping: &CancellationToken,
+    graceful_shutdown: impl FnOnce(std::pin::Pin<&mut C>),
+) -> T
+where
+    C: Future<Output = T>,
+{
+    tokio::select! {
+        served = conn.as_mut() => served,
+        () = stopping.cancelled() => {
+            graceful_shutdown(conn.as_mut());
+            conn.await
         }
     }
 }

@@ -382,17 +382,14 @@ async fn run<S: AsyncRead + AsyncWrite + Unpin>(
         },
     });
 
-    let closed = pump(
+    let mut joined = Joined {
         front,
-        conn,
-        &mut session,
-        &mut tx,
-        &mut rx,
-        keep_alive,
-        &kick,
-        &cancel,
-    )
-    .await;
+        conn: &mut *conn,
+        session: &mut session,
+        tx: &mut tx,
+        rx: &mut rx,
+    };
+    let closed = joined.pump(keep_alive, &kick, &cancel).await;
     // What the router forwarded that was not written yet stays with a kept session (the
     // router counts it delivered): its QoS 1/2 messages go out on resumption.
     let mut leftover = Out::default();
@@ -518,85 +515,91 @@ fn router_client_id(id: &str) -> String {
     out
 }
 
-#[allow(clippy::too_many_arguments)]
-async fn pump<S: AsyncRead + AsyncWrite + Unpin>(
-    front: &Arc<Front>,
-    conn: &mut Conn<S>,
-    session: &mut Session,
-    tx: &mut LinkTx,
-    rx: &mut LinkRx,
-    keep_alive: u16,
-    kick: &CancellationToken,
-    cancel: &CancellationToken,
-) -> Closed {
-    let settings = &front.settings;
-    // MQTT §3.1.2.10: one and a half keep-alive periods without a packet end the connection.
-    let grace = Duration::from_millis(u64::from(keep_alive) * 1500);
-    let mut deadline = Instant::now() + grace;
-    let mut paused_until: Option<Instant> = None;
-    let mut out = Out::default();
-    let mut congestion = Congestion::new(settings.clone());
-    // Bytes that came with the CONNECT may hold whole packets already.
-    let mut buffered = !conn.read.is_empty();
-    loop {
-        if buffered && paused_until.is_none() && !settings.congested() {
-            match handle_input(front, conn, session, tx, rx, &mut out).await {
-                Ok(Input::Drained) => buffered = false,
-                Ok(Input::More) => {}
-                Ok(Input::Pause(secs)) => {
-                    paused_until = Some(Instant::now() + Duration::from_secs(secs));
+/// A connection whose session has joined the router: what its loop works with.
+struct Joined<'a, S> {
+    front: &'a Arc<Front>,
+    conn: &'a mut Conn<S>,
+    session: &'a mut Session,
+    tx: &'a mut LinkTx,
+    rx: &'a mut LinkRx,
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> Joined<'_, S> {
+    async fn pump(
+        &mut self,
+        keep_alive: u16,
+        kick: &CancellationToken,
+        cancel: &CancellationToken,
+    ) -> Closed {
+        let settings = self.front.settings.clone();
+        // MQTT §3.1.2.10: one and a half keep-alive periods without a packet end the connection.
+        let grace = Duration::from_millis(u64::from(keep_alive) * 1500);
+        let mut deadline = Instant::now() + grace;
+        let mut paused_until: Option<Instant> = None;
+        let mut out = Out::default();
+        let mut congestion = Congestion::new(settings.clone());
+        // Bytes that came with the CONNECT may hold whole packets already.
+        let mut buffered = !self.conn.read.is_empty();
+        loop {
+            if buffered && paused_until.is_none() && !settings.congested() {
+                match self.handle_input(&mut out).await {
+                    Ok(Input::Drained) => buffered = false,
+                    Ok(Input::More) => {}
+                    Ok(Input::Pause(secs)) => {
+                        paused_until = Some(Instant::now() + Duration::from_secs(secs));
+                    }
+                    Err(closed) => return closed,
                 }
-                Err(closed) => return closed,
             }
-        }
-        if let Err(e) = conn.flush_watched(&mut congestion).await {
-            return Closed::Io(e);
-        }
-        let may_read = paused_until.is_none() && !settings.congested();
-        let reading = !buffered && may_read;
-        tokio::select! {
-            biased;
-            () = cancel.cancelled() => return Closed::Shutdown,
-            () = kick.cancelled() => return Closed::TakenOver,
-            next = rx.next() => {
-                match next {
-                    Ok(Some(notification)) => {
-                        session.router(notification, &mut out);
-                        // Take what else the router has ready without waiting.
-                        for _ in 0..BATCH {
-                            match rx.next().now_or_never() {
-                                Some(Ok(Some(n))) => session.router(n, &mut out),
-                                _ => break,
+            if let Err(e) = self.conn.flush_watched(&mut congestion).await {
+                return Closed::Io(e);
+            }
+            let may_read = paused_until.is_none() && !settings.congested();
+            let reading = !buffered && may_read;
+            tokio::select! {
+                biased;
+                () = cancel.cancelled() => return Closed::Shutdown,
+                () = kick.cancelled() => return Closed::TakenOver,
+                next = self.rx.next() => {
+                    match next {
+                        Ok(Some(notification)) => {
+                            self.session.router(notification, &mut out);
+                            // Take what else the router has ready without waiting.
+                            for _ in 0..BATCH {
+                                match self.rx.next().now_or_never() {
+                                    Some(Ok(Some(n))) => self.session.router(n, &mut out),
+                                    _ => break,
+                                }
                             }
                         }
+                        Ok(None) => {}
+                        Err(_) => return Closed::RouterGone,
                     }
-                    Ok(None) => {}
-                    Err(_) => return Closed::RouterGone,
+                    congestion.router_batch(out.wake_router || self.session.lagging());
+                    if let Some(closed) = self.apply(&mut out).await {
+                        return closed;
+                    }
                 }
-                congestion.router_batch(out.wake_router || session.lagging());
-                if let Some(closed) = apply(front, conn, session, tx, rx, &mut out).await {
-                    return closed;
+                read = self.conn.stream.read_buf(&mut self.conn.read), if reading => {
+                    match read {
+                        Ok(0) => return Closed::Io(std::io::ErrorKind::UnexpectedEof.into()),
+                        Ok(n) => settings.stats.packets(0, 0, n as u64, 0),
+                        Err(e) => return Closed::Io(e),
+                    }
+                    deadline = Instant::now() + grace;
+                    buffered = true;
                 }
-            }
-            read = conn.stream.read_buf(&mut conn.read), if reading => {
-                match read {
-                    Ok(0) => return Closed::Io(std::io::ErrorKind::UnexpectedEof.into()),
-                    Ok(n) => settings.stats.packets(0, 0, n as u64, 0),
-                    Err(e) => return Closed::Io(e),
+                () = tokio::time::sleep_until(deadline), if keep_alive > 0 => return Closed::KeepAlive,
+                () = tokio::time::sleep_until(paused_until.unwrap_or_else(Instant::now)), if paused_until.is_some() => {
+                    paused_until = None;
                 }
-                deadline = Instant::now() + grace;
-                buffered = true;
-            }
-            () = tokio::time::sleep_until(deadline), if keep_alive > 0 => return Closed::KeepAlive,
-            () = tokio::time::sleep_until(paused_until.unwrap_or_else(Instant::now)), if paused_until.is_some() => {
-                paused_until = None;
-            }
-            () = settings.uncongested(), if settings.congested() => {}
-            // More whole packets may be buffered: handled once the router had its turn.
-            () = std::future::ready(()), if buffered && may_read => {}
-            // Woken after a pause, the router had nothing more: this subscriber caught up.
-            () = tokio::time::sleep_until(congestion.last_batch + CAUGHT_UP), if congestion.marked => {
-                congestion.router_batch(false);
+                () = settings.uncongested(), if settings.congested() => {}
+                // More whole packets may be buffered: handled once the router had its turn.
+                () = std::future::ready(()), if buffered && may_read => {}
+                // Woken after a pause, the router had nothing more: this subscriber caught up.
+                () = tokio::time::sleep_until(congestion.last_batch + CAUGHT_UP), if congestion.marked => {
+                    congestion.router_batch(false);
+                }
             }
         }
     }
@@ -700,104 +703,92 @@ enum Input {
     Pause(u64),
 }
 
-/// Decodes and handles up to a batch of buffered packets, then carries out what they asked.
-async fn handle_input<S: AsyncRead + AsyncWrite + Unpin>(
-    front: &Arc<Front>,
-    conn: &mut Conn<S>,
-    session: &mut Session,
-    tx: &mut LinkTx,
-    rx: &mut LinkRx,
-    out: &mut Out,
-) -> Result<Input, Closed> {
-    let mut handled = 0;
-    let mut input = Input::More;
-    while handled < BATCH {
-        match conn.decoder.decode(&mut conn.read) {
-            Ok(Some(packet)) => {
-                handled += 1;
-                session.client(packet, out);
+impl<S: AsyncRead + AsyncWrite + Unpin> Joined<'_, S> {
+    /// Decodes and handles up to a batch of buffered packets, then carries out what they asked.
+    async fn handle_input(&mut self, out: &mut Out) -> Result<Input, Closed> {
+        let mut handled = 0;
+        let mut input = Input::More;
+        while handled < BATCH {
+            match self.conn.decoder.decode(&mut self.conn.read) {
+                Ok(Some(packet)) => {
+                    handled += 1;
+                    self.session.client(packet, out);
+                }
+                Ok(None) => {
+                    input = Input::Drained;
+                    break;
+                }
+                Err(e) => {
+                    out.end = Some(match e.answer {
+                        Answer::Disconnect(reason) => End::Violation(reason, e.detail),
+                        _ => End::Close(e.detail),
+                    });
+                }
             }
-            Ok(None) => {
-                input = Input::Drained;
+            if out.end.is_some() {
                 break;
             }
-            Err(e) => {
-                out.end = Some(match e.answer {
-                    Answer::Disconnect(reason) => End::Violation(reason, e.detail),
-                    _ => End::Close(e.detail),
-                });
+            if let Some(secs) = out.pause.take() {
+                input = Input::Pause(secs);
+                break;
             }
         }
-        if out.end.is_some() {
-            break;
-        }
-        if let Some(secs) = out.pause.take() {
-            input = Input::Pause(secs);
-            break;
+        self.front.settings.stats.packets(handled as u64, 0, 0, 0);
+        match self.apply(out).await {
+            Some(closed) => Err(closed),
+            None => Ok(input),
         }
     }
-    front.settings.stats.packets(handled as u64, 0, 0, 0);
-    match apply(front, conn, session, tx, rx, out).await {
-        Some(closed) => Err(closed),
-        None => Ok(input),
-    }
-}
 
-/// Carries out what the session asked for; `Some` when the connection must end.
-async fn apply<S: AsyncRead + AsyncWrite + Unpin>(
-    front: &Arc<Front>,
-    conn: &mut Conn<S>,
-    session: &mut Session,
-    tx: &mut LinkTx,
-    rx: &mut LinkRx,
-    out: &mut Out,
-) -> Option<Closed> {
-    let sent = out.client.len() as u64;
-    for packet in out.client.drain(..) {
-        encode(&packet, conn.version, &mut conn.write);
-    }
-    front
-        .settings
-        .stats
-        .packets(0, sent, 0, conn.write.len() as u64);
-    if !out.router.is_empty() {
-        let mut packets = std::mem::take(&mut out.router);
-        {
-            // While the buffer holds packets, the event that announced the first is still
-            // queued and the router takes these with it: no event per packet.
-            let mut buffer = tx.buffer();
-            if !buffer.is_empty() {
-                buffer.extend(packets.drain(..));
+    /// Carries out what the session asked for; `Some` when the connection must end.
+    async fn apply(&mut self, out: &mut Out) -> Option<Closed> {
+        let sent = out.client.len() as u64;
+        for packet in out.client.drain(..) {
+            encode(&packet, self.conn.version, &mut self.conn.write);
+        }
+        self.front
+            .settings
+            .stats
+            .packets(0, sent, 0, self.conn.write.len() as u64);
+        if !out.router.is_empty() {
+            let mut packets = std::mem::take(&mut out.router);
+            {
+                // While the buffer holds packets, the event that announced the first is still
+                // queued and the router takes these with it: no event per packet.
+                let mut buffer = self.tx.buffer();
+                if !buffer.is_empty() {
+                    buffer.extend(packets.drain(..));
+                }
+            }
+            if let Some(last) = packets.pop() {
+                self.tx.buffer().extend(packets);
+                // `send` queues the packet and signals the router on its bounded queue, which the
+                // router drains without ever waiting on a connection.
+                if !matches!(self.tx.send(last).now_or_never(), Some(Ok(_))) {
+                    return Some(Closed::RouterGone);
+                }
             }
         }
-        if let Some(last) = packets.pop() {
-            tx.buffer().extend(packets);
-            // `send` queues the packet and signals the router on its bounded queue, which the
-            // router drains without ever waiting on a connection.
-            if !matches!(tx.send(last).now_or_never(), Some(Ok(_))) {
-                return Some(Closed::RouterGone);
+        for publish in out.bridge.drain(..) {
+            // A full queue slows this publisher down: the socket is not read meanwhile.
+            if self.front.bridge.send(publish).await.is_err() {
+                return Some(Closed::Shutdown);
             }
         }
-    }
-    for publish in out.bridge.drain(..) {
-        // A full queue slows this publisher down: the socket is not read meanwhile.
-        if front.bridge.send(publish).await.is_err() {
-            return Some(Closed::Shutdown);
+        if std::mem::take(&mut out.wake_router) && self.rx.wake().await.is_err() {
+            return Some(Closed::RouterGone);
         }
-    }
-    if std::mem::take(&mut out.wake_router) && rx.wake().await.is_err() {
-        return Some(Closed::RouterGone);
-    }
-    match out.end.take() {
-        None => None,
-        Some(end) => {
-            let closed = match &end {
-                End::Client { .. } => Closed::Client,
-                End::Violation(code, why) => Closed::Violation(*code, why),
-                End::Close(why) => Closed::Dropped(why),
-            };
-            session.ended = Some(end);
-            Some(closed)
+        match out.end.take() {
+            None => None,
+            Some(end) => {
+                let closed = match &end {
+                    End::Client { .. } => Closed::Client,
+                    End::Violation(code, why) => Closed::Violation(*code, why),
+                    End::Close(why) => Closed::Dropped(why),
+                };
+                self.session.ended = Some(end);
+                Some(closed)
+            }
         }
     }
 }
