@@ -171,10 +171,6 @@ impl Broker {
             retained,
             policy,
             broker_stats.clone(),
-            // The router drops what a reader has not taken once the log moves past it; the
-            // publishers are held back well before that.
-            (config.segment_size.max(1024) * config.segment_count.saturating_sub(1).max(1) / 2)
-                as u64,
         ));
         Ok(Self {
             listeners,

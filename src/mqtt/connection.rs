@@ -45,8 +45,8 @@ pub(crate) struct Front {
 /// holding publishers back, and the router drops what it cannot keep for it.
 const STUCK: Duration = Duration::from_secs(5);
 
-/// A subscriber that was behind, has written all it was sent, and gets nothing more from the
-/// router for this long has caught up (the router sends at once what it holds when woken).
+/// A subscriber that was behind and gets nothing more from the router for this long has caught
+/// up (the router sends at once what it holds when woken).
 const CAUGHT_UP: Duration = Duration::from_millis(5);
 /// Decoded packets handled before the socket's writes are flushed.
 const BATCH: usize = 256;
@@ -188,17 +188,6 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
     /// holding publishers back. Cancel-safe: `write_buf` consumes what it wrote.
     async fn flush_watched(&mut self, congestion: &mut Congestion) -> std::io::Result<()> {
         while !self.write.is_empty() {
-            // A socket that cannot take what is written at once belongs to a client slower
-            // than what it is sent.
-            match self.stream.write_buf(&mut self.write).now_or_never() {
-                Some(Ok(0)) => return Err(std::io::ErrorKind::WriteZero.into()),
-                Some(Ok(_)) => {
-                    congestion.progress();
-                    continue;
-                }
-                Some(Err(e)) => return Err(e),
-                None => congestion.behind(),
-            }
             tokio::select! {
                 written = self.stream.write_buf(&mut self.write) => {
                     if written? == 0 {
@@ -576,23 +565,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Joined<'_, S> {
                         Ok(Some(notification)) => {
                             self.session.router(notification, &mut out);
                             // Take what else the router has ready without waiting.
-                            let mut taken = 1;
                             for _ in 0..BATCH {
                                 match self.rx.next().now_or_never() {
-                                    Some(Ok(Some(n))) => {
-                                        taken += 1;
-                                        self.session.router(n, &mut out);
-                                    }
+                                    Some(Ok(Some(n))) => self.session.router(n, &mut out),
                                     _ => break,
                                 }
-                            }
-                            // Far behind what was published, with more waiting in the router:
-                            // publishers wait for this subscriber; close again, they go on.
-                            let behind = self.session.behind_bytes();
-                            if behind > settings.max_behind && (taken >= 32 || out.wake_router) {
-                                congestion.behind();
-                            } else if behind < settings.max_behind / 4 && congestion.marked {
-                                congestion.caught_up();
                             }
                         }
                         Ok(None) => {}
@@ -621,7 +598,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Joined<'_, S> {
                 () = std::future::ready(()), if buffered && may_read => {}
                 // Woken after a pause, the router had nothing more: this subscriber caught up.
                 () = tokio::time::sleep_until(congestion.last_batch + CAUGHT_UP), if congestion.marked => {
-                    congestion.caught_up();
+                    congestion.router_batch(false);
                 }
             }
         }
@@ -662,35 +639,21 @@ impl Congestion {
     /// After a batch from the router: `behind` when the router had more than the connection
     /// took (it paused the link) or the QoS 1/2 window is full.
     fn router_batch(&mut self, behind: bool) {
-        self.last_batch = Instant::now();
-        if behind {
-            self.behind();
-        }
-    }
-
-    /// The client is slower than what it is sent: its socket is full, or the router had more.
-    /// Publishers wait until it has caught up.
-    fn behind(&mut self) {
         let Some(settings) = &self.settings else {
             return;
         };
-        if !self.marked && !self.stuck {
-            self.marked = true;
-            self.progress = Instant::now();
-            settings.congest();
-            tracing::trace!("a subscriber is behind: publishers wait");
-        }
-    }
-
-    /// The router has had nothing more for it for a while, and all it was sent is written: it
-    /// has caught up with what was published.
-    fn caught_up(&mut self) {
-        self.stuck = false;
-        if let Some(settings) = &self.settings
-            && std::mem::take(&mut self.marked)
-        {
-            settings.decongest();
-            tracing::trace!("a subscriber caught up");
+        self.last_batch = Instant::now();
+        if behind {
+            if !self.marked && !self.stuck {
+                self.marked = true;
+                self.progress = Instant::now();
+                settings.congest();
+            }
+        } else {
+            self.stuck = false;
+            if std::mem::take(&mut self.marked) {
+                settings.decongest();
+            }
         }
     }
 

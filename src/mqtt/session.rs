@@ -38,11 +38,10 @@ pub(super) mod code {
 /// the router for more (the router then keeps the rest in its log).
 const MAX_WAITING: usize = 1024;
 
-/// The user property that carries a publish through the router with its origin (its
-/// connection, for No Local) and the broker's byte count when it went in (how far behind a
-/// subscriber reading it is). Its name holds U+0000, which no client can send, so it cannot be
-/// forged; it never reaches a client.
-const TRACE: &str = "\0tg";
+/// The user property that carries a publish's origin (its connection) through the router, for
+/// No Local. Its name holds U+0000, which no client can send, so it cannot be forged; it never
+/// reaches a client.
+const TRACE: &str = "\0topicgate";
 
 /// How a session ends.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -117,6 +116,9 @@ impl Drop for Kept {
 fn release<'a>(settings: &Settings, held: impl Iterator<Item = &'a Held>) {
     for h in held {
         settings.unsubscribed(split_share(&h.filter).1);
+        if h.no_local {
+            settings.no_local_removed();
+        }
     }
 }
 
@@ -161,9 +163,6 @@ pub(super) struct Session {
     /// The router paused this connection while deliveries were held back: it is woken once
     /// they have gone out.
     router_paused: bool,
-    /// Bytes published to the broker since the last message forwarded to this session went
-    /// in: how far behind this subscriber reads.
-    behind_bytes: u64,
     /// QoS 1/2 publishes held back by the client's Receive Maximum.
     waiting: VecDeque<Publish>,
     /// Retained messages for the filters of the SUBSCRIBE being answered.
@@ -221,7 +220,6 @@ impl Session {
             in_flight: HashMap::new(),
             own: HashMap::new(),
             router_paused: false,
-            behind_bytes: 0,
             waiting: VecDeque::new(),
             pending_retained: Vec::new(),
             subacks: VecDeque::new(),
@@ -295,14 +293,10 @@ impl Drop for Session {
 }
 
 impl Session {
-    /// Whether the client is behind on QoS 1/2 deliveries: its Receive Maximum is full.
+    /// Whether the client is behind on QoS 1/2 deliveries: the router's window or the client's
+    /// Receive Maximum is full.
     pub(super) fn lagging(&self) -> bool {
         !self.waiting.is_empty()
-    }
-
-    /// Bytes published since the last message forwarded to this session went in.
-    pub(super) fn behind_bytes(&self) -> u64 {
-        self.behind_bytes
     }
 
     fn v5(&self) -> bool {
@@ -480,10 +474,11 @@ impl Session {
             content_type: props.content_type.clone(),
         };
         Meta::from_client(p.retain, p.qos as u8).attach(&mut rprops.payload_format_indicator);
-        let routed = self.settings.routed(p.topic.len() + p.payload.len());
-        rprops
-            .user_properties
-            .push((TRACE.to_owned(), format!("{}:{routed}", self.origin)));
+        if self.settings.no_local_in_use() {
+            rprops
+                .user_properties
+                .push((TRACE.to_owned(), self.origin.to_string()));
+        }
         // rumqttd keeps no retained messages (the gateway's store does), and delivers at each
         // subscriber's QoS: the publish QoS travels in the marker.
         let publish = r::Publish::new(
@@ -625,9 +620,14 @@ impl Session {
             scope,
             wild_first: inner.starts_with(['+', '#']),
         };
+        if held.no_local {
+            self.settings.no_local_added();
+        }
         let (id, new) = match self.by_filter.get(&sub.filter) {
             Some(&id) => {
-                self.held.insert(id, held);
+                if self.held.insert(id, held).is_some_and(|old| old.no_local) {
+                    self.settings.no_local_removed();
+                }
                 (id, false)
             }
             None => {
@@ -676,7 +676,9 @@ impl Session {
         for filter in u.filters {
             match self.by_filter.remove(&filter) {
                 Some(id) => {
-                    self.held.remove(&id);
+                    if self.held.remove(&id).is_some_and(|old| old.no_local) {
+                        self.settings.no_local_removed();
+                    }
                     self.settings.unsubscribed(split_share(&filter).1);
                     self.router_sub_id = self.router_sub_id.wrapping_add(1).max(1);
                     out.router.push(r::Packet::Unsubscribe(
@@ -735,9 +737,6 @@ impl Session {
         let mut props = properties.unwrap_or_default();
         let meta = Meta::detach(&mut props.payload_format_indicator);
         let trace = take_trace(&mut props.user_properties);
-        if let Some((_, routed)) = trace {
-            self.behind_bytes = self.settings.routed_bytes().saturating_sub(routed);
-        }
         let id = props.subscription_identifiers.pop();
         let topic = from_router(publish.topic);
         let held = match std::str::from_utf8(&topic) {
@@ -746,7 +745,7 @@ impl Session {
         };
         let delivery = held.and_then(|held| {
             let topic = String::from_utf8(topic.to_vec()).ok()?;
-            let origin = trace.map_or(0, |(origin, _)| origin);
+            let origin = trace.unwrap_or(0);
             if held.no_local && origin == self.origin && origin != 0 {
                 return None;
             }
@@ -963,11 +962,9 @@ pub(super) fn split_share(filter: &str) -> (Option<&str>, &str) {
     }
 }
 
-/// The publishing connection and the broker's byte count a publish's marker holds, with the
-/// marker taken out.
-fn take_trace(props: &mut Vec<(String, String)>) -> Option<(u64, u64)> {
+/// The publishing connection a publish's marker names, with the marker taken out.
+fn take_trace(props: &mut Vec<(String, String)>) -> Option<u64> {
     let at = props.iter().rposition(|(k, _)| k == TRACE)?;
-    let (_, trace) = props.remove(at);
-    let (origin, routed) = trace.split_once(':')?;
-    Some((origin.parse().ok()?, routed.parse().ok()?))
+    let (_, origin) = props.remove(at);
+    origin.parse().ok()
 }

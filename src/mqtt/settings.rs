@@ -27,16 +27,12 @@ pub(crate) struct Settings {
     pub(crate) policy: Policy,
     /// The broker's counters.
     pub(crate) stats: Arc<BrokerStats>,
+    /// Subscriptions with No Local held now: while there are none, publishes need no origin.
+    no_local: AtomicUsize,
     /// Every subscribed filter (without `$share/group/`), with how many sessions hold it.
     filters: Mutex<HashMap<String, usize>>,
     /// Subscribers behind on their deliveries: while there are any, publishers wait.
     congested: AtomicUsize,
-    /// Topic and payload bytes of every client publish handed to the router, as the router
-    /// counts its logs.
-    routed: AtomicU64,
-    /// How far behind (bytes published since) a subscriber may read before publishers wait:
-    /// half of what a filter's log keeps beyond the segment being read.
-    pub(crate) max_behind: u64,
     uncongested: tokio::sync::Notify,
 }
 
@@ -52,7 +48,6 @@ impl Settings {
         retained: Arc<dyn RetainedSource>,
         policy: Policy,
         stats: Arc<BrokerStats>,
-        max_behind: u64,
     ) -> Self {
         Self {
             max_payload,
@@ -63,22 +58,11 @@ impl Settings {
             retained,
             policy,
             stats,
+            no_local: AtomicUsize::new(0),
             filters: Mutex::new(HashMap::new()),
             congested: AtomicUsize::new(0),
-            routed: AtomicU64::new(0),
-            max_behind,
             uncongested: tokio::sync::Notify::new(),
         }
-    }
-
-    /// Counts `bytes` more handed to the router; the count after them.
-    pub(crate) fn routed(&self, bytes: usize) -> u64 {
-        self.routed.fetch_add(bytes as u64, Ordering::Relaxed) + bytes as u64
-    }
-
-    /// The count of bytes handed to the router so far.
-    pub(crate) fn routed_bytes(&self) -> u64 {
-        self.routed.load(Ordering::Relaxed)
     }
 
     /// Whether some subscriber is behind, so that publishers should wait before reading more.
@@ -133,6 +117,18 @@ impl Settings {
         self.filters()
             .keys()
             .any(|f| crate::topic::matches(f, topic))
+    }
+
+    pub(crate) fn no_local_in_use(&self) -> bool {
+        self.no_local.load(Ordering::Relaxed) > 0
+    }
+
+    pub(crate) fn no_local_added(&self) {
+        self.no_local.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(crate) fn no_local_removed(&self) {
+        self.no_local.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
