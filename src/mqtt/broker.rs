@@ -171,6 +171,7 @@ impl Broker {
             retained,
             policy,
             broker_stats.clone(),
+            stats.clone(),
         ));
         Ok(Self {
             listeners,

@@ -867,7 +867,7 @@ impl Session {
             },
         );
         self.own.insert(p.packet_id, p.clone());
-        self.settings.stats.count_out(&p);
+        self.settings.count_out(&p);
         let p = self.aliased(p);
         out.client.push(Packet::Publish(p));
     }
@@ -906,7 +906,7 @@ impl Session {
         if self.too_large(&p) {
             return;
         }
-        self.settings.stats.count_out(&p);
+        self.settings.count_out(&p);
         let p = self.aliased(p);
         out.client.push(Packet::Publish(p));
     }

@@ -5,6 +5,7 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicI64, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
+use super::link::LinkStats;
 use super::message::RetainedSource;
 use super::wire::Publish;
 use crate::policy::Policy;
@@ -27,6 +28,8 @@ pub(crate) struct Settings {
     pub(crate) policy: Policy,
     /// The broker's counters.
     pub(crate) stats: Arc<BrokerStats>,
+    /// The counters the gateway's metrics read (deliveries to MQTT clients).
+    link: Arc<LinkStats>,
     /// Subscriptions with No Local held now: while there are none, publishes need no origin.
     no_local: AtomicUsize,
     /// Every subscribed filter (without `$share/group/`), with how many sessions hold it.
@@ -48,6 +51,7 @@ impl Settings {
         retained: Arc<dyn RetainedSource>,
         policy: Policy,
         stats: Arc<BrokerStats>,
+        link: Arc<LinkStats>,
     ) -> Self {
         Self {
             max_payload,
@@ -58,6 +62,7 @@ impl Settings {
             retained,
             policy,
             stats,
+            link,
             no_local: AtomicUsize::new(0),
             filters: Mutex::new(HashMap::new()),
             congested: AtomicUsize::new(0),
@@ -92,6 +97,12 @@ impl Settings {
 
     fn filters(&self) -> std::sync::MutexGuard<'_, HashMap<String, usize>> {
         self.filters.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Counts a publish written to a client.
+    pub(crate) fn count_out(&self, p: &Publish) {
+        self.stats.count_out(p);
+        self.link.delivered.fetch_add(1, Ordering::Relaxed);
     }
 
     /// Counts a new subscription to `filter`.

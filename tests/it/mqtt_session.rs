@@ -576,3 +576,19 @@ async fn topics_are_sent_under_aliases_the_client_takes() {
     assert_eq!(topic_of(&third), "al/b", "no alias left for another topic");
     assert!(!third.windows(1).any(|w| w == [0x23]));
 }
+
+#[tokio::test]
+async fn deliveries_to_mqtt_clients_are_counted() {
+    let gw = TestGateway::start().await;
+    let (mut c, _) = Raw::open(&gw, connect(Version::V311, 0x02, b"counted", &[])).await;
+    c.send(&subscribe(Version::V311, &[], &[(b"count/#", 0)]))
+        .await;
+    assert_eq!(c.next().await.unwrap()[0], 0x90);
+    assert_eq!(gw.post("/topics/count/x", "1").await.status(), 204);
+    assert_eq!(topic_of(&c.next().await.unwrap()), "count/x");
+    eventually("the delivery is in the metrics", || async {
+        let n = crate::support::metric(&gw, "topicgate_deliveries_total{protocol=\"mqtt\"}").await;
+        (n >= 1.0).then_some(())
+    })
+    .await;
+}
