@@ -88,22 +88,10 @@ async fn a_flood_of_wrong_passwords_is_each_answered_in_time() {
     assert_eq!(refused + busy, 60);
 
     // A wrong password is not taken as anonymous, even with anonymous access on.
-    let r = gw
-        .client
-        .get(gw.url("/topics/flood"))
-        .basic_auth("alice", Some("guess-0"))
-        .send()
-        .await
-        .unwrap();
+    let r = gw.get_as("/topics/flood", "alice", "guess-0").await;
     assert_eq!(r.status(), 401);
     // The right one still gets in.
-    let r = gw
-        .client
-        .get(gw.url("/topics/flood"))
-        .basic_auth("alice", Some("alice-password"))
-        .send()
-        .await
-        .unwrap();
+    let r = gw.get_as("/topics/flood", "alice", "alice-password").await;
     assert_eq!(
         r.status(),
         404,

@@ -345,12 +345,8 @@ async fn subscriptions_listings_and_streams_carry_only_readable_topics() {
     seed(&gw).await;
     // Bob may read home/+/temp only: home/# is narrowed, not refused.
     let listing: serde_json::Value = gw
-        .client
-        .get(gw.url("/topics/home/%23"))
-        .basic_auth("bob", Some("bob-password"))
-        .send()
+        .get_as("/topics/home/%23", "bob", "bob-password")
         .await
-        .unwrap()
         .json()
         .await
         .unwrap();
@@ -421,13 +417,7 @@ async fn subscriptions_listings_and_streams_carry_only_readable_topics() {
     assert!(!text.contains("humidity"), "{text}");
 
     // A filter that can match nothing readable is refused everywhere.
-    let r = gw
-        .client
-        .get(gw.url("/topics/office/%23"))
-        .basic_auth("bob", Some("bob-password"))
-        .send()
-        .await
-        .unwrap();
+    let r = gw.get_as("/topics/office/%23", "bob", "bob-password").await;
     assert_eq!(r.status(), 403);
 }
 

@@ -132,6 +132,16 @@ impl TestGateway {
             .expect("GET is answered")
     }
 
+    /// A GET of `path` with HTTP Basic credentials.
+    pub(crate) async fn get_as(&self, path: &str, user: &str, password: &str) -> reqwest::Response {
+        self.client
+            .get(self.url(path))
+            .basic_auth(user, Some(password))
+            .send()
+            .await
+            .expect("GET is answered")
+    }
+
     /// A 3.1.1 client whose incoming publishes arrive on the returned channel, once subscribed.
     pub(crate) async fn mqtt_v4(
         &self,
