@@ -239,6 +239,16 @@ fn listening_line<'a>(r: &'a Running, protocol: &str) -> &'a str {
         .unwrap_or_else(|| panic!("a {protocol} line in {:?}", r.lines))
 }
 
+/// The address a JSON-logging gateway says it bound for `protocol`.
+fn bound_addr(r: &Running, protocol: &str) -> String {
+    let line: serde_json::Value =
+        serde_json::from_str(listening_line(r, protocol)).expect("json log line");
+    line["fields"]["addr"]
+        .as_str()
+        .expect("an addr field")
+        .to_owned()
+}
+
 fn terminate(r: Running) {
     sigterm(&r);
     exits_0(r);
@@ -357,8 +367,7 @@ fn sigterm_turns_readyz_to_503_while_still_serving_then_exits_0() {
         ],
         &[],
     );
-    let http: serde_json::Value = serde_json::from_str(listening_line(&r, "http")).unwrap();
-    let addr = http["fields"]["addr"].as_str().unwrap().to_owned();
+    let addr = bound_addr(&r, "http");
     let readyz = |addr: &str| -> Option<String> {
         use std::io::{Read, Write};
         let mut s = match std::net::TcpStream::connect(addr) {
@@ -472,8 +481,7 @@ fn startup_names_version_and_urls_refusals_are_logged_and_healthcheck_probes() {
         ],
         &[],
     );
-    let http: serde_json::Value = serde_json::from_str(listening_line(&r, "http")).unwrap();
-    let addr = http["fields"]["addr"].as_str().unwrap().to_owned();
+    let addr = bound_addr(&r, "http");
     let ready: serde_json::Value = serde_json::from_str(&line_with(&r, "\"version\"")).unwrap();
     assert_eq!(ready["fields"]["version"], env!("CARGO_PKG_VERSION"));
     assert_eq!(ready["fields"]["explorer"], format!("http://{addr}/"));
