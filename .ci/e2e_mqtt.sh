@@ -57,8 +57,11 @@ fi
 
 # --- a bulk publish ----------------------------------------------------------------------------
 
-name="mosquitto_pub -l of 20,000 lines at QoS 0 reaches mosquitto_sub whole"
+name="mosquitto_pub -l of 200,000 lines of 100 B at QoS 0 reaches mosquitto_sub whole and in order"
 BULK_OUT=$WORK/bulk.txt
+BULK_IN=$WORK/bulk-in.txt
+# Each line is its number in 8 digits and 92 x: 100 bytes, and a gap can be located.
+python3 -c 'import sys; sys.stdout.write("".join("%08d%s\n" % (i, "x" * 92) for i in range(1, 200001)))' >"$BULK_IN"
 mosquitto_sub -h 127.0.0.1 -p "$MQTT_PORT" -t bulk/x -W 120 >"$BULK_OUT" 2>&1 &
 BG_PIDS+=($!)
 # The subscriber is live once a probe on its topic arrives.
@@ -67,17 +70,19 @@ probe_arrived() {
     grep -q '^probe$' "$BULK_OUT"
 }
 wait_until probe_arrived
-seq 1 20000 | timeout "$TIMEOUT" mosquitto_pub -h 127.0.0.1 -p "$MQTT_PORT" -t bulk/x -l
-if wait_until grep -qx 20000 "$BULK_OUT" &&
-    python3 - "$BULK_OUT" <<'PY'; then
+timeout "$TIMEOUT" mosquitto_pub -h 127.0.0.1 -p "$MQTT_PORT" -t bulk/x -l <"$BULK_IN"
+last_arrived() { tail -n 1 "$BULK_OUT" | grep -q '^00200000x'; }
+if wait_until last_arrived &&
+    python3 - "$BULK_OUT" "$BULK_IN" <<'PY'; then
 import sys
-lines = [l for l in open(sys.argv[1]).read().split("\n") if l.isdigit()]
-sys.exit(0 if lines == [str(i) for i in range(1, 20001)] else 1)
+got = [l for l in open(sys.argv[1]).read().split("\n") if l[:8].isdigit()]
+sent = open(sys.argv[2]).read().split("\n")[:-1]
+sys.exit(0 if got == sent else 1)
 PY
     ok "$name"
 else
-    not_ok "$name" "got $(grep -cx '[0-9]*' "$BULK_OUT" || true) numbered lines of 20000" \
-        "tail: $(show "$(tail -n 3 "$BULK_OUT")")"
+    not_ok "$name" "got $(grep -c '^[0-9]\{8\}x' "$BULK_OUT" || true) numbered lines of 200000" \
+        "tail: $(show "$(tail -c 300 "$BULK_OUT")")"
 fi
 
 # --- versions ----------------------------------------------------------------------------------

@@ -17,6 +17,7 @@ use tokio_util::task::TaskTracker;
 
 use super::MqttError;
 use super::connection::{Front, LinkFactory, serve};
+use super::flow::Matcher;
 use super::link::{Link, LinkParts, LinkStats};
 use super::message::{Meta, MqttPublish, RetainedSource};
 use super::routing::to_router;
@@ -140,26 +141,6 @@ impl Broker {
             })
         };
         let (inbound_tx, inbound_rx) = mpsc::channel(4096);
-        let wills: WillSink = {
-            let (will_tx, will_rx) = links(
-                &format!("topicgate-wills-{:016x}", rand::random::<u64>()),
-                true,
-            )
-            .map_err(MqttError::Link)?;
-            let will_link = std::sync::Mutex::new((will_tx, will_rx));
-            let inbound = inbound_tx.clone();
-            Arc::new(move |publish: MqttPublish| {
-                let packet = router_publish(&publish);
-                {
-                    let mut link = will_link
-                        .lock()
-                        .unwrap_or_else(std::sync::PoisonError::into_inner);
-                    let _ = link.0.send(packet).now_or_never();
-                }
-                // The gateway's store and streams see the will as they see any client publish.
-                let _ = inbound.try_send(publish);
-            })
-        };
         let stats = Arc::new(LinkStats::default());
         let broker_stats = Arc::new(BrokerStats::default());
         let settings = Arc::new(Settings::new(
@@ -172,7 +153,31 @@ impl Broker {
             policy,
             broker_stats.clone(),
             stats.clone(),
+            (config.segment_size.max(1024) * config.segment_count.max(1)) as u64,
         ));
+        let wills: WillSink = {
+            let (will_tx, will_rx) = links(
+                &format!("topicgate-wills-{:016x}", rand::random::<u64>()),
+                true,
+            )
+            .map_err(MqttError::Link)?;
+            let will_link = std::sync::Mutex::new((will_tx, will_rx));
+            let inbound = inbound_tx.clone();
+            let settings = settings.clone();
+            let matcher = std::sync::Mutex::new(Matcher::default());
+            Arc::new(move |publish: MqttPublish| {
+                settings.flow.gateway_publish(&matcher, &publish);
+                let packet = router_publish(&publish);
+                {
+                    let mut link = will_link
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner);
+                    let _ = link.0.send(packet).now_or_never();
+                }
+                // The gateway's store and streams see the will as they see any client publish.
+                let _ = inbound.try_send(publish);
+            })
+        };
         Ok(Self {
             listeners,
             secure,
@@ -264,14 +269,20 @@ impl Broker {
                 cancel.clone(),
             ));
         }
+        let flow = front.settings.flow.clone();
         let acceptor = Acceptor {
             front,
             tracker: tracker.clone(),
             cancel: cancel.clone(),
         };
-        let link = self
-            .link_parts
-            .run(self.stats, parts.inbound.1, link_buffer, tracker, cancel);
+        let link = self.link_parts.run(
+            self.stats,
+            flow,
+            parts.inbound.1,
+            link_buffer,
+            tracker,
+            cancel,
+        );
         Ok((link, acceptor))
     }
 }

@@ -16,6 +16,7 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use super::flow::{Blocked, Flow};
 use super::message::MqttPublish;
 use super::session::{End, Out, Session, code};
 use super::sessions::{PendingWill, Sessions, Start};
@@ -41,13 +42,10 @@ pub(crate) struct Front {
     pub(super) origins: AtomicU64,
 }
 
-/// A subscriber behind on its deliveries that writes nothing for this long is stuck: it stops
-/// holding publishers back, and the router drops what it cannot keep for it.
-const STUCK: Duration = Duration::from_secs(5);
-
-/// A subscriber that was behind and gets nothing more from the router for this long has caught
-/// up (the router sends at once what it holds when woken).
-const CAUGHT_UP: Duration = Duration::from_millis(5);
+/// A connection that flow control counts behind, with everything written and nothing from the
+/// router for this long, twice over with no new publish to its filters, has had all the
+/// router holds for it (see [`Session::idle`]).
+const IDLE: Duration = Duration::from_millis(10);
 /// Decoded packets handled before the socket's writes are flushed.
 const BATCH: usize = 256;
 
@@ -179,23 +177,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
         encode(packet, self.version, &mut self.write);
     }
 
+    /// Writes what is buffered.
     async fn flush(&mut self) -> std::io::Result<()> {
-        let mut idle = Congestion::idle();
-        self.flush_watched(&mut idle).await
-    }
-
-    /// Writes what is buffered; a subscriber that makes no progress for [`STUCK`] stops
-    /// holding publishers back. Cancel-safe: `write_buf` consumes what it wrote.
-    async fn flush_watched(&mut self, congestion: &mut Congestion) -> std::io::Result<()> {
         while !self.write.is_empty() {
-            tokio::select! {
-                written = self.stream.write_buf(&mut self.write) => {
-                    if written? == 0 {
-                        return Err(std::io::ErrorKind::WriteZero.into());
-                    }
-                    congestion.progress();
-                }
-                () = congestion.stuck() => congestion.give_up(),
+            if self.stream.write_buf(&mut self.write).await? == 0 {
+                return Err(std::io::ErrorKind::WriteZero.into());
             }
         }
         self.stream.flush().await
@@ -536,12 +522,16 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Joined<'_, S> {
         let grace = Duration::from_millis(u64::from(keep_alive) * 1500);
         let mut deadline = Instant::now() + grace;
         let mut paused_until: Option<Instant> = None;
+        let mut blocked: Option<Blocked> = None;
         let mut out = Out::default();
-        let mut congestion = Congestion::new(settings.clone());
+        let mut idle_at: Option<Instant> = None;
         // Bytes that came with the CONNECT may hold whole packets already.
         let mut buffered = !self.conn.read.is_empty();
         loop {
-            if buffered && paused_until.is_none() && !settings.congested() {
+            if let Some(reader) = out.blocked.take() {
+                blocked = Some(Blocked::new(reader));
+            }
+            if buffered && paused_until.is_none() && blocked.is_none() {
                 match self.handle_input(&mut out).await {
                     Ok(Input::Drained) => buffered = false,
                     Ok(Input::More) => {}
@@ -551,10 +541,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Joined<'_, S> {
                     Err(closed) => return closed,
                 }
             }
-            if let Err(e) = self.conn.flush_watched(&mut congestion).await {
+            if let Some(reader) = out.blocked.take() {
+                blocked = Some(Blocked::new(reader));
+            }
+            if let Err(e) = self.conn.flush().await {
                 return Closed::Io(e);
             }
-            let may_read = paused_until.is_none() && !settings.congested();
+            let may_read = paused_until.is_none() && blocked.is_none();
             let reading = !buffered && may_read;
             tokio::select! {
                 biased;
@@ -575,10 +568,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Joined<'_, S> {
                         Ok(None) => {}
                         Err(_) => return Closed::RouterGone,
                     }
-                    congestion.router_batch(out.wake_router || self.session.lagging());
                     if let Some(closed) = self.apply(&mut out).await {
                         return closed;
                     }
+                    idle_at = self.session.behind().then(|| Instant::now() + IDLE);
                 }
                 read = self.conn.stream.read_buf(&mut self.conn.read), if reading => {
                     match read {
@@ -593,103 +586,21 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Joined<'_, S> {
                 () = tokio::time::sleep_until(paused_until.unwrap_or_else(Instant::now)), if paused_until.is_some() => {
                     paused_until = None;
                 }
-                () = settings.uncongested(), if settings.congested() => {}
+                () = wait_for(&mut blocked, &settings.flow), if blocked.is_some() => blocked = None,
                 // More whole packets may be buffered: handled once the router had its turn.
                 () = std::future::ready(()), if buffered && may_read => {}
-                // Woken after a pause, the router had nothing more: this subscriber caught up.
-                () = tokio::time::sleep_until(congestion.last_batch + CAUGHT_UP), if congestion.marked => {
-                    congestion.router_batch(false);
+                () = tokio::time::sleep_until(idle_at.unwrap_or_else(Instant::now)), if idle_at.is_some() => {
+                    idle_at = self.session.idle().then(|| Instant::now() + IDLE);
                 }
             }
         }
     }
 }
 
-/// Whether this connection, as a subscriber, holds publishers back.
-struct Congestion {
-    settings: Option<Arc<Settings>>,
-    marked: bool,
-    stuck: bool,
-    progress: Instant,
-    last_batch: Instant,
-}
-
-impl Congestion {
-    fn new(settings: Arc<Settings>) -> Self {
-        Self {
-            settings: Some(settings),
-            marked: false,
-            stuck: false,
-            progress: Instant::now(),
-            last_batch: Instant::now(),
-        }
-    }
-
-    /// For writes that never hold anyone back.
-    fn idle() -> Self {
-        Self {
-            settings: None,
-            marked: false,
-            stuck: false,
-            progress: Instant::now(),
-            last_batch: Instant::now(),
-        }
-    }
-
-    /// After a batch from the router: `behind` when the router had more than the connection
-    /// took (it paused the link) or the QoS 1/2 window is full.
-    fn router_batch(&mut self, behind: bool) {
-        let Some(settings) = &self.settings else {
-            return;
-        };
-        self.last_batch = Instant::now();
-        if behind {
-            if !self.marked && !self.stuck {
-                self.marked = true;
-                self.progress = Instant::now();
-                settings.congest();
-            }
-        } else {
-            self.stuck = false;
-            if std::mem::take(&mut self.marked) {
-                settings.decongest();
-            }
-        }
-    }
-
-    fn progress(&mut self) {
-        self.progress = Instant::now();
-    }
-
-    async fn stuck(&self) {
-        if self.marked {
-            tokio::time::sleep_until(self.progress + STUCK).await;
-        } else {
-            std::future::pending::<()>().await;
-        }
-    }
-
-    fn give_up(&mut self) {
-        if let Some(settings) = &self.settings
-            && std::mem::take(&mut self.marked)
-        {
-            self.stuck = true;
-            settings.stats.stuck.fetch_add(1, Ordering::Relaxed);
-            settings.decongest();
-            tracing::info!(
-                "an MQTT subscriber wrote nothing for {STUCK:?}: publishers no longer wait for it"
-            );
-        }
-    }
-}
-
-impl Drop for Congestion {
-    fn drop(&mut self) {
-        if let Some(settings) = &self.settings
-            && self.marked
-        {
-            settings.decongest();
-        }
+/// Waits until the subscriber a publisher waits for lets it go on.
+async fn wait_for(blocked: &mut Option<Blocked>, flow: &Flow) {
+    if let Some(blocked) = blocked {
+        blocked.settle(flow).await;
     }
 }
 
@@ -730,6 +641,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Joined<'_, S> {
             }
             if let Some(secs) = out.pause.take() {
                 input = Input::Pause(secs);
+                break;
+            }
+            if out.blocked.is_some() {
                 break;
             }
         }

@@ -15,6 +15,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::MqttError;
+use super::flow::{Flow, Matcher};
 use super::message::MqttPublish;
 
 /// Publishes the link thread hands to the router in one batch, at most.
@@ -77,13 +78,14 @@ impl LinkParts {
     pub(crate) fn run(
         self,
         stats: Arc<LinkStats>,
+        flow: Arc<Flow>,
         inbound: mpsc::Receiver<MqttPublish>,
         buffer: usize,
         tracker: &TaskTracker,
         cancel: CancellationToken,
     ) -> Link {
         stats.up.store(true, Ordering::Relaxed);
-        let sink = RouterSink::start(self.tx, self.full, buffer, stats.clone());
+        let sink = RouterSink::start(self.tx, self.full, buffer, stats.clone(), flow);
         tracker.spawn(receive(self.rx, stats.clone(), cancel));
         Link::new(Sink::Router(sink), inbound, stats)
     }
@@ -114,10 +116,19 @@ pub(crate) struct RouterSink {
     queued: Arc<AtomicUsize>,
     thread: flume::Sender<MqttPublish>,
     stats: Arc<LinkStats>,
+    /// Where flow control counts the gateway's publishes.
+    flow: Arc<Flow>,
+    matcher: std::sync::Mutex<Matcher>,
 }
 
 impl RouterSink {
-    fn start(tx: LinkTx, full: RouterFull, buffer: usize, stats: Arc<LinkStats>) -> Self {
+    fn start(
+        tx: LinkTx,
+        full: RouterFull,
+        buffer: usize,
+        stats: Arc<LinkStats>,
+        flow: Arc<Flow>,
+    ) -> Self {
         let (thread, publishes) = flume::bounded::<MqttPublish>(buffer.max(1));
         let tx = Arc::new(std::sync::Mutex::new(tx));
         let queued = Arc::new(AtomicUsize::new(0));
@@ -154,14 +165,18 @@ impl RouterSink {
             queued,
             thread,
             stats,
+            flow,
+            matcher: std::sync::Mutex::new(Matcher::default()),
         }
     }
 
     async fn publish(&self, publish: MqttPublish) -> Result<(), MqttError> {
         let _turn = self.turn.lock().await;
         if self.queued.load(Ordering::Acquire) == 0 && !(self.full)() {
+            self.flow.gateway_publish(&self.matcher, &publish);
             return self.push(into_packet(publish));
         }
+        self.flow.gateway_publish(&self.matcher, &publish);
         self.queued.fetch_add(1, Ordering::AcqRel);
         if self.thread.send_async(publish).await.is_err() {
             self.queued.fetch_sub(1, Ordering::AcqRel);
@@ -347,6 +362,7 @@ mod tests {
         let (_inbound_tx, inbound) = mpsc::channel(1);
         let link = LinkParts::new(tx, rx, full).run(
             Arc::new(LinkStats::default()),
+            Arc::new(Flow::new(1 << 20, Arc::default())),
             inbound,
             8,
             &TaskTracker::new(),

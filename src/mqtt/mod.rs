@@ -5,6 +5,7 @@
 
 mod broker;
 mod connection;
+mod flow;
 mod link;
 mod message;
 mod remote;

@@ -10,6 +10,7 @@ use bytes::Bytes;
 use rumqttd::protocol as r;
 use rumqttd::{Forward, Notification};
 
+use super::flow::{Matcher, Reader, log_size};
 use super::message::{Meta, MqttPublish};
 use super::routing::{filter_to_router, from_router, to_router};
 use super::settings::Settings;
@@ -76,6 +77,8 @@ pub(super) struct Out {
     pub(super) wake_router: bool,
     /// Seconds to stop reading the client: its publish rate is over the limit.
     pub(super) pause: Option<u64>,
+    /// A subscriber the last publish left too far behind: reading the client waits for it.
+    pub(super) blocked: Option<Arc<Reader>>,
 }
 
 /// One subscription as the session knows it; the router holds the same filter under `id`.
@@ -181,6 +184,12 @@ pub(super) struct Session {
     router_sub_id: u16,
     /// Router ids of the SUBSCRIBEs sent for the client's SUBSCRIBE being handled.
     router_waiting: HashSet<u16>,
+    /// The session's progress through the router's log of each held subscription.
+    readers: HashMap<usize, Arc<Reader>>,
+    /// Where the client's publishes go, for flow control.
+    matcher: Matcher,
+    /// What the filters of lagging readers had appended when the connection last went idle.
+    idle_marks: Option<Vec<(usize, u64)>>,
     /// How the session ended, once it has.
     pub(super) ended: Option<End>,
 }
@@ -206,6 +215,10 @@ impl Session {
             crate::policy::Policy::client_key(&principal, || format!("client:{client_id}"));
         let by_filter = held.iter().map(|(id, h)| (h.filter.clone(), *id)).collect();
         let next_sub = held.keys().max().map_or(1, |m| m + 1);
+        let readers = held
+            .iter()
+            .map(|(id, h)| (*id, join(&settings, &h.filter)))
+            .collect();
         Self {
             settings,
             version,
@@ -234,6 +247,9 @@ impl Session {
             },
             router_sub_id: 0,
             router_waiting: HashSet::new(),
+            readers,
+            matcher: Matcher::default(),
+            idle_marks: None,
             ended: None,
             unacked,
         }
@@ -277,6 +293,8 @@ impl Session {
                 .map(|p| (p, false)),
         );
         // (Those have no packet id yet: they get one when they go out.)
+        // Offline, the session holds no publisher back: the router keeps what its log can.
+        self.leave_all();
         Kept {
             held: std::mem::take(&mut self.held),
             qos2_in: std::mem::take(&mut self.qos2_in),
@@ -288,15 +306,57 @@ impl Session {
 
 impl Drop for Session {
     fn drop(&mut self) {
+        self.leave_all();
         release(&self.settings, self.held.values());
     }
 }
 
+/// The flow reader of a new subscription to `filter`.
+fn join(settings: &Settings, filter: &str) -> Arc<Reader> {
+    let (group, inner) = split_share(filter);
+    settings.flow.join(&filter_to_router(inner), group)
+}
+
 impl Session {
-    /// Whether the client is behind on QoS 1/2 deliveries: the router's window or the client's
-    /// Receive Maximum is full.
-    pub(super) fn lagging(&self) -> bool {
-        !self.waiting.is_empty()
+    fn leave_all(&mut self) {
+        for (id, reader) in self.readers.drain() {
+            let group = self.held.get(&id).and_then(|h| split_share(&h.filter).0);
+            self.settings.flow.leave(&reader, group);
+        }
+    }
+
+    /// Whether the router should still have messages for this session: the counts say so, and
+    /// the session has not paused the router itself.
+    pub(super) fn behind(&self) -> bool {
+        !self.router_paused && self.readers.values().any(|r| r.lag() > 0)
+    }
+
+    /// The connection has been idle for a while, all written and nothing from the router. A
+    /// reader the counts call behind, whose filter took nothing since the last idle check, has
+    /// had all the router holds for it (the router dropped expired messages, or a publish was
+    /// counted before the subscription began): its count is set right. Whether the session is
+    /// still behind.
+    pub(super) fn idle(&mut self) -> bool {
+        if self.router_paused {
+            return false;
+        }
+        let now: Vec<(usize, u64)> = self
+            .readers
+            .iter()
+            .filter(|(_, r)| r.lag() > 0)
+            .map(|(id, r)| (*id, r.appended()))
+            .collect();
+        if let Some(before) = self.idle_marks.take() {
+            for (id, appended) in &now {
+                if before.contains(&(*id, *appended))
+                    && let Some(reader) = self.readers.get(id)
+                {
+                    reader.resync();
+                }
+            }
+        }
+        self.idle_marks = Some(now);
+        self.behind()
     }
 
     fn v5(&self) -> bool {
@@ -450,7 +510,7 @@ impl Session {
     }
 
     /// Hands an accepted publish to the bridge and to the router.
-    fn route(&self, p: &Publish, out: &mut Out) {
+    fn route(&mut self, p: &Publish, out: &mut Out) {
         let props = &p.properties;
         out.bridge.push(MqttPublish {
             topic: p.topic.clone(),
@@ -481,11 +541,15 @@ impl Session {
         }
         // rumqttd keeps no retained messages (the gateway's store does), and delivers at each
         // subscriber's QoS: the publish QoS travels in the marker.
-        let publish = r::Publish::new(
-            to_router(Bytes::from(p.topic.clone())),
-            p.payload.clone(),
-            false,
-        );
+        let topic = to_router(Bytes::from(p.topic.clone()));
+        if let Some(reader) = self
+            .settings
+            .flow
+            .publish(&mut self.matcher, &topic, &p.payload)
+        {
+            out.blocked = Some(reader);
+        }
+        let publish = r::Publish::new(topic, p.payload.clone(), false);
         out.router.push(r::Packet::Publish(publish, Some(rprops)));
     }
 
@@ -635,6 +699,7 @@ impl Session {
                 self.next_sub += 1;
                 self.by_filter.insert(sub.filter.clone(), id);
                 self.held.insert(id, held);
+                self.readers.insert(id, join(&self.settings, &sub.filter));
                 self.settings.subscribed(inner);
                 (id, true)
             }
@@ -676,6 +741,9 @@ impl Session {
         for filter in u.filters {
             match self.by_filter.remove(&filter) {
                 Some(id) => {
+                    if let Some(reader) = self.readers.remove(&id) {
+                        self.settings.flow.leave(&reader, split_share(&filter).0);
+                    }
                     if self.held.remove(&id).is_some_and(|old| old.no_local) {
                         self.settings.no_local_removed();
                     }
@@ -702,6 +770,7 @@ impl Session {
 
     /// One notification from the router.
     pub(super) fn router(&mut self, notification: Notification, out: &mut Out) {
+        self.idle_marks = None;
         match notification {
             Notification::Forward(forward) => self.forwarded(forward, out),
             Notification::Unschedule => {
@@ -732,17 +801,23 @@ impl Session {
         let Forward {
             publish,
             properties,
+            cursor,
             ..
         } = forward;
         let mut props = properties.unwrap_or_default();
         let meta = Meta::detach(&mut props.payload_format_indicator);
         let trace = take_trace(&mut props.user_properties);
         let id = props.subscription_identifiers.pop();
+        let size = log_size(&publish.topic, &publish.payload);
         let topic = from_router(publish.topic);
         let held = match std::str::from_utf8(&topic) {
-            Ok(topic) => self.held_for(id, topic).map(|(_, h)| h.clone()),
+            Ok(topic) => self.held_for(id, topic).map(|(id, h)| (id, h.clone())),
             Err(_) => None,
         };
+        if let Some(reader) = held.as_ref().and_then(|(id, _)| self.readers.get(id)) {
+            reader.forwarded(size, cursor.map(|c| c.1), &self.settings.stats);
+        }
+        let held = held.map(|(_, h)| h);
         let delivery = held.and_then(|held| {
             let topic = String::from_utf8(topic.to_vec()).ok()?;
             let origin = trace.unwrap_or(0);

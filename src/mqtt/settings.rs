@@ -5,6 +5,7 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicI64, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
+use super::flow::Flow;
 use super::link::LinkStats;
 use super::message::RetainedSource;
 use super::wire::Publish;
@@ -34,9 +35,8 @@ pub(crate) struct Settings {
     no_local: AtomicUsize,
     /// Every subscribed filter (without `$share/group/`), with how many sessions hold it.
     filters: Mutex<HashMap<String, usize>>,
-    /// Subscribers behind on their deliveries: while there are any, publishers wait.
-    congested: AtomicUsize,
-    uncongested: tokio::sync::Notify,
+    /// Publishers wait for subscribers that fall behind.
+    pub(crate) flow: Arc<Flow>,
 }
 
 impl Settings {
@@ -52,6 +52,7 @@ impl Settings {
         policy: Policy,
         stats: Arc<BrokerStats>,
         link: Arc<LinkStats>,
+        log_bytes: u64,
     ) -> Self {
         Self {
             max_payload,
@@ -61,37 +62,11 @@ impl Settings {
             max_keep_alive,
             retained,
             policy,
-            stats,
+            stats: stats.clone(),
             link,
             no_local: AtomicUsize::new(0),
             filters: Mutex::new(HashMap::new()),
-            congested: AtomicUsize::new(0),
-            uncongested: tokio::sync::Notify::new(),
-        }
-    }
-
-    /// Whether some subscriber is behind, so that publishers should wait before reading more.
-    pub(crate) fn congested(&self) -> bool {
-        self.congested.load(Ordering::Acquire) > 0
-    }
-
-    /// Resolves when no subscriber is behind any more, or soon in any case (a wake-up missed
-    /// between the check and the wait costs this much at most).
-    pub(crate) async fn uncongested(&self) {
-        let _ = tokio::time::timeout(
-            std::time::Duration::from_millis(20),
-            self.uncongested.notified(),
-        )
-        .await;
-    }
-
-    pub(crate) fn congest(&self) {
-        self.congested.fetch_add(1, Ordering::AcqRel);
-    }
-
-    pub(crate) fn decongest(&self) {
-        if self.congested.fetch_sub(1, Ordering::AcqRel) == 1 {
-            self.uncongested.notify_waiters();
+            flow: Arc::new(Flow::new(log_bytes, stats.clone())),
         }
     }
 

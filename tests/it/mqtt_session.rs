@@ -21,6 +21,11 @@ impl Raw {
     /// Connects and returns the client with its CONNACK.
     async fn open(gw: &TestGateway, connect: Vec<u8>) -> (Self, Vec<u8>) {
         let stream = TcpStream::connect(gw.mqtt).await.unwrap();
+        Self::open_on(stream, connect).await
+    }
+
+    /// [`Raw::open`] on a connected stream.
+    async fn open_on(stream: TcpStream, connect: Vec<u8>) -> (Self, Vec<u8>) {
         let mut raw = Self {
             stream,
             buf: Vec::new(),
@@ -589,6 +594,131 @@ async fn deliveries_to_mqtt_clients_are_counted() {
     eventually("the delivery is in the metrics", || async {
         let n = crate::support::metric(&gw, "topicgate_deliveries_total{protocol=\"mqtt\"}").await;
         (n >= 1.0).then_some(())
+    })
+    .await;
+}
+
+/// A gateway whose router keeps 2 KiB per filter: a few messages of backlog.
+async fn small_log_gateway() -> TestGateway {
+    TestGateway::start_with(|c| {
+        c.mqtt.segment_size = 1024;
+        c.mqtt.segment_count = 2;
+        c.mqtt.sys_interval = Duration::from_millis(200);
+    })
+    .await
+}
+
+/// A subscriber on `filter` that has its SUBACK.
+async fn subscriber(gw: &TestGateway, id: &[u8], filter: &[u8]) -> Raw {
+    let (mut c, _) = Raw::open(gw, connect(Version::V311, 0x02, id, &[])).await;
+    c.send(&subscribe(Version::V311, &[], &[(filter, 0)])).await;
+    assert_eq!(c.next().await.unwrap()[0], 0x90);
+    c
+}
+
+/// `count` QoS 0 publishes to `topic` in one write, each payload its number and `pad` bytes.
+fn burst(topic: &[u8], count: u32, pad: usize) -> Vec<u8> {
+    let mut bytes = Vec::new();
+    for i in 0..count {
+        let mut payload = i.to_be_bytes().to_vec();
+        payload.resize(4 + pad, b'x');
+        bytes.extend(publish(Version::V311, 0x30, topic, None, &payload));
+    }
+    bytes
+}
+
+/// The number a [`burst`] message carries.
+fn number_of(p: &[u8]) -> u32 {
+    let at = 2 + varint_len(p) + 2 + topic_of(p).len() - 1;
+    u32::from_be_bytes(p[at..at + 4].try_into().unwrap())
+}
+
+fn varint_len(p: &[u8]) -> usize {
+    p[1..].iter().position(|b| b & 0x80 == 0).unwrap() + 1
+}
+
+async fn sys_figure(gw: &TestGateway, name: &str) -> Option<u64> {
+    let r = gw.get(&format!("/topics/%24SYS/broker/{name}")).await;
+    if r.status() != 200 {
+        return None;
+    }
+    r.text().await.ok()?.trim().parse().ok()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_qos0_burst_is_slowed_to_its_subscriber_not_dropped() {
+    // 20,000 messages in one write, through a router log that holds about 18 of them: the
+    // publisher is read only as fast as the subscriber takes them.
+    let gw = small_log_gateway().await;
+    let mut sub = subscriber(&gw, b"burst-sub", b"burst/#").await;
+    let (mut publisher, _) = Raw::open(&gw, connect(Version::V311, 0x02, b"burst-pub", &[])).await;
+    const COUNT: u32 = 20_000;
+    let bytes = burst(b"burst/x", COUNT, 96);
+    let receive = async {
+        for expected in 0..COUNT {
+            let p = sub.next_not_sys().await.expect("still connected");
+            assert_eq!(number_of(&p), expected, "every message, in order");
+        }
+    };
+    tokio::join!(publisher.send(&bytes), receive);
+    assert_eq!(
+        sys_figure(&gw, "publish/messages/dropped")
+            .await
+            .unwrap_or(0),
+        0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stuck_subscriber_holds_publishers_back_only_for_a_while_and_its_losses_are_counted() {
+    let gw = small_log_gateway().await;
+    // A small receive buffer, so that the gateway's writes to it soon block.
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let stream = socket.connect(gw.mqtt).await.unwrap();
+    let (mut stuck, _) =
+        Raw::open_on(stream, connect(Version::V311, 0x02, b"stuck-sub", &[])).await;
+    stuck
+        .send(&subscribe(Version::V311, &[], &[(b"stuck/#", 0)]))
+        .await;
+    assert_eq!(stuck.next().await.unwrap()[0], 0x90);
+    let mut healthy = subscriber(&gw, b"healthy-sub", b"stuck/#").await;
+    let (mut publisher, _) = Raw::open(&gw, connect(Version::V311, 0x02, b"stuck-pub", &[])).await;
+    // 16 MB: more than the stuck subscriber's socket buffers hold.
+    const COUNT: u32 = 2_000;
+    let bytes = burst(b"stuck/x", COUNT, 8 * 1024);
+    let receive = async {
+        for expected in 0..COUNT {
+            let p = healthy.next_not_sys().await.expect("still connected");
+            assert_eq!(
+                number_of(&p),
+                expected,
+                "the healthy subscriber loses nothing"
+            );
+        }
+    };
+    tokio::join!(publisher.send(&bytes), receive);
+    eventually("the stuck subscriber is counted", || async {
+        (sys_figure(&gw, "clients/stuck").await? == 1).then_some(())
+    })
+    .await;
+    // Read at last, it gets what the router still held; what it skipped is counted as dropped.
+    let mut received = 0u64;
+    let mut last = None;
+    while last != Some(COUNT - 1) {
+        let p = stuck.next_not_sys().await.expect("still connected");
+        let n = number_of(&p);
+        assert!(last.is_none_or(|l| n > l), "in order");
+        last = Some(n);
+        received += 1;
+    }
+    assert!(
+        received < u64::from(COUNT),
+        "the stuck subscriber lost some"
+    );
+    eventually("its losses are counted", || async {
+        let dropped = sys_figure(&gw, "publish/messages/dropped").await?;
+        (dropped == u64::from(COUNT) - received).then_some(())
     })
     .await;
 }
