@@ -10,7 +10,7 @@ mod params;
 mod store;
 pub mod sys;
 
-use std::sync::Arc;
+use std::sync::{Arc, PoisonError};
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
@@ -28,7 +28,7 @@ pub use params::{ParamError, apply_expiry, parse_flag, parse_limit, parse_qos};
 pub use store::{Page, RetainedStore};
 
 use crate::metrics::Metrics;
-use crate::mqtt::{Link, LinkStats, MqttPublish, RetainedSource};
+use crate::mqtt::{Link, LinkStats, MqttPublish, Refused, RetainedSource};
 use crate::policy::{Action, Denial, Policy, Principal, Readable};
 
 /// Why the bridge refused a request.
@@ -68,7 +68,7 @@ struct Inner {
     policy: Policy,
     max_payload: usize,
     /// Keeps the broker's order and the store's order the same for gateway publishes.
-    order: tokio::sync::Mutex<()>,
+    order: std::sync::Mutex<()>,
 }
 
 impl Bridge {
@@ -92,7 +92,7 @@ impl Bridge {
                 metrics,
                 policy,
                 max_payload,
-                order: tokio::sync::Mutex::new(()),
+                order: std::sync::Mutex::new(()),
             }),
         }
     }
@@ -140,15 +140,23 @@ impl Bridge {
                 limit: self.inner.max_payload,
             });
         }
-        let (receipt, durable) = {
-            let _order = self.inner.order.lock().await;
-            let receipt = self
-                .inner
-                .link
-                .publish(to_mqtt(&message))
-                .await
-                .map_err(|_| BridgeError::BrokerUnavailable)?;
-            (receipt, self.accept(message))
+        let (receipt, durable) = loop {
+            // Queued to the broker and applied to the store under one plain lock, so that both
+            // see gateway publishes in the same order; a saturated broker is waited for
+            // outside it.
+            {
+                let _order = self
+                    .inner
+                    .order
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner);
+                match self.inner.link.try_publish(to_mqtt(&message)) {
+                    Ok(receipt) => break (receipt, self.accept(message)),
+                    Err(Refused::Down) => return Err(BridgeError::BrokerUnavailable),
+                    Err(Refused::Full(_)) => {}
+                }
+            }
+            self.inner.link.room().await;
         };
         // Waiting outside the order lock lets concurrent publishes share one broker round trip
         // and one disk commit.

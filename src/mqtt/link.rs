@@ -86,6 +86,12 @@ impl LinkParts {
     ) -> Link {
         stats.up.store(true, Ordering::Relaxed);
         let sink = RouterSink::start(self.tx, self.full, buffer, stats.clone(), flow);
+        tracker.spawn(announce(
+            sink.tx.clone(),
+            sink.announce.clone(),
+            stats.clone(),
+            cancel.clone(),
+        ));
         tracker.spawn(receive(self.rx, stats.clone(), cancel));
         Link::new(Sink::Router(sink), inbound, stats)
     }
@@ -109,16 +115,52 @@ pub(crate) enum Sink {
 /// their order: they pass one at a time, and none goes in directly while the thread still has
 /// some to hand over.
 pub(crate) struct RouterSink {
-    turn: tokio::sync::Mutex<()>,
+    turn: std::sync::Mutex<()>,
     tx: Arc<std::sync::Mutex<LinkTx>>,
     full: RouterFull,
     /// Publishes given to the thread and not yet in the router's buffer.
     queued: Arc<AtomicUsize>,
     thread: flume::Sender<MqttPublish>,
-    stats: Arc<LinkStats>,
     /// Where flow control counts the gateway's publishes.
     flow: Arc<Flow>,
     matcher: std::sync::Mutex<Matcher>,
+    /// Tells the router of packets put in its buffer, once per batch (see [`announce`]).
+    announce: Arc<Announce>,
+}
+
+/// Packets waiting in the router's buffer for the event that tells the router of them.
+#[derive(Default)]
+struct Announce {
+    pending: AtomicBool,
+    wake: tokio::sync::Notify,
+}
+
+/// Tells the router of what the gateway put in its buffer. The event goes after the tasks
+/// already running have had their turn, so that concurrent HTTP and CoAP publishes share one
+/// event, and one wake-up of the router's thread, instead of one each.
+async fn announce(
+    tx: Arc<std::sync::Mutex<LinkTx>>,
+    announce: Arc<Announce>,
+    stats: Arc<LinkStats>,
+    cancel: CancellationToken,
+) {
+    loop {
+        tokio::select! {
+            () = announce.wake.notified() => {}
+            () = cancel.cancelled() => return,
+        }
+        tokio::task::yield_now().await;
+        announce.pending.store(false, Ordering::SeqCst);
+        let mut tx = lock(&tx);
+        let last = tx.buffer().pop_back();
+        // `send` puts the packet back and sends the event: the router takes the whole buffer.
+        if let Some(last) = last
+            && !matches!(tx.send(last).now_or_never(), Some(Ok(_)))
+        {
+            stats.up.store(false, Ordering::Relaxed);
+            return;
+        }
+    }
 }
 
 impl RouterSink {
@@ -159,59 +201,66 @@ impl RouterSink {
             stats.up.store(false, Ordering::Relaxed);
         }
         Self {
-            turn: tokio::sync::Mutex::new(()),
+            turn: std::sync::Mutex::new(()),
             tx,
             full,
             queued,
             thread,
-            stats,
             flow,
             matcher: std::sync::Mutex::new(Matcher::default()),
+            announce: Arc::default(),
         }
     }
 
-    async fn publish(&self, publish: MqttPublish) -> Result<(), MqttError> {
-        let _turn = self.turn.lock().await;
-        if self.queued.load(Ordering::Acquire) == 0 && !(self.full)() {
-            self.flow.gateway_publish(&self.matcher, &publish);
-            return self.push(into_packet(publish));
-        }
+    /// Queues a publish without waiting; gives it back when the thread's queue is full too.
+    fn try_publish(&self, publish: MqttPublish) -> Result<(), Refused> {
+        let _turn = lock(&self.turn);
         self.flow.gateway_publish(&self.matcher, &publish);
-        self.queued.fetch_add(1, Ordering::AcqRel);
-        if self.thread.send_async(publish).await.is_err() {
-            self.queued.fetch_sub(1, Ordering::AcqRel);
-            return Err(MqttError::LinkDown);
+        if self.queued.load(Ordering::Acquire) == 0 && !(self.full)() {
+            self.push(into_packet(publish));
+            return Ok(());
         }
-        Ok(())
+        self.queued.fetch_add(1, Ordering::AcqRel);
+        match self.thread.try_send(publish) {
+            Ok(()) => Ok(()),
+            Err(e) => {
+                self.queued.fetch_sub(1, Ordering::AcqRel);
+                match e {
+                    flume::TrySendError::Full(p) => Err(Refused::Full(Box::new(p))),
+                    flume::TrySendError::Disconnected(_) => Err(Refused::Down),
+                }
+            }
+        }
     }
 
-    /// Appends to the router's buffer for the link, telling the router only when the buffer was
-    /// empty: while it holds packets, the event that announced the first is still queued, and
-    /// the router will take these with it.
-    fn push(&self, packet: Packet) -> Result<(), MqttError> {
-        let mut tx = lock(&self.tx);
-        {
+    /// Appends to the router's buffer for the link. The router takes the whole buffer on each
+    /// of the link's events; while it holds packets, the event for the first is on its way or
+    /// [`announce`] will send it, so only a packet into an empty buffer asks for one.
+    fn push(&self, packet: Packet) {
+        let was_empty = {
+            let tx = lock(&self.tx);
             let mut buffer = tx.buffer();
-            if !buffer.is_empty() {
-                buffer.push_back(packet);
-                return Ok(());
-            }
-        }
-        // The queue had room a moment ago; another connection may have filled it since, and
-        // then this waits for the router to take one event, which it does without waiting on
-        // anything of the gateway's.
-        match tx.send(packet).now_or_never() {
-            Some(Ok(_)) => Ok(()),
-            _ => {
-                self.stats.up.store(false, Ordering::Relaxed);
-                Err(MqttError::LinkDown)
-            }
+            let was_empty = buffer.is_empty();
+            buffer.push_back(packet);
+            was_empty
+        };
+        if was_empty && !self.announce.pending.swap(true, Ordering::SeqCst) {
+            self.announce.wake.notify_one();
         }
     }
 }
 
-fn lock(tx: &std::sync::Mutex<LinkTx>) -> std::sync::MutexGuard<'_, LinkTx> {
-    tx.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// Why [`Link::try_publish`] did not queue a publish.
+#[derive(Debug)]
+pub enum Refused {
+    /// The broker's queue is full: the publish, to try again.
+    Full(Box<MqttPublish>),
+    /// The link is down.
+    Down,
 }
 
 /// A publish for an external broker, with where to report its acknowledgement.
@@ -262,23 +311,45 @@ impl Link {
         Self::new(Sink::Remote(sink), inbound, Arc::new(LinkStats::default()))
     }
 
-    /// Queues a publish for the broker, in order; waits while the broker is saturated. The
-    /// receipt says when the broker has it.
-    pub async fn publish(&self, publish: MqttPublish) -> Result<Receipt, MqttError> {
+    /// Queues a publish for the broker without waiting, so that callers can keep their own
+    /// order under a plain lock; the receipt says when the broker has it. While the broker is
+    /// saturated the publish is given back: wait for [`Link::room`] and try again.
+    pub fn try_publish(&self, publish: MqttPublish) -> Result<Receipt, Refused> {
         if !self.stats.is_up() {
-            return Err(MqttError::LinkDown);
+            return Err(Refused::Down);
         }
         match &self.sink {
-            Sink::Router(sink) => {
-                sink.publish(publish).await?;
-                Ok(Receipt(None))
-            }
+            Sink::Router(sink) => sink.try_publish(publish).map(|()| Receipt(None)),
             Sink::Remote(tx) => {
                 let (ack, rx) = oneshot::channel();
-                tx.send(Outbound { publish, ack })
-                    .await
-                    .map_err(|_| MqttError::LinkDown)?;
-                Ok(Receipt(Some(rx)))
+                match tx.try_send(Outbound { publish, ack }) {
+                    Ok(()) => Ok(Receipt(Some(rx))),
+                    Err(mpsc::error::TrySendError::Full(o)) => {
+                        Err(Refused::Full(Box::new(o.publish)))
+                    }
+                    Err(mpsc::error::TrySendError::Closed(_)) => Err(Refused::Down),
+                }
+            }
+        }
+    }
+
+    /// Resolves when a publish given back as [`Refused::Full`] may be tried again: the broker
+    /// drains its queue without waiting on the gateway, so a short pause is enough.
+    pub async fn room(&self) {
+        tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+    }
+
+    /// Queues a publish for the broker, in order; waits while the broker is saturated. The
+    /// receipt says when the broker has it.
+    pub async fn publish(&self, mut publish: MqttPublish) -> Result<Receipt, MqttError> {
+        loop {
+            match self.try_publish(publish) {
+                Ok(receipt) => return Ok(receipt),
+                Err(Refused::Down) => return Err(MqttError::LinkDown),
+                Err(Refused::Full(p)) => {
+                    publish = *p;
+                    self.room().await;
+                }
             }
         }
     }

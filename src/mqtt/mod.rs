@@ -18,7 +18,7 @@ pub(crate) mod wire;
 use std::net::SocketAddr;
 
 pub use broker::{Acceptor, Broker};
-pub use link::{Link, LinkStats, Receipt};
+pub use link::{Link, LinkStats, Receipt, Refused};
 pub use message::{MqttPublish, RetainedSource};
 pub use remote::RemoteBroker;
 pub use settings::BrokerStats;
