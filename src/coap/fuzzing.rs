@@ -84,6 +84,7 @@ impl Default for CoapHarness {
             MAX_PAYLOAD,
             16,
             16,
+            crate::config::RpcConfig::default(),
         );
         Self {
             store,

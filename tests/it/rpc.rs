@@ -1,0 +1,273 @@
+//! Request/response: `/rpc/{topic}` over HTTP answered by MQTT 5 and MQTT 3.1.1 responders,
+//! timeouts, concurrent calls, and reply topics nobody else can read.
+
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use rumqttc::v5::mqttbytes::v5::{Packet, PublishProperties, SubscribeReasonCode};
+use rumqttc::v5::{AsyncClient, Event, MqttOptions};
+use serde_json::Value;
+use tokio::sync::mpsc;
+
+use crate::support::{TestGateway, qos_v4, qos_v5, recv, within};
+
+/// An MQTT 5 responder on `filter`: answers every request on its Response Topic with its
+/// Correlation Data, `reply(payload)` as payload, type `text/plain` and a user property. It first
+/// sends a decoy with other correlation data, which a correct gateway ignores. Requests it saw
+/// go to the returned channel.
+async fn responder_v5(
+    gw: &TestGateway,
+    id: &str,
+    filter: &str,
+    reply: fn(&[u8]) -> Vec<u8>,
+) -> mpsc::UnboundedReceiver<rumqttc::v5::mqttbytes::v5::Publish> {
+    let (client, mut requests) = gw.mqtt_v5(id, &[(filter, 1)]).await;
+    let (seen_tx, seen) = mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Some(request) = requests.recv().await {
+            let props = request.properties.clone().unwrap_or_default();
+            let (Some(topic), Some(correlation)) = (props.response_topic, props.correlation_data)
+            else {
+                continue;
+            };
+            let decoy = PublishProperties {
+                correlation_data: Some(Bytes::from_static(b"someone else")),
+                ..PublishProperties::default()
+            };
+            let answer = PublishProperties {
+                correlation_data: Some(correlation),
+                content_type: Some("text/plain".to_owned()),
+                user_properties: vec![("served-by".to_owned(), "v5".to_owned())],
+                ..PublishProperties::default()
+            };
+            let qos = qos_v5(1);
+            let _ = client
+                .publish_with_properties(topic.clone(), qos, false, "decoy", decoy)
+                .await;
+            let _ = client
+                .publish_with_properties(topic, qos, false, reply(&request.payload), answer)
+                .await;
+            let _ = seen_tx.send(request);
+        }
+    });
+    seen
+}
+
+fn shout(payload: &[u8]) -> Vec<u8> {
+    payload.to_ascii_uppercase()
+}
+
+fn echo(payload: &[u8]) -> Vec<u8> {
+    payload.to_vec()
+}
+
+async fn error_code(resp: reqwest::Response) -> String {
+    let body: Value = resp.json().await.expect("a JSON error body");
+    assert!(body["message"].is_string(), "{body}");
+    body["error"].as_str().unwrap().to_owned()
+}
+
+#[tokio::test]
+async fn an_mqtt5_responder_answers_an_http_call() {
+    let gw = TestGateway::start().await;
+    let mut seen = responder_v5(&gw, "svc-v5", "svc/upper", shout).await;
+    let resp = gw
+        .client
+        .post(gw.url("/rpc/svc/upper"))
+        .header("content-type", "text/plain")
+        .header("mqtt-user-trace", "t-1")
+        .body("hello")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.headers()["content-type"], "text/plain");
+    assert_eq!(resp.headers()["mqtt-user-served-by"], "v5");
+    assert_eq!(resp.text().await.unwrap(), "HELLO");
+
+    // The request carried a fresh reply topic under the reserved prefix, and the caller's
+    // metadata.
+    let request = recv(&mut seen).await;
+    let props = request.properties.unwrap();
+    let topic = props.response_topic.unwrap();
+    assert!(topic.starts_with("rpc/replies/"), "{topic}");
+    assert!(props.correlation_data.is_some_and(|c| !c.is_empty()));
+    assert_eq!(props.content_type.as_deref(), Some("text/plain"));
+    assert_eq!(
+        props.user_properties,
+        [("trace".to_owned(), "t-1".to_owned())]
+    );
+
+    // PUT calls as POST does, each with a reply topic of its own.
+    let resp = gw.put("/rpc/svc/upper", "again").await;
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.text().await.unwrap(), "AGAIN");
+    let second = recv(&mut seen).await.properties.unwrap();
+    assert_ne!(second.response_topic.unwrap(), topic);
+}
+
+#[tokio::test]
+async fn an_mqtt311_responder_answers_through_the_envelope() {
+    let gw = TestGateway::start().await;
+    let (client, mut requests) = gw.mqtt_v4("svc-v4", &[("svc/v4", 1)]).await;
+    tokio::spawn(async move {
+        while let Some(request) = requests.recv().await {
+            let envelope: Value = serde_json::from_slice(&request.payload).unwrap();
+            let reply_to = envelope["properties"]["response_topic"].as_str().unwrap();
+            let answer = format!("v4 got {}", envelope["payload"].as_str().unwrap());
+            let _ = client.publish(reply_to, qos_v4(1), false, answer).await;
+        }
+    });
+    let resp = gw.post("/rpc/svc/v4?envelope=true", "ping").await;
+    assert_eq!(resp.status(), 200);
+    // A 3.1.1 reply has no content type.
+    assert_eq!(resp.headers()["content-type"], "application/octet-stream");
+    assert_eq!(resp.text().await.unwrap(), "v4 got ping");
+}
+
+#[tokio::test]
+async fn a_call_without_reply_is_a_504_when_its_timeout_ends() {
+    let gw = TestGateway::start_with(|c| c.rpc.timeout = Duration::from_millis(300)).await;
+    // Nobody subscribes: the request goes nowhere.
+    for (path, asked) in [
+        ("/rpc/nobody/home?timeout=1.5", Duration::from_millis(1500)),
+        ("/rpc/nobody/home?timeout=700ms", Duration::from_millis(700)),
+        ("/rpc/nobody/home", Duration::from_millis(300)),
+    ] {
+        let started = Instant::now();
+        let resp = gw.post(path, "anyone?").await;
+        let took = started.elapsed();
+        assert_eq!(resp.status(), 504, "{path}");
+        assert_eq!(error_code(resp).await, "no_reply");
+        assert!(took >= asked, "{path} answered after {took:?}");
+        assert!(
+            took < asked + Duration::from_secs(3),
+            "{path} took {took:?}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn concurrent_calls_each_get_their_own_reply() {
+    let gw = TestGateway::start().await;
+    let _seen = responder_v5(&gw, "svc-echo", "svc/echo/+", echo).await;
+    let calls = (0..200).map(|i| {
+        let client = gw.client.clone();
+        let url = gw.url(&format!("/rpc/svc/echo/{}?timeout=20s", i % 7));
+        async move {
+            let body = format!("call {i}");
+            let resp = client.post(url).body(body.clone()).send().await.unwrap();
+            assert_eq!(resp.status(), 200, "{body}");
+            assert_eq!(resp.text().await.unwrap(), body);
+        }
+    });
+    within("200 calls", futures_util::future::join_all(calls)).await;
+}
+
+#[tokio::test]
+async fn bad_calls_are_refused_with_400() {
+    let gw = TestGateway::start().await;
+    for (path, code) in [
+        ("/rpc/a/+", "invalid_topic"),
+        ("/rpc/a/%23", "invalid_topic"),
+        ("/rpc/", "invalid_topic"),
+        ("/rpc", "invalid_topic"),
+        ("/rpc/%24SYS/x", "invalid_topic"),
+        ("/rpc/a?timeout=61", "invalid_parameter"),
+        ("/rpc/a?timeout=0", "invalid_parameter"),
+        ("/rpc/a?timeout=soon", "invalid_parameter"),
+        ("/rpc/a?envelope=maybe", "invalid_parameter"),
+        ("/rpc/a?retain=true", "invalid_parameter"),
+    ] {
+        let resp = gw.post(path, "x").await;
+        assert_eq!(resp.status(), 400, "{path}");
+        assert_eq!(error_code(resp).await, code, "{path}");
+    }
+    let resp = gw
+        .client
+        .post(gw.url("/rpc/a"))
+        .header("mqtt-response-topic", "mine")
+        .body("x")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 400);
+    assert_eq!(error_code(resp).await, "invalid_header");
+}
+
+#[tokio::test]
+async fn nobody_can_read_reply_topics() {
+    let gw = TestGateway::start().await;
+    let _seen = responder_v5(&gw, "svc-secret", "svc/secret", shout).await;
+
+    // An MQTT client is refused the reply prefix outright...
+    let mut opts = MqttOptions::new("snoop", "127.0.0.1", gw.mqtt.port());
+    opts.set_keep_alive(Duration::from_secs(30));
+    let (snoop, mut eventloop) = AsyncClient::new(opts, 64);
+    let (acks_tx, mut acks) = mpsc::unbounded_channel();
+    let (got_tx, mut got) = mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Ok(event) = eventloop.poll().await {
+            match event {
+                Event::Incoming(Packet::SubAck(ack)) => drop(acks_tx.send(ack.return_codes)),
+                Event::Incoming(Packet::Publish(p)) => drop(got_tx.send(p.topic)),
+                _ => {}
+            }
+        }
+    });
+    for filter in ["rpc/replies/#", "rpc/replies/+"] {
+        snoop.subscribe(filter, qos_v5(0)).await.unwrap();
+        let codes = within("SUBACK", acks.recv()).await.unwrap();
+        assert_eq!(codes, [SubscribeReasonCode::NotAuthorized], "{filter}");
+    }
+    // ...and a wider subscription, an event stream and a listing carry no reply.
+    snoop.subscribe("#", qos_v5(0)).await.unwrap();
+    let codes = within("SUBACK", acks.recv()).await.unwrap();
+    assert!(matches!(codes[0], SubscribeReasonCode::Success(_)));
+    let mut stream = gw.sse("%23", None).await;
+
+    let resp = gw.post("/rpc/svc/secret", "psst").await;
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.text().await.unwrap(), "PSST");
+    // A marker published after the reply: whoever sees it has been sent the reply before it,
+    // had the reply been readable.
+    assert_eq!(gw.put("/topics/marker", "m").await.status(), 204);
+    let mut topics = Vec::new();
+    loop {
+        let topic = String::from_utf8(recv(&mut got).await.to_vec()).unwrap();
+        let done = topic == "marker";
+        topics.push(topic);
+        if done {
+            break;
+        }
+    }
+    assert!(topics.contains(&"svc/secret".to_owned()), "{topics:?}");
+    assert!(!topics.iter().any(|t| t.starts_with("rpc/")), "{topics:?}");
+    let mut streamed = Vec::new();
+    loop {
+        let event = stream.expect_event().await;
+        let topic = event.json()["topic"].as_str().unwrap().to_owned();
+        let done = topic == "marker";
+        streamed.push(topic);
+        if done {
+            break;
+        }
+    }
+    assert!(
+        !streamed.iter().any(|t| t.starts_with("rpc/")),
+        "{streamed:?}"
+    );
+
+    // Reads over HTTP: a filter over the prefix and a single reply topic are refused, even
+    // one with a retained value, and a wider listing leaves it out.
+    assert_eq!(
+        gw.put("/topics/rpc/replies/planted", "r").await.status(),
+        204
+    );
+    for path in ["/topics/rpc/replies/%23", "/topics/rpc/replies/planted"] {
+        assert_eq!(gw.get(path).await.status(), 403, "{path}");
+    }
+    let listing = gw.get("/topics/%23").await.text().await.unwrap();
+    assert!(listing.contains("marker"), "{listing}");
+    assert!(!listing.contains("rpc/replies/"), "{listing}");
+}
