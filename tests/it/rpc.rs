@@ -1,14 +1,17 @@
-//! Request/response: `/rpc/{topic}` over HTTP answered by MQTT 5 and MQTT 3.1.1 responders,
-//! timeouts, concurrent calls, and reply topics nobody else can read.
+//! Request/response: `/rpc/{topic}` over HTTP and CoAP answered by MQTT 5 and MQTT 3.1.1
+//! responders, timeouts, separate CoAP responses, concurrent calls, and reply topics nobody else
+//! can read.
 
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use coap_lite::{CoapOption, MessageClass, MessageType, RequestType};
 use rumqttc::v5::mqttbytes::v5::{Packet, PublishProperties, SubscribeReasonCode};
 use rumqttc::v5::{AsyncClient, Event, MqttOptions};
 use serde_json::Value;
 use tokio::sync::mpsc;
 
+use crate::coap_client::{CoapClient, code, set_uint, text, uint_option};
 use crate::support::{TestGateway, qos_v4, qos_v5, recv, within};
 
 /// An MQTT 5 responder on `filter`: answers every request on its Response Topic with its
@@ -270,4 +273,136 @@ async fn nobody_can_read_reply_topics() {
     let listing = gw.get("/topics/%23").await.text().await.unwrap();
     assert!(listing.contains("marker"), "{listing}");
     assert!(!listing.contains("rpc/replies/"), "{listing}");
+}
+
+/// A CoAP POST of `payload` to `target` (`rpc/...?query`), confirmable.
+fn coap_call(client: &CoapClient, target: &str, payload: &str) -> coap_lite::Packet {
+    let mut request = client.request(RequestType::Post, target);
+    request.payload = payload.as_bytes().to_vec();
+    request
+}
+
+#[tokio::test]
+async fn a_coap_call_is_answered_in_the_ack_when_the_reply_is_quick() {
+    let gw = TestGateway::start().await;
+    let mut seen = responder_v5(&gw, "svc-coap", "svc/coap", shout).await;
+    let client = CoapClient::new(gw.coap).await;
+    let mut request = coap_call(&client, "rpc/svc/coap", "hello");
+    set_uint(&mut request, CoapOption::ContentFormat, 0);
+    let response = client.call(request).await;
+    assert_eq!(code(&response), "2.05");
+    assert_eq!(text(&response), "HELLO");
+    // The reply's text/plain is Content-Format 0.
+    assert_eq!(uint_option(&response, CoapOption::ContentFormat), Some(0));
+    let props = recv(&mut seen).await.properties.unwrap();
+    assert!(props.response_topic.unwrap().starts_with("rpc/replies/"));
+    assert_eq!(
+        props.content_type.as_deref(),
+        Some("text/plain;charset=utf-8")
+    );
+}
+
+#[tokio::test]
+async fn a_slow_reply_is_acknowledged_first_then_sent_separately_until_acknowledged() {
+    let ack_timeout = Duration::from_millis(400);
+    let gw = TestGateway::start_with(|c| c.coap.ack_timeout = ack_timeout).await;
+    // The responder answers only when the test says so.
+    let (client, mut requests) = gw.mqtt_v5("svc-slow", &[("svc/slow", 1)]).await;
+    let (go_tx, mut go) = mpsc::unbounded_channel::<()>();
+    let (seen_tx, mut seen) = mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Some(request) = requests.recv().await {
+            let _ = seen_tx.send(());
+            if go.recv().await.is_none() {
+                break;
+            }
+            let props = request.properties.unwrap();
+            let answer = PublishProperties {
+                correlation_data: props.correlation_data,
+                ..PublishProperties::default()
+            };
+            let topic = props.response_topic.unwrap();
+            let _ = client
+                .publish_with_properties(topic, qos_v5(1), false, "at last", answer)
+                .await;
+        }
+    });
+
+    let coap = CoapClient::new(gw.coap).await;
+    let request = coap_call(&coap, "rpc/svc/slow?timeout=10s", "q");
+    coap.send(&request).await;
+    recv(&mut seen).await;
+    // Half the ACK timeout on, the request is acknowledged with an empty ACK.
+    let ack = coap.recv().await;
+    assert_eq!(ack.header.get_type(), MessageType::Acknowledgement);
+    assert_eq!(ack.header.code, MessageClass::Empty);
+    assert_eq!(ack.header.message_id, request.header.message_id);
+    // A retransmission of the request gets that ACK again and is not published again.
+    coap.send(&request).await;
+    let again = coap.recv().await;
+    assert_eq!(again.header.code, MessageClass::Empty);
+    assert_eq!(again.header.message_id, request.header.message_id);
+
+    go_tx.send(()).unwrap();
+    let response = coap.recv().await;
+    assert_eq!(response.header.get_type(), MessageType::Confirmable);
+    assert_eq!(code(&response), "2.05");
+    assert_eq!(response.get_token(), request.get_token());
+    assert_eq!(text(&response), "at last");
+    // Unacknowledged, it is sent again under the same message id; acknowledged, it stops.
+    let resent = coap.recv().await;
+    assert_eq!(resent.header.message_id, response.header.message_id);
+    assert_eq!(text(&resent), "at last");
+    coap.ack(response.header.message_id).await;
+    assert!(coap.try_recv(ack_timeout * 4).await.is_none());
+    assert!(seen.try_recv().is_err(), "the duplicate was published");
+}
+
+#[tokio::test]
+async fn a_coap_call_without_reply_is_a_5_04_when_its_timeout_ends() {
+    let gw = TestGateway::start_with(|c| c.coap.ack_timeout = Duration::from_millis(400)).await;
+    let coap = CoapClient::new(gw.coap).await;
+    // Within the ACK wait: piggybacked.
+    let started = Instant::now();
+    let response = coap
+        .call(coap_call(&coap, "rpc/nobody/home?timeout=100ms", "q"))
+        .await;
+    assert_eq!(code(&response), "5.04");
+    assert!(started.elapsed() >= Duration::from_millis(100));
+    // Beyond it: an empty ACK, then a confirmable 5.04.
+    let started = Instant::now();
+    let request = coap_call(&coap, "rpc/nobody/home?timeout=1s", "q");
+    coap.send(&request).await;
+    let ack = coap.recv().await;
+    assert_eq!(ack.header.code, MessageClass::Empty);
+    let response = coap.recv().await;
+    let took = started.elapsed();
+    assert_eq!(response.header.get_type(), MessageType::Confirmable);
+    assert_eq!(code(&response), "5.04");
+    assert_eq!(response.get_token(), request.get_token());
+    assert!(took >= Duration::from_secs(1), "{took:?}");
+    assert!(took < Duration::from_secs(4), "{took:?}");
+    coap.ack(response.header.message_id).await;
+}
+
+#[tokio::test]
+async fn bad_coap_calls_are_refused() {
+    let gw = TestGateway::start().await;
+    let coap = CoapClient::new(gw.coap).await;
+    for (target, expected) in [
+        ("rpc/a/+", "4.00"),
+        ("rpc/a/#", "4.00"),
+        ("rpc/a?timeout=61", "4.00"),
+        ("rpc/a?retain=true", "4.00"),
+    ] {
+        let response = coap.call(coap_call(&coap, target, "x")).await;
+        assert_eq!(code(&response), expected, "{target}");
+    }
+    let get = coap.call(coap.request(RequestType::Get, "rpc/a")).await;
+    assert_eq!(code(&get), "4.05");
+    // Nobody reads reply topics over CoAP either.
+    let read = coap
+        .call(coap.request(RequestType::Get, "topics/rpc/replies/x"))
+        .await;
+    assert_eq!(code(&read), "4.03");
 }
