@@ -859,6 +859,13 @@ mod tests {
         };
         let err = c.validate().unwrap_err().to_string();
         assert!(err.contains("`max_payload`"), "{err}");
+        let mut c = Config::default();
+        c.rpc.timeout = Duration::from_secs(90);
+        let err = c.validate().unwrap_err().to_string();
+        assert!(err.contains("`rpc.timeout`"), "{err}");
+        c.rpc.max_timeout = Duration::ZERO;
+        let err = c.validate().unwrap_err().to_string();
+        assert!(err.contains("`rpc.max_timeout`"), "{err}");
     }
 
     #[test]
