@@ -108,7 +108,8 @@ impl Bridge {
         }
     }
 
-    /// Feeds client publishes from the broker into the store and the hub until cancelled.
+    /// Feeds client publishes from the broker into the store and the hub until cancelled; then
+    /// lets waiting calls go.
     pub async fn run(self, cancel: CancellationToken) {
         let Some(mut inbound) = self.inner.link.take_inbound() else {
             return;
@@ -131,6 +132,9 @@ impl Bridge {
                 }
             }
         }
+        // No reply can arrive any more: calls end now rather than at their timeout, which
+        // would hold up the shutdown.
+        self.inner.replies.close();
     }
 
     /// Publishes through the broker for `who`, then updates the store and the streams; a
@@ -193,8 +197,9 @@ impl Bridge {
         self.publish_authorized(message).await?;
         match tokio::time::timeout(call.timeout, reply).await {
             Ok(Ok(reply)) => Ok(reply),
-            // The sender is dropped only with the registration, which `_pending` holds.
-            Ok(Err(_)) | Err(_) => Err(CallError::NoReply(call.timeout)),
+            // The sender is dropped before `_pending` only at shutdown.
+            Ok(Err(_)) => Err(CallError::Closed),
+            Err(_) => Err(CallError::NoReply(call.timeout)),
         }
     }
 

@@ -31,12 +31,22 @@ pub enum CallError {
     /// Nothing answered in time.
     #[error("no reply within {}", humantime::format_duration(*.0))]
     NoReply(Duration),
+    /// The gateway is shutting down: nothing waits for replies any more.
+    #[error("the gateway is shutting down")]
+    Closed,
 }
 
 /// The requests waiting for a reply, by reply topic.
 #[derive(Debug, Default)]
 pub(crate) struct Replies {
-    waiting: Mutex<HashMap<String, Waiter>>,
+    state: Mutex<State>,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    waiting: HashMap<String, Waiter>,
+    /// Set at shutdown: waiting requests are let go and new ones are not registered.
+    closed: bool,
 }
 
 #[derive(Debug)]
@@ -62,8 +72,14 @@ impl Replies {
             message.content_type = Some("application/json".to_owned());
         }
         let (reply, rx) = oneshot::channel();
-        self.lock()
-            .insert(topic.clone(), Waiter { correlation, reply });
+        let mut state = self.lock();
+        // Closed, the sender is dropped here and the request learns it at once.
+        if !state.closed {
+            state
+                .waiting
+                .insert(topic.clone(), Waiter { correlation, reply });
+        }
+        drop(state);
         (
             Pending {
                 replies: self,
@@ -79,7 +95,8 @@ impl Replies {
         if !topic.starts_with(REPLY_PREFIX) {
             return;
         }
-        let mut waiting = self.lock();
+        let mut state = self.lock();
+        let waiting = &mut state.waiting;
         let Some(waiter) = waiting.get(topic) else {
             return;
         };
@@ -98,8 +115,15 @@ impl Replies {
         }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Waiter>> {
-        self.waiting.lock().unwrap_or_else(PoisonError::into_inner)
+    /// Lets every waiting request go, now and from now on: they end as [`CallError::Closed`].
+    pub(crate) fn close(&self) {
+        let mut state = self.lock();
+        state.closed = true;
+        state.waiting.clear();
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
 }
 
@@ -112,7 +136,7 @@ pub(crate) struct Pending<'a> {
 
 impl Drop for Pending<'_> {
     fn drop(&mut self) {
-        self.replies.lock().remove(&self.topic);
+        self.replies.lock().waiting.remove(&self.topic);
     }
 }
 
@@ -143,7 +167,7 @@ mod tests {
         replies.deliver(&reply(&topic, Some(&correlation)));
         assert_eq!(rx.try_recv().unwrap().payload, "answer");
         drop(pending);
-        assert!(replies.lock().is_empty());
+        assert!(replies.lock().waiting.is_empty());
     }
 
     #[test]
@@ -160,6 +184,13 @@ mod tests {
         let (abandoned, _rx) = replies.register(&mut request, false);
         drop(abandoned);
         drop(pending);
-        assert!(replies.lock().is_empty());
+        assert!(replies.lock().waiting.is_empty());
+        // At shutdown, waiting and later requests are let go at once.
+        let (_waiting, mut before) = replies.register(&mut request, false);
+        replies.close();
+        let (_late, mut after) = replies.register(&mut request, false);
+        for rx in [&mut before, &mut after] {
+            assert_eq!(rx.try_recv(), Err(oneshot::error::TryRecvError::Closed));
+        }
     }
 }

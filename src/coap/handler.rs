@@ -533,6 +533,7 @@ pub(crate) async fn perform(bridge: &Bridge, work: Work) -> Reply {
                     Reply::error(ResponseType::GatewayTimeout, "no reply within the timeout")
                 }
                 Err(CallError::Publish(e)) => failed(bridge, e),
+                Err(CallError::Closed) => unavailable("the gateway is shutting down"),
             };
         }
         Work::Publish(message, ok, who) => bridge.publish(*message, &who).await.map(|()| ok),

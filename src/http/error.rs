@@ -241,6 +241,7 @@ impl From<CallError> for ApiError {
         match e {
             CallError::Publish(e) => e.into(),
             CallError::NoReply(_) => ApiError::NoReply(e.to_string()),
+            CallError::Closed => ApiError::Unavailable,
         }
     }
 }

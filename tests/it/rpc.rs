@@ -168,6 +168,31 @@ async fn concurrent_calls_each_get_their_own_reply() {
 }
 
 #[tokio::test]
+async fn a_waiting_call_ends_with_503_when_the_gateway_stops() {
+    let gw = TestGateway::start().await;
+    let (_listener, mut requests) = gw.mqtt_v5("svc-mute", &[("svc/mute", 0)]).await;
+    let call = tokio::spawn(
+        gw.client
+            .post(gw.url("/rpc/svc/mute?timeout=60s"))
+            .body("q")
+            .send(),
+    );
+    // The request is out: the call waits for a reply that will not come.
+    recv(&mut requests).await;
+    let started = Instant::now();
+    gw.stop().await.expect("the gateway stops cleanly");
+    let resp = within("the call", call).await.unwrap().unwrap();
+    assert_eq!(resp.status(), 503);
+    assert_eq!(error_code(resp).await, "broker_unavailable");
+    // Well within the default grace of 5 s, which a waiting call would otherwise use up.
+    assert!(
+        started.elapsed() < Duration::from_secs(4),
+        "{:?}",
+        started.elapsed()
+    );
+}
+
+#[tokio::test]
 async fn bad_calls_are_refused_with_400() {
     let gw = TestGateway::start().await;
     for (path, code) in [
