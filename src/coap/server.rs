@@ -261,7 +261,7 @@ impl Endpoint {
     /// Runs a publish, clear or call in its own task; the loop goes on serving.
     async fn spawn_work(&mut self, exchange: Exchange, work: Work) {
         let Ok(permit) = self.pending.clone().try_acquire_owned() else {
-            let reply = unavailable("too many publishes are waiting for the broker");
+            let reply = unavailable("too many publishes and calls are waiting");
             return self.answer(&exchange, reply).await;
         };
         let bridge = self.handler.bridge().clone();
