@@ -10,6 +10,7 @@ use rumqttc::v5::mqttbytes::v5::{Packet, PublishProperties, SubscribeReasonCode}
 use rumqttc::v5::{AsyncClient, Event, MqttOptions};
 use serde_json::Value;
 use tokio::sync::mpsc;
+use topicgate::config::{AclAccess, AclEntry, TokenEntry};
 
 use crate::coap_client::{CoapClient, code, set_uint, text, uint_option};
 use crate::support::{TestGateway, qos_v4, qos_v5, recv, within};
@@ -190,6 +191,45 @@ async fn a_waiting_call_ends_with_503_when_the_gateway_stops() {
         "{:?}",
         started.elapsed()
     );
+}
+
+#[tokio::test]
+async fn calls_ask_for_credentials_and_the_acl_as_publishes_do() {
+    let gw = TestGateway::start_with(|c| {
+        c.auth.allow_anonymous = Some(false);
+        c.auth.tokens.push(TokenEntry {
+            name: "caller".to_owned(),
+            token: "caller-token-0123456789".to_owned(),
+        });
+        c.auth.acl.push(AclEntry {
+            user: "caller".to_owned(),
+            topic: "allowed/#".to_owned(),
+            access: AclAccess::Write,
+        });
+    })
+    .await;
+    let resp = gw.post("/rpc/allowed/x", "q").await;
+    assert_eq!(resp.status(), 401);
+    assert!(resp.headers().contains_key("www-authenticate"));
+    let call = |path: &str| {
+        gw.client
+            .post(gw.url(path))
+            .bearer_auth("caller-token-0123456789")
+            .body("q")
+            .send()
+    };
+    let resp = call("/rpc/elsewhere/x").await.unwrap();
+    assert_eq!(resp.status(), 403);
+    assert_eq!(error_code(resp).await, "forbidden");
+    // Allowed to publish, it is published, and nobody answers.
+    let resp = call("/rpc/allowed/x?timeout=100ms").await.unwrap();
+    assert_eq!(resp.status(), 504);
+    let coap = CoapClient::new(gw.coap).await;
+    let refused = coap.call(coap_call(&coap, "rpc/allowed/x", "q")).await;
+    assert_eq!(code(&refused), "4.01");
+    let target = "rpc/elsewhere/x?auth=caller-token-0123456789";
+    let refused = coap.call(coap_call(&coap, target, "q")).await;
+    assert_eq!(code(&refused), "4.03");
 }
 
 #[tokio::test]
