@@ -46,6 +46,8 @@ pub struct Config {
     pub coap: CoapConfig,
     /// The bridge between the broker and the adapters.
     pub bridge: BridgeConfig,
+    /// Request/response over HTTP and CoAP (`/rpc`).
+    pub rpc: RpcConfig,
     /// An external broker to use instead of the embedded one.
     pub broker: BrokerConfig,
     /// Users, tokens and the topic ACL.
@@ -322,6 +324,27 @@ pub struct BridgeConfig {
     pub link_buffer: usize,
 }
 
+/// `[rpc]`: how long `/rpc` requests wait for their reply.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RpcConfig {
+    /// The wait when the request gives no `?timeout=`.
+    #[serde(with = "humantime_serde")]
+    pub timeout: Duration,
+    /// The longest `?timeout=` a request may ask for; more is refused (400 / 4.00).
+    #[serde(with = "humantime_serde")]
+    pub max_timeout: Duration,
+}
+
+impl Default for RpcConfig {
+    fn default() -> Self {
+        Self {
+            timeout: Duration::from_secs(5),
+            max_timeout: Duration::from_secs(60),
+        }
+    }
+}
+
 impl Default for Config {
     fn default() -> Self {
         Self {
@@ -334,6 +357,7 @@ impl Default for Config {
             http: HttpConfig::default(),
             coap: CoapConfig::default(),
             bridge: BridgeConfig::default(),
+            rpc: RpcConfig::default(),
             broker: BrokerConfig::default(),
             auth: AuthConfig::default(),
             limits: LimitsConfig::default(),
@@ -614,6 +638,15 @@ impl Config {
         if self.bridge.link_buffer == 0 {
             return invalid("bridge.link_buffer", "must be at least 1");
         }
+        if self.rpc.max_timeout.is_zero() || self.rpc.max_timeout > Duration::from_secs(3600) {
+            return invalid("rpc.max_timeout", "must be between 1ms and 1h");
+        }
+        if self.rpc.timeout.is_zero() || self.rpc.timeout > self.rpc.max_timeout {
+            return invalid(
+                "rpc.timeout",
+                "must be longer than 0s and at most rpc.max_timeout",
+            );
+        }
         if self.http.max_connections == 0 {
             return invalid("http.max_connections", "must be at least 1");
         }
@@ -826,6 +859,13 @@ mod tests {
         };
         let err = c.validate().unwrap_err().to_string();
         assert!(err.contains("`max_payload`"), "{err}");
+        let mut c = Config::default();
+        c.rpc.timeout = Duration::from_secs(90);
+        let err = c.validate().unwrap_err().to_string();
+        assert!(err.contains("`rpc.timeout`"), "{err}");
+        c.rpc.max_timeout = Duration::ZERO;
+        let err = c.validate().unwrap_err().to_string();
+        assert!(err.contains("`rpc.max_timeout`"), "{err}");
     }
 
     #[test]

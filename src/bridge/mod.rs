@@ -7,6 +7,7 @@ mod hub;
 mod journal;
 mod message;
 mod params;
+mod rpc;
 mod store;
 pub mod sys;
 
@@ -24,9 +25,11 @@ pub use message::{
     Envelope, Listing, Message, Origin, PayloadEncoding, Properties, Qos, UserProperty, fnv1a,
     is_textual,
 };
-pub use params::{ParamError, apply_expiry, parse_flag, parse_limit, parse_qos};
+pub use params::{ParamError, apply_expiry, parse_flag, parse_limit, parse_qos, parse_timeout};
+pub use rpc::{Call, CallError};
 pub use store::{Page, RetainedStore};
 
+use crate::config::RpcConfig;
 use crate::metrics::Metrics;
 use crate::mqtt::{Link, LinkStats, MqttPublish, Refused, RetainedSource};
 use crate::policy::{Action, Denial, Policy, Principal, Readable};
@@ -62,17 +65,22 @@ pub struct Bridge {
 struct Inner {
     store: Arc<RetainedStore>,
     hub: hub::Hub,
+    replies: rpc::Replies,
     link: Link,
     link_stats: Arc<LinkStats>,
     metrics: Arc<Metrics>,
     policy: Policy,
     max_payload: usize,
+    rpc: RpcConfig,
     /// Keeps the broker's order and the store's order the same for gateway publishes.
     order: std::sync::Mutex<()>,
 }
 
 impl Bridge {
     /// A bridge over a running broker link.
+    // why: each argument is one setting of a different config section; a struct of them would
+    // only rename the list.
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         store: Arc<RetainedStore>,
         link: Link,
@@ -81,23 +89,27 @@ impl Bridge {
         max_payload: usize,
         sse_buffer: usize,
         history: usize,
+        rpc: RpcConfig,
     ) -> Self {
         let link_stats = link.stats();
         Self {
             inner: Arc::new(Inner {
                 store,
                 hub: hub::Hub::new(sse_buffer, history),
+                replies: rpc::Replies::default(),
                 link,
                 link_stats,
                 metrics,
                 policy,
                 max_payload,
+                rpc,
                 order: std::sync::Mutex::new(()),
             }),
         }
     }
 
-    /// Feeds client publishes from the broker into the store and the hub until cancelled.
+    /// Feeds client publishes from the broker into the store and the hub until cancelled; then
+    /// lets waiting calls go.
     pub async fn run(self, cancel: CancellationToken) {
         let Some(mut inbound) = self.inner.link.take_inbound() else {
             return;
@@ -120,6 +132,9 @@ impl Bridge {
                 }
             }
         }
+        // No reply can arrive any more: calls end now rather than at their timeout, which
+        // would hold up the shutdown.
+        self.inner.replies.close();
     }
 
     /// Publishes through the broker for `who`, then updates the store and the streams; a
@@ -171,6 +186,43 @@ impl Bridge {
             })?;
         }
         Ok(())
+    }
+
+    /// Publishes a request for `who` with a fresh reply topic and correlation data, and waits
+    /// for its reply, from any protocol.
+    pub async fn call(
+        &self,
+        mut message: Message,
+        who: &Principal,
+        call: Call,
+    ) -> Result<Arc<Message>, CallError> {
+        self.inner
+            .policy
+            .authorize(who, Action::Publish, message.topic.as_str())
+            .map_err(BridgeError::from)?;
+        // Registered before it is published: a reply can come back before `publish` returns.
+        let (_pending, reply) = self.inner.replies.register(&mut message, call.envelope);
+        self.publish_authorized(message).await?;
+        match tokio::time::timeout(call.timeout, reply).await {
+            Ok(Ok(reply)) => Ok(reply),
+            // The sender is dropped before `_pending` only at shutdown.
+            Ok(Err(_)) => Err(CallError::Closed),
+            Err(_) => Err(CallError::NoReply(call.timeout)),
+        }
+    }
+
+    /// The wait of a call: `?timeout=` when given (at most `rpc.max_timeout`), else
+    /// `rpc.timeout`.
+    pub fn call_timeout(&self, asked: Option<&str>) -> Result<Duration, ParamError> {
+        match asked {
+            None => Ok(self.inner.rpc.timeout),
+            Some(v) => parse_timeout(v, self.inner.rpc.max_timeout),
+        }
+    }
+
+    /// The longest wait a call may ask for.
+    pub fn max_call_timeout(&self) -> Duration {
+        self.inner.rpc.max_timeout
     }
 
     /// Clears a retained value with an empty retained publish; `false` when there was none.
@@ -308,7 +360,9 @@ impl Bridge {
 
     fn accept(&self, message: Message) -> Option<journal::Durable> {
         self.inner.metrics.published(message.origin.label());
-        self.inner.hub.publish(Arc::new(message), &self.inner.store)
+        let message = Arc::new(message);
+        self.inner.replies.deliver(&message);
+        self.inner.hub.publish(message, &self.inner.store)
     }
 }
 

@@ -51,6 +51,26 @@ pub fn parse_limit(value: &str, max: usize) -> Result<usize, ParamError> {
     }
 }
 
+/// The wait of a request/response call: a number of seconds (`2.5`) or a duration with a
+/// unit (`500ms`, `5s`, `1m`), above zero and at most `max`. Longer is refused, not shortened:
+/// a caller that asked for a minute would otherwise take a 504 for the gateway's word.
+pub fn parse_timeout(value: &str, max: Duration) -> Result<Duration, ParamError> {
+    let wait = match value.parse::<f64>() {
+        Ok(secs) if secs.is_finite() && secs > 0.0 && secs <= max.as_secs_f64() => {
+            Some(Duration::from_secs_f64(secs))
+        }
+        Ok(_) => None,
+        Err(_) => humantime::parse_duration(value).ok(),
+    };
+    match wait {
+        Some(wait) if !wait.is_zero() && wait <= max => Ok(wait),
+        _ => Err(ParamError(format!(
+            "timeout must be above 0 and at most {} (seconds, or with a unit: 500ms, 5s)",
+            humantime::format_duration(max)
+        ))),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -65,5 +85,12 @@ mod tests {
         assert_eq!(parse_limit("5", 10), Ok(5));
         assert!(parse_limit("0", 10).is_err());
         assert!(parse_limit("11", 10).is_err());
+        let max = Duration::from_secs(60);
+        assert_eq!(parse_timeout("2.5", max), Ok(Duration::from_millis(2500)));
+        assert_eq!(parse_timeout("500ms", max), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_timeout("1m", max), Ok(max));
+        for bad in ["0", "0s", "61", "2m", "-1", "NaN", "inf", "soon", ""] {
+            assert!(parse_timeout(bad, max).is_err(), "{bad}");
+        }
     }
 }

@@ -84,6 +84,7 @@ impl Default for CoapHarness {
             MAX_PAYLOAD,
             16,
             16,
+            crate::config::RpcConfig::default(),
         );
         Self {
             store,
@@ -217,6 +218,11 @@ impl CoapHarness {
                 message.retain = true;
                 (Arc::new(message), Reply::new(ResponseType::Deleted))
             }
+            // Nothing answers a call here: it times out at once.
+            Work::Call(message, ..) => (
+                Arc::new(*message),
+                Reply::error(ResponseType::GatewayTimeout, "no reply within the timeout"),
+            ),
         };
         drop(self.store.apply(&message));
         (reply, Some(message))

@@ -13,8 +13,9 @@ use super::discovery;
 use super::request::{Reply, Request};
 use super::wire::Block;
 use crate::bridge::{
-    Bridge, BridgeError, Listing, Message, Origin, ParamError, Qos, Topic, TopicFilter,
-    apply_expiry, content_format_for, content_type_for, fnv1a, parse_flag, parse_limit, parse_qos,
+    Bridge, BridgeError, Call, CallError, Listing, Message, Origin, ParamError, Qos, Topic,
+    TopicFilter, apply_expiry, content_format_for, content_type_for, fnv1a, parse_flag,
+    parse_limit, parse_qos,
 };
 use crate::policy::{
     Action as Access, AuthError, Denial, Door, Policy, Principal, Readable, Refusal,
@@ -28,6 +29,9 @@ const JSON: u16 = 50;
 const LINK_FORMAT: u16 = 40;
 /// Largest page of a filter GET.
 const LIST_LIMIT: usize = 1000;
+/// Largest reply to a call: a reply goes whole in one datagram, since a Block2 follow-up would
+/// be a new request, so under what one UDP datagram carries with the header and options.
+const MAX_REPLY: usize = 64 * 1024 - 1024;
 /// The Uri-Query parameter carrying a bearer token (as in EMQX's CoAP gateway); it travels in
 /// clear text without DTLS.
 const AUTH: &str = "auth";
@@ -61,6 +65,16 @@ pub(crate) enum Work {
     Publish(Box<Message>, Reply, Principal),
     /// Clear a retained value through the bridge for a principal.
     Clear(Topic, Principal),
+    /// Publish a request for a principal and answer with its reply (`/rpc`).
+    Call(Box<Message>, Call, Principal),
+}
+
+impl Work {
+    /// Whether the answer may take longer than a client waits for an ACK: a call, which waits
+    /// for its reply, is then acknowledged first and answered separately.
+    pub(crate) fn may_wait(&self) -> bool {
+        matches!(self, Work::Call(..))
+    }
 }
 
 /// A representation of a topic or filter.
@@ -220,10 +234,11 @@ impl Handler {
                 return self.discover(req, who, false);
             }
             ["topics" | "ps", rest @ ..] => rest.join("/"),
+            ["rpc", rest @ ..] => return self.call(req, who, &rest.join("/")),
             _ => {
                 return Err(Reply::error(
                     ResponseType::NotFound,
-                    "no such resource; topics are under /topics/",
+                    "no such resource; topics are under /topics/, calls under /rpc/",
                 ));
             }
         };
@@ -396,15 +411,7 @@ impl Handler {
                 "PUT always retains; use POST to publish without retaining",
             ));
         }
-        let content_type = match req.content_format {
-            None => None,
-            Some(n) => Some(content_type_for(n).ok_or_else(|| {
-                Reply::error(
-                    ResponseType::UnsupportedContentFormat,
-                    format!("Content-Format {n} is not supported"),
-                )
-            })?),
-        };
+        let content_type = content_type(req)?;
         let max = self.bridge.max_payload();
         if req.size1.is_some_and(|s| s as usize > max) || req.payload.len() > max {
             return Err(too_large(max));
@@ -449,6 +456,48 @@ impl Handler {
         )))
     }
 
+    /// A request/response call: POST or PUT `/rpc/{topic}`, `?timeout=`, `?qos=`, `?envelope=`.
+    fn call(&self, req: &Request, who: &Principal, path: &str) -> Result<Action, Reply> {
+        if !matches!(req.method, RequestType::Post | RequestType::Put) {
+            return Err(Reply::error(
+                ResponseType::MethodNotAllowed,
+                "calls take POST or PUT",
+            ));
+        }
+        let topic = topic(path)?;
+        self.allowed(who, Access::Publish, &topic)?;
+        let params = query(req, &["timeout", "qos", "envelope"])?;
+        let timeout = self
+            .bridge
+            .call_timeout(params.get("timeout").map(String::as_str))
+            .map_err(bad_param)?;
+        let envelope = match params.get("envelope") {
+            Some(v) => parse_flag("envelope", v).map_err(bad_param)?,
+            None => false,
+        };
+        if req.block1.is_some() {
+            return Err(Reply::error(
+                ResponseType::BadOption,
+                "a call takes its request in one datagram",
+            ));
+        }
+        let max = self.bridge.max_payload();
+        if req.payload.len() > max {
+            return Err(too_large(max));
+        }
+        let mut message = Message::new(topic, req.payload.clone(), Origin::Coap);
+        message.content_type = content_type(req)?.map(str::to_owned);
+        message.qos = match params.get("qos") {
+            Some(v) => parse_qos(v).map_err(bad_param)?,
+            None => Qos::default(),
+        };
+        Ok(Action::Work(Work::Call(
+            Box::new(message),
+            Call { timeout, envelope },
+            who.clone(),
+        )))
+    }
+
     /// If-Match and If-None-Match on a PUT (RFC 7252 §5.10.8).
     fn check_preconditions(&self, req: &Request, topic: &Topic) -> Result<(), Reply> {
         let current = self.bridge.current(topic);
@@ -474,9 +523,19 @@ impl Handler {
     }
 }
 
-/// Performs a publish or clear and maps the outcome to a response.
+/// Performs a publish, clear or call and maps the outcome to a response.
 pub(crate) async fn perform(bridge: &Bridge, work: Work) -> Reply {
     let outcome = match work {
+        Work::Call(message, call, who) => {
+            return match bridge.call(*message, &who, call).await {
+                Ok(reply) => reply_content(&reply),
+                Err(CallError::NoReply(_)) => {
+                    Reply::error(ResponseType::GatewayTimeout, "no reply within the timeout")
+                }
+                Err(CallError::Publish(e)) => failed(bridge, e),
+                Err(CallError::Closed) => unavailable("the gateway is shutting down"),
+            };
+        }
         Work::Publish(message, ok, who) => bridge.publish(*message, &who).await.map(|()| ok),
         Work::Clear(topic, who) => match bridge.clear(&topic, Origin::Coap, &who).await {
             Ok(true) => Ok(Reply::new(ResponseType::Deleted)),
@@ -489,13 +548,36 @@ pub(crate) async fn perform(bridge: &Bridge, work: Work) -> Reply {
     };
     match outcome {
         Ok(reply) => reply,
-        Err(BridgeError::PayloadTooLarge { limit, .. }) => too_large(limit),
-        Err(BridgeError::BrokerUnavailable) => unavailable("the broker is not available"),
-        Err(BridgeError::Storage) => Reply::error(
+        Err(e) => failed(bridge, e),
+    }
+}
+
+/// A call's reply as a 2.05: its payload whole, and its Content-Format when the table has one.
+fn reply_content(reply: &Message) -> Reply {
+    if reply.payload.len() > MAX_REPLY {
+        return Reply::error(
+            ResponseType::BadGateway,
+            format!("the reply is over {MAX_REPLY} bytes, more than one datagram carries"),
+        );
+    }
+    let mut content = Reply::new(ResponseType::Content);
+    if let Some(format) = reply.content_type.as_deref().and_then(content_format_for) {
+        content = content.with_uint(CoapOption::ContentFormat, u32::from(format));
+    }
+    content.payload = reply.payload.clone();
+    content
+}
+
+/// A refused or failed bridge call in CoAP's terms.
+fn failed(bridge: &Bridge, e: BridgeError) -> Reply {
+    match e {
+        BridgeError::PayloadTooLarge { limit, .. } => too_large(limit),
+        BridgeError::BrokerUnavailable => unavailable("the broker is not available"),
+        BridgeError::Storage => Reply::error(
             ResponseType::InternalServerError,
             "the retained value could not be stored",
         ),
-        Err(BridgeError::Denied(d)) => denied(bridge.policy(), d),
+        BridgeError::Denied(d) => denied(bridge.policy(), d),
     }
 }
 
@@ -553,6 +635,20 @@ fn method_not_allowed() -> Reply {
 
 fn bad_param(e: ParamError) -> Reply {
     Reply::error(ResponseType::BadRequest, e.0)
+}
+
+/// The content type of the request's Content-Format; 4.15 for one outside the table.
+fn content_type(req: &Request) -> Result<Option<&'static str>, Reply> {
+    req.content_format
+        .map(|n| {
+            content_type_for(n).ok_or_else(|| {
+                Reply::error(
+                    ResponseType::UnsupportedContentFormat,
+                    format!("Content-Format {n} is not supported"),
+                )
+            })
+        })
+        .transpose()
 }
 
 fn topic(path: &str) -> Result<Topic, Reply> {

@@ -1,7 +1,8 @@
 //! The endpoint's event loop: one task owns the socket's receive side and every piece of
 //! exchange state (dedup cache, observers, uploads, retransmission timers), so none of it needs a
-//! lock. Publishes wait for the broker in tracked tasks of their own and never hold the loop up.
+//! lock. Publishes and calls wait in tracked tasks of their own and never hold the loop up.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
@@ -26,8 +27,22 @@ use crate::bridge::{Event, Message};
 use crate::config::CoapConfig;
 use crate::metrics::{Metrics, ProtocolLabel, ReasonLabel, StreamLabel};
 
-/// A finished exchange: its key and the datagram that answered it.
-type Answered = (ExchangeKey, Option<Bytes>);
+/// What a publish or call task hands back to the loop.
+enum Done {
+    /// A finished exchange: its key and the datagram that answered it (an empty ACK when its
+    /// response follows separately).
+    Answered(ExchangeKey, Option<Bytes>),
+    /// The response to a confirmable request already acknowledged with an empty ACK: sent as a
+    /// confirmable message of its own (RFC 7252 §5.2.2), resent until acknowledged.
+    Separate(Exchange, Reply),
+}
+
+/// A retransmission timer: of a notification to an observer, or of a separate response to
+/// the peer, each by message id.
+enum Timer {
+    Notification(ObserverKey, u16),
+    Separate(SocketAddr, u16),
+}
 
 /// Everything the loop owns.
 pub(crate) struct Endpoint {
@@ -36,7 +51,9 @@ pub(crate) struct Endpoint {
     exchanges: Exchanges,
     observers: Observers,
     uploads: Uploads,
-    timers: DelayQueue<(ObserverKey, u16)>,
+    timers: DelayQueue<Timer>,
+    /// Separate responses awaiting their ACK, by peer and message id; at most `max_pending`.
+    separate: HashMap<(SocketAddr, u16), Inflight>,
     /// Every accepted message, while anyone observes; without observers the loop does not wake
     /// for messages at all.
     live: Option<broadcast::Receiver<Event>>,
@@ -44,7 +61,8 @@ pub(crate) struct Endpoint {
     ack_timeout: Duration,
     max_retransmit: u8,
     pending: Arc<Semaphore>,
-    answered: mpsc::UnboundedSender<Answered>,
+    pending_limit: usize,
+    answered: mpsc::UnboundedSender<Done>,
     metrics: Arc<Metrics>,
     /// This endpoint's share of the `coap_observers` gauge, which every CoAP socket adds to.
     observers_counted: i64,
@@ -69,11 +87,13 @@ impl Endpoint {
             observers: Observers::new(config.max_observers),
             uploads: Uploads::new(bridge.max_payload(), config.max_uploads, lifetime),
             timers: DelayQueue::new(),
+            separate: HashMap::new(),
             live: None,
             next_mid: rand::random(),
             ack_timeout: config.ack_timeout,
             max_retransmit: config.max_retransmit,
             pending: Arc::new(Semaphore::new(config.max_pending)),
+            pending_limit: config.max_pending,
             answered,
             metrics: bridge.metrics().clone(),
             observers_counted: 0,
@@ -96,9 +116,12 @@ impl Endpoint {
                     Err(RecvError::Closed) => break,
                 },
                 Some(expired) = endpoint.timers.next(), if !endpoint.timers.is_empty() => {
-                    endpoint.retransmit(expired.into_inner()).await;
+                    match expired.into_inner() {
+                        Timer::Notification(key, mid) => endpoint.retransmit(key, mid).await,
+                        Timer::Separate(peer, mid) => endpoint.resend_separate(peer, mid).await,
+                    }
                 }
-                Some((key, bytes)) = answers.recv() => endpoint.finish(key, bytes).await,
+                Some(done) = answers.recv() => endpoint.done(done).await,
             }
             if endpoint.observers.len() == 0 {
                 endpoint.live = None;
@@ -110,8 +133,8 @@ impl Endpoint {
             &mut endpoint.answered,
             mpsc::unbounded_channel().0,
         ));
-        while let Some((key, bytes)) = answers.recv().await {
-            endpoint.finish(key, bytes).await;
+        while let Some(done) = answers.recv().await {
+            endpoint.done(done).await;
         }
         endpoint.farewell().await;
     }
@@ -136,7 +159,9 @@ impl Endpoint {
         match (packet.header.get_type(), packet.header.code) {
             (MessageType::Acknowledgement, MessageClass::Empty) => self.acked(peer, mid).await,
             (MessageType::Reset, _) => {
-                if let Some(key) = self.observers.by_mid(peer, mid) {
+                if let Some(inflight) = self.separate.remove(&(peer, mid)) {
+                    self.timers.remove(&inflight.timer);
+                } else if let Some(key) = self.observers.by_mid(peer, mid) {
                     self.drop_observer(&key, "reset");
                 }
             }
@@ -233,24 +258,93 @@ impl Endpoint {
         }
     }
 
-    /// Runs a publish or clear in its own task; the loop goes on serving.
+    /// Runs a publish, clear or call in its own task; the loop goes on serving.
     async fn spawn_work(&mut self, exchange: Exchange, work: Work) {
         let Ok(permit) = self.pending.clone().try_acquire_owned() else {
-            let reply = unavailable("too many publishes are waiting for the broker");
+            let reply = unavailable("too many publishes and calls are waiting");
             return self.answer(&exchange, reply).await;
         };
         let bridge = self.handler.bridge().clone();
         let metrics = self.metrics.clone();
         let answered = self.answered.clone();
+        // A call still waiting for its reply when half the client's first ACK wait is over is
+        // acknowledged, so the client stops retransmitting, and answered separately.
+        let separate_after =
+            (exchange.confirmable && work.may_wait()).then_some(self.ack_timeout / 2);
         self.tracker.spawn(async move {
-            let reply = perform(&bridge, work).await;
+            let work = perform(&bridge, work);
+            tokio::pin!(work);
+            let reply = match separate_after {
+                None => work.await,
+                Some(wait) => match tokio::time::timeout(wait, &mut work).await {
+                    Ok(reply) => reply,
+                    Err(_) => {
+                        let ack = empty(MessageType::Acknowledgement, exchange.mid);
+                        let _ = answered.send(Done::Answered(exchange.key, encode(&ack)));
+                        let reply = work.await;
+                        let _ = answered.send(Done::Separate(exchange, reply));
+                        return drop(permit);
+                    }
+                },
+            };
             let bytes = exchange.frame(reply, &metrics);
             // The loop records the response before sending it, so a duplicate arriving
             // after the client has the response is answered from the cache, never dropped.
             // At shutdown the loop may be gone; the client then retransmits to a closed port.
-            let _ = answered.send((exchange.key, bytes));
+            let _ = answered.send(Done::Answered(exchange.key, bytes));
             drop(permit);
         });
+    }
+
+    async fn done(&mut self, done: Done) {
+        match done {
+            Done::Answered(key, bytes) => self.finish(key, bytes).await,
+            Done::Separate(exchange, reply) => self.send_separate(exchange, reply).await,
+        }
+    }
+
+    /// Sends a separate response as a confirmable message and keeps it for resending until
+    /// the client acknowledges it; beyond `max_pending` of them waiting, it is sent once.
+    async fn send_separate(&mut self, exchange: Exchange, reply: Reply) {
+        let mid = self.next_mid();
+        let peer = exchange.key.0;
+        let Some(bytes) = exchange.frame_separate(reply, mid, &self.metrics) else {
+            return;
+        };
+        if self.separate.len() < self.pending_limit {
+            let timeout = self
+                .ack_timeout
+                .mul_f64(rand::random_range(1.0..ACK_RANDOM_FACTOR));
+            let timer = self.timers.insert(Timer::Separate(peer, mid), timeout);
+            let inflight = Inflight {
+                mid,
+                bytes: bytes.clone(),
+                resends: 0,
+                timeout,
+                timer,
+            };
+            self.separate.insert((peer, mid), inflight);
+        }
+        self.send(&bytes, peer).await;
+    }
+
+    /// A separate response's timer fired: send it again, or give up after the RFC's resends.
+    async fn resend_separate(&mut self, peer: SocketAddr, mid: u16) {
+        let Some(inflight) = self.separate.get_mut(&(peer, mid)) else {
+            return;
+        };
+        if inflight.resends >= self.max_retransmit {
+            self.separate.remove(&(peer, mid));
+            return;
+        }
+        inflight.resends += 1;
+        inflight.timeout *= 2;
+        inflight.timer = self
+            .timers
+            .insert(Timer::Separate(peer, mid), inflight.timeout);
+        let bytes = inflight.bytes.clone();
+        self.metrics.coap_retransmissions.inc();
+        self.send(&bytes, peer).await;
     }
 
     /// Records a finished exchange's response, then sends it.
@@ -306,7 +400,9 @@ impl Endpoint {
             let timeout = self
                 .ack_timeout
                 .mul_f64(rand::random_range(1.0..ACK_RANDOM_FACTOR));
-            let timer = self.timers.insert((key.clone(), mid), timeout);
+            let timer = self
+                .timers
+                .insert(Timer::Notification(key.clone(), mid), timeout);
             observer.inflight = Some(Inflight {
                 mid,
                 bytes: bytes.clone(),
@@ -324,6 +420,10 @@ impl Endpoint {
     }
 
     async fn acked(&mut self, peer: SocketAddr, mid: u16) {
+        if let Some(inflight) = self.separate.remove(&(peer, mid)) {
+            self.timers.remove(&inflight.timer);
+            return;
+        }
         let Some(key) = self.observers.by_mid(peer, mid) else {
             return;
         };
@@ -341,8 +441,8 @@ impl Endpoint {
         }
     }
 
-    /// A retransmission timer fired: send again, or give the observer up.
-    async fn retransmit(&mut self, (key, mid): (ObserverKey, u16)) {
+    /// A notification's retransmission timer fired: send again, or give the observer up.
+    async fn retransmit(&mut self, key: ObserverKey, mid: u16) {
         let Some(observer) = self.observers.get_mut(&key) else {
             return;
         };
@@ -357,7 +457,9 @@ impl Endpoint {
         }
         inflight.resends += 1;
         inflight.timeout *= 2;
-        inflight.timer = self.timers.insert((key.clone(), mid), inflight.timeout);
+        inflight.timer = self
+            .timers
+            .insert(Timer::Notification(key.clone(), mid), inflight.timeout);
         let bytes = inflight.bytes.clone();
         self.metrics.coap_retransmissions.inc();
         self.send(&bytes, key.peer).await;
@@ -424,11 +526,7 @@ impl Endpoint {
     }
 
     async fn reset_peer(&self, mid: u16, peer: SocketAddr) {
-        let mut packet = Packet::new();
-        packet.header.set_type(MessageType::Reset);
-        packet.header.code = MessageClass::Empty;
-        packet.header.message_id = mid;
-        if let Some(bytes) = encode(&packet) {
+        if let Some(bytes) = encode(&empty(MessageType::Reset, mid)) {
             self.send(&bytes, peer).await;
         }
     }
@@ -457,6 +555,28 @@ impl Exchange {
     /// Counts and frames a response; `None` when No-Response suppresses it on a
     /// non-confirmable request (a confirmable one still gets an empty ACK).
     fn frame(&self, reply: Reply, metrics: &Metrics) -> Option<Bytes> {
+        if self.count(&reply, metrics) {
+            if !self.confirmable {
+                return None;
+            }
+            return encode(&empty(MessageType::Acknowledgement, self.mid));
+        }
+        encode(&reply.into_packet(self.confirmable, self.mid, &self.token))
+    }
+
+    /// Counts and frames a separate response under message id `mid`; `None` when
+    /// No-Response suppresses it (the empty ACK went already).
+    fn frame_separate(&self, reply: Reply, mid: u16, metrics: &Metrics) -> Option<Bytes> {
+        if self.count(&reply, metrics) {
+            return None;
+        }
+        let mut packet = reply.into_packet(false, mid, &self.token);
+        packet.header.set_type(MessageType::Confirmable);
+        encode(&packet)
+    }
+
+    /// Counts a response and logs a refusal; whether No-Response suppresses it.
+    fn count(&self, reply: &Reply, metrics: &Metrics) -> bool {
         let code = MessageClass::Response(reply.code);
         metrics.coap_request(method_index(self.method), u8::from(code));
         let class = u8::from(code) >> 5;
@@ -467,18 +587,7 @@ impl Exchange {
             let reason = format_args!("{class}.{detail:02} {text}");
             crate::refused::log("coap", self.key.0, &reason);
         }
-        let suppressed = self.no_response & (1 << (class - 1).min(7)) != 0;
-        if suppressed {
-            if !self.confirmable {
-                return None;
-            }
-            let mut ack = Packet::new();
-            ack.header.set_type(MessageType::Acknowledgement);
-            ack.header.code = MessageClass::Empty;
-            ack.header.message_id = self.mid;
-            return encode(&ack);
-        }
-        encode(&reply.into_packet(self.confirmable, self.mid, &self.token))
+        self.no_response & (1 << (class - 1).min(7)) != 0
     }
 }
 
@@ -501,6 +610,15 @@ fn method_index(method: RequestType) -> usize {
         RequestType::Delete => 3,
         _ => 4,
     }
+}
+
+/// An empty message: an ACK or a Reset of `mid`.
+fn empty(kind: MessageType, mid: u16) -> Packet {
+    let mut packet = Packet::new();
+    packet.header.set_type(kind);
+    packet.header.code = MessageClass::Empty;
+    packet.header.message_id = mid;
+    packet
 }
 
 fn encode(packet: &Packet) -> Option<Bytes> {

@@ -244,6 +244,7 @@ impl Gateway {
             config.max_payload,
             config.http.sse_buffer,
             config.http.sse_history,
+            config.rpc.clone(),
         );
         tracker.spawn(bridge.clone().run(cancel.clone()));
         if let Some(stats) = broker_stats

@@ -12,7 +12,7 @@ use utoipa::openapi::schema::{KnownFormat, ObjectBuilder, SchemaFormat, Type};
 use utoipa::openapi::{Content, Ref, RefOr};
 use utoipa::{IntoResponses, ToSchema};
 
-use crate::bridge::{BridgeError, ParamError, TopicError};
+use crate::bridge::{BridgeError, CallError, ParamError, TopicError};
 use crate::policy::{Denial, Refusal};
 
 /// Every way a request can fail, each with its status and snake_case code.
@@ -48,6 +48,9 @@ pub enum ApiError {
     /// The broker cannot take publishes.
     #[error("the broker is not available, try again later")]
     Unavailable,
+    /// A request/response call got no reply in time.
+    #[error("{0}")]
+    NoReply(String),
     /// Missing or wrong credentials.
     #[error("{0}")]
     Unauthorized(String),
@@ -180,6 +183,7 @@ impl ApiError {
             ApiError::Unavailable | ApiError::TooManyStreams(_) | ApiError::LoginsBusy => {
                 StatusCode::SERVICE_UNAVAILABLE
             }
+            ApiError::NoReply(_) => StatusCode::GATEWAY_TIMEOUT,
             ApiError::Internal => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -203,6 +207,7 @@ impl ApiError {
             ApiError::TooManyStreams(_) | ApiError::ClientStreams(_) => "too_many_streams",
             ApiError::Unavailable => "broker_unavailable",
             ApiError::LoginsBusy => "busy",
+            ApiError::NoReply(_) => "no_reply",
             ApiError::Internal => "internal_error",
         }
     }
@@ -227,6 +232,16 @@ impl From<BridgeError> for ApiError {
             BridgeError::BrokerUnavailable => ApiError::Unavailable,
             BridgeError::Storage => ApiError::Internal,
             BridgeError::Denied(d) => d.into(),
+        }
+    }
+}
+
+impl From<CallError> for ApiError {
+    fn from(e: CallError) -> Self {
+        match e {
+            CallError::Publish(e) => e.into(),
+            CallError::NoReply(_) => ApiError::NoReply(e.to_string()),
+            CallError::Closed => ApiError::Unavailable,
         }
     }
 }

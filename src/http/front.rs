@@ -55,9 +55,15 @@ async fn front(router: Router, state: AppState, request: Request) -> Response {
         .extensions()
         .get::<ConnectInfo<SocketAddr>>()
         .map(|c| c.0);
+    // A call waits for its reply on top of the usual time, and answers 504 itself.
+    let limit = if is_api(request.uri().path(), "/rpc") {
+        state.config.request_timeout + state.bridge.max_call_timeout()
+    } else {
+        state.config.request_timeout
+    };
     let work = async {
         let path = request.uri().path();
-        let request = if path == "/topics" || path.starts_with("/topics/") {
+        let request = if is_api(path, "/topics") || is_api(path, "/rpc") {
             match auth::identify(&state, request).await {
                 Ok(request) => request,
                 Err(refused) => return refused.into_response(),
@@ -71,7 +77,7 @@ async fn front(router: Router, state: AppState, request: Request) -> Response {
         }
     };
     let guarded = AssertUnwindSafe(work).catch_unwind();
-    let response = match tokio::time::timeout(state.config.request_timeout, guarded).await {
+    let response = match tokio::time::timeout(limit, guarded).await {
         Ok(Ok(response)) => response,
         Ok(Err(_)) => {
             tracing::error!("a request handler panicked");
@@ -96,4 +102,10 @@ async fn front(router: Router, state: AppState, request: Request) -> Response {
         tracing::debug!(%method, %uri, status = status.as_u16(), elapsed = ?started.elapsed(), "request");
     }
     response
+}
+
+/// Whether `path` is `prefix` or under it, where credentials are asked for.
+fn is_api(path: &str, prefix: &str) -> bool {
+    path.strip_prefix(prefix)
+        .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
 }

@@ -7,6 +7,7 @@ mod error;
 mod explorer;
 mod front;
 mod ops;
+mod rpc;
 mod server;
 
 pub use front::App;
@@ -72,6 +73,7 @@ pub(crate) struct Shared {
     ),
     tags(
         (name = "topics", description = "Publish, read, list, stream and clear topics"),
+        (name = "rpc", description = "Request/response: publish a request with a fresh MQTT 5 Response Topic and Correlation Data, answer with its reply"),
         (name = "operations", description = "Health, readiness, metrics and this document"),
     ),
     components(schemas(crate::bridge::Envelope, crate::bridge::PayloadEncoding)),
@@ -118,6 +120,7 @@ fn api_parts() -> (Router<AppState>, utoipa::openapi::OpenApi) {
             topics::read,
             topics::clear
         ))
+        .routes(routes!(rpc::call, rpc::call_put))
         .routes(routes!(ops::healthz))
         .routes(routes!(ops::readyz))
         .routes(routes!(ops::metrics))
@@ -140,7 +143,7 @@ pub fn openapi() -> utoipa::openapi::OpenApi {
 
 async fn not_found(uri: Uri) -> ApiError {
     match uri.path() {
-        "/topics" | "/topics/" => ApiError::InvalidTopic(TopicError::Empty),
+        "/topics" | "/topics/" | "/rpc" | "/rpc/" => ApiError::InvalidTopic(TopicError::Empty),
         _ => ApiError::NotFound,
     }
 }

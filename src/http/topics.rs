@@ -27,9 +27,9 @@ use crate::bridge::{
 };
 
 /// Prefix of headers carrying MQTT 5 user properties.
-const USER_PREFIX: &str = "mqtt-user-";
-const RESPONSE_TOPIC: &str = "mqtt-response-topic";
-const CORRELATION_DATA: &str = "mqtt-correlation-data";
+pub(super) const USER_PREFIX: &str = "mqtt-user-";
+pub(super) const RESPONSE_TOPIC: &str = "mqtt-response-topic";
+pub(super) const CORRELATION_DATA: &str = "mqtt-correlation-data";
 const EXPIRY: &str = "mqtt-message-expiry-interval";
 
 /// Query of a publish.
@@ -322,18 +322,7 @@ fn single(message: &Message, request: &HeaderMap) -> Response {
     if unchanged {
         return response;
     }
-    let content_type = message
-        .content_type
-        .as_deref()
-        .and_then(|ct| HeaderValue::from_str(ct).ok())
-        .unwrap_or(HeaderValue::from_static("application/octet-stream"));
-    headers.insert(header::CONTENT_TYPE, content_type);
-    for (name, value) in &message.user_properties {
-        let name = HeaderName::try_from(format!("{USER_PREFIX}{name}"));
-        if let (Ok(name), Ok(value)) = (name, HeaderValue::from_str(value)) {
-            headers.append(name, value);
-        }
-    }
+    describe(headers, message);
     if let Some(v) = message
         .response_topic
         .as_deref()
@@ -354,6 +343,23 @@ fn single(message: &Message, request: &HeaderMap) -> Response {
     response
 }
 
+/// Writes a message's `Content-Type` (`application/octet-stream` when it has none) and its
+/// user properties as `mqtt-user-NAME` headers.
+pub(super) fn describe(headers: &mut HeaderMap, message: &Message) {
+    let content_type = message
+        .content_type
+        .as_deref()
+        .and_then(|ct| HeaderValue::from_str(ct).ok())
+        .unwrap_or(HeaderValue::from_static("application/octet-stream"));
+    headers.insert(header::CONTENT_TYPE, content_type);
+    for (name, value) in &message.user_properties {
+        let name = HeaderName::try_from(format!("{USER_PREFIX}{name}"));
+        if let (Ok(name), Ok(value)) = (name, HeaderValue::from_str(value)) {
+            headers.append(name, value);
+        }
+    }
+}
+
 /// Reads the body and publishes it with the request's metadata, as the caller.
 async fn send(
     state: &AppState,
@@ -364,19 +370,27 @@ async fn send(
     retain: bool,
 ) -> Result<(), ApiError> {
     let payload = payload(state, &request.headers, body).await?;
-    let message = build_message(topic, query, &request.headers, payload, retain)?;
+    let mut message = build_message(topic, query.qos.as_deref(), &request.headers, payload)?;
+    message.retain = retain;
+    if let Some(v) = query.expiry.as_deref() {
+        apply_expiry(&mut message, v)?;
+    }
     let who = &caller(&request.extensions)?.principal;
     Ok(state.bridge.publish(message, who).await?)
 }
 
-/// The caller the front attached to a `/topics` request.
-fn caller(extensions: &Extensions) -> Result<&Caller, ApiError> {
+/// The caller the front attached to a `/topics` or `/rpc` request.
+pub(super) fn caller(extensions: &Extensions) -> Result<&Caller, ApiError> {
     extensions.get::<Caller>().ok_or(ApiError::Internal)
 }
 
 /// The request body, refused with 413 past the payload limit: at once when Content-Length
 /// says so, else as soon as that many bytes have arrived.
-async fn payload(state: &AppState, headers: &HeaderMap, body: Body) -> Result<Bytes, ApiError> {
+pub(super) async fn payload(
+    state: &AppState,
+    headers: &HeaderMap,
+    body: Body,
+) -> Result<Bytes, ApiError> {
     let limit = state.bridge.max_payload();
     let declared = headers
         .get(header::CONTENT_LENGTH)
@@ -415,22 +429,18 @@ async fn payload(state: &AppState, headers: &HeaderMap, body: Body) -> Result<By
     Ok(joined.map_or(whole, BytesMut::freeze))
 }
 
-fn build_message(
+/// A message of `payload` with the QoS asked for and the metadata of the request's headers.
+pub(super) fn build_message(
     topic: Topic,
-    query: &PublishQuery,
+    qos: Option<&str>,
     headers: &HeaderMap,
     payload: Bytes,
-    retain: bool,
 ) -> Result<Message, ApiError> {
     let mut message = Message::new(topic, payload, Origin::Http);
-    message.retain = retain;
-    message.qos = match query.qos.as_deref() {
+    message.qos = match qos {
         None => Qos::default(),
         Some(v) => parse_qos(v)?,
     };
-    if let Some(v) = query.expiry.as_deref() {
-        apply_expiry(&mut message, v)?;
-    }
     message.content_type = content_type(headers)?;
     for (name, value) in headers {
         let Some(prop) = name.as_str().strip_prefix(USER_PREFIX) else {
@@ -486,7 +496,9 @@ fn accepts_event_stream(headers: &HeaderMap) -> bool {
         .any(|t| t.split(';').next().unwrap_or("").trim() == "text/event-stream")
 }
 
-fn parse_query<T: serde::de::DeserializeOwned + Default>(uri: &Uri) -> Result<T, ApiError> {
+pub(super) fn parse_query<T: serde::de::DeserializeOwned + Default>(
+    uri: &Uri,
+) -> Result<T, ApiError> {
     match uri.query() {
         None => Ok(T::default()),
         Some(_) => Query::<T>::try_from_uri(uri)
@@ -503,9 +515,14 @@ fn query_message(detail: &str) -> String {
     format!("bad query string: {detail}")
 }
 
-/// The topic part of the path, percent-decoded; refuses bytes that are not UTF-8.
+/// The topic part of a `/topics` path, percent-decoded; refuses bytes that are not UTF-8.
 pub(crate) fn path_text(uri: &Uri) -> Result<String, ApiError> {
-    let rest = uri.path().strip_prefix("/topics").unwrap_or_default();
+    path_after("/topics", uri)
+}
+
+/// The part of the path after `prefix`, percent-decoded; refuses bytes that are not UTF-8.
+pub(super) fn path_after(prefix: &str, uri: &Uri) -> Result<String, ApiError> {
+    let rest = uri.path().strip_prefix(prefix).unwrap_or_default();
     let rest = rest.strip_prefix('/').unwrap_or(rest);
     let bytes: Vec<u8> = percent_decode_str(rest).collect();
     String::from_utf8(bytes).map_err(|_| ApiError::InvalidTopic(TopicError::NotUtf8))

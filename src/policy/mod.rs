@@ -15,6 +15,13 @@ use std::sync::atomic::{AtomicU64, Ordering};
 pub use acl::Readable;
 pub use identity::hash_password;
 
+/// Where the replies to `/rpc` requests are published, one fresh topic per request. No
+/// principal may read these topics, whatever the ACL grants: a reply goes only to the request
+/// that waits for it, inside the gateway. Publishing to them follows the ACL.
+pub const REPLY_PREFIX: &str = "rpc/replies/";
+/// The filter of every reply topic.
+const REPLY_FILTER: &str = "rpc/replies/#";
+
 use crate::config::{AclAccess, AuthConfig, LimitsConfig};
 use crate::topic::TopicFilter;
 
@@ -283,6 +290,7 @@ impl Policy {
         self.check_topic(topic)?;
         let allowed = match action {
             Action::Publish => self.inner.acl.may_write(who, topic),
+            Action::Read if topic.starts_with(REPLY_PREFIX) => return Err(reserved(who)),
             Action::Read => self.inner.acl.may_read(who, topic),
         };
         if allowed { Ok(()) } else { Err(deny(who)) }
@@ -292,10 +300,23 @@ impl Policy {
     /// match it.
     pub fn subscription(&self, who: &Principal, filter: &str) -> Result<Readable, Denial> {
         self.check_topic(filter)?;
-        match self.inner.acl.readable(who, filter) {
-            Readable::Nothing => Err(deny(who)),
-            readable => Ok(readable),
+        if acl::covers(REPLY_FILTER, filter) {
+            return Err(reserved(who));
         }
+        let readable = self.inner.acl.readable(who, filter);
+        if matches!(readable, Readable::Nothing) {
+            return Err(deny(who));
+        }
+        if acl::intersect(REPLY_FILTER, filter).is_none() {
+            return Ok(readable);
+        }
+        Ok(match readable {
+            Readable::Except(base, mut denied) => {
+                denied.push(REPLY_FILTER.to_owned());
+                Readable::Except(base, denied)
+            }
+            base => Readable::Except(Box::new(base), vec![REPLY_FILTER.to_owned()]),
+        })
     }
 
     /// The rate bucket of a client: its principal's name, or what `anonymous` makes (an
@@ -347,6 +368,12 @@ fn deny(who: &Principal) -> Denial {
     }
 }
 
+/// The refusal to read a reply topic: no credentials would help, so it is never "needs
+/// credentials".
+fn reserved(who: &Principal) -> Denial {
+    Denial::Forbidden(who.to_string())
+}
+
 /// Checks a password hash from the config file.
 pub fn check_hash(hash: &str) -> Result<(), String> {
     identity::check_hash(hash)
@@ -377,6 +404,27 @@ mod tests {
             ..AuthConfig::default()
         };
         Policy::new(&auth, &LimitsConfig::default())
+    }
+
+    #[test]
+    fn reply_topics_are_never_readable() {
+        let open = Policy::open();
+        let alice = Principal::Named(Arc::from("alice"));
+        for who in [&Principal::Anonymous, &alice] {
+            let topic = "rpc/replies/0123";
+            assert!(open.authorize(who, Action::Read, topic).is_err());
+            assert!(open.authorize(who, Action::Publish, topic).is_ok());
+            for filter in ["rpc/replies/#", "rpc/replies/+", topic] {
+                assert!(open.subscription(who, filter).is_err(), "{filter}");
+            }
+            for filter in ["#", "rpc/#", "+/replies/+"] {
+                let readable = open.subscription(who, filter).unwrap();
+                assert!(!readable.admits(topic), "{filter}");
+                assert!(readable.admits("rpc/other"), "{filter}");
+            }
+            assert_eq!(open.subscription(who, "home/#"), Ok(Readable::All));
+            assert!(open.authorize(who, Action::Read, "rpc/reply").is_ok());
+        }
     }
 
     #[test]

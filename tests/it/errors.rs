@@ -223,6 +223,7 @@ async fn publishes_get_503_when_the_broker_link_is_down() {
         1024,
         16,
         16,
+        Default::default(),
     );
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();

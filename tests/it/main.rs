@@ -14,6 +14,7 @@ mod mqtt_raw;
 mod mqtt_session;
 mod mqtt_traps;
 mod openapi;
+mod rpc;
 mod security;
 mod sse;
 mod support;
