@@ -269,7 +269,7 @@ impl Broker {
                 cancel.clone(),
             ));
         }
-        let flow = front.settings.flow.clone();
+        let settings = front.settings.clone();
         let acceptor = Acceptor {
             front,
             tracker: tracker.clone(),
@@ -277,7 +277,7 @@ impl Broker {
         };
         let link = self.link_parts.run(
             self.stats,
-            flow,
+            settings,
             parts.inbound.1,
             link_buffer,
             tracker,

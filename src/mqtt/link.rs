@@ -16,6 +16,7 @@ use tokio_util::task::TaskTracker;
 
 use super::MqttError;
 use super::flow::{Flow, Matcher};
+use super::settings::Settings;
 use super::message::MqttPublish;
 
 /// Publishes the link thread hands to the router in one batch, at most.
@@ -78,13 +79,14 @@ impl LinkParts {
     pub(crate) fn run(
         self,
         stats: Arc<LinkStats>,
-        flow: Arc<Flow>,
+        settings: Arc<Settings>,
         inbound: mpsc::Receiver<MqttPublish>,
         buffer: usize,
         tracker: &TaskTracker,
         cancel: CancellationToken,
     ) -> Link {
         stats.up.store(true, Ordering::Relaxed);
+        let flow = settings.flow.clone();
         let sink = RouterSink::start(self.tx, self.full, buffer, stats.clone(), flow);
         tracker.spawn(announce(
             sink.tx.clone(),
@@ -93,7 +95,9 @@ impl LinkParts {
             cancel.clone(),
         ));
         tracker.spawn(receive(self.rx, stats.clone(), cancel));
-        Link::new(Sink::Router(sink), inbound, stats)
+        let mut link = Link::new(Sink::Router(sink), inbound, stats);
+        link.subscribers = Some(settings);
+        link
     }
 }
 
@@ -286,6 +290,8 @@ impl Receipt {
 /// A handle to the gateway's connection to its broker, embedded or external.
 pub struct Link {
     sink: Sink,
+    /// The embedded broker's sessions, which know every subscription.
+    subscribers: Option<Arc<Settings>>,
     inbound: std::sync::Mutex<Option<mpsc::Receiver<MqttPublish>>>,
     stats: Arc<LinkStats>,
 }
@@ -298,6 +304,7 @@ impl Link {
     ) -> Self {
         Self {
             sink,
+            subscribers: None,
             inbound: std::sync::Mutex::new(Some(inbound)),
             stats,
         }
@@ -352,6 +359,12 @@ impl Link {
                 }
             }
         }
+    }
+
+    /// Whether some MQTT session, connected or kept, subscribes to a filter matching `topic`;
+    /// `None` through an external broker, which does not say.
+    pub fn has_subscribers(&self, topic: &str) -> Option<bool> {
+        self.subscribers.as_ref().map(|s| s.has_subscribers(topic))
     }
 
     /// The stream of client publishes; can be taken once.
@@ -433,7 +446,7 @@ mod tests {
         let (_inbound_tx, inbound) = mpsc::channel(1);
         let link = LinkParts::new(tx, rx, full).run(
             Arc::new(LinkStats::default()),
-            Arc::new(Flow::new(1 << 20, Arc::default())),
+            Settings::for_tests(),
             inbound,
             8,
             &TaskTracker::new(),

@@ -70,6 +70,29 @@ impl Settings {
         }
     }
 
+    /// Settings for unit tests: an open policy, nothing retained.
+    #[cfg(test)]
+    pub(crate) fn for_tests() -> Arc<Self> {
+        struct NoRetained;
+        impl RetainedSource for NoRetained {
+            fn retained_matching(&self, _: &str) -> Vec<crate::mqtt::MqttPublish> {
+                Vec::new()
+            }
+        }
+        Arc::new(Self::new(
+            1024,
+            2048,
+            10,
+            100,
+            60,
+            Arc::new(NoRetained),
+            Policy::open(),
+            Arc::default(),
+            Arc::default(),
+            1 << 20,
+        ))
+    }
+
     fn filters(&self) -> std::sync::MutexGuard<'_, HashMap<String, usize>> {
         self.filters.lock().unwrap_or_else(PoisonError::into_inner)
     }
