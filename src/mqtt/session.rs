@@ -810,32 +810,25 @@ impl Session {
         let id = props.subscription_identifiers.pop();
         let size = log_size(&publish.topic, &publish.payload);
         let topic = from_router(publish.topic);
-        let held = match std::str::from_utf8(&topic) {
-            Ok(topic) => self.held_for(id, topic).map(|(id, h)| (id, h.clone())),
-            Err(_) => None,
+        let Ok(topic) = String::from_utf8(topic.to_vec()) else {
+            return;
         };
-        if let Some(reader) = held.as_ref().and_then(|(id, _)| self.readers.get(id)) {
+        let Some((held_id, held)) = self.held_for(id, &topic) else {
+            return;
+        };
+        if let Some(reader) = self.readers.get(&held_id) {
             reader.forwarded(size, cursor.map(|c| c.1), &self.settings.stats);
         }
-        let held = held.map(|(_, h)| h);
-        let delivery = held.and_then(|held| {
-            let topic = String::from_utf8(topic.to_vec()).ok()?;
-            let origin = trace.unwrap_or(0);
-            if held.no_local && origin == self.origin && origin != 0 {
-                return None;
-            }
-            if held.wild_first && topic.starts_with('$') {
-                return None;
-            }
-            if !held.scope.admits(&topic) {
-                return None;
-            }
+        let origin = trace.unwrap_or(0);
+        let dropped = held.no_local && origin == self.origin && origin != 0
+            || held.wild_first && topic.starts_with('$')
+            || !held.scope.admits(&topic);
+        let delivery = (!dropped).then(|| {
             let published = meta.map_or(QoS::AtMostOnce, |m| qos_of(m.qos));
             let qos = published.min(held.qos);
             let retain = held.retain_as_published && meta.is_some_and(|m| m.retain);
-            let mut subscription_identifiers = Vec::new();
-            subscription_identifiers.extend(held.identifier);
-            Some(Publish {
+            let subscription_identifiers = held.identifier.into_iter().collect();
+            Publish {
                 dup: false,
                 qos,
                 retain,
@@ -853,7 +846,7 @@ impl Session {
                     content_type: props.content_type.take(),
                 },
                 payload: publish.payload,
-            })
+            }
         });
         tracing::trace!(
             delivered = ?delivery.as_ref().map(|p| (&p.topic, p.qos)),
