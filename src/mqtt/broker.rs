@@ -153,7 +153,7 @@ impl Broker {
             policy,
             broker_stats.clone(),
             stats.clone(),
-            (config.segment_size.max(1024) * config.segment_count.max(1)) as u64,
+            kept_log_bytes(config),
         ));
         let wills: WillSink = {
             let (will_tx, will_rx) = links(
@@ -404,6 +404,17 @@ pub(super) fn router_publish(p: &MqttPublish) -> r::Packet {
         false,
     );
     r::Packet::Publish(publish, Some(props))
+}
+
+/// What a filter's log is sure to hold behind its newest message: on rolling over, the router
+/// drops its oldest segment before it starts a new one, so all but one segment (with one
+/// segment, nothing: then half of it, at best).
+fn kept_log_bytes(config: &MqttConfig) -> u64 {
+    let size = config.segment_size.max(1024) as u64;
+    match config.segment_count {
+        0 | 1 => size / 2,
+        n => size * (n as u64 - 1),
+    }
 }
 
 /// Every router setting chosen on purpose: rumqttd's `RouterConfig::default()` is all zeros.

@@ -44,8 +44,11 @@ pub(crate) struct Front {
 
 /// A connection that flow control counts behind, with everything written and nothing from the
 /// router for this long, twice over with no new publish to its filters, has had all the
-/// router holds for it (see [`Session::idle`]).
-const IDLE: Duration = Duration::from_millis(10);
+/// router holds for it (see [`Session::idle`]). Long enough that a router thread kept off the
+/// CPU by a busy machine is not taken for one with nothing more to send: the counts err toward
+/// waiting only in rare cases (expired messages, a subscription made while its filter was
+/// busy), and then a publisher waits this long twice.
+const IDLE: Duration = Duration::from_millis(250);
 /// Decoded packets handled before the socket's writes are flushed.
 const BATCH: usize = 256;
 

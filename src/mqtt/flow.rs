@@ -88,10 +88,10 @@ pub(crate) struct Reader {
 }
 
 impl Flow {
-    /// Flow control with room for `log_bytes` in each filter's log.
+    /// Flow control for logs sure to keep `log_bytes` behind their newest message.
     pub(crate) fn new(log_bytes: u64, stats: Arc<BrokerStats>) -> Self {
         Self {
-            window: (log_bytes / 2).max(1024),
+            window: (log_bytes / 2).max(1),
             generation: AtomicU64::new(0),
             registry: Mutex::new(Registry::default()),
             stats,

@@ -16,8 +16,8 @@ use tokio_util::task::TaskTracker;
 
 use super::MqttError;
 use super::flow::{Flow, Matcher};
-use super::settings::Settings;
 use super::message::MqttPublish;
+use super::settings::Settings;
 
 /// Publishes the link thread hands to the router in one batch, at most.
 const PUBLISH_BATCH: usize = 256;

@@ -1036,3 +1036,57 @@ fn take_trace(props: &mut Vec<(String, String)>) -> Option<u64> {
     let (_, origin) = props.remove(at);
     origin.parse().ok()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn subscribed(settings: &Arc<Settings>, filter: &str) -> Session {
+        let mut session = Session::new(
+            settings.clone(),
+            Version::V311,
+            Principal::Anonymous,
+            "idle-test",
+            1,
+            None,
+            None,
+            None,
+            Kept::default(),
+        );
+        let mut out = Out::default();
+        session.client(
+            Packet::Subscribe(Subscribe {
+                packet_id: 1,
+                subscriptions: vec![Subscription {
+                    filter: filter.to_owned(),
+                    qos: QoS::AtMostOnce,
+                    ..Subscription::default()
+                }],
+                ..Subscribe::default()
+            }),
+            &mut out,
+        );
+        session
+    }
+
+    #[test]
+    fn a_reader_counted_behind_is_set_right_after_two_quiet_idle_checks() {
+        let settings = Settings::for_tests();
+        let mut session = subscribed(&settings, "idle/#");
+        assert!(!session.behind());
+        // A publish counted for the filter that the router never forwards (it expired there).
+        let mut matcher = Matcher::default();
+        let topic = Bytes::from_static(b"idle/x");
+        let _ = settings.flow.publish(&mut matcher, &topic, b"payload");
+        assert!(session.behind());
+        assert!(session.idle(), "the first check only takes note");
+        // Anything from the router in between starts the watch again.
+        session.router(Notification::Unschedule, &mut Out::default());
+        assert!(session.idle());
+        // New publishes between two checks: the filter is busy, nothing is set right.
+        let _ = settings.flow.publish(&mut matcher, &topic, b"payload");
+        assert!(session.idle());
+        assert!(!session.idle(), "two quiet checks in a row: caught up");
+        assert!(!session.behind());
+    }
+}
