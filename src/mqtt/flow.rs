@@ -13,7 +13,7 @@
 //! more than [`Flow::window`] behind on a filter stops its publisher's reading until that
 //! subscriber is back within half the window. A subscriber that makes no progress at all for
 //! [`STUCK`] is stuck: publishers stop waiting for it, and what the router then skips for it is
-//! counted as dropped (`$SYS/broker/publish/messages/dropped`).
+//! counted as dropped (`$SYS/broker/publish/messages/dropped`, and the link's lag counters).
 //!
 //! The counts are estimates that err toward waiting: a subscriber idle while the counts say it
 //! is behind (the router dropped expired messages, or a subscription began with publishes
@@ -250,16 +250,14 @@ impl Reader {
         self.filter.appended.load(Ordering::SeqCst)
     }
 
-    /// The router forwarded a message of `size` at `offset` in the filter's log; what it
-    /// skipped before it (the reader was further behind than the log holds) is counted as
-    /// dropped.
-    pub(crate) fn forwarded(&self, size: u64, offset: Option<u64>, stats: &BrokerStats) {
+    /// The router forwarded a message of `size` at `offset` in the filter's log; how many
+    /// messages it skipped before it (the reader was further behind than the log holds).
+    pub(crate) fn forwarded(&self, size: u64, offset: Option<u64>) -> u64 {
+        let mut skipped = 0;
         if let (Some(offset), false) = (offset, self.shared) {
             let expected = self.next_offset.swap(offset + 1, Ordering::Relaxed);
             if expected != u64::MAX && offset > expected {
-                stats
-                    .publish_dropped
-                    .fetch_add(offset - expected, Ordering::Relaxed);
+                skipped = offset - expected;
             }
         }
         let appended = self.appended();
@@ -278,6 +276,7 @@ impl Reader {
             self.waited.store(false, Ordering::SeqCst);
             self.progress.notify_waiters();
         }
+        skipped
     }
 
     /// The reader has had all the router holds for it: the counts agree again.
@@ -398,9 +397,9 @@ mod tests {
         let blocker = flow.append(&filters, 1).expect("over the window");
         assert!(Arc::ptr_eq(&blocker, &reader));
         assert!(!flow.clear(&reader));
-        reader.forwarded(1024, Some(0), &flow.stats);
+        let _ = reader.forwarded(1024, Some(0));
         assert!(!flow.clear(&reader), "not yet back within half the window");
-        reader.forwarded(1, Some(1), &flow.stats);
+        let _ = reader.forwarded(1, Some(1));
         assert!(flow.clear(&reader), "back within half the window");
         assert!(
             matcher
@@ -418,7 +417,7 @@ mod tests {
         reader.stuck.store(true, Ordering::SeqCst);
         assert!(flow.append(&filters, 10).is_none());
         // Consuming again ends being stuck, from where the filter is.
-        reader.forwarded(10, None, &flow.stats);
+        let _ = reader.forwarded(10, None);
         assert_eq!(reader.lag(), 0);
         flow.leave(&reader, None);
         assert!(flow.append(&filters, 10_000).is_none());
@@ -454,10 +453,9 @@ mod tests {
         let reader = flow.join("t", None);
         let filters = Matcher::default().filters(&flow, &Bytes::from_static(b"t"));
         let _ = flow.append(&filters, 40);
-        reader.forwarded(10, Some(7), &flow.stats);
-        reader.forwarded(10, Some(8), &flow.stats);
-        reader.forwarded(10, Some(12), &flow.stats);
-        assert_eq!(flow.stats.publish_dropped.load(Ordering::Relaxed), 3);
+        assert_eq!(reader.forwarded(10, Some(7)), 0);
+        assert_eq!(reader.forwarded(10, Some(8)), 0);
+        assert_eq!(reader.forwarded(10, Some(12)), 3);
     }
 
     #[test]
@@ -466,7 +464,7 @@ mod tests {
         let reader = flow.join("t", None);
         let filters = Matcher::default().filters(&flow, &Bytes::from_static(b"t"));
         // A message nobody counted (a will the router published itself) is forwarded.
-        reader.forwarded(500, None, &flow.stats);
+        let _ = reader.forwarded(500, None);
         assert_eq!(reader.consumed(), 0);
         let _ = flow.append(&filters, 100);
         assert_eq!(reader.lag(), 100);
@@ -487,7 +485,7 @@ mod tests {
         };
         tokio::task::yield_now().await;
         assert!(!waiting.is_finished());
-        reader.forwarded(2000, Some(0), &flow.stats);
+        let _ = reader.forwarded(2000, Some(0));
         tokio::time::timeout(Duration::from_secs(1), waiting)
             .await
             .expect("woken by progress")

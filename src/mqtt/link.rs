@@ -42,7 +42,8 @@ impl LinkStats {
     pub fn received(&self) -> u64 {
         self.received.load(Ordering::Relaxed)
     }
-    /// Times the router skipped messages the link had not read yet.
+    /// Times the router skipped messages the link had not read yet (with the embedded broker:
+    /// that a subscriber too far behind had not read yet).
     pub fn lag_events(&self) -> u64 {
         self.lag_events.load(Ordering::Relaxed)
     }
@@ -54,6 +55,12 @@ impl LinkStats {
     pub fn delivered(&self) -> u64 {
         self.delivered.load(Ordering::Relaxed)
     }
+    /// Counts one lag of `messages` skipped.
+    pub(crate) fn lagged(&self, messages: u64) {
+        self.lag_events.fetch_add(1, Ordering::Relaxed);
+        self.lag_dropped.fetch_add(messages, Ordering::Relaxed);
+    }
+
     /// Times the router paused the link because its buffer was full, and was woken again.
     pub fn wakeups(&self) -> u64 {
         self.wakeups.load(Ordering::Relaxed)

@@ -817,7 +817,10 @@ impl Session {
             return;
         };
         if let Some(reader) = self.readers.get(&held_id) {
-            reader.forwarded(size, cursor.map(|c| c.1), &self.settings.stats);
+            let skipped = reader.forwarded(size, cursor.map(|c| c.1));
+            if skipped > 0 {
+                self.settings.skipped(skipped);
+            }
         }
         let origin = trace.unwrap_or(0);
         let dropped = held.no_local && origin == self.origin && origin != 0

@@ -103,6 +103,15 @@ impl Settings {
         self.link.delivered.fetch_add(1, Ordering::Relaxed);
     }
 
+    /// Counts messages the router skipped for a subscriber too far behind: dropped for the
+    /// broker's `$SYS` figures, and lags of the embedded broker's side of the gateway's link.
+    pub(crate) fn skipped(&self, messages: u64) {
+        self.stats
+            .publish_dropped
+            .fetch_add(messages, Ordering::Relaxed);
+        self.link.lagged(messages);
+    }
+
     /// Counts a new subscription to `filter`.
     pub(crate) fn subscribed(&self, filter: &str) {
         *self.filters().entry(filter.to_owned()).or_default() += 1;

@@ -721,4 +721,11 @@ async fn a_stuck_subscriber_holds_publishers_back_only_for_a_while_and_its_losse
         (dropped == u64::from(COUNT) - received).then_some(())
     })
     .await;
+    let lagged =
+        crate::support::metric(&gw, "topicgate_lag_dropped_total{stream=\"broker_link\"}").await;
+    assert_eq!(
+        lagged,
+        (u64::from(COUNT) - received) as f64,
+        "in the metrics too"
+    );
 }
