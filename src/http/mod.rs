@@ -2,7 +2,9 @@
 //! from the same handler annotations; the topic explorer (`explorer`) is served beside it.
 
 mod auth;
+mod cors;
 mod direct;
+mod emqx;
 mod error;
 mod explorer;
 mod front;
@@ -62,6 +64,8 @@ pub(crate) struct Shared {
     streams: Arc<sse::Streams>,
     /// Where MQTT over WebSocket connections go; `None` in front of an external broker.
     mqtt: Option<MqttAcceptor>,
+    /// Cross-origin settings; `None` when CORS is off.
+    cors: Option<cors::Cors>,
 }
 
 #[derive(OpenApi)]
@@ -74,6 +78,7 @@ pub(crate) struct Shared {
     tags(
         (name = "topics", description = "Publish, read, list, stream and clear topics"),
         (name = "rpc", description = "Request/response: publish a request with a fresh MQTT 5 Response Topic and Correlation Data, answer with its reply"),
+        (name = "emqx", description = "EMQX 5's publish API: its request bodies and its answers"),
         (name = "operations", description = "Health, readiness, metrics and this document"),
     ),
     components(schemas(crate::bridge::Envelope, crate::bridge::PayloadEncoding)),
@@ -98,7 +103,9 @@ pub fn router(
         config.max_streams_per_client,
         bridge.metrics().sse_clients.clone(),
     );
+    let cors = cors::Cors::new(&config.cors);
     let state = AppState(Arc::new(Shared {
+        cors,
         bridge,
         config: Arc::new(config),
         cancel,
@@ -121,6 +128,8 @@ fn api_parts() -> (Router<AppState>, utoipa::openapi::OpenApi) {
             topics::clear
         ))
         .routes(routes!(rpc::call, rpc::call_put))
+        .routes(routes!(emqx::publish))
+        .routes(routes!(emqx::publish_bulk))
         .routes(routes!(ops::healthz))
         .routes(routes!(ops::readyz))
         .routes(routes!(ops::metrics))
