@@ -12,10 +12,14 @@ use axum::response::{IntoResponse, Response};
 use base64::Engine;
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
-use utoipa::ToSchema;
+use utoipa::openapi::header::HeaderBuilder;
+use utoipa::openapi::response::{Response as ApiResponse, ResponseBuilder};
+use utoipa::openapi::schema::{KnownFormat, ObjectBuilder, SchemaFormat, Type};
+use utoipa::openapi::{Content, Ref, RefOr};
+use utoipa::{IntoResponses, ToSchema};
 
 use super::AppState;
-use super::error::{ApiError, Refusals};
+use super::error::ApiError;
 use super::topics::{caller, read_body};
 use crate::bridge::{Message, Origin, Qos, Topic};
 use crate::policy::{Action, Principal};
@@ -151,6 +155,55 @@ impl IntoResponse for Refused {
     }
 }
 
+/// The refusals of the front and the ACL, documented in EMQX's shape: credentials (401), the
+/// ACL (401 for an anonymous caller, 403), the request rate (429).
+pub(crate) struct EmqxRefusals;
+
+impl IntoResponses for EmqxRefusals {
+    fn responses() -> BTreeMap<String, RefOr<ApiResponse>> {
+        let json = || Content::new(Some(Ref::from_schema_name(EmqxError::name())));
+        let text_header = |description: &str| {
+            HeaderBuilder::new()
+                .schema(Some(ObjectBuilder::new().schema_type(Type::String)))
+                .description(Some(description))
+                .build()
+        };
+        let seconds = HeaderBuilder::new()
+            .schema(Some(
+                ObjectBuilder::new()
+                    .schema_type(Type::Integer)
+                    .format(Some(SchemaFormat::KnownFormat(KnownFormat::Int32)))
+                    .minimum(Some(0)),
+            ))
+            .description(Some("Seconds to wait before trying again"))
+            .build();
+        let unauthorized = ResponseBuilder::new()
+            .description(
+                "Credentials are missing where the ACL (or `allow_anonymous = false`) requires \
+                 them, or wrong",
+            )
+            .content("application/json", json())
+            .header(
+                "WWW-Authenticate",
+                text_header(
+                    "The challenge: `Basic realm=\"topicgate\", Bearer realm=\"topicgate\"`",
+                ),
+            );
+        let forbidden = ResponseBuilder::new()
+            .description("The ACL does not grant publishing to the caller")
+            .content("application/json", json());
+        let rate = ResponseBuilder::new()
+            .description("Over the caller's request rate")
+            .content("application/json", json())
+            .header("Retry-After", seconds);
+        BTreeMap::from([
+            ("401".to_owned(), unauthorized.build().into()),
+            ("403".to_owned(), forbidden.build().into()),
+            ("429".to_owned(), rate.build().into()),
+        ])
+    }
+}
+
 fn bad(message: impl Into<String>) -> Refused {
     Refused(ApiError::InvalidParameter(message.into()))
 }
@@ -168,7 +221,7 @@ fn bad(message: impl Into<String>) -> Refused {
         (status = 413, description = "Body, or decoded payload, over the limit", body = EmqxError),
         (status = 503, description = "Broker unavailable", body = EmqxError,
             headers(("Retry-After" = u32, description = "Seconds to wait before trying again"))),
-        Refusals,
+        EmqxRefusals,
     ),
     security(("basic" = []), ("bearer" = []), ())
 )]
@@ -198,7 +251,7 @@ pub(crate) async fn publish(
         (status = 400, description = "Bad JSON, an empty array, or a bad item", body = EmqxError),
         (status = 413, description = "Body, or a decoded payload, over the limit", body = EmqxError),
         (status = 503, description = "The broker was unavailable for some messages: their items carry `reason_code` 136", body = Vec<Outcome>),
-        Refusals,
+        EmqxRefusals,
     ),
     security(("basic" = []), ("bearer" = []), ())
 )]
