@@ -951,6 +951,48 @@ mod tests {
     }
 
     #[test]
+    fn long_poll_and_cors_settings_are_checked() {
+        let text = r#"
+            [http]
+            max_wait = "2m"
+            [http.cors]
+            origins = ["https://dash.example", "http://localhost:3000"]
+            headers = ["*"]
+        "#;
+        let c = Config::parse(text, Path::new("t.toml")).unwrap();
+        assert_eq!(c.http.max_wait, Duration::from_secs(120));
+        assert_eq!(c.http.cors.origins.len(), 2);
+        assert_eq!(c.http.cors.methods, CorsConfig::default().methods);
+        for (tweak, key) in [
+            (
+                (|c: &mut Config| c.http.max_wait = Duration::ZERO) as fn(&mut Config),
+                "`http.max_wait`",
+            ),
+            (
+                |c| c.http.cors.origins = vec!["https://dash.example/app".to_owned()],
+                "`http.cors.origins`",
+            ),
+            (
+                |c| c.http.cors.origins = vec!["dash.example".to_owned()],
+                "`http.cors.origins`",
+            ),
+            (
+                |c| c.http.cors.methods = vec!["GET POST".to_owned()],
+                "`http.cors.methods`",
+            ),
+            (
+                |c| c.http.cors.headers = vec!["x:y".to_owned()],
+                "`http.cors.headers`",
+            ),
+        ] {
+            let mut c = Config::default();
+            tweak(&mut c);
+            let err = c.validate().unwrap_err().to_string();
+            assert!(err.contains(key), "{err}");
+        }
+    }
+
+    #[test]
     fn broker_urls_name_host_and_port() {
         let endpoint = |url: &str| {
             BrokerConfig {

@@ -140,6 +140,10 @@ impl Cors {
     /// of a request from an allowed origin.
     pub(crate) fn decorate(&self, origin: &HeaderValue, response: &mut Response) {
         if !origin.to_str().is_ok_and(|o| self.admits(o)) {
+            // The answer would differ for another origin: caches must tell them apart.
+            response
+                .headers_mut()
+                .append(header::VARY, HeaderValue::from_static("origin"));
             return;
         }
         let out = response.headers_mut();
@@ -251,6 +255,10 @@ mod tests {
             !response
                 .headers()
                 .contains_key(header::ACCESS_CONTROL_ALLOW_ORIGIN)
+        );
+        assert_eq!(
+            response.headers_mut().remove(header::VARY).unwrap(),
+            "origin"
         );
         c.decorate(
             &HeaderValue::from_static("https://dash.example"),
