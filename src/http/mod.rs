@@ -9,6 +9,7 @@ mod error;
 mod explorer;
 mod front;
 mod ops;
+mod poll;
 mod rpc;
 mod server;
 

@@ -1,8 +1,6 @@
 //! `/topics/{topic}`: publish, read, list, stream and clear, mapped onto one bridge call each.
 
-use std::collections::BTreeMap;
-use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::SystemTime;
 
 use axum::Json;
 use axum::body::{Body, Bytes};
@@ -22,13 +20,10 @@ use utoipa::{IntoParams, PartialSchema, ToSchema};
 use super::AppState;
 use super::auth::Caller;
 use super::error::{ApiError, ErrorBody, Refusals, StreamLimits};
-use super::sse;
-use tokio::sync::broadcast::error::RecvError;
-use tokio::time::Instant;
-
+use super::{poll, sse};
 use crate::bridge::{
-    Event, Listing, Message, Origin, Qos, Start, Topic, TopicError, TopicFilter, apply_expiry,
-    parse_flag, parse_limit, parse_qos, parse_timeout,
+    Listing, Message, Origin, Qos, Topic, TopicError, TopicFilter, apply_expiry, parse_flag,
+    parse_limit, parse_qos, parse_timeout,
 };
 
 /// Prefix of headers carrying MQTT 5 user properties.
@@ -215,7 +210,7 @@ pub(crate) async fn read(
                 humantime::format_duration(max)
             ))
         })?;
-        return long_poll(&state, caller, &filter, headers, wait).await;
+        return poll::long_poll(&state, caller, &filter, headers, wait).await;
     }
     if wants_stream {
         let last_id = headers
@@ -322,64 +317,8 @@ fn list(
     Ok(Json(Listing::new(&page.messages, page.next, SystemTime::now())).into_response())
 }
 
-/// A long poll: the retained value at once when the client does not hold it, else the first
-/// message (a filter: the messages) arriving within `wait`, else 204.
-async fn long_poll(
-    state: &AppState,
-    caller: &Caller,
-    filter: &TopicFilter,
-    headers: &HeaderMap,
-    wait: Duration,
-) -> Result<Response, ApiError> {
-    // Subscribed before the retained value is looked at: nothing published in between is lost.
-    let mut sub = state.bridge.subscribe(filter, &caller.principal, None)?;
-    if !filter.is_wildcard()
-        && let Start::Snapshot { retained, .. } = &sub.start
-        && let Some(current) = retained.first()
-        && !holds(headers, &current.etag())
-    {
-        return Ok(single(current, headers));
-    }
-    let deadline = Instant::now() + wait;
-    let (at, scope) = (sub.at, sub.scope.clone());
-    let admits = |e: &Event| {
-        e.seq > at && filter.matches(&e.message.topic) && scope.admits(e.message.topic.as_str())
-    };
-    let mut arrived: Vec<Arc<Message>> = Vec::new();
-    while arrived.is_empty() {
-        let next = tokio::select! {
-            next = sub.live.recv() => next,
-            () = tokio::time::sleep_until(deadline) => break,
-            () = state.cancel.cancelled() => break,
-        };
-        match next {
-            Ok(e) if admits(&e) => arrived.push(e.message),
-            Ok(_) | Err(RecvError::Lagged(_)) => {}
-            Err(RecvError::Closed) => break,
-        }
-    }
-    let Some(first) = arrived.first().cloned() else {
-        return Ok(StatusCode::NO_CONTENT.into_response());
-    };
-    if !filter.is_wildcard() {
-        return Ok(single(&first, &HeaderMap::new()));
-    }
-    // What else has arrived by now goes in the same answer, the latest per topic.
-    while let Ok(e) = sub.live.try_recv() {
-        if admits(&e) {
-            arrived.push(e.message);
-        }
-    }
-    let mut latest: BTreeMap<&str, Arc<Message>> = BTreeMap::new();
-    for m in &arrived {
-        latest.insert(m.topic.as_str(), Arc::clone(m));
-    }
-    let messages: Vec<Arc<Message>> = latest.into_values().collect();
-    Ok(Json(Listing::new(&messages, None, SystemTime::now())).into_response())
-}
-
 /// Whether `If-None-Match` names `etag` (or `*`).
-fn holds(request: &HeaderMap, etag: &str) -> bool {
+pub(super) fn holds(request: &HeaderMap, etag: &str) -> bool {
     request
         .get_all(header::IF_NONE_MATCH)
         .iter()
@@ -389,7 +328,7 @@ fn holds(request: &HeaderMap, etag: &str) -> bool {
         .any(|t| t == "*" || t == etag)
 }
 
-fn single(message: &Message, request: &HeaderMap) -> Response {
+pub(super) fn single(message: &Message, request: &HeaderMap) -> Response {
     let etag = message.etag();
     let unchanged = holds(request, &etag);
     let mut response = if unchanged {
