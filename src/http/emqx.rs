@@ -138,6 +138,8 @@ impl IntoResponse for Refused {
             StatusCode::BAD_REQUEST => "BAD_REQUEST",
             StatusCode::UNAUTHORIZED => "UNAUTHORIZED",
             StatusCode::FORBIDDEN => "FORBIDDEN",
+            StatusCode::NOT_FOUND => "NOT_FOUND",
+            StatusCode::METHOD_NOT_ALLOWED => "METHOD_NOT_ALLOWED",
             StatusCode::PAYLOAD_TOO_LARGE => "PAYLOAD_TOO_LARGE",
             StatusCode::REQUEST_TIMEOUT => "REQUEST_TIMEOUT",
             StatusCode::TOO_MANY_REQUESTS => "TOO_MANY_REQUESTS",

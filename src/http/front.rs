@@ -80,19 +80,24 @@ async fn front(router: Router, state: AppState, request: Request) -> Response {
         .as_ref()
         .filter(|_| preflight.is_none())
         .and_then(|_| request.headers().get(axum::http::header::ORIGIN).cloned());
+    // EMQX's API answers in EMQX's shape, the front's own refusals included.
+    let emqx = is_api(request.uri().path(), "/api/v5");
+    let refuse = |e: ApiError| {
+        if emqx {
+            emqx::Refused::from(e).into_response()
+        } else {
+            e.into_response()
+        }
+    };
     let work = async {
         if let Some(cors) = preflight {
             return cors.preflight(request.headers());
         }
         let path = request.uri().path();
-        let emqx = is_api(path, "/api/v5");
         let request = if is_api(path, "/topics") || is_api(path, "/rpc") || emqx {
             match auth::identify(&state, request).await {
                 Ok(request) => request,
-                Err(refused) if emqx => {
-                    return emqx::Refused::from(refused).into_response();
-                }
-                Err(refused) => return refused.into_response(),
+                Err(refused) => return refuse(refused),
             }
         } else {
             request
@@ -107,9 +112,9 @@ async fn front(router: Router, state: AppState, request: Request) -> Response {
         Ok(Ok(response)) => response,
         Ok(Err(_)) => {
             tracing::error!("a request handler panicked");
-            ApiError::Internal.into_response()
+            refuse(ApiError::Internal)
         }
-        Err(_) => ApiError::Timeout.into_response(),
+        Err(_) => refuse(ApiError::Timeout),
     };
     if let (Some(cors), Some(origin)) = (&state.cors, &origin) {
         cors.decorate(origin, &mut response);

@@ -25,6 +25,7 @@ use std::sync::Arc;
 
 use axum::Router;
 use axum::http::Uri;
+use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use tokio_util::sync::CancellationToken;
 use utoipa::OpenApi;
@@ -151,15 +152,25 @@ pub fn openapi() -> utoipa::openapi::OpenApi {
     api_parts().1
 }
 
-async fn not_found(uri: Uri) -> ApiError {
-    match uri.path() {
+async fn not_found(uri: Uri) -> Response {
+    let error = match uri.path() {
         "/topics" | "/topics/" | "/rpc" | "/rpc/" => ApiError::InvalidTopic(TopicError::Empty),
         _ => ApiError::NotFound,
-    }
+    };
+    answer(&uri, error)
 }
 
-async fn method_not_allowed() -> ApiError {
-    ApiError::MethodNotAllowed
+async fn method_not_allowed(uri: Uri) -> Response {
+    answer(&uri, ApiError::MethodNotAllowed)
+}
+
+/// An error in the shape of the API the path belongs to: EMQX's under `/api/v5`.
+fn answer(uri: &Uri, error: ApiError) -> Response {
+    if uri.path().starts_with("/api/v5/") {
+        emqx::Refused::from(error).into_response()
+    } else {
+        error.into_response()
+    }
 }
 
 fn finish(router: Router<AppState>, state: AppState) -> App {

@@ -139,6 +139,10 @@ async fn a_batch_with_one_bad_message_is_refused_whole() {
 #[tokio::test]
 async fn bad_requests_are_400_in_emqx_shape() {
     let gw = TestGateway::start().await;
+    let resp = gw.get("/api/v5/publish").await;
+    assert_eq!(resp.status(), 405);
+    let body: Value = resp.json().await.unwrap();
+    assert_eq!(body["code"], "METHOD_NOT_ALLOWED");
     let resp = gw.post("/api/v5/publish", "{not json").await;
     assert_eq!(resp.status(), 400);
     let body: Value = resp.json().await.unwrap();
