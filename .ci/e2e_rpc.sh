@@ -2,8 +2,8 @@
 # End-to-end checks of request/response (/rpc) with the clients people use: Python paho-mqtt
 # responders (MQTT 5 with Response Topic and Correlation Data, and MQTT 3.1.1 through the JSON
 # envelope) answer curl over HTTP and coap-client-notls over CoAP, one of them after 3 s, which
-# CoAP gets as a separate response without retransmitting. Prints one "ok"/"not ok" line per
-# check and a summary line.
+# CoAP gets as a separate response without retransmitting; `?require_subscriber=true` refuses a
+# call nobody subscribes to at once. Prints one "ok"/"not ok" line per check and a summary line.
 #
 #   TOPICGATE_BIN   binary to test (default target/release/topicgate)
 #   E2E_TIMEOUT     seconds any single wait may take (default 15)
@@ -110,6 +110,18 @@ if [[ $STATUS == 504 && $(body) == *'"error":"no_reply"'* ]] && ((took >= 1 && t
     ok "$name"
 else
     not_ok "$name" "got: $STATUS $(show "$(body)") after ${took}s"
+fi
+
+name='curl POST /rpc?require_subscriber=true: 404 no_subscriber at once with nobody subscribed, 200 with paho on svc/#'
+started=$SECONDS
+http -d anyone "$BASE/rpc/nobody/home?require_subscriber=true&timeout=10s"
+took=$((SECONDS - started))
+first="$STATUS $(body)"
+http -d hello "$BASE/rpc/svc/upper?require_subscriber=true"
+if [[ $first == '404 '*'"error":"no_subscriber"'* && $STATUS == 200 && $(body) == HELLO ]] && ((took < 5)); then
+    ok "$name"
+else
+    not_ok "$name" "got: $(show "$first") after ${took}s, then $STATUS $(show "$(body)")"
 fi
 
 # --- CoAP --------------------------------------------------------------------------------------

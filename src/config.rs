@@ -232,6 +232,45 @@ pub struct HttpConfig {
     pub max_streams: usize,
     /// Most event streams open at once for one principal (anonymous: one address).
     pub max_streams_per_client: usize,
+    /// The longest `?wait=` a long-polling GET may ask for; more is refused (400).
+    #[serde(with = "humantime_serde")]
+    pub max_wait: Duration,
+    /// Cross-origin requests from browsers; off while `origins` is empty.
+    pub cors: CorsConfig,
+}
+
+/// `[http.cors]`: which web origins may call the API from a browser, with which methods and
+/// request headers.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CorsConfig {
+    /// Origins allowed (`scheme://host[:port]`), or `"*"` for any; empty turns CORS off.
+    pub origins: Vec<String>,
+    /// Methods a preflight may ask for.
+    pub methods: Vec<String>,
+    /// Request headers a preflight may ask for (case-insensitive), or `"*"` for any.
+    pub headers: Vec<String>,
+    /// How long a browser may cache a preflight's answer.
+    #[serde(with = "humantime_serde")]
+    pub max_age: Duration,
+}
+
+impl Default for CorsConfig {
+    fn default() -> Self {
+        Self {
+            origins: Vec::new(),
+            methods: ["GET", "POST", "PUT", "DELETE"].map(str::to_owned).to_vec(),
+            headers: [
+                "authorization",
+                "content-type",
+                "if-none-match",
+                "last-event-id",
+            ]
+            .map(str::to_owned)
+            .to_vec(),
+            max_age: Duration::from_secs(600),
+        }
+    }
 }
 
 /// `[coap]`: the CoAP endpoint.
@@ -396,6 +435,8 @@ impl Default for HttpConfig {
             header_timeout: Duration::from_secs(10),
             max_streams: 10_000,
             max_streams_per_client: 100,
+            max_wait: Duration::from_secs(60),
+            cors: CorsConfig::default(),
         }
     }
 }
@@ -594,6 +635,27 @@ impl Config {
         if self.http.request_timeout.is_zero() {
             return invalid("http.request_timeout", "must be longer than 0s");
         }
+        if self.http.max_wait.is_zero() || self.http.max_wait > Duration::from_secs(3600) {
+            return invalid("http.max_wait", "must be between 1ms and 1h");
+        }
+        for origin in &self.http.cors.origins {
+            if origin != "*" && !valid_origin(origin) {
+                return invalid(
+                    "http.cors.origins",
+                    "each must be \"*\" or scheme://host[:port], without a path",
+                );
+            }
+        }
+        for method in &self.http.cors.methods {
+            if !is_token(method) {
+                return invalid("http.cors.methods", "each must be an HTTP method");
+            }
+        }
+        for name in &self.http.cors.headers {
+            if name != "*" && !is_token(name) {
+                return invalid("http.cors.headers", "each must be a header name or \"*\"");
+            }
+        }
         if self.http.sse_buffer == 0 {
             return invalid("http.sse_buffer", "must be at least 1");
         }
@@ -738,6 +800,26 @@ impl Config {
 }
 
 /// A user or token name: not empty, not a reserved word, no wildcard or separator.
+/// An origin as browsers send it: `scheme://host[:port]`, nothing after.
+fn valid_origin(origin: &str) -> bool {
+    origin.split_once("://").is_some_and(|(scheme, rest)| {
+        !scheme.is_empty()
+            && scheme
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "+-.".contains(c))
+            && !rest.is_empty()
+            && !rest.contains(['/', '?', '#', ' '])
+    })
+}
+
+/// An HTTP token (RFC 9110 5.6.2): what method and header names are made of.
+fn is_token(text: &str) -> bool {
+    !text.is_empty()
+        && text
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "!#$%&'*+-.^_`|~".contains(c))
+}
+
 fn check_name(name: &str) -> Result<(), String> {
     if name.is_empty() || name == "anonymous" || name == "*" {
         return Err(format!("{name:?} cannot be used as a name"));
@@ -866,6 +948,48 @@ mod tests {
         c.rpc.max_timeout = Duration::ZERO;
         let err = c.validate().unwrap_err().to_string();
         assert!(err.contains("`rpc.max_timeout`"), "{err}");
+    }
+
+    #[test]
+    fn long_poll_and_cors_settings_are_checked() {
+        let text = r#"
+            [http]
+            max_wait = "2m"
+            [http.cors]
+            origins = ["https://dash.example", "http://localhost:3000"]
+            headers = ["*"]
+        "#;
+        let c = Config::parse(text, Path::new("t.toml")).unwrap();
+        assert_eq!(c.http.max_wait, Duration::from_secs(120));
+        assert_eq!(c.http.cors.origins.len(), 2);
+        assert_eq!(c.http.cors.methods, CorsConfig::default().methods);
+        for (tweak, key) in [
+            (
+                (|c: &mut Config| c.http.max_wait = Duration::ZERO) as fn(&mut Config),
+                "`http.max_wait`",
+            ),
+            (
+                |c| c.http.cors.origins = vec!["https://dash.example/app".to_owned()],
+                "`http.cors.origins`",
+            ),
+            (
+                |c| c.http.cors.origins = vec!["dash.example".to_owned()],
+                "`http.cors.origins`",
+            ),
+            (
+                |c| c.http.cors.methods = vec!["GET POST".to_owned()],
+                "`http.cors.methods`",
+            ),
+            (
+                |c| c.http.cors.headers = vec!["x:y".to_owned()],
+                "`http.cors.headers`",
+            ),
+        ] {
+            let mut c = Config::default();
+            tweak(&mut c);
+            let err = c.validate().unwrap_err().to_string();
+            assert!(err.contains(key), "{err}");
+        }
     }
 
     #[test]

@@ -211,6 +211,15 @@ impl Bridge {
         }
     }
 
+    /// Whether some MQTT session subscribes to a filter matching `topic`, for a caller allowed
+    /// to publish to it; `None` in front of an external broker, which cannot tell.
+    pub fn has_subscribers(&self, topic: &Topic, who: &Principal) -> Result<Option<bool>, Denial> {
+        self.inner
+            .policy
+            .authorize(who, Action::Publish, topic.as_str())?;
+        Ok(self.inner.link.has_subscribers(topic.as_str()))
+    }
+
     /// The wait of a call: `?timeout=` when given (at most `rpc.max_timeout`), else
     /// `rpc.timeout`.
     pub fn call_timeout(&self, asked: Option<&str>) -> Result<Duration, ParamError> {

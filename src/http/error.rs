@@ -75,6 +75,16 @@ pub enum ApiError {
     /// This client has as many event streams open as it may.
     #[error("this client has {0} event streams open, its limit")]
     ClientStreams(usize),
+    /// `?require_subscriber=true` and no MQTT session subscribes to the topic.
+    #[error("no MQTT subscriber matches topic '{0}'")]
+    NoSubscriber(String),
+    /// `?require_subscriber=true` in front of an external broker, which cannot say who
+    /// subscribes.
+    #[error("the external broker cannot tell whether anyone subscribes to a topic")]
+    SubscribersUnknown,
+    /// A CORS preflight from an origin, or asking for a method or header, not allowed.
+    #[error("{0}")]
+    CorsDenied(String),
     /// A bug; details go to the log, never to the client.
     #[error("internal error")]
     Internal,
@@ -172,7 +182,10 @@ impl ApiError {
             | ApiError::InvalidParameter(_)
             | ApiError::InvalidHeader(_)
             | ApiError::BadBody => StatusCode::BAD_REQUEST,
-            ApiError::NotRetained(_) | ApiError::NotFound => StatusCode::NOT_FOUND,
+            ApiError::NotRetained(_) | ApiError::NotFound | ApiError::NoSubscriber(_) => {
+                StatusCode::NOT_FOUND
+            }
+            ApiError::CorsDenied(_) => StatusCode::FORBIDDEN,
             ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::Timeout => StatusCode::REQUEST_TIMEOUT,
@@ -180,9 +193,10 @@ impl ApiError {
             ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
             ApiError::TopicLimit(_) => StatusCode::BAD_REQUEST,
             ApiError::RateLimited(_) | ApiError::ClientStreams(_) => StatusCode::TOO_MANY_REQUESTS,
-            ApiError::Unavailable | ApiError::TooManyStreams(_) | ApiError::LoginsBusy => {
-                StatusCode::SERVICE_UNAVAILABLE
-            }
+            ApiError::Unavailable
+            | ApiError::TooManyStreams(_)
+            | ApiError::LoginsBusy
+            | ApiError::SubscribersUnknown => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::NoReply(_) => StatusCode::GATEWAY_TIMEOUT,
             ApiError::Internal => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -208,6 +222,9 @@ impl ApiError {
             ApiError::Unavailable => "broker_unavailable",
             ApiError::LoginsBusy => "busy",
             ApiError::NoReply(_) => "no_reply",
+            ApiError::NoSubscriber(_) => "no_subscriber",
+            ApiError::SubscribersUnknown => "subscribers_unknown",
+            ApiError::CorsDenied(_) => "cors_denied",
             ApiError::Internal => "internal_error",
         }
     }
@@ -304,6 +321,8 @@ impl IntoResponse for ApiError {
                     HeaderValue::from_static(CHALLENGE),
                 );
             }
+            // Asking again will not help: the broker never tells.
+            ApiError::SubscribersUnknown => {}
             _ if status == StatusCode::SERVICE_UNAVAILABLE => {
                 headers.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
             }

@@ -21,6 +21,8 @@ use tower::ServiceExt;
 
 use super::AppState;
 use super::auth;
+use super::cors::Cors;
+use super::emqx;
 use super::error::{ApiError, Reason};
 use crate::policy::{Door, Refusal};
 
@@ -61,12 +63,41 @@ async fn front(router: Router, state: AppState, request: Request) -> Response {
     } else {
         state.config.request_timeout
     };
+    // A long poll waits on top of the usual time, and answers 204 itself.
+    let limit = if request.uri().query().is_some_and(|q| q.contains("wait=")) {
+        limit + state.config.max_wait
+    } else {
+        limit
+    };
+    // A preflight carries no credentials: it is answered before any are asked for, with
+    // headers of its own.
+    let preflight = state
+        .cors
+        .as_ref()
+        .filter(|_| Cors::is_preflight(request.method(), request.headers()));
+    let origin = state
+        .cors
+        .as_ref()
+        .filter(|_| preflight.is_none())
+        .and_then(|_| request.headers().get(axum::http::header::ORIGIN).cloned());
+    // EMQX's API answers in EMQX's shape, the front's own refusals included.
+    let emqx = is_api(request.uri().path(), "/api/v5");
+    let refuse = |e: ApiError| {
+        if emqx {
+            emqx::Refused::from(e).into_response()
+        } else {
+            e.into_response()
+        }
+    };
     let work = async {
+        if let Some(cors) = preflight {
+            return cors.preflight(request.headers());
+        }
         let path = request.uri().path();
-        let request = if is_api(path, "/topics") || is_api(path, "/rpc") {
+        let request = if is_api(path, "/topics") || is_api(path, "/rpc") || emqx {
             match auth::identify(&state, request).await {
                 Ok(request) => request,
-                Err(refused) => return refused.into_response(),
+                Err(refused) => return refuse(refused),
             }
         } else {
             request
@@ -77,14 +108,17 @@ async fn front(router: Router, state: AppState, request: Request) -> Response {
         }
     };
     let guarded = AssertUnwindSafe(work).catch_unwind();
-    let response = match tokio::time::timeout(limit, guarded).await {
+    let mut response = match tokio::time::timeout(limit, guarded).await {
         Ok(Ok(response)) => response,
         Ok(Err(_)) => {
             tracing::error!("a request handler panicked");
-            ApiError::Internal.into_response()
+            refuse(ApiError::Internal)
         }
-        Err(_) => ApiError::Timeout.into_response(),
+        Err(_) => refuse(ApiError::Timeout),
     };
+    if let (Some(cors), Some(origin)) = (&state.cors, &origin) {
+        cors.decorate(origin, &mut response);
+    }
     if let Some(&refusal) = response.extensions().get::<Refusal>() {
         state.bridge.policy().count(Door::Http, refusal);
     }

@@ -2,11 +2,14 @@
 //! from the same handler annotations; the topic explorer (`explorer`) is served beside it.
 
 mod auth;
+mod cors;
 mod direct;
+mod emqx;
 mod error;
 mod explorer;
 mod front;
 mod ops;
+mod poll;
 mod rpc;
 mod server;
 
@@ -22,6 +25,7 @@ use std::sync::Arc;
 
 use axum::Router;
 use axum::http::Uri;
+use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use tokio_util::sync::CancellationToken;
 use utoipa::OpenApi;
@@ -62,6 +66,8 @@ pub(crate) struct Shared {
     streams: Arc<sse::Streams>,
     /// Where MQTT over WebSocket connections go; `None` in front of an external broker.
     mqtt: Option<MqttAcceptor>,
+    /// Cross-origin settings; `None` when CORS is off.
+    cors: Option<cors::Cors>,
 }
 
 #[derive(OpenApi)]
@@ -74,6 +80,7 @@ pub(crate) struct Shared {
     tags(
         (name = "topics", description = "Publish, read, list, stream and clear topics"),
         (name = "rpc", description = "Request/response: publish a request with a fresh MQTT 5 Response Topic and Correlation Data, answer with its reply"),
+        (name = "emqx", description = "EMQX 5's publish API: its request bodies and its answers"),
         (name = "operations", description = "Health, readiness, metrics and this document"),
     ),
     components(schemas(crate::bridge::Envelope, crate::bridge::PayloadEncoding)),
@@ -98,7 +105,9 @@ pub fn router(
         config.max_streams_per_client,
         bridge.metrics().sse_clients.clone(),
     );
+    let cors = cors::Cors::new(&config.cors);
     let state = AppState(Arc::new(Shared {
+        cors,
         bridge,
         config: Arc::new(config),
         cancel,
@@ -121,6 +130,8 @@ fn api_parts() -> (Router<AppState>, utoipa::openapi::OpenApi) {
             topics::clear
         ))
         .routes(routes!(rpc::call, rpc::call_put))
+        .routes(routes!(emqx::publish))
+        .routes(routes!(emqx::publish_bulk))
         .routes(routes!(ops::healthz))
         .routes(routes!(ops::readyz))
         .routes(routes!(ops::metrics))
@@ -141,15 +152,25 @@ pub fn openapi() -> utoipa::openapi::OpenApi {
     api_parts().1
 }
 
-async fn not_found(uri: Uri) -> ApiError {
-    match uri.path() {
+async fn not_found(uri: Uri) -> Response {
+    let error = match uri.path() {
         "/topics" | "/topics/" | "/rpc" | "/rpc/" => ApiError::InvalidTopic(TopicError::Empty),
         _ => ApiError::NotFound,
-    }
+    };
+    answer(&uri, error)
 }
 
-async fn method_not_allowed() -> ApiError {
-    ApiError::MethodNotAllowed
+async fn method_not_allowed(uri: Uri) -> Response {
+    answer(&uri, ApiError::MethodNotAllowed)
+}
+
+/// An error in the shape of the API the path belongs to: EMQX's under `/api/v5`.
+fn answer(uri: &Uri, error: ApiError) -> Response {
+    if uri.path().starts_with("/api/v5/") {
+        emqx::Refused::from(error).into_response()
+    } else {
+        error.into_response()
+    }
 }
 
 fn finish(router: Router<AppState>, state: AppState) -> App {

@@ -32,6 +32,11 @@ pub(crate) struct CallQuery {
     /// the MQTT 5 Response Topic.
     #[param(value_type = Option<bool>)]
     envelope: Option<String>,
+    /// `true` to refuse the call at once when no MQTT session subscribes to the topic (404),
+    /// instead of waiting for a reply that cannot come; in front of an external broker, which
+    /// cannot tell, such a call is refused with 503.
+    #[param(value_type = Option<bool>)]
+    require_subscriber: Option<String>,
 }
 
 /// Publish the body as a request and answer with the reply.
@@ -47,8 +52,9 @@ pub(crate) struct CallQuery {
     responses(
         (status = 200, description = "The reply: its payload, raw, with its Content-Type (`application/octet-stream` if none) and its MQTT 5 user properties as `mqtt-user-NAME` headers.", content(("*/*"))),
         (status = 400, description = "Bad topic, parameter or header", body = ErrorBody),
+        (status = 404, description = "`require_subscriber=true` and no MQTT subscriber matches the topic (`no_subscriber`)", body = ErrorBody),
         (status = 413, description = "Payload over the limit", body = ErrorBody),
-        (status = 503, description = "Broker unavailable, or the gateway is shutting down", body = ErrorBody,
+        (status = 503, description = "Broker unavailable, the gateway is shutting down, or `require_subscriber=true` in front of an external broker, which cannot tell (`subscribers_unknown`, without `Retry-After`)", body = ErrorBody,
             headers(("Retry-After" = u32, description = "Seconds to wait before trying again"))),
         (status = 504, description = "No reply within the timeout", body = ErrorBody),
         Refusals,
@@ -72,8 +78,9 @@ pub(crate) async fn call(state: State<AppState>, request: Request) -> Result<Res
     responses(
         (status = 200, description = "The reply, as for `POST`.", content(("*/*"))),
         (status = 400, description = "Bad topic, parameter or header", body = ErrorBody),
+        (status = 404, description = "`require_subscriber=true` and no MQTT subscriber matches the topic (`no_subscriber`)", body = ErrorBody),
         (status = 413, description = "Payload over the limit", body = ErrorBody),
-        (status = 503, description = "Broker unavailable, or the gateway is shutting down", body = ErrorBody,
+        (status = 503, description = "Broker unavailable, the gateway is shutting down, or `require_subscriber=true` in front of an external broker, which cannot tell (`subscribers_unknown`, without `Retry-After`)", body = ErrorBody,
             headers(("Retry-After" = u32, description = "Seconds to wait before trying again"))),
         (status = 504, description = "No reply within the timeout", body = ErrorBody),
         Refusals,
@@ -106,6 +113,17 @@ async fn answer(State(state): State<AppState>, request: Request) -> Result<Respo
     let payload = payload(&state, &request.headers, body).await?;
     let message = build_message(topic, query.qos.as_deref(), &request.headers, payload)?;
     let who = &caller(&request.extensions)?.principal;
+    let require = match query.require_subscriber.as_deref() {
+        None => false,
+        Some(v) => parse_flag("require_subscriber", v)?,
+    };
+    if require {
+        match state.bridge.has_subscribers(&message.topic, who)? {
+            Some(true) => {}
+            Some(false) => return Err(ApiError::NoSubscriber(message.topic.to_string())),
+            None => return Err(ApiError::SubscribersUnknown),
+        }
+    }
     let reply = state
         .bridge
         .call(message, who, Call { timeout, envelope })

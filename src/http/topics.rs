@@ -20,10 +20,10 @@ use utoipa::{IntoParams, PartialSchema, ToSchema};
 use super::AppState;
 use super::auth::Caller;
 use super::error::{ApiError, ErrorBody, Refusals, StreamLimits};
-use super::sse;
+use super::{poll, sse};
 use crate::bridge::{
     Listing, Message, Origin, Qos, Topic, TopicError, TopicFilter, apply_expiry, parse_flag,
-    parse_limit, parse_qos,
+    parse_limit, parse_qos, parse_timeout,
 };
 
 /// Prefix of headers carrying MQTT 5 user properties.
@@ -75,6 +75,12 @@ pub(crate) struct ReadQuery {
     /// `true` for an event stream, as with `Accept: text/event-stream`.
     #[param(value_type = Option<bool>)]
     stream: Option<String>,
+    /// Long poll: answer at once when the topic's retained value differs from `If-None-Match`
+    /// (or there is one and no `If-None-Match`), else wait this long for the next message
+    /// (a filter: for what arrives, as a listing), then 204. Seconds (`30`) or with a unit
+    /// (`30s`), at most `http.max_wait` (60 s; longer is refused with 400).
+    #[param(value_type = Option<String>, example = "30s")]
+    wait: Option<String>,
 }
 
 /// Publish the request body to a topic.
@@ -164,12 +170,13 @@ pub(crate) async fn put_retained(
         ("Last-Event-ID" = Option<String>, Header, description = "Resume an event stream after this id"),
     ),
     responses(
-        (status = 200, description = "A topic: its retained payload, raw, with the Content-Type it was published with (`application/octet-stream` if none), `ETag`, `Last-Modified` and `mqtt-*` metadata headers. A filter: a JSON page of retained messages. With `Accept: text/event-stream` or `?stream=true`: server-sent events, retained messages first, then live ones.",
+        (status = 200, description = "A topic: its retained payload, raw, with the Content-Type it was published with (`application/octet-stream` if none), `ETag`, `Last-Modified` and `mqtt-*` metadata headers. A filter: a JSON page of retained messages. With `Accept: text/event-stream` or `?stream=true`: server-sent events, retained messages first, then live ones. With `?wait=`: a topic's changed retained value or next message as above; for a filter, a listing of the messages that arrived during the wait (the latest per topic, `next` null).",
             content(
                 ("*/*"),
                 (ReadJson = "application/json"),
                 (String = "text/event-stream"),
             )),
+        (status = 204, description = "`?wait=`: no message arrived during the wait"),
         (status = 304, description = "Unchanged since the given ETag"),
         (status = 400, description = "Bad topic, filter or parameter", body = ErrorBody),
         (status = 404, description = "Nothing retained on the topic", body = ErrorBody),
@@ -190,6 +197,21 @@ pub(crate) async fn read(
         Some(v) => parse_flag("stream", v)?,
         None => accepts_event_stream(headers),
     };
+    if let Some(wait) = query.wait.as_deref() {
+        if wants_stream || query.limit.is_some() || query.cursor.is_some() {
+            return Err(ApiError::InvalidParameter(
+                "wait does not combine with an event stream, limit or cursor".to_owned(),
+            ));
+        }
+        let max = state.config.max_wait;
+        let wait = parse_timeout(wait, max).map_err(|_| {
+            ApiError::InvalidParameter(format!(
+                "wait must be above 0 and at most {} (seconds, or with a unit: 500ms, 30s)",
+                humantime::format_duration(max)
+            ))
+        })?;
+        return poll::long_poll(&state, caller, &filter, headers, wait).await;
+    }
     if wants_stream {
         let last_id = headers
             .get("last-event-id")
@@ -295,15 +317,20 @@ fn list(
     Ok(Json(Listing::new(&page.messages, page.next, SystemTime::now())).into_response())
 }
 
-fn single(message: &Message, request: &HeaderMap) -> Response {
-    let etag = message.etag();
-    let unchanged = request
+/// Whether `If-None-Match` names `etag` (or `*`).
+pub(super) fn holds(request: &HeaderMap, etag: &str) -> bool {
+    request
         .get_all(header::IF_NONE_MATCH)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
         .map(|t| t.trim().trim_start_matches("W/"))
-        .any(|t| t == "*" || t == etag);
+        .any(|t| t == "*" || t == etag)
+}
+
+pub(super) fn single(message: &Message, request: &HeaderMap) -> Response {
+    let etag = message.etag();
+    let unchanged = holds(request, &etag);
     let mut response = if unchanged {
         let mut response = Response::new(Body::empty());
         *response.status_mut() = StatusCode::NOT_MODIFIED;
@@ -391,7 +418,15 @@ pub(super) async fn payload(
     headers: &HeaderMap,
     body: Body,
 ) -> Result<Bytes, ApiError> {
-    let limit = state.bridge.max_payload();
+    read_body(headers, body, state.bridge.max_payload()).await
+}
+
+/// The request body, refused with 413 past `limit` bytes, as [`payload`] does.
+pub(super) async fn read_body(
+    headers: &HeaderMap,
+    body: Body,
+    limit: usize,
+) -> Result<Bytes, ApiError> {
     let declared = headers
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())

@@ -471,3 +471,53 @@ async fn bad_coap_calls_are_refused() {
         .await;
     assert_eq!(code(&read), "4.03");
 }
+
+#[tokio::test]
+async fn require_subscriber_refuses_a_call_nobody_subscribes_to_at_once() {
+    let gw = TestGateway::start().await;
+    let started = Instant::now();
+    let resp = gw
+        .post("/rpc/nobody/home?require_subscriber=true&timeout=30s", "q")
+        .await;
+    assert_eq!(resp.status(), 404);
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "refused at once, not after the timeout"
+    );
+    let body: Value = resp.json().await.unwrap();
+    assert_eq!(body["error"], "no_subscriber");
+    assert!(
+        body["message"].as_str().unwrap().contains("nobody/home"),
+        "{body}"
+    );
+    let resp = gw
+        .post("/rpc/nobody/home?require_subscriber=maybe", "q")
+        .await;
+    assert_eq!(resp.status(), 400);
+
+    // With a subscriber on a matching filter, the same call goes out and is answered.
+    let _seen = responder_v5(&gw, "svc-home", "nobody/+", echo).await;
+    let resp = gw
+        .post("/rpc/nobody/home?require_subscriber=true", "q")
+        .await;
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.text().await.unwrap(), "q");
+    // `false` is the default: a call nobody subscribes to waits for its timeout.
+    let resp = gw
+        .post(
+            "/rpc/elsewhere/x?require_subscriber=false&timeout=100ms",
+            "q",
+        )
+        .await;
+    assert_eq!(resp.status(), 504);
+}
+
+#[tokio::test]
+async fn require_subscriber_in_front_of_an_external_broker_is_503_without_retry_after() {
+    let broker = TestGateway::start().await;
+    let gw = TestGateway::start_with(|c| c.broker.url = format!("mqtt://{}", broker.mqtt)).await;
+    let resp = gw.post("/rpc/svc/x?require_subscriber=true", "q").await;
+    assert_eq!(resp.status(), 503);
+    assert!(!resp.headers().contains_key("retry-after"));
+    assert_eq!(error_code(resp).await, "subscribers_unknown");
+}

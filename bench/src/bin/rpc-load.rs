@@ -1,0 +1,229 @@
+//! Request/response round trips: `POST /rpc/{topic}` over keep-alive connections, answered by
+//! an MQTT 5 responder (rumqttc) in this process that replies on each request's Response Topic
+//! with its Correlation Data. Without `--rate`, every connection calls again as soon as it is
+//! answered, for `--duration` (the maximum rate); with `--rate`, `--count` calls are spread on a
+//! fixed schedule (the latency at that rate).
+//! `rpc-load --http 127.0.0.1:8080 --mqtt 127.0.0.1:1883 --connections 32 --duration 10s`
+//! `rpc-load --http 127.0.0.1:8080 --mqtt 127.0.0.1:1883 --rate 2000 --count 20000`
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use clap::Parser;
+use rumqttc::v5::mqttbytes::QoS;
+use rumqttc::v5::mqttbytes::v5::{Packet, PublishProperties, SubscribeReasonCode};
+use rumqttc::v5::{AsyncClient, Event, MqttOptions};
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinSet;
+use topicgate_bench::http::{HttpConn, encode_path};
+use topicgate_bench::{Latencies, Report, parse_duration, random_hex};
+
+/// HTTP request/response load against an MQTT 5 responder.
+#[derive(Parser)]
+struct Args {
+    /// The gateway's HTTP address.
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    http: SocketAddr,
+    /// The gateway's MQTT address, where the responder connects.
+    #[arg(long, default_value = "127.0.0.1:1883")]
+    mqtt: SocketAddr,
+    /// Keep-alive HTTP connections, each with one call in flight.
+    #[arg(long, default_value_t = 32)]
+    connections: u64,
+    /// Length of an unpaced run.
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    duration: Duration,
+    /// Calls per second over all connections; unset, each connection calls back to back.
+    #[arg(long)]
+    rate: Option<f64>,
+    /// Calls in total of a paced run.
+    #[arg(long, default_value_t = 20_000)]
+    count: u64,
+    /// Request body bytes.
+    #[arg(long, default_value_t = 100)]
+    payload: usize,
+}
+
+/// How far behind its slot a call may start before it counts as late (tokio's timer resolution).
+const LATE: Duration = Duration::from_millis(1);
+
+/// Connects an MQTT 5 client subscribed to `topic` that answers every request on its Response
+/// Topic with its Correlation Data and payload; returns once the subscription is granted.
+async fn responder(
+    addr: SocketAddr,
+    topic: &str,
+    tasks: &mut JoinSet<anyhow::Result<()>>,
+) -> anyhow::Result<()> {
+    let mut opts = MqttOptions::new(
+        format!("rpc-load-{}", random_hex()),
+        addr.ip().to_string(),
+        addr.port(),
+    );
+    opts.set_keep_alive(Duration::from_secs(60));
+    let (client, mut eventloop) = AsyncClient::new(opts, 4096);
+    let (requests_tx, mut requests) = mpsc::unbounded_channel();
+    let (granted_tx, granted) = oneshot::channel();
+    // The event loop only reads and writes; replies are queued by the task below, so a full
+    // request queue never stops the loop that drains it.
+    tasks.spawn(async move {
+        let mut granted_tx = Some(granted_tx);
+        loop {
+            match eventloop
+                .poll()
+                .await
+                .context("the responder's connection")?
+            {
+                Event::Incoming(Packet::Publish(p)) => {
+                    let _ = requests_tx.send(p);
+                }
+                Event::Incoming(Packet::SubAck(ack)) => {
+                    let ok = matches!(
+                        ack.return_codes.first(),
+                        Some(SubscribeReasonCode::Success(_))
+                    );
+                    if let Some(tx) = granted_tx.take() {
+                        let _ = tx.send(ok);
+                    }
+                }
+                _ => {}
+            }
+        }
+    });
+    let replier = client.clone();
+    tasks.spawn(async move {
+        while let Some(request) = requests.recv().await {
+            let props = request.properties.unwrap_or_default();
+            let Some(reply_to) = props.response_topic else {
+                continue;
+            };
+            let answer = PublishProperties {
+                correlation_data: props.correlation_data,
+                ..PublishProperties::default()
+            };
+            replier
+                .publish_with_properties(reply_to, QoS::AtMostOnce, false, request.payload, answer)
+                .await
+                .context("queueing a reply")?;
+        }
+        Ok(())
+    });
+    client.subscribe(topic, QoS::AtMostOnce).await?;
+    match tokio::time::timeout(Duration::from_secs(10), granted).await {
+        Ok(Ok(true)) => Ok(()),
+        Ok(Ok(false)) => bail!("the broker refused the responder's subscription to {topic}"),
+        _ => bail!("the responder's subscription to {topic} was not acknowledged"),
+    }
+}
+
+/// What one calling connection did.
+#[derive(Default)]
+struct Calls {
+    latencies: Latencies,
+    ok: u64,
+    errors: u64,
+    late: u64,
+    first_error: Option<u16>,
+}
+
+/// Calls `path` until `until` (unpaced), or calls `index`, `index + connections`, ... below
+/// `count` each at its slot of the common schedule (paced).
+async fn call(
+    args: Arc<Args>,
+    path: Arc<str>,
+    index: u64,
+    start: Instant,
+    until: Instant,
+) -> anyhow::Result<Calls> {
+    let mut conn = HttpConn::connect(args.http).await?;
+    let body = vec![b'x'; args.payload];
+    let mut calls = Calls::default();
+    let mut n = index;
+    loop {
+        match args.rate {
+            Some(rate) => {
+                if n >= args.count {
+                    break;
+                }
+                let at = start + Duration::from_secs_f64(n as f64 / rate);
+                let now = Instant::now();
+                if now < at {
+                    tokio::time::sleep_until(at.into()).await;
+                } else if now > at + LATE {
+                    calls.late += 1;
+                }
+                n += args.connections;
+            }
+            None if Instant::now() >= until => break,
+            None => {}
+        }
+        let sent = Instant::now();
+        match conn
+            .send("POST", &path, "application/octet-stream", &body)
+            .await?
+        {
+            200 => {
+                calls.latencies.record(sent.elapsed());
+                calls.ok += 1;
+            }
+            status => {
+                calls.errors += 1;
+                calls.first_error.get_or_insert(status);
+            }
+        }
+    }
+    Ok(calls)
+}
+
+#[tokio::main(flavor = "current_thread")]
+async fn main() -> anyhow::Result<()> {
+    let args = Arc::new(Args::parse());
+    if args.connections == 0 || args.rate.is_some_and(|r| r.is_nan() || r <= 0.0) {
+        bail!("--connections and --rate must be above 0");
+    }
+    let topic = format!("bench/rpc/{}", random_hex());
+    let path: Arc<str> = format!("/rpc/{}", encode_path(&topic)).into();
+    let mut background = JoinSet::new();
+    responder(args.mqtt, &topic, &mut background).await?;
+
+    // A short lead lets every connection open before its first slot.
+    let start = Instant::now() + Duration::from_millis(50);
+    let until = start + args.duration;
+    let mut callers = JoinSet::new();
+    for index in 0..args.connections {
+        callers.spawn(call(args.clone(), path.clone(), index, start, until));
+    }
+    let mut all = Calls::default();
+    while let Some(joined) = callers.join_next().await {
+        let one = joined??;
+        all.latencies.merge(&one.latencies);
+        all.ok += one.ok;
+        all.errors += one.errors;
+        all.late += one.late;
+        if all.first_error.is_none() {
+            all.first_error = one.first_error;
+        }
+    }
+    let elapsed = start.elapsed();
+    background.abort_all();
+    if let Some(status) = all.first_error {
+        eprintln!(
+            "{} calls failed, the first with status {status}",
+            all.errors
+        );
+    }
+    let mut report = Report::new(
+        "http rpc -> mqtt5 responder",
+        all.ok,
+        elapsed,
+        &all.latencies,
+    )
+    .with("errors", all.errors)
+    .with("connections", args.connections);
+    if let Some(rate) = args.rate {
+        report = report.with("rate_target", rate).with("late", all.late);
+    }
+    report.print();
+    Ok(())
+}
