@@ -5,6 +5,7 @@ mod cli;
 mod coap;
 mod coap_client;
 mod coap_observe;
+mod devices;
 mod durable;
 mod errors;
 mod http_mqtt;

@@ -1,0 +1,480 @@
+//! Devices that only serve: push rules against an HTTP device started by the test (failures,
+//! retries, dead letters, order, the outbox across a restart, answers sent back to MQTT
+//! clients), pull rules with ETags, and `/rules`.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::body::Bytes;
+use axum::http::{HeaderMap, Method, StatusCode, Uri};
+use axum::response::{IntoResponse, Response};
+use bytes::Bytes as RawBytes;
+use rumqttc::v5::mqttbytes::v5::PublishProperties;
+use serde_json::Value;
+use topicgate::Config;
+use topicgate::config::{PullRule, PushBody, PushRule, WhenFull};
+
+use crate::support::{TestGateway, eventually, metric, qos_v4, qos_v5, recv};
+
+/// One request the device received.
+#[derive(Debug, Clone)]
+struct Seen {
+    method: Method,
+    uri: String,
+    headers: HeaderMap,
+    body: Bytes,
+    /// The status it was answered with.
+    status: u16,
+}
+
+/// How the device answers.
+#[derive(Clone)]
+struct Script {
+    /// Requests answered `fail_status` before any succeeds.
+    fail_first: usize,
+    fail_status: u16,
+    ok_status: u16,
+    ok_body: &'static str,
+    ok_type: &'static str,
+}
+
+impl Default for Script {
+    fn default() -> Self {
+        Self {
+            fail_first: 0,
+            fail_status: 503,
+            ok_status: 204,
+            ok_body: "",
+            ok_type: "text/plain",
+        }
+    }
+}
+
+#[derive(Clone)]
+struct DeviceState {
+    seen: Arc<Mutex<Vec<Seen>>>,
+    answered: Arc<AtomicUsize>,
+    script: Script,
+    /// The resource pulled: its value, and how many GETs carried a matching If-None-Match.
+    value: Arc<Mutex<&'static str>>,
+    not_modified: Arc<AtomicUsize>,
+}
+
+/// An HTTP device on a loopback port that records every request.
+struct Device {
+    addr: SocketAddr,
+    state: DeviceState,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Device {
+    async fn start(script: Script) -> Self {
+        Self::start_on("127.0.0.1:0".parse().unwrap(), script).await
+    }
+
+    async fn start_on(addr: SocketAddr, script: Script) -> Self {
+        let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let state = DeviceState {
+            seen: Arc::default(),
+            answered: Arc::default(),
+            script,
+            value: Arc::new(Mutex::new("21.5")),
+            not_modified: Arc::default(),
+        };
+        let app = axum::Router::new()
+            .route("/temp", axum::routing::get(temp))
+            .fallback(record)
+            .with_state(state.clone());
+        let task = tokio::spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        });
+        Self { addr, state, task }
+    }
+
+    fn seen(&self) -> Vec<Seen> {
+        self.state.seen.lock().unwrap().clone()
+    }
+
+    /// Bodies of the requests answered 2xx, by the topic level the URL carries (`/relay/{2}`).
+    fn delivered(&self) -> HashMap<String, Vec<String>> {
+        let mut by_topic: HashMap<String, Vec<String>> = HashMap::new();
+        for s in self.seen() {
+            if (200..300).contains(&s.status) {
+                let level = s.uri.split('/').nth(2).unwrap_or("").split('?').next();
+                by_topic
+                    .entry(level.unwrap_or("").to_owned())
+                    .or_default()
+                    .push(String::from_utf8_lossy(&s.body).into_owned());
+            }
+        }
+        by_topic
+    }
+}
+
+impl Drop for Device {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+async fn record(
+    axum::extract::State(state): axum::extract::State<DeviceState>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let n = state.answered.fetch_add(1, Ordering::SeqCst);
+    let script = &state.script;
+    let (status, response) = if n < script.fail_first {
+        let status = StatusCode::from_u16(script.fail_status).unwrap();
+        (status, (status, "device busy").into_response())
+    } else {
+        let status = StatusCode::from_u16(script.ok_status).unwrap();
+        let response = if status == StatusCode::NO_CONTENT {
+            status.into_response()
+        } else {
+            (status, [("content-type", script.ok_type)], script.ok_body).into_response()
+        };
+        (status, response)
+    };
+    state.seen.lock().unwrap().push(Seen {
+        method,
+        uri: uri.to_string(),
+        headers,
+        body,
+        status: status.as_u16(),
+    });
+    response
+}
+
+async fn temp(
+    axum::extract::State(state): axum::extract::State<DeviceState>,
+    headers: HeaderMap,
+) -> Response {
+    let value = *state.value.lock().unwrap();
+    let etag = format!("\"{value}\"");
+    if headers
+        .get("if-none-match")
+        .is_some_and(|v| v.to_str().unwrap() == etag)
+    {
+        state.not_modified.fetch_add(1, Ordering::SeqCst);
+        return StatusCode::NOT_MODIFIED.into_response();
+    }
+    state.answered.fetch_add(1, Ordering::SeqCst);
+    (
+        [("etag", etag.as_str()), ("content-type", "text/plain")],
+        value,
+    )
+        .into_response()
+}
+
+/// A push rule to `url` with fast retries.
+fn rule(name: &str, filter: &str, url: String) -> PushRule {
+    PushRule {
+        name: name.to_owned(),
+        filter: filter.to_owned(),
+        url,
+        method: Default::default(),
+        body: PushBody::Raw,
+        headers: Default::default(),
+        reply_topic: None,
+        dead_letter_topic: None,
+        principal: None,
+        max_attempts: 100,
+        max_age: Duration::from_secs(60),
+        timeout: Duration::from_secs(5),
+        backoff: Duration::from_millis(5),
+        max_backoff: Duration::from_millis(20),
+        max_queued: 10_000,
+        when_full: WhenFull::DropOldest,
+    }
+}
+
+fn sample(name: &str, rule: &str) -> String {
+    format!("topicgate_{name}_total{{rule=\"{rule}\"}}")
+}
+
+#[tokio::test]
+async fn push_delivers_every_message_in_order_per_topic_after_failures() {
+    let device = Device::start(Script {
+        fail_first: 5,
+        ..Script::default()
+    })
+    .await;
+    let url = format!("http://{}/relay/{{2}}?turn={{payload}}", device.addr);
+    let gw = TestGateway::start_with(|c| {
+        let mut r = rule("plugs", "plugs/+/set", url);
+        r.headers
+            .insert("X-Token".to_owned(), "k-${HOME}".to_owned());
+        c.push.push(r);
+    })
+    .await;
+    let (mqtt, _rx) = gw.mqtt_v4("pusher", &[]).await;
+    for i in 0..20 {
+        let topic = if i % 2 == 0 {
+            "plugs/a/set"
+        } else {
+            "plugs/b/set"
+        };
+        mqtt.publish(topic, qos_v4(1), false, format!("{i}"))
+            .await
+            .unwrap();
+    }
+    for i in 20..24 {
+        let resp = gw.post("/topics/plugs/c%20d/set", format!("{i}")).await;
+        assert_eq!(resp.status(), 204);
+    }
+    let delivered = eventually("every message is delivered", || async {
+        let d = device.delivered();
+        (d.values().map(Vec::len).sum::<usize>() == 24).then_some(d)
+    })
+    .await;
+    let numbers = |level: &str| -> Vec<u32> {
+        delivered[level]
+            .iter()
+            .map(|b| b.parse().unwrap())
+            .collect()
+    };
+    assert_eq!(numbers("a"), (0..20).step_by(2).collect::<Vec<_>>());
+    assert_eq!(numbers("b"), (1..20).step_by(2).collect::<Vec<_>>());
+    assert_eq!(numbers("c%20d"), vec![20, 21, 22, 23]);
+    let seen = device.seen();
+    assert!(seen.iter().take(5).all(|s| s.status == 503));
+    let ok = seen
+        .iter()
+        .find(|s| s.status == 204 && s.uri.starts_with("/relay/a"))
+        .unwrap();
+    assert_eq!(ok.method, Method::POST);
+    assert_eq!(ok.uri, "/relay/a?turn=0");
+    let home = std::env::var("HOME").unwrap();
+    assert_eq!(ok.headers["x-token"], format!("k-{home}").as_str());
+    assert_eq!(metric(&gw, &sample("push_sent", "plugs")).await, 24.0);
+    assert_eq!(metric(&gw, &sample("push_failed", "plugs")).await, 5.0);
+    assert_eq!(metric(&gw, &sample("push_retried", "plugs")).await, 5.0);
+    assert_eq!(
+        metric(&gw, "topicgate_push_queued{rule=\"plugs\"}").await,
+        0.0
+    );
+}
+
+#[tokio::test]
+async fn a_4xx_is_dead_lettered_at_once_and_a_dead_endpoint_after_max_attempts() {
+    let refusing = Device::start(Script {
+        fail_first: usize::MAX,
+        fail_status: 404,
+        ..Script::default()
+    })
+    .await;
+    let down = Device::start(Script {
+        fail_first: usize::MAX,
+        ..Script::default()
+    })
+    .await;
+    let gw = TestGateway::start_with(|c| {
+        let mut r = rule(
+            "refusing",
+            "lamps/#",
+            format!("http://{}/lamp", refusing.addr),
+        );
+        r.dead_letter_topic = Some("dead/lamps".to_owned());
+        c.push.push(r);
+        let mut r = rule("down", "fans/#", format!("http://{}/fan", down.addr));
+        r.dead_letter_topic = Some("dead/fans".to_owned());
+        r.max_attempts = 3;
+        r.body = PushBody::Envelope;
+        c.push.push(r);
+    })
+    .await;
+    let (_sub, mut dead) = gw.mqtt_v4("dead-reader", &[("dead/#", 1)]).await;
+    assert_eq!(gw.post("/topics/lamps/1", "on").await.status(), 204);
+    let letter = recv(&mut dead).await;
+    assert_eq!(letter.topic, "dead/lamps");
+    let letter: Value = serde_json::from_slice(&letter.payload).unwrap();
+    assert_eq!(letter["rule"], "refusing");
+    assert_eq!(letter["reason"], "refused");
+    assert_eq!(letter["status"], 404);
+    assert_eq!(letter["body"], "device busy");
+    assert_eq!(letter["attempts"], 1);
+    assert_eq!(letter["message"]["topic"], "lamps/1");
+    assert_eq!(letter["message"]["payload"], "on");
+    assert_eq!(refusing.seen().len(), 1, "a 404 is not retried");
+
+    assert_eq!(gw.post("/topics/fans/2", "fast").await.status(), 204);
+    let letter = recv(&mut dead).await;
+    assert_eq!(letter.topic, "dead/fans");
+    let letter: Value = serde_json::from_slice(&letter.payload).unwrap();
+    assert_eq!(letter["reason"], "max_attempts");
+    assert_eq!(letter["status"], 503);
+    assert_eq!(letter["attempts"], 3);
+    let seen = down.seen();
+    assert_eq!(seen.len(), 3);
+    // The envelope body: the message as the event streams carry it.
+    let sent: Value = serde_json::from_slice(&seen[0].body).unwrap();
+    assert_eq!(sent["topic"], "fans/2");
+    assert_eq!(sent["payload"], "fast");
+    assert_eq!(seen[0].headers["content-type"], "application/json");
+
+    assert_eq!(
+        metric(&gw, &sample("push_dead_letters", "refusing")).await,
+        1.0
+    );
+    assert_eq!(metric(&gw, &sample("push_dead_letters", "down")).await, 1.0);
+    assert_eq!(metric(&gw, &sample("push_retried", "down")).await, 2.0);
+    assert_eq!(metric(&gw, &sample("push_sent", "down")).await, 0.0);
+}
+
+#[tokio::test]
+async fn the_outbox_keeps_undelivered_messages_across_a_restart() {
+    // A port nobody listens on: the device is down.
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap()
+    };
+    let data = tempfile::tempdir().unwrap();
+    let dir = data.path().to_owned();
+    let configure = |c: &mut Config| {
+        c.data_dir = dir.clone();
+        let mut r = rule("meter", "meters/#", format!("http://{port}/in/{{2}}"));
+        r.backoff = Duration::from_millis(20);
+        r.max_backoff = Duration::from_millis(50);
+        c.push.push(r);
+    };
+    let gw = TestGateway::start_with(configure).await;
+    for i in 0..10 {
+        let topic = if i % 2 == 0 { "meters/x" } else { "meters/y" };
+        assert_eq!(
+            gw.post(&format!("/topics/{topic}"), format!("{i}"))
+                .await
+                .status(),
+            204
+        );
+    }
+    eventually("the device was tried", || async {
+        (metric(&gw, &sample("push_failed", "meter")).await >= 2.0).then_some(())
+    })
+    .await;
+    assert_eq!(
+        metric(&gw, "topicgate_push_queued{rule=\"meter\"}").await,
+        10.0
+    );
+    gw.stop().await.expect("the gateway stops cleanly");
+
+    let device = Device::start_on(port, Script::default()).await;
+    let gw = TestGateway::start_with(configure).await;
+    let delivered = eventually("every message arrives after the restart", || async {
+        let d = device.delivered();
+        (d.values().map(Vec::len).sum::<usize>() == 10).then_some(d)
+    })
+    .await;
+    assert_eq!(delivered["x"], ["0", "2", "4", "6", "8"]);
+    assert_eq!(delivered["y"], ["1", "3", "5", "7", "9"]);
+    eventually("the outbox is empty", || async {
+        (metric(&gw, "topicgate_push_queued{rule=\"meter\"}").await == 0.0).then_some(())
+    })
+    .await;
+    gw.stop().await.expect("the gateway stops cleanly");
+}
+
+#[tokio::test]
+async fn an_mqtt5_request_gets_the_device_s_answer_and_a_reply_topic_serves_3_1_1() {
+    let device = Device::start(Script {
+        ok_status: 201,
+        ok_body: "{\"relay\":\"on\"}",
+        ok_type: "application/json",
+        ..Script::default()
+    })
+    .await;
+    let gw = TestGateway::start_with(|c| {
+        let mut r = rule(
+            "plugs",
+            "plugs/+/set",
+            format!("http://{}/relay/{{2}}", device.addr),
+        );
+        r.method = topicgate::config::PushMethod::PUT;
+        r.reply_topic = Some("plugs/{2}/state".to_owned());
+        c.push.push(r);
+    })
+    .await;
+    let (caller, mut replies) = gw.mqtt_v5("caller", &[("me/replies", 1)]).await;
+    let (_v4, mut states) = gw.mqtt_v4("v4-reader", &[("plugs/+/state", 1)]).await;
+    let props = PublishProperties {
+        response_topic: Some("me/replies".to_owned()),
+        correlation_data: Some(RawBytes::from_static(b"call-42")),
+        content_type: Some("text/plain".to_owned()),
+        ..PublishProperties::default()
+    };
+    caller
+        .publish_with_properties("plugs/p7/set", qos_v5(1), false, "on", props)
+        .await
+        .unwrap();
+    let reply = recv(&mut replies).await;
+    assert_eq!(reply.topic, "me/replies");
+    assert_eq!(reply.payload, "{\"relay\":\"on\"}");
+    let props = reply.properties.expect("the reply has properties");
+    assert_eq!(props.correlation_data.as_deref(), Some(&b"call-42"[..]));
+    assert_eq!(props.content_type.as_deref(), Some("application/json"));
+    assert!(
+        props
+            .user_properties
+            .contains(&("status".to_owned(), "201".to_owned())),
+        "{:?}",
+        props.user_properties
+    );
+    let state = recv(&mut states).await;
+    assert_eq!(state.topic, "plugs/p7/state");
+    assert_eq!(state.payload, "{\"relay\":\"on\"}");
+    let seen = device.seen();
+    assert_eq!(seen[0].method, Method::PUT);
+    assert_eq!(seen[0].uri, "/relay/p7");
+    assert_eq!(seen[0].headers["content-type"], "text/plain");
+}
+
+#[tokio::test]
+async fn pull_publishes_a_value_once_while_its_etag_holds_and_again_when_it_changes() {
+    let device = Device::start(Script::default()).await;
+    let gw = TestGateway::start_with(|c| {
+        c.pull.push(PullRule {
+            name: "temp".to_owned(),
+            url: format!("http://{}/temp", device.addr),
+            interval: Duration::from_millis(20),
+            topic: "sensors/7/temp".to_owned(),
+            retain: true,
+            headers: Default::default(),
+            principal: None,
+            timeout: Duration::from_secs(5),
+            max_backoff: Duration::from_secs(1),
+        });
+    })
+    .await;
+    let (_sub, mut rx) = gw.mqtt_v4("temp-reader", &[("sensors/#", 1)]).await;
+    let first = recv(&mut rx).await;
+    assert_eq!(first.payload, "21.5");
+    // Several conditional reads later, the value was still published once.
+    eventually("the device answers 304 to conditional reads", || async {
+        (device.state.not_modified.load(Ordering::SeqCst) >= 5).then_some(())
+    })
+    .await;
+    assert_eq!(
+        metric(
+            &gw,
+            "topicgate_pull_reads_total{rule=\"temp\",outcome=\"changed\"}"
+        )
+        .await,
+        1.0
+    );
+    assert!(
+        rx.try_recv().is_err(),
+        "an unchanged value is not published again"
+    );
+    let retained = gw.get("/topics/sensors/7/temp").await;
+    assert_eq!(retained.text().await.unwrap(), "21.5");
+    *device.state.value.lock().unwrap() = "22.0";
+    let second = recv(&mut rx).await;
+    assert_eq!(second.payload, "22.0");
+    assert_eq!(metric(&gw, "topicgate_pull_up{rule=\"temp\"}").await, 1.0);
+}
