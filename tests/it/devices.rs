@@ -478,3 +478,58 @@ async fn pull_publishes_a_value_once_while_its_etag_holds_and_again_when_it_chan
     assert_eq!(second.payload, "22.0");
     assert_eq!(metric(&gw, "topicgate_pull_up{rule=\"temp\"}").await, 1.0);
 }
+
+#[tokio::test]
+async fn rules_are_listed_with_their_state_and_no_secret() {
+    let device = Device::start(Script::default()).await;
+    let gw = TestGateway::start_with(|c| {
+        let mut r = rule(
+            "plugs",
+            "plugs/#",
+            format!("http://{}/p/{{2}}", device.addr),
+        );
+        r.headers
+            .insert("Authorization".to_owned(), "Bearer ${HOME}".to_owned());
+        r.dead_letter_topic = Some("dead/plugs".to_owned());
+        c.push.push(r);
+        c.pull.push(PullRule {
+            name: "temp".to_owned(),
+            url: format!("http://{}/temp", device.addr),
+            interval: Duration::from_secs(3600),
+            topic: "sensors/temp".to_owned(),
+            retain: true,
+            headers: Default::default(),
+            principal: None,
+            timeout: Duration::from_secs(5),
+            max_backoff: Duration::from_secs(60),
+        });
+    })
+    .await;
+    assert_eq!(gw.post("/topics/plugs/1", "on").await.status(), 204);
+    let rules: Value = eventually("the push is counted", || async {
+        let rules: Value = gw.get("/rules").await.json().await.ok()?;
+        (rules["push"][0]["sent"] == 1 && rules["pull"][0]["changed"] == 1).then_some(rules)
+    })
+    .await;
+    let push = &rules["push"][0];
+    assert_eq!(push["name"], "plugs");
+    assert_eq!(push["filter"], "plugs/#");
+    assert_eq!(
+        push["url"],
+        format!("http://{}/p/{{2}}", device.addr).as_str()
+    );
+    assert_eq!(push["headers"]["authorization"], "<redacted>");
+    assert_eq!(push["dead_letter_topic"], "dead/plugs");
+    assert_eq!(push["queued"], 0);
+    assert_eq!(push["last"]["status"], 204);
+    let pull = &rules["pull"][0];
+    assert_eq!(pull["topic"], "sensors/temp");
+    assert_eq!(pull["last"]["status"], 200);
+    let text = gw.get("/rules").await.text().await.unwrap();
+    let home = std::env::var("HOME").unwrap();
+    assert!(!text.contains(&format!("Bearer {home}")), "{text}");
+    // Documented in the OpenAPI document.
+    let doc: Value = gw.get("/openapi.json").await.json().await.unwrap();
+    assert!(doc["paths"]["/rules"]["get"].is_object());
+    assert!(doc["components"]["schemas"]["RulesReport"].is_object());
+}
