@@ -39,6 +39,8 @@ struct Script {
     ok_status: u16,
     ok_body: &'static str,
     ok_type: &'static str,
+    /// Never answer.
+    hang: bool,
 }
 
 impl Default for Script {
@@ -49,6 +51,7 @@ impl Default for Script {
             ok_status: 204,
             ok_body: "",
             ok_type: "text/plain",
+            hang: false,
         }
     }
 }
@@ -128,8 +131,11 @@ async fn record(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    let n = state.answered.fetch_add(1, Ordering::SeqCst);
     let script = &state.script;
+    if script.hang {
+        std::future::pending::<()>().await;
+    }
+    let n = state.answered.fetch_add(1, Ordering::SeqCst);
     let (status, response) = if n < script.fail_first {
         let status = StatusCode::from_u16(script.fail_status).unwrap();
         (status, (status, "device busy").into_response())
@@ -532,4 +538,152 @@ async fn rules_are_listed_with_their_state_and_no_secret() {
     let doc: Value = gw.get("/openapi.json").await.json().await.unwrap();
     assert!(doc["paths"]["/rules"]["get"].is_object());
     assert!(doc["components"]["schemas"]["RulesReport"].is_object());
+}
+
+#[tokio::test]
+async fn a_hanging_endpoint_holds_up_neither_another_rule_nor_the_broker() {
+    let hanging = Device::start(Script {
+        hang: true,
+        ..Script::default()
+    })
+    .await;
+    let device = Device::start(Script::default()).await;
+    let gw = TestGateway::start_with(|c| {
+        c.push
+            .push(rule("stuck", "x/#", format!("http://{}/x", hanging.addr)));
+        c.push.push(rule(
+            "fine",
+            "y/#",
+            format!("http://{}/y/{{2}}", device.addr),
+        ));
+    })
+    .await;
+    let (_sub, mut rx) = gw.mqtt_v4("watcher", &[("x/#", 1)]).await;
+    for i in 0..5 {
+        assert_eq!(gw.post("/topics/x/1", format!("{i}")).await.status(), 204);
+        assert_eq!(gw.post("/topics/y/1", format!("{i}")).await.status(), 204);
+        assert_eq!(recv(&mut rx).await.payload, format!("{i}").as_str());
+    }
+    eventually("the other rule delivers", || async {
+        (device.delivered().get("1").map(Vec::len) == Some(5)).then_some(())
+    })
+    .await;
+    assert_eq!(
+        metric(&gw, "topicgate_push_queued{rule=\"stuck\"}").await,
+        5.0
+    );
+}
+
+/// The binary with a config file, killed when dropped.
+struct Process(std::process::Child);
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn free_port() -> SocketAddr {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap()
+}
+
+async fn spawn_gateway(config: &std::path::Path, http: SocketAddr) -> Process {
+    let child = std::process::Command::new(env!("CARGO_BIN_EXE_topicgate"))
+        .arg("--config")
+        .arg(config)
+        .args(["--http-addr", &http.to_string()])
+        .args(["--mqtt-addr", "127.0.0.1:0", "--coap-addr", "127.0.0.1:0"])
+        .env_remove("RUST_LOG")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let process = Process(child);
+    let client = reqwest::Client::new();
+    eventually("the gateway is ready", || async {
+        let r = client
+            .get(format!("http://{http}/readyz"))
+            .send()
+            .await
+            .ok()?;
+        (r.status() == 200).then_some(())
+    })
+    .await;
+    process
+}
+
+#[tokio::test]
+async fn nothing_accepted_is_lost_when_the_gateway_is_killed() {
+    let device_addr = free_port();
+    let data = tempfile::tempdir().unwrap();
+    let config = data.path().join("topicgate.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "data_dir = {:?}\n[[push]]\nname = \"meter\"\nfilter = \"meters/+\"\n\
+             url = \"http://{device_addr}/in/{{2}}\"\nbackoff = \"20ms\"\nmax_backoff = \"50ms\"\n",
+            data.path().join("data")
+        ),
+    )
+    .unwrap();
+    let http = free_port();
+    let gateway = spawn_gateway(&config, http).await;
+    let client = reqwest::Client::new();
+    for i in 0..20 {
+        let topic = if i % 2 == 0 { "meters/x" } else { "meters/y" };
+        let resp = client
+            .post(format!("http://{http}/topics/{topic}"))
+            .body(format!("{i}"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 204);
+    }
+    // SIGKILL: no shutdown, no flush.
+    drop(gateway);
+    let device = Device::start_on(device_addr, Script::default()).await;
+    let _gateway = spawn_gateway(&config, free_port()).await;
+    let delivered = eventually("every accepted message arrives", || async {
+        let d = device.delivered();
+        (d.values().map(Vec::len).sum::<usize>() >= 20).then_some(d)
+    })
+    .await;
+    let expect =
+        |from: u32| -> Vec<String> { (from..20).step_by(2).map(|i| i.to_string()).collect() };
+    // The device was down before the kill: nothing was in flight, so nothing comes twice.
+    assert_eq!(delivered["x"], expect(0));
+    assert_eq!(delivered["y"], expect(1));
+}
+
+#[tokio::test]
+async fn an_unreachable_pulled_device_shows_in_the_metrics_and_rules() {
+    let down = free_port();
+    let gw = TestGateway::start_with(|c| {
+        c.pull.push(PullRule {
+            name: "gone".to_owned(),
+            url: format!("http://{down}/temp"),
+            interval: Duration::from_millis(10),
+            topic: "sensors/gone".to_owned(),
+            retain: true,
+            headers: Default::default(),
+            principal: None,
+            timeout: Duration::from_secs(1),
+            max_backoff: Duration::from_millis(40),
+        });
+    })
+    .await;
+    eventually("failed reads are counted", || async {
+        let failed = metric(
+            &gw,
+            "topicgate_pull_reads_total{rule=\"gone\",outcome=\"failed\"}",
+        );
+        (failed.await >= 3.0).then_some(())
+    })
+    .await;
+    assert_eq!(metric(&gw, "topicgate_pull_up{rule=\"gone\"}").await, 0.0);
+    let rules: Value = gw.get("/rules").await.json().await.unwrap();
+    assert!(rules["pull"][0]["last"]["error"].is_string(), "{rules}");
+    assert_eq!(gw.get("/topics/sensors/gone").await.status(), 404);
 }
