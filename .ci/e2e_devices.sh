@@ -1,0 +1,189 @@
+#!/usr/bin/env bash
+# End-to-end checks of push and pull rules with the clients people use: a small HTTP device
+# (a python3 http.server subclass) receives what mosquitto_pub publishes, fails at first, answers
+# back to mosquitto_sub and mosquitto_rr, refuses some with 404 (dead letters), and serves a
+# value with an ETag that a pull rule publishes once while unchanged. Prints one "ok"/"not ok"
+# line per check and a summary line.
+#
+#   TOPICGATE_BIN   binary to test (default target/release/topicgate)
+#   E2E_TIMEOUT     seconds any single wait may take (default 15)
+set -euo pipefail
+
+BIN=${TOPICGATE_BIN:-target/release/topicgate}
+TIMEOUT=${E2E_TIMEOUT:-15}
+CI_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+
+# shellcheck source=lib.sh
+source "$CI_DIR/lib.sh"
+prepare "e2e_devices" curl mosquitto_pub mosquitto_sub mosquitto_rr python3 timeout
+
+mapfile -t PORTS < <(free_ports 4)
+HTTP_PORT=${PORTS[0]}
+MQTT_PORT=${PORTS[1]}
+COAP_PORT=${PORTS[2]}
+DEVICE_PORT=${PORTS[3]}
+BASE="http://127.0.0.1:$HTTP_PORT"
+DEVICE="http://127.0.0.1:$DEVICE_PORT"
+
+# The device: PUT /relay/<id>?turn=<v> is logged and answered with the relay's state, after two
+# 503s; /relay/bad is 404; GET /temp serves a value with an ETag (304 to If-None-Match), and
+# POST /temp sets it. It checks the bearer token the gateway read from the environment.
+cat >"$WORK/device.py" <<'PY'
+import http.server, sys, threading
+
+log_path, token = sys.argv[2], sys.argv[3]
+state = {"failures": 0, "temp": b"21.5", "not_modified": 0}
+lock = threading.Lock()
+
+class Device(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def answer(self, status, body=b"", ctype="text/plain", extra=()):
+        self.send_response(status)
+        self.send_header("content-type", ctype)
+        self.send_header("content-length", str(len(body)))
+        for k, v in extra:
+            self.send_header(k, v)
+        self.end_headers()
+        self.wfile.write(body)
+
+    def do_PUT(self):
+        body = self.rfile.read(int(self.headers.get("content-length", 0)))
+        if self.headers.get("authorization") != "Bearer " + token:
+            return self.answer(401, b"who are you")
+        if self.path.startswith("/relay/bad"):
+            return self.answer(404, b"no such relay")
+        with lock:
+            if state["failures"] < 2:
+                state["failures"] += 1
+                return self.answer(503, b"warming up", extra=[("retry-after", "0")])
+            with open(log_path, "a") as f:
+                f.write(f"{self.command} {self.path} {body.decode()}\n")
+        self.answer(200, b'{"relay":"' + self.path.split("turn=")[-1].encode() + b'"}', "application/json")
+
+    def do_GET(self):
+        etag = '"' + state["temp"].decode() + '"'
+        if self.headers.get("if-none-match") == etag:
+            state["not_modified"] += 1
+            return self.answer(304)
+        self.answer(200, state["temp"], extra=[("etag", etag)])
+
+    def do_POST(self):
+        body = self.rfile.read(int(self.headers.get("content-length", 0)))
+        if self.path == "/temp":
+            state["temp"] = body
+            return self.answer(204)
+        if self.path == "/stats":
+            return self.answer(200, str(state["not_modified"]).encode())
+        self.answer(404)
+
+    def log_message(self, *args):
+        pass
+
+http.server.ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])), Device).serve_forever()
+PY
+export E2E_PLUG_TOKEN=plug-token-from-the-environment
+python3 -u "$WORK/device.py" "$DEVICE_PORT" "$WORK/device.log" "$E2E_PLUG_TOKEN" \
+    >"$WORK/device.out" 2>&1 &
+BG_PIDS+=($!)
+touch "$WORK/device.log"
+device_up() { curl -s -o /dev/null --max-time 1 "$DEVICE/temp"; }
+wait_until device_up || { echo "e2e_devices: the device did not start" >&2; cat "$WORK/device.out" >&2; exit 1; }
+
+cat >"$WORK/topicgate.toml" <<TOML
+[[push]]
+name = "plugs"
+filter = "plugs/+/set"
+url = "$DEVICE/relay/{2}?turn={payload}"
+method = "PUT"
+headers = { Authorization = "Bearer \${E2E_PLUG_TOKEN}" }
+reply_topic = "plugs/{2}/state"
+dead_letter_topic = "plugs/dead"
+backoff = "50ms"
+max_backoff = "200ms"
+
+[[pull]]
+name = "temp"
+url = "$DEVICE/temp"
+interval = "100ms"
+topic = "sensors/temp"
+TOML
+
+start_gateway --config "$WORK/topicgate.toml" --http-addr "127.0.0.1:$HTTP_PORT" \
+    --mqtt-addr "127.0.0.1:$MQTT_PORT" --coap-addr "127.0.0.1:$COAP_PORT" --data-dir "$WORK/data"
+
+start_sub "$WORK/sub.out" probe/devices -v -t 'plugs/+/state' -t plugs/dead -t sensors/temp
+wait_subscribed "$WORK/sub.out" probe/devices
+
+# --- push ----------------------------------------------------------------------------------------
+
+name='mosquitto_pub to plugs/p1/set: every message reaches the device in order, after two 503s'
+for v in 0 1 2 3 4; do mpub -t plugs/p1/set -m "on$v"; done
+five_logged() { (($(wc -l <"$WORK/device.log") >= 5)); }
+wait_until five_logged || true
+expected=$(for v in 0 1 2 3 4; do echo "PUT /relay/p1?turn=on$v on$v"; done)
+if [[ $(cat "$WORK/device.log") == "$expected" ]]; then
+    ok "$name"
+else
+    not_ok "$name" "device log: $(show "$(cat "$WORK/device.log")")"
+fi
+
+name='mosquitto_sub sees the device answers on the reply_topic plugs/p1/state'
+answered() { grep -qxF 'plugs/p1/state {"relay":"on4"}' "$WORK/sub.out"; }
+if wait_until answered; then
+    ok "$name"
+else
+    not_ok "$name" "subscriber saw: $(show "$(cat "$WORK/sub.out")")"
+fi
+
+name='a 404 becomes a dead letter: mosquitto_sub sees it with the status and body'
+mpub -t plugs/bad/set -m on
+dead() { grep -q '^plugs/dead .*"reason":"refused".*"status":404.*"body":"no such relay"' "$WORK/sub.out"; }
+if wait_until dead; then
+    ok "$name"
+else
+    not_ok "$name" "subscriber saw: $(show "$(cat "$WORK/sub.out")")"
+fi
+
+name='mosquitto_rr (MQTT 5) gets the device answer on its Response Topic'
+out=$(timeout "$TIMEOUT" mosquitto_rr -h 127.0.0.1 -p "$MQTT_PORT" -t plugs/p2/set \
+    -e rr/replies/e2e -m off -W "$TIMEOUT" 2>&1) || true
+if [[ $out == '{"relay":"off"}' ]]; then
+    ok "$name"
+else
+    not_ok "$name" "got: $(show "$out")"
+fi
+
+name='GET /rules counts the deliveries and redacts the token'
+http "$BASE/rules"
+if [[ $STATUS == 200 && $(body) == *'"authorization":"<redacted>"'* &&
+    $(body) == *'"dead_letters":1'* && $(body) != *"$E2E_PLUG_TOKEN"* ]]; then
+    ok "$name"
+else
+    not_ok "$name" "got: $STATUS $(show "$(body)")"
+fi
+
+# --- pull ----------------------------------------------------------------------------------------
+
+not_modified() { curl -s -X POST "$DEVICE/stats"; }
+name='pull with ETag: mosquitto_sub sees 21.5 once while the device answers 304'
+many_304() { (($(not_modified) >= 5)); }
+wait_until many_304 || true
+if [[ $(grep -c '^sensors/temp ' "$WORK/sub.out") == 1 ]] &&
+    file_has_line "$WORK/sub.out" "sensors/temp 21.5" && (($(not_modified) >= 5)); then
+    ok "$name"
+else
+    not_ok "$name" "304s: $(not_modified); subscriber saw: $(show "$(cat "$WORK/sub.out")")"
+fi
+
+name='pull: a changed value is published again and retained'
+curl -s -X POST -d 22.0 "$DEVICE/temp" >/dev/null
+changed() { file_has_line "$WORK/sub.out" "sensors/temp 22.0"; }
+if wait_until changed && get_equals sensors/temp 200 22.0; then
+    ok "$name"
+else
+    not_ok "$name" "subscriber saw: $(show "$(cat "$WORK/sub.out")")"
+fi
+
+echo "e2e_devices: $PASSED passed, $FAILED failed"
+((FAILED == 0))
