@@ -435,7 +435,8 @@ pub struct PushRule {
     pub name: String,
     /// The topic filter whose messages are pushed.
     pub filter: String,
-    /// The endpoint; `{1}`, `{2}`… (topic levels) and `{payload}` fill its path and query.
+    /// The endpoint (`http`, `https` or `coap`); `{1}`, `{2}`… (topic levels) and `{payload}`
+    /// fill its path and query.
     pub url: String,
     /// `POST` or `PUT`.
     #[serde(default)]
@@ -540,7 +541,8 @@ mod push_defaults {
     }
 }
 
-/// `[[pull]]`: a device resource read on an interval and published to `topic` when it changes.
+/// `[[pull]]`: a device resource (HTTP, or CoAP read or observed) published to `topic` when it
+/// changes.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PullRule {
@@ -548,9 +550,14 @@ pub struct PullRule {
     pub name: String,
     /// The resource to GET.
     pub url: String,
-    /// Time between reads.
+    /// Time between reads (with `observe`: before registering again with a device that
+    /// does not support Observe).
     #[serde(default = "push_defaults::interval", with = "humantime_serde")]
     pub interval: Duration,
+    /// `coap://` only: register with CoAP Observe (RFC 7641) instead of reading on the
+    /// interval, and register again when notifications stop.
+    #[serde(default)]
+    pub observe: bool,
     /// Where a new value is published.
     pub topic: String,
     /// Whether it is published retained.

@@ -68,6 +68,8 @@ pub struct PullReport {
     pub topic: String,
     /// Time between reads (`30s`).
     pub interval: String,
+    /// Whether the resource is observed (CoAP Observe) rather than read on the interval.
+    pub observe: bool,
     /// Whether values are published retained.
     pub retain: bool,
     /// Header names, each value shown as `<redacted>`.

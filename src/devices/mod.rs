@@ -1,7 +1,8 @@
-//! Devices that only serve: `[[push]]` rules send matching messages to HTTP endpoints through
-//! a durable outbox, `[[pull]]` rules read HTTP resources into topics. Rules are checked at
-//! startup; each runs on a task of its own.
+//! Devices that only serve: `[[push]]` rules send matching messages to HTTP and CoAP endpoints
+//! through a durable outbox, `[[pull]]` rules read or observe device resources into topics.
+//! Rules are checked at startup; each runs on a task of its own.
 
+mod coap;
 mod outbox;
 mod pull;
 mod push;
@@ -21,11 +22,12 @@ use crate::policy::{Action, Policy, Principal};
 pub use outbox::OutboxError;
 pub use template::TemplateError;
 
+use self::coap::Transmission;
 use self::outbox::{Bound, Outbox};
 use self::template::{TopicTemplate, UrlTemplate, resolve_headers};
 
 /// URL schemes a rule may call.
-const SCHEMES: &[&str] = &["http", "https"];
+const SCHEMES: &[&str] = &["http", "https", "coap"];
 
 /// Why the rules cannot run.
 #[derive(Debug, thiserror::Error)]
@@ -66,6 +68,10 @@ impl Devices {
     /// Checks every rule against the config and the ACL, and opens the outbox under the data
     /// dir with what an earlier run left in it.
     pub fn open(config: &Config, policy: &Policy, metrics: &Metrics) -> Result<Self, DevicesError> {
+        let transmission = Transmission {
+            ack_timeout: config.coap.ack_timeout,
+            max_retransmit: config.coap.max_retransmit,
+        };
         let mut names = std::collections::HashSet::new();
         let mut push = Vec::new();
         for (i, rule) in config.push.iter().enumerate() {
@@ -77,7 +83,9 @@ impl Devices {
             if !names.insert(rule.name.clone()) {
                 return Err(fail("another rule has this name".to_owned()));
             }
-            push.push(Arc::new(push_rule(rule, policy).map_err(fail)?));
+            push.push(Arc::new(
+                push_rule(rule, policy, transmission).map_err(fail)?,
+            ));
         }
         // A dead letter a rule would push again would go round for ever.
         for rule in &push {
@@ -104,7 +112,9 @@ impl Devices {
             if !names.insert(rule.name.clone()) {
                 return Err(fail("another rule has this name".to_owned()));
             }
-            pull.push(Arc::new(pull_rule(rule, policy).map_err(fail)?));
+            pull.push(Arc::new(
+                pull_rule(rule, policy, transmission).map_err(fail)?,
+            ));
         }
         let lanes = config
             .push
@@ -219,10 +229,17 @@ fn env_var(name: &str) -> Option<String> {
     std::env::var(name).ok()
 }
 
-fn push_rule(c: &PushConfig, policy: &Policy) -> Result<push::PushRule, String> {
+fn push_rule(
+    c: &PushConfig,
+    policy: &Policy,
+    transmission: Transmission,
+) -> Result<push::PushRule, String> {
     check_name(&c.name)?;
     let filter = TopicFilter::parse(&c.filter).map_err(|e| format!("`filter` {e}"))?;
     let url = UrlTemplate::parse(&c.url, SCHEMES).map_err(|e| e.to_string())?;
+    if c.url.starts_with("coap:") && !c.headers.is_empty() {
+        return Err("`headers` are HTTP's: a coap:// endpoint takes none".to_owned());
+    }
     let headers = resolve_headers(&c.headers, env_var).map_err(|e| e.to_string())?;
     let reply_topic = c
         .reply_topic
@@ -293,11 +310,16 @@ fn push_rule(c: &PushConfig, policy: &Policy) -> Result<push::PushRule, String> 
         timeout: c.timeout,
         backoff: c.backoff,
         max_backoff: c.max_backoff,
+        transmission,
         last: Mutex::new(None),
     })
 }
 
-fn pull_rule(c: &PullConfig, policy: &Policy) -> Result<pull::PullRule, String> {
+fn pull_rule(
+    c: &PullConfig,
+    policy: &Policy,
+    transmission: Transmission,
+) -> Result<pull::PullRule, String> {
     check_name(&c.name)?;
     let template = UrlTemplate::parse(&c.url, SCHEMES).map_err(|e| e.to_string())?;
     let url = reqwest::Url::parse(&c.url)
@@ -305,6 +327,13 @@ fn pull_rule(c: &PullConfig, policy: &Policy) -> Result<pull::PullRule, String> 
         .filter(|_| template.max_level() == 0 && !c.url.contains('{'))
         .ok_or_else(|| format!("`url` {:?} takes no placeholders", c.url))?;
     let topic = Topic::parse(&c.topic).map_err(|e| format!("`topic` {e}"))?;
+    let coap = url.scheme() == "coap";
+    if c.observe && !coap {
+        return Err("`observe` needs a coap:// URL".to_owned());
+    }
+    if coap && !c.headers.is_empty() {
+        return Err("`headers` are HTTP's: a coap:// resource takes none".to_owned());
+    }
     let headers = resolve_headers(&c.headers, env_var).map_err(|e| e.to_string())?;
     let who = principal(c.principal.as_deref());
     policy
@@ -317,12 +346,14 @@ fn pull_rule(c: &PullConfig, policy: &Policy) -> Result<pull::PullRule, String> 
         name: Arc::from(c.name.as_str()),
         url,
         interval: c.interval,
+        observe: c.observe,
         topic,
         retain: c.retain,
         headers,
         principal: who,
         timeout: c.timeout,
         max_backoff: c.max_backoff,
+        transmission,
         last: Mutex::new(None),
     })
 }
@@ -345,6 +376,7 @@ fn check_name(name: &str) -> Result<(), String> {
 mod tests {
     use super::*;
     use crate::config::DEFAULT_TOML;
+    use std::time::Duration;
 
     /// The commented block of the documented config that starts with the line `start`.
     fn example(start: &str) -> String {
@@ -372,7 +404,11 @@ mod tests {
         open.push[0].headers.clear();
         open.pull[0].headers.clear();
         let policy = Policy::open();
-        push_rule(&open.push[0], &policy).unwrap();
-        pull_rule(&open.pull[0], &policy).unwrap();
+        let transmission = Transmission {
+            ack_timeout: Duration::from_secs(2),
+            max_retransmit: 4,
+        };
+        push_rule(&open.push[0], &policy, transmission).unwrap();
+        pull_rule(&open.pull[0], &policy, transmission).unwrap();
     }
 }

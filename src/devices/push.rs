@@ -13,6 +13,7 @@ use reqwest::header::{CONTENT_TYPE, HeaderMap, HeaderName, HeaderValue, RETRY_AF
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
+use super::coap::{Body, CoapSocket, Transmission};
 use super::outbox::{Entry, Lane, Outbox};
 use super::template::{TopicTemplate, UrlTemplate};
 use crate::bridge::{
@@ -39,6 +40,8 @@ pub(crate) struct PushRule {
     pub(crate) timeout: Duration,
     pub(crate) backoff: Duration,
     pub(crate) max_backoff: Duration,
+    /// The CoAP retransmission parameters, for `coap://` endpoints.
+    pub(crate) transmission: Transmission,
     /// The last attempt's outcome, for `/rules`.
     pub(crate) last: Mutex<Option<LastAttempt>>,
 }
@@ -199,6 +202,9 @@ impl Worker {
     async fn send(&self, message: &Message) -> Result<Answer, String> {
         let rule = &self.rule;
         let url = rule.url.fill(message).map_err(|e| e.to_string())?;
+        if url.scheme() == "coap" {
+            return self.send_coap(message, &url).await;
+        }
         let mut request = self
             .client
             .request(rule.method.clone(), url)
@@ -263,6 +269,49 @@ impl Worker {
             body: Bytes::from(body),
             content_type,
             retry_after,
+        })
+    }
+
+    /// One confirmable CoAP request and its response (piggybacked or separate), resent on the
+    /// RFC 7252 schedule within the rule's `timeout`.
+    async fn send_coap(&self, message: &Message, url: &reqwest::Url) -> Result<Answer, String> {
+        let rule = &self.rule;
+        let method = match rule.method {
+            reqwest::Method::PUT => coap_lite::RequestType::Put,
+            _ => coap_lite::RequestType::Post,
+        };
+        let envelope;
+        let body = match rule.body {
+            PushBody::Raw => Body {
+                payload: &message.payload,
+                content_type: message.content_type.as_deref(),
+                ..Body::default()
+            },
+            PushBody::Envelope => {
+                envelope = message.envelope_json(SystemTime::now());
+                Body {
+                    payload: envelope.as_bytes(),
+                    content_type: Some("application/json"),
+                    ..Body::default()
+                }
+            }
+        };
+        let deadline = tokio::time::Instant::now() + rule.timeout;
+        let mut socket = CoapSocket::connect(url, rule.transmission).await?;
+        let a = socket
+            .call(method, url, &body, &super::coap::token(), deadline)
+            .await?;
+        let mut payload = a.payload;
+        payload.truncate(self.bridge.max_payload());
+        Ok(Answer {
+            // 4.29 and 5.03 say with Max-Age when to come back (RFC 8516, RFC 7252 §5.9.3.4).
+            retry_after: matches!(a.status, 429 | 503)
+                .then_some(a.max_age)
+                .flatten()
+                .map(|s| Duration::from_secs(u64::from(s))),
+            status: a.status,
+            body: payload,
+            content_type: a.content_type,
         })
     }
 

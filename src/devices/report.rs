@@ -74,6 +74,7 @@ pub(crate) fn report(
                 url: rule.url.to_string(),
                 topic: rule.topic.to_string(),
                 interval: humantime::format_duration(rule.interval).to_string(),
+                observe: rule.observe,
                 retain: rule.retain,
                 headers: redacted(rule.headers.keys().map(|k| k.as_str())),
                 principal: rule.principal.to_string(),

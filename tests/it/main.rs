@@ -6,6 +6,7 @@ mod coap;
 mod coap_client;
 mod coap_observe;
 mod devices;
+mod devices_coap;
 mod durable;
 mod errors;
 mod http_mqtt;
