@@ -2,8 +2,10 @@
 # End-to-end checks of push and pull rules with the clients people use: a small HTTP device
 # (a python3 http.server subclass) receives what mosquitto_pub publishes, fails at first, answers
 # back to mosquitto_sub and mosquitto_rr, refuses some with 404 (dead letters), and serves a
-# value with an ETag that a pull rule publishes once while unchanged. Prints one "ok"/"not ok"
-# line per check and a summary line.
+# value with an ETag that a pull rule publishes once while unchanged; libcoap's
+# coap-server-notls takes a CoAP push (read back with coap-client-notls) and has its observable
+# `time` resource observed into a topic. Prints one "ok"/"not ok" line per check and a summary
+# line.
 #
 #   TOPICGATE_BIN   binary to test (default target/release/topicgate)
 #   E2E_TIMEOUT     seconds any single wait may take (default 15)
@@ -15,13 +17,15 @@ CI_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 
 # shellcheck source=lib.sh
 source "$CI_DIR/lib.sh"
-prepare "e2e_devices" curl mosquitto_pub mosquitto_sub mosquitto_rr python3 timeout
+prepare "e2e_devices" curl mosquitto_pub mosquitto_sub mosquitto_rr python3 timeout \
+    coap-server-notls coap-client-notls
 
-mapfile -t PORTS < <(free_ports 4)
+mapfile -t PORTS < <(free_ports 5)
 HTTP_PORT=${PORTS[0]}
 MQTT_PORT=${PORTS[1]}
 COAP_PORT=${PORTS[2]}
 DEVICE_PORT=${PORTS[3]}
+COAP_DEVICE_PORT=${PORTS[4]}
 BASE="http://127.0.0.1:$HTTP_PORT"
 DEVICE="http://127.0.0.1:$DEVICE_PORT"
 
@@ -90,6 +94,13 @@ touch "$WORK/device.log"
 device_up() { curl -s -o /dev/null --max-time 1 "$DEVICE/temp"; }
 wait_until device_up || { echo "e2e_devices: the device did not start" >&2; cat "$WORK/device.out" >&2; exit 1; }
 
+coap-server-notls -A 127.0.0.1 -p "$COAP_DEVICE_PORT" >"$WORK/coap-server.out" 2>&1 &
+BG_PIDS+=($!)
+coap_device_up() {
+    [[ $(timeout 2 coap-client-notls -B 1 -m get "coap://127.0.0.1:$COAP_DEVICE_PORT/" 2>/dev/null) != "" ]]
+}
+wait_until coap_device_up || { echo "e2e_devices: coap-server-notls did not start" >&2; exit 1; }
+
 cat >"$WORK/topicgate.toml" <<TOML
 [[push]]
 name = "plugs"
@@ -107,12 +118,26 @@ name = "temp"
 url = "$DEVICE/temp"
 interval = "100ms"
 topic = "sensors/temp"
+
+[[push]]
+name = "coap-data"
+filter = "coap/data"
+url = "coap://127.0.0.1:$COAP_DEVICE_PORT/example_data"
+method = "PUT"
+
+[[pull]]
+name = "clock"
+url = "coap://127.0.0.1:$COAP_DEVICE_PORT/time"
+observe = true
+topic = "sensors/clock"
+retain = false
 TOML
 
 start_gateway --config "$WORK/topicgate.toml" --http-addr "127.0.0.1:$HTTP_PORT" \
     --mqtt-addr "127.0.0.1:$MQTT_PORT" --coap-addr "127.0.0.1:$COAP_PORT" --data-dir "$WORK/data"
 
-start_sub "$WORK/sub.out" probe/devices -v -t 'plugs/+/state' -t plugs/dead -t sensors/temp
+start_sub "$WORK/sub.out" probe/devices -v -t 'plugs/+/state' -t plugs/dead -t sensors/temp \
+    -t sensors/clock
 wait_subscribed "$WORK/sub.out" probe/devices
 
 # --- push ----------------------------------------------------------------------------------------
@@ -180,6 +205,27 @@ name='pull: a changed value is published again and retained'
 curl -s -X POST -d 22.0 "$DEVICE/temp" >/dev/null
 changed() { file_has_line "$WORK/sub.out" "sensors/temp 22.0"; }
 if wait_until changed && get_equals sensors/temp 200 22.0; then
+    ok "$name"
+else
+    not_ok "$name" "subscriber saw: $(show "$(cat "$WORK/sub.out")")"
+fi
+
+# --- CoAP ---------------------------------------------------------------------------------------
+
+name='mosquitto_pub to coap/data: a confirmable PUT that coap-client-notls reads back'
+mpub -t coap/data -m hello-coap
+coap_stored() {
+    [[ $(timeout 2 coap-client-notls -B 1 -m get "coap://127.0.0.1:$COAP_DEVICE_PORT/example_data" 2>/dev/null) == hello-coap ]]
+}
+if wait_until coap_stored; then
+    ok "$name"
+else
+    not_ok "$name" "coap-server has: $(show "$(coap-client-notls -B 1 -m get "coap://127.0.0.1:$COAP_DEVICE_PORT/example_data" 2>&1)")"
+fi
+
+name='observing coap-server-notls /time: mosquitto_sub sees a new value per notification'
+two_ticks() { (($(grep -c '^sensors/clock ' "$WORK/sub.out") >= 2)); }
+if wait_until two_ticks && [[ $(grep '^sensors/clock ' "$WORK/sub.out" | sort -u | wc -l) -ge 2 ]]; then
     ok "$name"
 else
     not_ok "$name" "subscriber saw: $(show "$(cat "$WORK/sub.out")")"
