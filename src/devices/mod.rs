@@ -6,7 +6,9 @@ mod coap;
 mod outbox;
 mod pull;
 mod push;
+mod record;
 mod report;
+mod retry;
 mod template;
 
 use std::sync::{Arc, Mutex};

@@ -7,16 +7,15 @@ use std::collections::{HashMap, VecDeque};
 use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::SystemTime;
 
-use bytes::Bytes;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
 use redb::{Database, DatabaseError, ReadableDatabase, ReadableTable, TableDefinition};
-use serde::{Deserialize, Serialize};
 use tokio::sync::{Notify, oneshot};
 
-use crate::bridge::{Durable, Message, Origin, Qos, Topic, TopicFilter};
+use super::record::{decode, encode};
+use crate::bridge::{Durable, Message, TopicFilter};
 use crate::config::WhenFull;
 use crate::policy::Readable;
 
@@ -25,8 +24,6 @@ const TABLE: TableDefinition<'_, (&str, u64), &[u8]> = TableDefinition::new("out
 const FILE: &str = "outbox.redb";
 /// Page cache of the database file: the queues hold every waiting message in memory.
 const CACHE: usize = 4 * 1024 * 1024;
-/// Format of a stored value: this byte, then the postcard encoding of [`Record`].
-const VERSION: u8 = 1;
 /// Most operations committed in one transaction.
 const BATCH: usize = 4096;
 
@@ -374,81 +371,11 @@ fn load(db: &Database) -> Result<HashMap<String, Vec<Entry>>, String> {
     Ok(rules)
 }
 
-/// A message as the outbox stores it.
-#[derive(Serialize, Deserialize)]
-struct Record {
-    topic: String,
-    payload: Vec<u8>,
-    content_type: Option<String>,
-    user_properties: Vec<(String, String)>,
-    response_topic: Option<String>,
-    correlation_data: Option<Vec<u8>>,
-    qos: u8,
-    retain: bool,
-    expires_at_ms: Option<u64>,
-    updated_at_ms: u64,
-    taken_at_ms: u64,
-}
-
-fn millis(t: SystemTime) -> u64 {
-    t.duration_since(UNIX_EPOCH)
-        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-}
-
-fn time(ms: u64) -> SystemTime {
-    UNIX_EPOCH + Duration::from_millis(ms)
-}
-
-fn encode(entry: &Entry) -> Vec<u8> {
-    let m = &entry.message;
-    let record = Record {
-        topic: m.topic.to_string(),
-        payload: m.payload.to_vec(),
-        content_type: m.content_type.clone(),
-        user_properties: m.user_properties.clone(),
-        response_topic: m.response_topic.clone(),
-        correlation_data: m.correlation_data.as_ref().map(|d| d.to_vec()),
-        qos: m.qos.level(),
-        retain: m.retain,
-        expires_at_ms: m.expires_at.map(millis),
-        updated_at_ms: millis(m.updated_at),
-        taken_at_ms: millis(entry.taken_at),
-    };
-    let mut out = vec![VERSION];
-    // why: postcard into a Vec fails only on allocation failure, which aborts anyway.
-    out.extend(postcard::to_allocvec(&record).expect("a record encodes"));
-    out
-}
-
-fn decode(seq: u64, bytes: &[u8]) -> Option<Entry> {
-    let (&version, rest) = bytes.split_first()?;
-    if version != VERSION {
-        return None;
-    }
-    let r: Record = postcard::from_bytes(rest).ok()?;
-    let message = Message {
-        topic: Topic::parse_any(&r.topic).ok()?,
-        payload: Bytes::from(r.payload),
-        content_type: r.content_type,
-        user_properties: r.user_properties,
-        response_topic: r.response_topic,
-        correlation_data: r.correlation_data.map(Bytes::from),
-        qos: Qos::new(r.qos).unwrap_or_default(),
-        retain: r.retain,
-        expires_at: r.expires_at_ms.map(time),
-        updated_at: time(r.updated_at_ms),
-        origin: Origin::Mqtt,
-    };
-    Some(Entry {
-        seq,
-        message: Arc::new(message),
-        taken_at: time(r.taken_at_ms),
-    })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::bridge::{Origin, Topic};
+    use bytes::Bytes;
 
     fn bound(max_queued: usize, when_full: WhenFull) -> Bound {
         Bound {
