@@ -54,6 +54,8 @@ struct Answer {
     body: Bytes,
     content_type: Option<String>,
     retry_after: Option<Duration>,
+    /// `mqtt-user-NAME` headers of an HTTP answer, as the HTTP API takes them in.
+    user_properties: Vec<(String, String)>,
 }
 
 /// How a message left the outbox.
@@ -252,6 +254,14 @@ impl Worker {
             .get(RETRY_AFTER)
             .and_then(|v| v.to_str().ok())
             .and_then(parse_retry_after);
+        let user_properties = response
+            .headers()
+            .iter()
+            .filter_map(|(name, value)| {
+                let name = name.as_str().strip_prefix("mqtt-user-")?;
+                Some((name.to_owned(), value.to_str().ok()?.to_owned()))
+            })
+            .collect();
         let limit = self.bridge.max_payload();
         let mut body = Vec::new();
         while let Some(chunk) = response
@@ -270,6 +280,7 @@ impl Worker {
             body: Bytes::from(body),
             content_type,
             retry_after,
+            user_properties,
         })
     }
 
@@ -313,6 +324,7 @@ impl Worker {
             status: a.status,
             body: payload,
             content_type: a.content_type,
+            user_properties: Vec::new(),
         })
     }
 
@@ -341,6 +353,9 @@ impl Worker {
             reply.correlation_data.clone_from(&message.correlation_data);
             reply.qos = message.qos;
             reply.user_properties = vec![("status".to_owned(), answer.status.to_string())];
+            reply
+                .user_properties
+                .extend(answer.user_properties.iter().cloned());
             if let Err(e) = self.bridge.publish(reply, &rule.principal).await {
                 tracing::warn!(rule = %rule.name, error = %e, "the device's answer was not published");
             }

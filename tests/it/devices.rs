@@ -144,7 +144,11 @@ async fn record(
         let response = if status == StatusCode::NO_CONTENT {
             status.into_response()
         } else {
-            (status, [("content-type", script.ok_type)], script.ok_body).into_response()
+            let headers = [
+                ("content-type", script.ok_type),
+                ("mqtt-user-firmware", "1.2"),
+            ];
+            (status, headers, script.ok_body).into_response()
         };
         (status, response)
     };
@@ -424,12 +428,12 @@ async fn an_mqtt5_request_gets_the_device_s_answer_and_a_reply_topic_serves_3_1_
     let props = reply.properties.expect("the reply has properties");
     assert_eq!(props.correlation_data.as_deref(), Some(&b"call-42"[..]));
     assert_eq!(props.content_type.as_deref(), Some("application/json"));
-    assert!(
-        props
-            .user_properties
-            .contains(&("status".to_owned(), "201".to_owned())),
-        "{:?}",
-        props.user_properties
+    assert_eq!(
+        props.user_properties,
+        [
+            ("status".to_owned(), "201".to_owned()),
+            ("firmware".to_owned(), "1.2".to_owned())
+        ]
     );
     let state = recv(&mut states).await;
     assert_eq!(state.topic, "plugs/p7/state");
