@@ -1,6 +1,7 @@
 //! The gateway as a CoAP client (coap-lite as the codec): confirmable requests resent on the
-//! RFC 7252 schedule, piggybacked and separate responses, and the notifications of an Observe
-//! registration (RFC 7641), each on a UDP socket of its own connected to the device.
+//! RFC 7252 schedule, piggybacked and separate responses, large bodies in Block1 blocks
+//! (RFC 7959), and the notifications of an Observe registration (RFC 7641), each on a UDP
+//! socket of its own connected to the device.
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -22,6 +23,8 @@ const DATAGRAM: usize = 65_535;
 pub(crate) struct Transmission {
     pub(crate) ack_timeout: Duration,
     pub(crate) max_retransmit: u8,
+    /// Largest Block1 block sent (16 to 1024, a power of two); larger bodies go in blocks.
+    pub(crate) block_size: usize,
 }
 
 /// A device's answer, its code as class × 100 + detail (2.05 is 205, 4.04 is 404).
@@ -33,6 +36,8 @@ pub(crate) struct CoapAnswer {
     pub(crate) max_age: Option<u32>,
     pub(crate) etag: Option<Vec<u8>>,
     pub(crate) observe: Option<u32>,
+    /// The Block1 option of the answer: (num, more, szx).
+    block1: Option<(u32, bool, u8)>,
 }
 
 /// One socket to one device.
@@ -43,12 +48,15 @@ pub(crate) struct CoapSocket {
 }
 
 /// What a request carries besides its method and URL.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone, Copy)]
 pub(crate) struct Body<'a> {
     pub(crate) payload: &'a [u8],
     pub(crate) content_type: Option<&'a str>,
     pub(crate) etag: Option<&'a [u8]>,
     pub(crate) observe: Option<u32>,
+    /// This request is one block of a larger body: (num, more, szx); set by
+    /// [`CoapSocket::send`].
+    pub(crate) block1: Option<(u32, bool, u8)>,
 }
 
 impl CoapSocket {
@@ -77,6 +85,44 @@ impl CoapSocket {
             transmission,
             next_mid: rand::random(),
         })
+    }
+
+    /// [`Self::call`], with a body over the block size sent in Block1 blocks (RFC 7959 §2.5),
+    /// each acknowledged with 2.31 Continue, in smaller blocks when the device asks for them.
+    pub(crate) async fn send(
+        &mut self,
+        method: RequestType,
+        url: &reqwest::Url,
+        body: &Body<'_>,
+        token: &[u8],
+        deadline: Instant,
+    ) -> Result<CoapAnswer, String> {
+        let payload = body.payload;
+        if payload.len() <= self.transmission.block_size {
+            return self.call(method, url, body, token, deadline).await;
+        }
+        // szx: the block size is 2^(szx + 4), 16 to 1024 bytes.
+        let mut szx = (self.transmission.block_size.trailing_zeros().clamp(4, 10) - 4) as u8;
+        let mut offset = 0;
+        loop {
+            let size = 16usize << szx;
+            let end = (offset + size).min(payload.len());
+            let more = end < payload.len();
+            let num = u32::try_from(offset / size).map_err(|_| "the body is too large")?;
+            let block = Body {
+                payload: &payload[offset..end],
+                block1: Some((num, more, szx)),
+                ..*body
+            };
+            let answer = self.call(method, url, &block, token, deadline).await?;
+            if !more || answer.status != 231 {
+                return Ok(answer);
+            }
+            if let Some((_, _, asked)) = answer.block1 {
+                szx = szx.min(asked);
+            }
+            offset = end;
+        }
     }
 
     /// A confirmable request to `url` and its response, resent until acknowledged; a
@@ -248,6 +294,10 @@ fn request(
             p.add_option(CoapOption::UriQuery, decode(item));
         }
     }
+    if let Some((num, more, szx)) = body.block1 {
+        let value = (num << 4) | (u32::from(more) << 3) | u32::from(szx);
+        p.add_option(CoapOption::Block1, uint(value));
+    }
     p.payload = body.payload.to_vec();
     p
 }
@@ -264,6 +314,7 @@ fn answer(p: &Packet) -> CoapAnswer {
         max_age: option_uint(p, CoapOption::MaxAge),
         etag: p.get_first_option(CoapOption::ETag).cloned(),
         observe: option_uint(p, CoapOption::Observe),
+        block1: option_uint(p, CoapOption::Block1).map(|v| (v >> 4, v & 8 != 0, (v & 7) as u8)),
     }
 }
 

@@ -73,6 +73,7 @@ impl Devices {
         let transmission = Transmission {
             ack_timeout: config.coap.ack_timeout,
             max_retransmit: config.coap.max_retransmit,
+            block_size: config.coap.block_size,
         };
         let mut names = std::collections::HashSet::new();
         let mut push = Vec::new();
@@ -409,6 +410,7 @@ mod tests {
         let transmission = Transmission {
             ack_timeout: Duration::from_secs(2),
             max_retransmit: 4,
+            block_size: 1024,
         };
         push_rule(&open.push[0], &policy, transmission).unwrap();
         pull_rule(&open.pull[0], &policy, transmission).unwrap();

@@ -311,7 +311,7 @@ impl Worker {
         let deadline = tokio::time::Instant::now() + rule.timeout;
         let mut socket = CoapSocket::connect(url, rule.transmission).await?;
         let a = socket
-            .call(method, url, &body, &super::coap::token(), deadline)
+            .send(method, url, &body, &super::coap::token(), deadline)
             .await?;
         let mut payload = a.payload;
         payload.truncate(self.bridge.max_payload());

@@ -38,6 +38,9 @@ struct State {
     valid: usize,
     sequence: u32,
     mid: u16,
+    /// A body arriving in Block1 blocks, and the blocks as (num, more, szx).
+    upload: Vec<u8>,
+    blocks: Vec<(u32, bool, u8)>,
 }
 
 struct CoapDevice {
@@ -180,6 +183,29 @@ fn answer(
             st.dropped += 1;
             return None;
         }
+        let mut payload = request.payload.clone();
+        if let Some(v) = uint_option(request, CoapOption::Block1) {
+            let (num, more, szx) = (v >> 4, v & 8 != 0, (v & 7) as u8);
+            st.blocks.push((num, more, szx));
+            let offset = num as usize * (16 << szx);
+            st.upload.truncate(offset);
+            st.upload.extend_from_slice(&request.payload);
+            if more {
+                // 2.31 Continue, asking for blocks of 512 bytes at most.
+                let mut p = Packet::new();
+                p.header.code = MessageClass::Response(ResponseType::Continue);
+                set_uint(
+                    &mut p,
+                    CoapOption::Block1,
+                    (num << 4) | 8 | u32::from(szx.min(5)),
+                );
+                p.header.set_type(MessageType::Acknowledgement);
+                p.header.message_id = request.header.message_id;
+                p.set_token(request.get_token().to_vec());
+                return Some(p);
+            }
+            payload = std::mem::take(&mut st.upload);
+        }
         st.taken.push(Taken {
             method,
             path: path.join("/"),
@@ -191,7 +217,7 @@ fn answer(
                         .collect()
                 })
                 .unwrap_or_default(),
-            payload: request.payload.clone(),
+            payload,
             content_format: uint_option(request, CoapOption::ContentFormat),
         });
         let mut p = Packet::new();
@@ -369,6 +395,53 @@ async fn an_observed_resource_is_published_per_notification_and_registered_again
     assert_eq!(rules["pull"][0]["observe"], true);
     assert_eq!(
         metric(&gw, "topicgate_pull_up{rule=\"coap-temp\"}").await,
+        1.0
+    );
+}
+
+#[tokio::test]
+async fn a_large_coap_push_goes_in_block1_blocks_of_the_size_the_device_asks_for() {
+    let device = CoapDevice::start(0).await;
+    let gw = TestGateway::start_with(|c| {
+        c.coap.block_size = 1024;
+        c.push.push(push_rule(
+            "coap-big",
+            "big/#",
+            format!("coap://{}/firmware", device.addr),
+        ));
+    })
+    .await;
+    let image: Vec<u8> = (0..3000u32).map(|i| (i % 251) as u8).collect();
+    let resp = gw
+        .client
+        .post(gw.url("/topics/big/image"))
+        .header("content-type", "application/octet-stream")
+        .body(image.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 204);
+    let taken = eventually("the body arrives whole", || async {
+        let taken = device.taken();
+        (!taken.is_empty()).then_some(taken)
+    })
+    .await;
+    assert_eq!(taken[0].payload, image);
+    assert_eq!(taken[0].content_format, Some(42));
+    // One block of 1024 bytes, then blocks of 512 as the device asked.
+    let blocks = device.state.lock().unwrap().blocks.clone();
+    assert_eq!(
+        blocks,
+        [
+            (0, true, 6),
+            (2, true, 5),
+            (3, true, 5),
+            (4, true, 5),
+            (5, false, 5)
+        ]
+    );
+    assert_eq!(
+        metric(&gw, "topicgate_push_sent_total{rule=\"coap-big\"}").await,
         1.0
     );
 }
