@@ -4,8 +4,8 @@
 # back to mosquitto_sub and mosquitto_rr, refuses some with 404 (dead letters), and serves a
 # value with an ETag that a pull rule publishes once while unchanged; libcoap's
 # coap-server-notls takes a CoAP push (read back with coap-client-notls) and has its observable
-# `time` resource observed into a topic. Prints one "ok"/"not ok" line per check and a summary
-# line.
+# `time` resource observed into a topic; a paho-mqtt MQTT 5 requester calls both devices
+# across. Prints one "ok"/"not ok" line per check and a summary line.
 #
 #   TOPICGATE_BIN   binary to test (default target/release/topicgate)
 #   E2E_TIMEOUT     seconds any single wait may take (default 15)
@@ -229,6 +229,50 @@ if wait_until two_ticks && [[ $(grep '^sensors/clock ' "$WORK/sub.out" | sort -u
     ok "$name"
 else
     not_ok "$name" "subscriber saw: $(show "$(cat "$WORK/sub.out")")"
+fi
+
+# --- request/response across with paho-mqtt ------------------------------------------------
+
+# An MQTT 5 requester: publishes with a Response Topic and Correlation Data to a topic pushed
+# to the HTTP device and to one pushed to coap-server-notls, and prints each answer as
+# "<correlation> <status> <payload>".
+cat >"$WORK/requester.py" <<'PY'
+import sys, threading
+import paho.mqtt.client as mqtt
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+port = int(sys.argv[1])
+answers, subscribed = [], threading.Event()
+
+def on_message(client, userdata, msg):
+    status = dict(msg.properties.UserProperty).get("status")
+    answers.append(f"{msg.properties.CorrelationData.decode()} {status} {msg.payload.decode()}")
+    if len(answers) == 2:
+        print("\n".join(sorted(answers)), flush=True)
+        client.disconnect()
+
+c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="paho-requester", protocol=mqtt.MQTTv5)
+c.on_message = on_message
+c.on_connect = lambda client, *a: client.subscribe("paho/answers", qos=1)
+c.on_subscribe = lambda *a: subscribed.set()
+c.connect("127.0.0.1", port)
+c.loop_start()
+subscribed.wait(10)
+for topic, correlation, payload in [("plugs/p9/set", "http-call", "on"), ("coap/data", "coap-call", "paho")]:
+    props = Properties(PacketTypes.PUBLISH)
+    props.ResponseTopic = "paho/answers"
+    props.CorrelationData = correlation.encode()
+    c.publish(topic, payload, qos=1, properties=props)
+threading.Event().wait(10)
+PY
+name='paho-mqtt (MQTT 5) calls the HTTP device and the CoAP device and gets each answer with its correlation data'
+out=$(timeout "$TIMEOUT" python3 -u "$WORK/requester.py" "$MQTT_PORT" 2>&1) || true
+expected=$(printf '%s\n%s' 'coap-call 204 ' 'http-call 200 {"relay":"on"}')
+if [[ $out == "$expected" ]]; then
+    ok "$name"
+else
+    not_ok "$name" "got: $(show "$out")"
 fi
 
 echo "e2e_devices: $PASSED passed, $FAILED failed"
