@@ -477,6 +477,15 @@ pub struct PushRule {
     /// What a message finds at the bound.
     #[serde(default)]
     pub when_full: WhenFull,
+    /// PEM file of CAs that sign the endpoint's certificate, trusted besides the system's.
+    #[serde(default)]
+    pub ca_cert: Option<PathBuf>,
+    /// PEM file of a client certificate chain to present to an HTTPS endpoint.
+    #[serde(default)]
+    pub client_cert: Option<PathBuf>,
+    /// PEM file of the client certificate's private key.
+    #[serde(default)]
+    pub client_key: Option<PathBuf>,
 }
 
 /// The request method of a push rule.
@@ -576,6 +585,15 @@ pub struct PullRule {
     /// double.
     #[serde(default = "push_defaults::max_backoff", with = "humantime_serde")]
     pub max_backoff: Duration,
+    /// PEM file of CAs that sign the endpoint's certificate, trusted besides the system's.
+    #[serde(default)]
+    pub ca_cert: Option<PathBuf>,
+    /// PEM file of a client certificate chain to present to an HTTPS endpoint.
+    #[serde(default)]
+    pub client_cert: Option<PathBuf>,
+    /// PEM file of the client certificate's private key.
+    #[serde(default)]
+    pub client_key: Option<PathBuf>,
 }
 
 /// A configuration that cannot be used, with the file, key or value at fault.

@@ -11,6 +11,7 @@ mod report;
 mod retry;
 mod template;
 
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use tokio_util::sync::CancellationToken;
@@ -57,7 +58,6 @@ pub struct Devices {
     push: Vec<Arc<push::PushRule>>,
     pull: Vec<Arc<pull::PullRule>>,
     outbox: Arc<Outbox>,
-    client: reqwest::Client,
 }
 
 /// The running rules: the bridge's [`Tap`], and the outbox to close at shutdown.
@@ -75,6 +75,9 @@ impl Devices {
             max_retransmit: config.coap.max_retransmit,
             block_size: config.coap.block_size,
         };
+        let shared = client_builder()
+            .build()
+            .map_err(|e| DevicesError::Client(e.to_string()))?;
         let mut names = std::collections::HashSet::new();
         let mut push = Vec::new();
         for (i, rule) in config.push.iter().enumerate() {
@@ -87,7 +90,7 @@ impl Devices {
                 return Err(fail("another rule has this name".to_owned()));
             }
             push.push(Arc::new(
-                push_rule(rule, policy, transmission).map_err(fail)?,
+                push_rule(rule, policy, transmission, &shared).map_err(fail)?,
             ));
         }
         // A dead letter a rule would push again would go round for ever.
@@ -116,7 +119,7 @@ impl Devices {
                 return Err(fail("another rule has this name".to_owned()));
             }
             pull.push(Arc::new(
-                pull_rule(rule, policy, transmission).map_err(fail)?,
+                pull_rule(rule, policy, transmission, &shared).map_err(fail)?,
             ));
         }
         let lanes = config
@@ -140,18 +143,7 @@ impl Devices {
             })
             .collect();
         let outbox = Arc::new(Outbox::open(&config.data_dir, lanes)?);
-        let client = reqwest::Client::builder()
-            // Only configured URLs are called: a redirect would send the message elsewhere.
-            .redirect(reqwest::redirect::Policy::none())
-            .user_agent(concat!("topicgate/", env!("CARGO_PKG_VERSION")))
-            .build()
-            .map_err(|e| DevicesError::Client(e.to_string()))?;
-        Ok(Self {
-            push,
-            pull,
-            outbox,
-            client,
-        })
+        Ok(Self { push, pull, outbox })
     }
 
     /// Attaches the outbox to the bridge and starts one task per rule on `tracker`.
@@ -166,7 +158,7 @@ impl Devices {
                 rule: rule.clone(),
                 lane: lane.clone(),
                 outbox: self.outbox.clone(),
-                client: self.client.clone(),
+                client: rule.client.clone(),
                 bridge: bridge.clone(),
             };
             tracker.spawn(worker.run(cancel.clone()));
@@ -174,7 +166,7 @@ impl Devices {
         for rule in &self.pull {
             tracker.spawn(pull::run(
                 rule.clone(),
-                self.client.clone(),
+                rule.client.clone(),
                 bridge.clone(),
                 cancel.clone(),
             ));
@@ -236,13 +228,18 @@ fn push_rule(
     c: &PushConfig,
     policy: &Policy,
     transmission: Transmission,
+    shared: &reqwest::Client,
 ) -> Result<push::PushRule, String> {
     check_name(&c.name)?;
     let filter = TopicFilter::parse(&c.filter).map_err(|e| format!("`filter` {e}"))?;
     let url = UrlTemplate::parse(&c.url, SCHEMES).map_err(|e| e.to_string())?;
-    if c.url.starts_with("coap:") && !c.headers.is_empty() {
-        return Err("`headers` are HTTP's: a coap:// endpoint takes none".to_owned());
+    let tls = [&c.ca_cert, &c.client_cert, &c.client_key];
+    if c.url.starts_with("coap:") && (!c.headers.is_empty() || tls.iter().any(|k| k.is_some())) {
+        return Err(
+            "`headers` and certificates are HTTP's: a coap:// endpoint takes none".to_owned(),
+        );
     }
+    let client = client_for(shared, tls)?;
     let headers = resolve_headers(&c.headers, env_var).map_err(|e| e.to_string())?;
     let reply_topic = c
         .reply_topic
@@ -314,6 +311,7 @@ fn push_rule(
         backoff: c.backoff,
         max_backoff: c.max_backoff,
         transmission,
+        client,
         last: Mutex::new(None),
     })
 }
@@ -322,6 +320,7 @@ fn pull_rule(
     c: &PullConfig,
     policy: &Policy,
     transmission: Transmission,
+    shared: &reqwest::Client,
 ) -> Result<pull::PullRule, String> {
     check_name(&c.name)?;
     let template = UrlTemplate::parse(&c.url, SCHEMES).map_err(|e| e.to_string())?;
@@ -334,9 +333,13 @@ fn pull_rule(
     if c.observe && !coap {
         return Err("`observe` needs a coap:// URL".to_owned());
     }
-    if coap && !c.headers.is_empty() {
-        return Err("`headers` are HTTP's: a coap:// resource takes none".to_owned());
+    let tls = [&c.ca_cert, &c.client_cert, &c.client_key];
+    if coap && (!c.headers.is_empty() || tls.iter().any(|k| k.is_some())) {
+        return Err(
+            "`headers` and certificates are HTTP's: a coap:// resource takes none".to_owned(),
+        );
     }
+    let client = client_for(shared, tls)?;
     let headers = resolve_headers(&c.headers, env_var).map_err(|e| e.to_string())?;
     let who = principal(c.principal.as_deref());
     policy
@@ -357,8 +360,51 @@ fn pull_rule(
         timeout: c.timeout,
         max_backoff: c.max_backoff,
         transmission,
+        client,
         last: Mutex::new(None),
     })
+}
+
+/// A client that calls only configured URLs: redirects are not followed.
+fn client_builder() -> reqwest::ClientBuilder {
+    reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .user_agent(concat!("topicgate/", env!("CARGO_PKG_VERSION")))
+}
+
+/// The shared client, or, for a rule with `ca_cert` or a client certificate
+/// (`[ca_cert, client_cert, client_key]`), a client of its own.
+fn client_for(
+    shared: &reqwest::Client,
+    [ca, cert, key]: [&Option<PathBuf>; 3],
+) -> Result<reqwest::Client, String> {
+    if ca.is_none() && cert.is_none() && key.is_none() {
+        return Ok(shared.clone());
+    }
+    let read = |name: &str, path: &Path| {
+        std::fs::read(path).map_err(|e| format!("`{name}` {}: {e}", path.display()))
+    };
+    let mut builder = client_builder();
+    if let Some(ca) = ca {
+        let certs = reqwest::Certificate::from_pem_bundle(&read("ca_cert", ca)?)
+            .map_err(|e| format!("`ca_cert` {}: {e}", ca.display()))?;
+        for cert in certs {
+            builder = builder.add_root_certificate(cert);
+        }
+    }
+    match (cert, key) {
+        (Some(cert), Some(key)) => {
+            let mut pem = read("client_cert", cert)?;
+            pem.push(b'\n');
+            pem.extend(read("client_key", key)?);
+            let identity = reqwest::Identity::from_pem(&pem)
+                .map_err(|e| format!("`client_cert` and `client_key`: {e}"))?;
+            builder = builder.identity(identity);
+        }
+        (None, None) => {}
+        _ => return Err("`client_cert` and `client_key` go together".to_owned()),
+    }
+    builder.build().map_err(|e| e.to_string())
 }
 
 /// Names appear in metric labels, `/rules` and the outbox's keys.
@@ -403,16 +449,25 @@ mod tests {
             UrlTemplate::parse(&rule.url, SCHEMES).unwrap();
             resolve_headers(&rule.headers, env).unwrap();
         }
+        // Without the secrets and files a real deployment has.
         let mut open = config.clone();
+        assert!(open.push[0].client_cert.is_some() && open.pull[0].ca_cert.is_some());
         open.push[0].headers.clear();
         open.pull[0].headers.clear();
+        (
+            open.push[0].ca_cert,
+            open.push[0].client_cert,
+            open.push[0].client_key,
+        ) = (None, None, None);
+        open.pull[0].ca_cert = None;
         let policy = Policy::open();
         let transmission = Transmission {
             ack_timeout: Duration::from_secs(2),
             max_retransmit: 4,
             block_size: 1024,
         };
-        push_rule(&open.push[0], &policy, transmission).unwrap();
-        pull_rule(&open.pull[0], &policy, transmission).unwrap();
+        let shared = client_builder().build().unwrap();
+        push_rule(&open.push[0], &policy, transmission, &shared).unwrap();
+        pull_rule(&open.pull[0], &policy, transmission, &shared).unwrap();
     }
 }

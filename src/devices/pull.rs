@@ -34,6 +34,8 @@ pub(crate) struct PullRule {
     pub(crate) timeout: Duration,
     pub(crate) max_backoff: Duration,
     pub(crate) transmission: Transmission,
+    /// The HTTP client: the shared one, or the rule's own with its certificates.
+    pub(crate) client: reqwest::Client,
     /// The last read's outcome, for `/rules`.
     pub(crate) last: Mutex<Option<LastAttempt>>,
 }

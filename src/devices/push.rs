@@ -43,6 +43,8 @@ pub(crate) struct PushRule {
     pub(crate) max_backoff: Duration,
     /// The CoAP retransmission parameters, for `coap://` endpoints.
     pub(crate) transmission: Transmission,
+    /// The HTTP client: the shared one, or the rule's own with its certificates.
+    pub(crate) client: reqwest::Client,
     /// The last attempt's outcome, for `/rules`.
     pub(crate) last: Mutex<Option<LastAttempt>>,
 }

@@ -148,6 +148,11 @@ fn a_bad_push_or_pull_rule_exits_2_naming_the_rule() {
             "[[pull]]\nname = \"temp\"\nurl = \"coap+tcp://h/x\"\ntopic = \"t\"\n",
             "pull rule `temp`",
         ),
+        (
+            "[[push]]\nname = \"mtls\"\nfilter = \"a/#\"\nurl = \"https://h/x\"\n\
+             client_cert = \"/no/such/client.pem\"\nclient_key = \"/no/such/client.key\"\n",
+            "push rule `mtls`: `client_cert` /no/such/client.pem",
+        ),
     ];
     for (text, needle) in bad {
         let f = config_file(text);

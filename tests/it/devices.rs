@@ -202,6 +202,9 @@ fn rule(name: &str, filter: &str, url: String) -> PushRule {
         max_backoff: Duration::from_millis(20),
         max_queued: 10_000,
         when_full: WhenFull::DropOldest,
+        ca_cert: None,
+        client_cert: None,
+        client_key: None,
     }
 }
 
@@ -459,6 +462,9 @@ async fn pull_publishes_a_value_once_while_its_etag_holds_and_again_when_it_chan
             principal: None,
             timeout: Duration::from_secs(5),
             max_backoff: Duration::from_secs(1),
+            ca_cert: None,
+            client_cert: None,
+            client_key: None,
         });
     })
     .await;
@@ -514,6 +520,9 @@ async fn rules_are_listed_with_their_state_and_no_secret() {
             principal: None,
             timeout: Duration::from_secs(5),
             max_backoff: Duration::from_secs(60),
+            ca_cert: None,
+            client_cert: None,
+            client_key: None,
         });
     })
     .await;
@@ -678,6 +687,9 @@ async fn an_unreachable_pulled_device_shows_in_the_metrics_and_rules() {
             principal: None,
             timeout: Duration::from_secs(1),
             max_backoff: Duration::from_millis(40),
+            ca_cert: None,
+            client_cert: None,
+            client_key: None,
         });
     })
     .await;
@@ -693,4 +705,76 @@ async fn an_unreachable_pulled_device_shows_in_the_metrics_and_rules() {
     let rules: Value = gw.get("/rules").await.json().await.unwrap();
     assert!(rules["pull"][0]["last"]["error"].is_string(), "{rules}");
     assert_eq!(gw.get("/topics/sensors/gone").await.status(), 404);
+}
+
+/// A test CA with a server certificate for 127.0.0.1 and a client certificate, as PEM files.
+fn pki(dir: &std::path::Path) {
+    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair};
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca_params
+        .distinguished_name
+        .push(DnType::CommonName, "devices test CA");
+    let ca = ca_params.self_signed(&ca_key).unwrap();
+    let server_key = KeyPair::generate().unwrap();
+    let server = CertificateParams::new(vec!["127.0.0.1".to_owned()])
+        .unwrap()
+        .signed_by(&server_key, &ca, &ca_key)
+        .unwrap();
+    let client_key = KeyPair::generate().unwrap();
+    let mut client_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    client_params
+        .distinguished_name
+        .push(DnType::CommonName, "gateway-a");
+    let client = client_params.signed_by(&client_key, &ca, &ca_key).unwrap();
+    for (name, pem) in [
+        ("ca.pem", ca.pem()),
+        ("server.pem", server.pem()),
+        ("server.key", server_key.serialize_pem()),
+        ("client.pem", client.pem()),
+        ("client.key", client_key.serialize_pem()),
+    ] {
+        std::fs::write(dir.join(name), pem).unwrap();
+    }
+}
+
+#[tokio::test]
+async fn an_https_endpoint_that_requires_a_client_certificate_gets_the_rule_s() {
+    let dir = tempfile::tempdir().unwrap();
+    pki(dir.path());
+    let d = dir.path().to_owned();
+    // The device: another gateway whose HTTPS listener requires a certificate of the test CA.
+    let device = TestGateway::start_with(|c| {
+        c.tls.cert = Some(d.join("server.pem"));
+        c.tls.key = Some(d.join("server.key"));
+        c.tls.client_ca = Some(d.join("ca.pem"));
+        c.tls.require_client_cert = true;
+    })
+    .await;
+    let https = device.https.unwrap();
+    let (_sub, mut rx) = device.mqtt_v4("remote-reader", &[("remote/#", 1)]).await;
+    let gw = TestGateway::start_with(|c| {
+        let url = format!("https://{https}/topics/remote/{{2}}");
+        let mut r = rule("mtls", "tls/+", url.clone());
+        r.ca_cert = Some(d.join("ca.pem"));
+        r.client_cert = Some(d.join("client.pem"));
+        r.client_key = Some(d.join("client.key"));
+        c.push.push(r);
+        let mut r = rule("no-cert", "nocert/+", url);
+        r.ca_cert = Some(d.join("ca.pem"));
+        c.push.push(r);
+    })
+    .await;
+    assert_eq!(gw.post("/topics/tls/x", "over mTLS").await.status(), 204);
+    let got = recv(&mut rx).await;
+    assert_eq!(got.topic, "remote/x");
+    assert_eq!(got.payload, "over mTLS");
+    assert_eq!(gw.post("/topics/nocert/y", "refused").await.status(), 204);
+    eventually("the rule without a certificate fails", || async {
+        (metric(&gw, &sample("push_failed", "no-cert")).await >= 2.0).then_some(())
+    })
+    .await;
+    assert_eq!(metric(&gw, &sample("push_sent", "no-cert")).await, 0.0);
+    assert!(rx.try_recv().is_err());
 }

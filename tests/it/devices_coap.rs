@@ -256,6 +256,9 @@ fn push_rule(name: &str, filter: &str, url: String) -> PushRule {
         max_backoff: Duration::from_millis(20),
         max_queued: 1000,
         when_full: WhenFull::DropOldest,
+        ca_cert: None,
+        client_cert: None,
+        client_key: None,
     }
 }
 
@@ -271,6 +274,9 @@ fn pull_rule(device: SocketAddr, observe: bool, interval: Duration) -> PullRule 
         principal: None,
         timeout: Duration::from_secs(5),
         max_backoff: Duration::from_secs(1),
+        ca_cert: None,
+        client_cert: None,
+        client_key: None,
     }
 }
 
