@@ -64,6 +64,8 @@ struct DeviceState {
     /// The resource pulled: its value, and how many GETs carried a matching If-None-Match.
     value: Arc<Mutex<&'static str>>,
     not_modified: Arc<AtomicUsize>,
+    /// While set, every push is answered 503.
+    down: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// An HTTP device on a loopback port that records every request.
@@ -87,6 +89,7 @@ impl Device {
             script,
             value: Arc::new(Mutex::new("21.5")),
             not_modified: Arc::default(),
+            down: Arc::default(),
         };
         let app = axum::Router::new()
             .route("/temp", axum::routing::get(temp))
@@ -136,7 +139,7 @@ async fn record(
         std::future::pending::<()>().await;
     }
     let n = state.answered.fetch_add(1, Ordering::SeqCst);
-    let (status, response) = if n < script.fail_first {
+    let (status, response) = if n < script.fail_first || state.down.load(Ordering::SeqCst) {
         let status = StatusCode::from_u16(script.fail_status).unwrap();
         (status, (status, "device busy").into_response())
     } else {
@@ -777,4 +780,55 @@ async fn an_https_endpoint_that_requires_a_client_certificate_gets_the_rule_s() 
     .await;
     assert_eq!(metric(&gw, &sample("push_sent", "no-cert")).await, 0.0);
     assert!(rx.try_recv().is_err());
+}
+
+#[tokio::test]
+async fn a_device_down_under_load_gets_every_message_in_order_per_topic_once_back() {
+    let device = Device::start(Script::default()).await;
+    device.state.down.store(true, Ordering::SeqCst);
+    let url = format!("http://{}/relay/{{2}}", device.addr);
+    let gw = TestGateway::start_with(|c| {
+        let mut r = rule("load", "load/+", url);
+        r.backoff = Duration::from_millis(10);
+        r.max_backoff = Duration::from_millis(50);
+        c.push.push(r);
+    })
+    .await;
+    const TOPICS: usize = 8;
+    const PER_TOPIC: usize = 150;
+    let mut publishers = Vec::new();
+    for t in 0..TOPICS {
+        let (client, _rx) = gw.mqtt_v4(&format!("load-{t}"), &[]).await;
+        publishers.push(tokio::spawn(async move {
+            for i in 0..PER_TOPIC {
+                client
+                    .publish(format!("load/t{t}"), qos_v4(1), false, i.to_string())
+                    .await
+                    .unwrap();
+            }
+            client
+        }));
+    }
+    let mut clients = Vec::new();
+    for p in publishers {
+        clients.push(p.await.unwrap());
+    }
+    let total = (TOPICS * PER_TOPIC) as f64;
+    eventually("every message waits in the outbox", || async {
+        (metric(&gw, "topicgate_push_queued{rule=\"load\"}").await == total).then_some(())
+    })
+    .await;
+    assert!(device.delivered().is_empty());
+    device.state.down.store(false, Ordering::SeqCst);
+    let delivered = eventually("every message arrives once the device is back", || async {
+        let d = device.delivered();
+        (d.values().map(Vec::len).sum::<usize>() == TOPICS * PER_TOPIC).then_some(d)
+    })
+    .await;
+    let expected: Vec<String> = (0..PER_TOPIC).map(|i| i.to_string()).collect();
+    for t in 0..TOPICS {
+        assert_eq!(delivered[&format!("t{t}")], expected, "topic load/t{t}");
+    }
+    assert_eq!(metric(&gw, &sample("push_sent", "load")).await, total);
+    drop(clients);
 }
