@@ -56,6 +56,10 @@ pub struct Config {
     pub limits: LimitsConfig,
     /// Certificates of the TLS listeners.
     pub tls: TlsConfig,
+    /// `[[push]]`: messages matching a filter sent to device endpoints.
+    pub push: Vec<PushRule>,
+    /// `[[pull]]`: device resources read into topics.
+    pub pull: Vec<PullRule>,
 }
 
 /// `[auth]`: identities and the one topic ACL every protocol enforces.
@@ -401,6 +405,8 @@ impl Default for Config {
             auth: AuthConfig::default(),
             limits: LimitsConfig::default(),
             tls: TlsConfig::default(),
+            push: Vec::new(),
+            pull: Vec::new(),
         }
     }
 }
@@ -460,6 +466,175 @@ impl Default for BridgeConfig {
     fn default() -> Self {
         Self { link_buffer: 4096 }
     }
+}
+
+/// `[[push]]`: every message matching `filter` is sent to `url` through the durable outbox.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PushRule {
+    /// Names the rule in metrics, `/rules`, errors and the outbox.
+    pub name: String,
+    /// The topic filter whose messages are pushed.
+    pub filter: String,
+    /// The endpoint (`http`, `https` or `coap`); `{1}`, `{2}`… (topic levels) and `{payload}`
+    /// fill its path and query.
+    pub url: String,
+    /// `POST` or `PUT`.
+    #[serde(default)]
+    pub method: PushMethod,
+    /// What the request carries.
+    #[serde(default)]
+    pub body: PushBody,
+    /// Request headers; `${VAR}` in a value is read from the environment at startup.
+    #[serde(default)]
+    pub headers: std::collections::BTreeMap<String, String>,
+    /// Where the device's answer is published; `{1}`, `{2}`… are topic levels.
+    #[serde(default)]
+    pub reply_topic: Option<String>,
+    /// Where a message that cannot be delivered is published, with the last answer.
+    #[serde(default)]
+    pub dead_letter_topic: Option<String>,
+    /// Whose ACL the rule reads its filter and publishes its replies under; unset: anonymous.
+    #[serde(default)]
+    pub principal: Option<String>,
+    /// Attempts before a message becomes a dead letter.
+    #[serde(default = "push_defaults::max_attempts")]
+    pub max_attempts: u32,
+    /// Age at which a message still undelivered becomes a dead letter.
+    #[serde(default = "push_defaults::max_age", with = "humantime_serde")]
+    pub max_age: Duration,
+    /// Time allowed for one request, answer included.
+    #[serde(default = "push_defaults::timeout", with = "humantime_serde")]
+    pub timeout: Duration,
+    /// First wait after a failure; doubles up to `max_backoff`, with jitter.
+    #[serde(default = "push_defaults::backoff", with = "humantime_serde")]
+    pub backoff: Duration,
+    /// Longest wait between attempts (a longer `Retry-After` is still honoured).
+    #[serde(default = "push_defaults::max_backoff", with = "humantime_serde")]
+    pub max_backoff: Duration,
+    /// Most messages waiting in the rule's outbox.
+    #[serde(default = "push_defaults::max_queued")]
+    pub max_queued: usize,
+    /// What a message finds at the bound.
+    #[serde(default)]
+    pub when_full: WhenFull,
+    /// PEM file of CAs that sign the endpoint's certificate, trusted besides the system's.
+    #[serde(default)]
+    pub ca_cert: Option<PathBuf>,
+    /// PEM file of a client certificate chain to present to an HTTPS endpoint.
+    #[serde(default)]
+    pub client_cert: Option<PathBuf>,
+    /// PEM file of the client certificate's private key.
+    #[serde(default)]
+    pub client_key: Option<PathBuf>,
+}
+
+/// The request method of a push rule.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+pub enum PushMethod {
+    /// `POST`.
+    #[default]
+    #[serde(alias = "post")]
+    POST,
+    /// `PUT`.
+    #[serde(alias = "put")]
+    PUT,
+}
+
+/// What a push request carries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PushBody {
+    /// The payload, with its content type as `Content-Type`.
+    #[default]
+    Raw,
+    /// The JSON envelope of the HTTP API's event streams.
+    Envelope,
+}
+
+/// What happens to a message for a full outbox.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum WhenFull {
+    /// The oldest waiting message is dropped to make room (counted).
+    #[default]
+    DropOldest,
+    /// The new message is not queued (counted).
+    Refuse,
+}
+
+mod push_defaults {
+    use std::time::Duration;
+    pub(super) fn max_attempts() -> u32 {
+        10
+    }
+    pub(super) fn max_age() -> Duration {
+        Duration::from_secs(3600)
+    }
+    pub(super) fn timeout() -> Duration {
+        Duration::from_secs(10)
+    }
+    pub(super) fn backoff() -> Duration {
+        Duration::from_millis(500)
+    }
+    pub(super) fn max_backoff() -> Duration {
+        Duration::from_secs(60)
+    }
+    pub(super) fn max_queued() -> usize {
+        10_000
+    }
+    pub(super) fn interval() -> Duration {
+        Duration::from_secs(30)
+    }
+    pub(super) fn retain() -> bool {
+        true
+    }
+}
+
+/// `[[pull]]`: a device resource (HTTP, or CoAP read or observed) published to `topic` when it
+/// changes.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PullRule {
+    /// Names the rule in metrics, `/rules` and errors.
+    pub name: String,
+    /// The resource to GET.
+    pub url: String,
+    /// Time between reads (with `observe`: before registering again with a device that
+    /// does not support Observe).
+    #[serde(default = "push_defaults::interval", with = "humantime_serde")]
+    pub interval: Duration,
+    /// `coap://` only: register with CoAP Observe (RFC 7641) instead of reading on the
+    /// interval, and register again when notifications stop.
+    #[serde(default)]
+    pub observe: bool,
+    /// Where a new value is published.
+    pub topic: String,
+    /// Whether it is published retained.
+    #[serde(default = "push_defaults::retain")]
+    pub retain: bool,
+    /// Request headers; `${VAR}` in a value is read from the environment at startup.
+    #[serde(default)]
+    pub headers: std::collections::BTreeMap<String, String>,
+    /// Whose ACL the rule publishes under; unset: anonymous.
+    #[serde(default)]
+    pub principal: Option<String>,
+    /// Time allowed for one request, answer included.
+    #[serde(default = "push_defaults::timeout", with = "humantime_serde")]
+    pub timeout: Duration,
+    /// Longest wait between reads of an unreachable device; waits start at `interval` and
+    /// double.
+    #[serde(default = "push_defaults::max_backoff", with = "humantime_serde")]
+    pub max_backoff: Duration,
+    /// PEM file of CAs that sign the endpoint's certificate, trusted besides the system's.
+    #[serde(default)]
+    pub ca_cert: Option<PathBuf>,
+    /// PEM file of a client certificate chain to present to an HTTPS endpoint.
+    #[serde(default)]
+    pub client_cert: Option<PathBuf>,
+    /// PEM file of the client certificate's private key.
+    #[serde(default)]
+    pub client_key: Option<PathBuf>,
 }
 
 /// A configuration that cannot be used, with the file, key or value at fault.

@@ -5,6 +5,8 @@
 //! - [`gateway`]: binds every listener and runs the whole until shutdown.
 //! - [`http`]: the axum router, handlers, event streams and the OpenAPI document.
 //! - [`coap`]: the UDP endpoint: exchanges, deduplication, Observe, block-wise transfer.
+//! - [`devices`]: push rules (through the durable outbox) and pull rules: the gateway as an
+//!   HTTP client of devices that only serve.
 //! - [`bridge`]: topics and filters, the retained store, fan-out to streams; the one place that
 //!   decides.
 //! - [`mqtt`]: the embedded rumqttd broker and the gateway's link into it; the only module that
@@ -20,6 +22,7 @@
 pub mod bridge;
 pub mod coap;
 pub mod config;
+pub mod devices;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod gateway;

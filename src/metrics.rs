@@ -7,6 +7,7 @@ use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
 /// A `protocol` label.
@@ -55,6 +56,30 @@ pub struct RefusalLabel {
     pub reason: &'static str,
 }
 
+/// A `rule` label: the name of a push or pull rule.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct RuleLabel {
+    /// The rule's `name`.
+    pub rule: String,
+}
+
+/// Labels of a pull read count.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct PullLabel {
+    /// The rule's `name`.
+    pub rule: String,
+    /// `changed`, `unchanged` or `failed`.
+    pub outcome: &'static str,
+}
+
+/// A family of histograms by rule.
+pub type RuleHistograms = Family<RuleLabel, Histogram, fn() -> Histogram>;
+
+fn latency_histogram() -> Histogram {
+    // 1 ms to about 16 s.
+    Histogram::new(exponential_buckets(0.001, 2.0, 15))
+}
+
 /// Every metric the gateway exports.
 #[derive(Debug)]
 pub struct Metrics {
@@ -87,6 +112,24 @@ pub struct Metrics {
     pub coap_observers_removed: Family<ReasonLabel, Counter>,
     /// Requests refused by the policy: failed logins, ACL denials, rate limits.
     pub refusals: Family<RefusalLabel, Counter>,
+    /// Messages a push rule delivered (answered 2xx).
+    pub push_sent: Family<RuleLabel, Counter>,
+    /// Push attempts that failed: no answer, or an answer other than 2xx.
+    pub push_failed: Family<RuleLabel, Counter>,
+    /// Push attempts made again after a failure.
+    pub push_retried: Family<RuleLabel, Counter>,
+    /// Messages a push rule gave up on (dead letters).
+    pub push_dead_letters: Family<RuleLabel, Counter>,
+    /// Messages dropped or refused at a full outbox.
+    pub push_overflow: Family<RuleLabel, Counter>,
+    /// Messages waiting in a push rule's outbox.
+    pub push_queued: Family<RuleLabel, Gauge>,
+    /// Time from a push request to its answer.
+    pub push_latency: RuleHistograms,
+    /// Pull reads by outcome: `changed`, `unchanged` or `failed`.
+    pub pull_reads: Family<PullLabel, Counter>,
+    /// 1 while a pull rule's device answers, 0 while it does not.
+    pub pull_up: Family<RuleLabel, Gauge>,
     /// Handles on `http_responses` by status, made on first use: a family lookup takes a lock
     /// and hashes the label, which every response would pay.
     status_counters: Box<[OnceLock<Counter>]>,
@@ -186,8 +229,71 @@ impl Default for Metrics {
             "Requests refused: login (missing or wrong credentials), acl, rate",
             refusals.clone(),
         );
+        let push_sent = Family::default();
+        registry.register(
+            "push_sent",
+            "Messages a push rule delivered (answered 2xx)",
+            push_sent.clone(),
+        );
+        let push_failed = Family::default();
+        registry.register(
+            "push_failed",
+            "Push attempts that failed: no answer, or an answer other than 2xx",
+            push_failed.clone(),
+        );
+        let push_retried = Family::default();
+        registry.register(
+            "push_retried",
+            "Push attempts made again after a failure",
+            push_retried.clone(),
+        );
+        let push_dead_letters = Family::default();
+        registry.register(
+            "push_dead_letters",
+            "Messages a push rule gave up on after max_attempts, max_age or a 4xx",
+            push_dead_letters.clone(),
+        );
+        let push_overflow = Family::default();
+        registry.register(
+            "push_overflow",
+            "Messages dropped (drop_oldest) or refused (refuse) at a full outbox",
+            push_overflow.clone(),
+        );
+        let push_queued = Family::default();
+        registry.register(
+            "push_queued",
+            "Messages waiting in a push rule's outbox",
+            push_queued.clone(),
+        );
+        let push_latency: RuleHistograms = Family::new_with_constructor(latency_histogram);
+        registry.register(
+            "push_latency_seconds",
+            "Time from a push request to its answer",
+            push_latency.clone(),
+        );
+        let pull_reads = Family::default();
+        registry.register(
+            "pull_reads",
+            "Pull reads by outcome: changed (published), unchanged, failed",
+            pull_reads.clone(),
+        );
+        let pull_up = Family::default();
+        registry.register(
+            "pull_up",
+            "1 while a pull rule's device answers, 0 while it does not",
+            pull_up.clone(),
+        );
         Self {
             registry,
+            push_sent,
+            push_failed,
+            push_retried,
+            push_dead_letters,
+            push_overflow,
+            push_queued,
+            push_latency,
+            pull_reads,
+            pull_up,
             publishes,
             deliveries,
             retained,

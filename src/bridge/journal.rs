@@ -56,6 +56,12 @@ pub enum JournalError {
 pub struct Durable(oneshot::Receiver<Result<(), String>>);
 
 impl Durable {
+    /// A receipt resolved through the returned sender, for another store's writer.
+    pub fn pending() -> (oneshot::Sender<Result<(), String>>, Self) {
+        let (tx, rx) = oneshot::channel();
+        (tx, Self(rx))
+    }
+
     /// Waits for the commit that carries the write.
     pub async fn wait(self) -> Result<(), String> {
         self.0
@@ -306,6 +312,7 @@ fn encode(m: &Message) -> Vec<u8> {
             Origin::Http => 1,
             Origin::Coap => 2,
             Origin::Broker => 3,
+            Origin::Device => 4,
         },
     };
     let mut out = vec![VERSION];
@@ -335,6 +342,7 @@ fn decode(topic: &str, bytes: &[u8]) -> Option<Message> {
             0 => Origin::Mqtt,
             1 => Origin::Http,
             3 => Origin::Broker,
+            4 => Origin::Device,
             _ => Origin::Coap,
         },
     })

@@ -22,6 +22,8 @@ pub enum Origin {
     Coap,
     /// The broker itself: its `$SYS` figures.
     Broker,
+    /// A device the gateway called: a pulled value, a pushed message's answer, a dead letter.
+    Device,
 }
 
 impl Origin {
@@ -32,6 +34,7 @@ impl Origin {
             Origin::Http => "http",
             Origin::Coap => "coap",
             Origin::Broker => "broker",
+            Origin::Device => "device",
         }
     }
 }

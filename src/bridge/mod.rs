@@ -8,6 +8,7 @@ mod journal;
 mod message;
 mod params;
 mod rpc;
+mod rules;
 mod store;
 pub mod sys;
 
@@ -20,14 +21,24 @@ use tokio_util::sync::CancellationToken;
 pub use crate::topic::{Topic, TopicError, TopicFilter};
 pub use content::{content_format_for, content_type_for};
 pub use hub::{Event, Start, Subscription};
-pub use journal::{Journal, JournalError};
+pub use journal::{Durable, Journal, JournalError};
 pub use message::{
     Envelope, Listing, Message, Origin, PayloadEncoding, Properties, Qos, UserProperty, fnv1a,
     is_textual,
 };
 pub use params::{ParamError, apply_expiry, parse_flag, parse_limit, parse_qos, parse_timeout};
 pub use rpc::{Call, CallError};
+pub use rules::{LastAttempt, PullReport, PushReport, RulesReport};
 pub use store::{Page, RetainedStore};
+
+/// The push and pull rules as the bridge sees them, without naming them: a durable queue
+/// that takes accepted messages (the push outbox), and a report of their state.
+pub trait Tap: Send + Sync {
+    /// Offers one accepted message; the receipt resolves once what was taken is on disk.
+    fn offer(&self, message: &Arc<Message>) -> Option<Durable>;
+    /// Every rule with its state.
+    fn report(&self) -> RulesReport;
+}
 
 use crate::config::RpcConfig;
 use crate::metrics::Metrics;
@@ -74,6 +85,8 @@ struct Inner {
     rpc: RpcConfig,
     /// Keeps the broker's order and the store's order the same for gateway publishes.
     order: std::sync::Mutex<()>,
+    /// The push outbox, attached once at startup.
+    tap: std::sync::OnceLock<Arc<dyn Tap>>,
 }
 
 impl Bridge {
@@ -104,6 +117,7 @@ impl Bridge {
                 max_payload,
                 rpc,
                 order: std::sync::Mutex::new(()),
+                tap: std::sync::OnceLock::new(),
             }),
         }
     }
@@ -155,7 +169,7 @@ impl Bridge {
                 limit: self.inner.max_payload,
             });
         }
-        let (receipt, durable) = loop {
+        let (receipt, (durable, taken)) = loop {
             // Queued to the broker and applied to the store under one plain lock, so that both
             // see gateway publishes in the same order; a saturated broker is waited for
             // outside it.
@@ -182,6 +196,12 @@ impl Bridge {
         if let Some(durable) = durable {
             durable.wait().await.map_err(|e| {
                 tracing::error!(error = %e, "a retained value was not stored");
+                BridgeError::Storage
+            })?;
+        }
+        if let Some(taken) = taken {
+            taken.wait().await.map_err(|e| {
+                tracing::error!(error = %e, "a message for a push rule was not stored");
                 BridgeError::Storage
             })?;
         }
@@ -367,11 +387,29 @@ impl Bridge {
         m
     }
 
-    fn accept(&self, message: Message) -> Option<journal::Durable> {
+    /// Attaches the push outbox: every message accepted from now on is offered to it. Only
+    /// the first call counts.
+    pub fn attach(&self, tap: Arc<dyn Tap>) {
+        let _ = self.inner.tap.set(tap);
+    }
+
+    /// The push and pull rules with their state; none when no rule runs.
+    pub fn rules(&self) -> RulesReport {
+        self.inner
+            .tap
+            .get()
+            .map(|tap| tap.report())
+            .unwrap_or_default()
+    }
+
+    /// Store and fan-out, then the outbox; the receipts of the retained value and of the
+    /// outbox's copy.
+    fn accept(&self, message: Message) -> (Option<Durable>, Option<Durable>) {
         self.inner.metrics.published(message.origin.label());
         let message = Arc::new(message);
         self.inner.replies.deliver(&message);
-        self.inner.hub.publish(message, &self.inner.store)
+        let taken = self.inner.tap.get().and_then(|tap| tap.offer(&message));
+        (self.inner.hub.publish(message, &self.inner.store), taken)
     }
 }
 

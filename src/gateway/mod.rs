@@ -14,6 +14,7 @@ use tokio_util::task::TaskTracker;
 use crate::bridge::{Bridge, Journal, JournalError, RetainedStore, StoreSource};
 use crate::coap::CoapServer;
 use crate::config::Config;
+use crate::devices::{Devices, DevicesError};
 use crate::http;
 use crate::metrics::Metrics;
 use crate::mqtt::{Broker, MqttError, RemoteBroker};
@@ -44,6 +45,9 @@ pub enum GatewayError {
     /// The `[tls]` files cannot be used.
     #[error(transparent)]
     Tls(#[from] TlsError),
+    /// A push or pull rule is invalid, or the outbox cannot be used.
+    #[error(transparent)]
+    Devices(#[from] DevicesError),
     /// The HTTP server failed while running.
     #[error("the HTTP server stopped: {0}")]
     Http(std::io::Error),
@@ -60,6 +64,8 @@ pub struct Gateway {
     broker: BrokerMode,
     store: Arc<RetainedStore>,
     policy: Policy,
+    metrics: Arc<Metrics>,
+    devices: Devices,
 }
 
 /// The embedded broker, bound, or the external one to connect to.
@@ -75,6 +81,8 @@ impl Gateway {
         let (journal, retained) = Journal::open(&config.data_dir)?;
         let store = Arc::new(RetainedStore::durable(journal, retained));
         let policy = Policy::new(&config.auth, &config.limits);
+        let metrics = Arc::new(Metrics::default());
+        let devices = Devices::open(&config, &policy, &metrics)?;
         let http = bind_all("HTTP", config.http_addrs(), TcpListener::bind, |l| {
             l.local_addr().ok()
         })
@@ -132,6 +140,8 @@ impl Gateway {
             broker,
             store,
             policy,
+            metrics,
+            devices,
         })
     }
 
@@ -189,6 +199,8 @@ impl Gateway {
             broker,
             store,
             policy,
+            metrics,
+            devices,
         } = self;
         let cancel = CancellationToken::new();
         let tracker = TaskTracker::new();
@@ -239,13 +251,15 @@ impl Gateway {
         let bridge = Bridge::new(
             store.clone(),
             link,
-            Arc::new(Metrics::default()),
+            metrics,
             policy.clone(),
             config.max_payload,
             config.http.sse_buffer,
             config.http.sse_history,
             config.rpc.clone(),
         );
+        // Attached before anything can publish, so every accepted message reaches the outbox.
+        let devices = devices.start(&bridge, &tracker, &cancel);
         tracker.spawn(bridge.clone().run(cancel.clone()));
         if let Some(stats) = broker_stats
             && !config.mqtt.sys_interval.is_zero()
@@ -333,6 +347,7 @@ impl Gateway {
         {
             tracing::warn!("grace period over with work still running; stopping anyway");
         }
+        devices.close().await;
         if let Err(e) = store.close().await {
             tracing::error!(error = %e, "the retained store could not be flushed");
         }

@@ -81,7 +81,7 @@ pub(crate) struct Shared {
         (name = "topics", description = "Publish, read, list, stream and clear topics"),
         (name = "rpc", description = "Request/response: publish a request with a fresh MQTT 5 Response Topic and Correlation Data, answer with its reply"),
         (name = "emqx", description = "EMQX 5's publish API: its request bodies and its answers"),
-        (name = "operations", description = "Health, readiness, metrics and this document"),
+        (name = "operations", description = "Health, readiness, metrics, device rules and this document"),
     ),
     components(schemas(crate::bridge::Envelope, crate::bridge::PayloadEncoding)),
     modifiers(&SecuritySchemes)
@@ -135,6 +135,7 @@ fn api_parts() -> (Router<AppState>, utoipa::openapi::OpenApi) {
         .routes(routes!(ops::healthz))
         .routes(routes!(ops::readyz))
         .routes(routes!(ops::metrics))
+        .routes(routes!(ops::rules))
         .routes(routes!(ops::openapi))
         .routes(routes!(ops::docs))
         .split_for_parts();

@@ -1,4 +1,5 @@
-//! Operational endpoints: liveness, readiness, metrics, the OpenAPI document and its docs page.
+//! Operational endpoints: liveness, readiness, metrics, the device rules, the OpenAPI document
+//! and its docs page.
 
 use axum::Json;
 use axum::extract::State;
@@ -8,6 +9,14 @@ use serde::Serialize;
 use utoipa::ToSchema;
 
 use super::AppState;
+
+/// The push and pull rules with their state: counters, outbox depth, the last outcome. Header
+/// values are redacted.
+#[utoipa::path(get, path = "/rules", tag = "operations",
+    responses((status = 200, description = "Every configured rule", body = crate::bridge::RulesReport)))]
+pub(crate) async fn rules(State(state): State<AppState>) -> Json<crate::bridge::RulesReport> {
+    Json(state.bridge.rules())
+}
 
 /// The offline API documentation page; it renders `/openapi.json` in the browser.
 const DOCS_PAGE: &str = include_str!("docs.html");

@@ -13,6 +13,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 pub use acl::Readable;
+pub(crate) use acl::intersect;
 pub use identity::hash_password;
 
 /// Where the replies to `/rpc` requests are published, one fresh topic per request. No

@@ -119,6 +119,48 @@ fn bad_flags_env_and_config_exit_2_with_one_line() {
 }
 
 #[test]
+fn a_bad_push_or_pull_rule_exits_2_naming_the_rule() {
+    let bad = [
+        (
+            "[[push]]\nname = \"plugs\"\nfilter = \"plugs/#\"\nurl = \"http://{1}.lan/x\"\n",
+            "push rule `plugs`",
+        ),
+        (
+            "[[push]]\nname = \"plugs\"\nfilter = \"plugs/+/set\"\nurl = \"http://plugs.lan/{4}\"\n",
+            "{4}",
+        ),
+        (
+            "[[push]]\nname = \"hook\"\nfilter = \"a/#\"\nurl = \"http://h/x\"\n\
+             headers = { Authorization = \"Bearer ${TOPICGATE_TEST_UNSET_TOKEN}\" }\n",
+            "push rule `hook`: header `Authorization` uses ${TOPICGATE_TEST_UNSET_TOKEN}",
+        ),
+        (
+            "[[push]]\nname = \"loop\"\nfilter = \"a/#\"\nurl = \"http://h/x\"\n\
+             dead_letter_topic = \"a/dead\"\n",
+            "push rule `loop`",
+        ),
+        (
+            "[[auth.acl]]\nuser = \"hook\"\ntopic = \"other/#\"\naccess = \"read\"\n\
+             [[push]]\nname = \"acl\"\nfilter = \"a/#\"\nurl = \"http://h/x\"\nprincipal = \"hook\"\n",
+            "push rule `acl`: `filter` a/#: principal hook",
+        ),
+        (
+            "[[pull]]\nname = \"temp\"\nurl = \"coap+tcp://h/x\"\ntopic = \"t\"\n",
+            "pull rule `temp`",
+        ),
+        (
+            "[[push]]\nname = \"mtls\"\nfilter = \"a/#\"\nurl = \"https://h/x\"\n\
+             client_cert = \"/no/such/client.pem\"\nclient_key = \"/no/such/client.key\"\n",
+            "push rule `mtls`: `client_cert` /no/such/client.pem",
+        ),
+    ];
+    for (text, needle) in bad {
+        let f = config_file(text);
+        expect_startup_error(&run(&["--config", f.path().to_str().unwrap()], &[]), needle);
+    }
+}
+
+#[test]
 fn a_busy_port_exits_2_naming_the_address() {
     let busy = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = busy.local_addr().unwrap().to_string();

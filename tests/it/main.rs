@@ -6,6 +6,8 @@ mod coap;
 mod coap_client;
 mod coap_observe;
 mod cors;
+mod devices;
+mod devices_coap;
 mod durable;
 mod emqx;
 mod errors;

@@ -1,0 +1,127 @@
+//! How the outbox stores a message: a version byte, then the postcard encoding of a
+//! [`Record`], keyed by (rule, sequence number).
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+
+use super::outbox::Entry;
+use crate::bridge::{Message, Origin, Qos, Topic};
+
+/// Format of a stored value: this byte, then the postcard encoding of [`Record`].
+const VERSION: u8 = 1;
+
+/// A message as the outbox stores it.
+#[derive(Serialize, Deserialize)]
+struct Record {
+    topic: String,
+    payload: Vec<u8>,
+    content_type: Option<String>,
+    user_properties: Vec<(String, String)>,
+    response_topic: Option<String>,
+    correlation_data: Option<Vec<u8>>,
+    qos: u8,
+    retain: bool,
+    expires_at_ms: Option<u64>,
+    updated_at_ms: u64,
+    taken_at_ms: u64,
+}
+
+fn millis(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+fn time(ms: u64) -> SystemTime {
+    UNIX_EPOCH + Duration::from_millis(ms)
+}
+
+pub(crate) fn encode(entry: &Entry) -> Vec<u8> {
+    let m = &entry.message;
+    let record = Record {
+        topic: m.topic.to_string(),
+        payload: m.payload.to_vec(),
+        content_type: m.content_type.clone(),
+        user_properties: m.user_properties.clone(),
+        response_topic: m.response_topic.clone(),
+        correlation_data: m.correlation_data.as_ref().map(|d| d.to_vec()),
+        qos: m.qos.level(),
+        retain: m.retain,
+        expires_at_ms: m.expires_at.map(millis),
+        updated_at_ms: millis(m.updated_at),
+        taken_at_ms: millis(entry.taken_at),
+    };
+    let mut out = vec![VERSION];
+    // why: postcard into a Vec fails only on allocation failure, which aborts anyway.
+    out.extend(postcard::to_allocvec(&record).expect("a record encodes"));
+    out
+}
+
+pub(crate) fn decode(seq: u64, bytes: &[u8]) -> Option<Entry> {
+    let (&version, rest) = bytes.split_first()?;
+    if version != VERSION {
+        return None;
+    }
+    let r: Record = postcard::from_bytes(rest).ok()?;
+    let message = Message {
+        topic: Topic::parse_any(&r.topic).ok()?,
+        payload: Bytes::from(r.payload),
+        content_type: r.content_type,
+        user_properties: r.user_properties,
+        response_topic: r.response_topic,
+        correlation_data: r.correlation_data.map(Bytes::from),
+        qos: Qos::new(r.qos).unwrap_or_default(),
+        retain: r.retain,
+        expires_at: r.expires_at_ms.map(time),
+        updated_at: time(r.updated_at_ms),
+        origin: Origin::Mqtt,
+    };
+    Some(Entry {
+        seq,
+        message: Arc::new(message),
+        taken_at: time(r.taken_at_ms),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_record_keeps_the_message_and_when_it_was_taken() {
+        let mut m = Message::new(
+            Topic::parse("plugs/7").unwrap(),
+            &b"\x00on"[..],
+            Origin::Http,
+        );
+        m.content_type = Some("application/octet-stream".to_owned());
+        m.user_properties = vec![("k".to_owned(), "v".to_owned())];
+        m.response_topic = Some("me/answers".to_owned());
+        m.correlation_data = Some(Bytes::from_static(b"c1"));
+        m.qos = Qos::new(1).unwrap();
+        m.expires_at = Some(UNIX_EPOCH + Duration::from_millis(4_000_000_000_000));
+        let entry = Entry {
+            seq: 9,
+            message: Arc::new(m),
+            taken_at: UNIX_EPOCH + Duration::from_millis(1_700_000_000_123),
+        };
+        let back = decode(9, &encode(&entry)).unwrap();
+        assert_eq!(back.seq, 9);
+        assert_eq!(back.taken_at, entry.taken_at);
+        let (a, b) = (&*back.message, &*entry.message);
+        assert_eq!(
+            (&a.topic, &a.payload, &a.content_type, &a.user_properties),
+            (&b.topic, &b.payload, &b.content_type, &b.user_properties)
+        );
+        assert_eq!(
+            (&a.response_topic, &a.correlation_data, a.qos, a.expires_at),
+            (&b.response_topic, &b.correlation_data, b.qos, b.expires_at)
+        );
+        // Another format version is not read as this one.
+        let mut other = encode(&entry);
+        other[0] = 2;
+        assert!(decode(9, &other).is_none());
+    }
+}
