@@ -456,7 +456,8 @@ impl Handler {
         )))
     }
 
-    /// A request/response call: POST or PUT `/rpc/{topic}`, `?timeout=`, `?qos=`, `?envelope=`.
+    /// A request/response call: POST or PUT `/rpc/{topic}`, `?timeout=`, `?qos=`, `?envelope=`,
+    /// `?require_subscriber=`.
     fn call(&self, req: &Request, who: &Principal, path: &str) -> Result<Action, Reply> {
         if !matches!(req.method, RequestType::Post | RequestType::Put) {
             return Err(Reply::error(
@@ -466,7 +467,7 @@ impl Handler {
         }
         let topic = topic(path)?;
         self.allowed(who, Access::Publish, &topic)?;
-        let params = query(req, &["timeout", "qos", "envelope"])?;
+        let params = query(req, &["timeout", "qos", "envelope", "require_subscriber"])?;
         let timeout = self
             .bridge
             .call_timeout(params.get("timeout").map(String::as_str))
@@ -480,6 +481,33 @@ impl Handler {
                 ResponseType::BadOption,
                 "a call takes its request in one datagram",
             ));
+        }
+        let require = match params.get("require_subscriber") {
+            Some(v) => parse_flag("require_subscriber", v).map_err(bad_param)?,
+            None => false,
+        };
+        if require {
+            match self.bridge.has_subscribers(&topic, who) {
+                Ok(Some(true)) => {}
+                Ok(Some(false)) => {
+                    return Err(Reply::error(
+                        ResponseType::NotFound,
+                        format!("no MQTT subscriber matches {topic}"),
+                    ));
+                }
+                Ok(None) => {
+                    return Err(Reply::error(
+                        ResponseType::ServiceUnavailable,
+                        "the external broker cannot tell whether anyone subscribes",
+                    ));
+                }
+                Err(_) => {
+                    return Err(Reply::error(
+                        ResponseType::Forbidden,
+                        format!("not allowed to publish to {topic}"),
+                    ));
+                }
+            }
         }
         let max = self.bridge.max_payload();
         if req.payload.len() > max {

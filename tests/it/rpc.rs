@@ -521,3 +521,42 @@ async fn require_subscriber_in_front_of_an_external_broker_is_503_without_retry_
     assert!(!resp.headers().contains_key("retry-after"));
     assert_eq!(error_code(resp).await, "subscribers_unknown");
 }
+
+#[tokio::test]
+async fn a_coap_call_requiring_a_subscriber_is_refused_at_once_without_one() {
+    let gw = TestGateway::start().await;
+    let client = CoapClient::new(gw.coap).await;
+    let started = Instant::now();
+    let response = client
+        .call(coap_call(
+            &client,
+            "rpc/nobody/coap?require_subscriber=true&timeout=30s",
+            "q",
+        ))
+        .await;
+    assert_eq!(code(&response), "4.04");
+    assert!(text(&response).contains("nobody/coap"));
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "refused at once, not after the timeout"
+    );
+    let response = client
+        .call(coap_call(
+            &client,
+            "rpc/nobody/coap?require_subscriber=maybe",
+            "q",
+        ))
+        .await;
+    assert_eq!(code(&response), "4.00");
+    // With a subscriber, the same call goes out and is answered.
+    let _seen = responder_v5(&gw, "svc-coap-home", "nobody/+", echo).await;
+    let response = client
+        .call(coap_call(
+            &client,
+            "rpc/nobody/coap?require_subscriber=true",
+            "q",
+        ))
+        .await;
+    assert_eq!(code(&response), "2.05");
+    assert_eq!(text(&response), "q");
+}
