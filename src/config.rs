@@ -518,6 +518,10 @@ pub struct PushRule {
     /// What a message finds at the bound.
     #[serde(default)]
     pub when_full: WhenFull,
+    /// Requests the rule has in flight at once, each for a different topic: messages on one
+    /// topic go one after the other, in order.
+    #[serde(default = "push_defaults::in_flight")]
+    pub in_flight: usize,
     /// PEM file of CAs that sign the endpoint's certificate, trusted besides the system's.
     #[serde(default)]
     pub ca_cert: Option<PathBuf>,
@@ -582,6 +586,9 @@ mod push_defaults {
     }
     pub(super) fn max_queued() -> usize {
         10_000
+    }
+    pub(super) fn in_flight() -> usize {
+        32
     }
     pub(super) fn interval() -> Duration {
         Duration::from_secs(30)

@@ -283,6 +283,9 @@ fn push_rule(
     if c.max_attempts == 0 {
         return Err("`max_attempts` must be at least 1".to_owned());
     }
+    if !(1..=1024).contains(&c.in_flight) {
+        return Err("`in_flight` must be from 1 to 1024".to_owned());
+    }
     if c.max_queued == 0 {
         return Err("`max_queued` must be at least 1".to_owned());
     }
@@ -310,6 +313,7 @@ fn push_rule(
         timeout: c.timeout,
         backoff: c.backoff,
         max_backoff: c.max_backoff,
+        in_flight: c.in_flight,
         transmission,
         client,
         last: Mutex::new(None),

@@ -3,7 +3,7 @@
 //! one durable transaction, so a message is on disk before the publisher is answered, and
 //! leaves the disk only when its rule is done with it.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex, PoisonError};
@@ -18,6 +18,7 @@ use super::record::{decode, encode};
 use crate::bridge::{Durable, Message, TopicFilter};
 use crate::config::WhenFull;
 use crate::policy::Readable;
+use crate::topic::Topic;
 
 const TABLE: TableDefinition<'_, (&str, u64), &[u8]> = TableDefinition::new("outbox");
 /// File name under the data dir.
@@ -80,19 +81,32 @@ pub(crate) struct Lane {
 struct LaneState {
     queue: VecDeque<Entry>,
     next_seq: u64,
-    /// The entry its worker holds, which the bound never drops.
-    in_flight: Option<u64>,
+    /// The entries the worker holds, which the bound never drops, and their topics.
+    in_flight: HashMap<u64, Topic>,
+    busy: HashSet<Topic>,
 }
 
 impl Lane {
-    /// The oldest waiting entry, marked in flight; waits for one.
-    pub(crate) async fn next(&self) -> Entry {
+    /// The oldest waiting entry whose topic has none in flight, marked in flight; waits for one
+    /// while `limit` entries are in flight or none can go.
+    pub(crate) async fn next(&self, limit: usize) -> Entry {
         loop {
             let ready = self.ready.notified();
             {
                 let mut state = self.lock();
-                if let Some(entry) = state.queue.front().cloned() {
-                    state.in_flight = Some(entry.seq);
+                if state.in_flight.len() < limit
+                    && let Some(entry) = state
+                        .queue
+                        .iter()
+                        .find(|e| {
+                            !state.in_flight.contains_key(&e.seq)
+                                && !state.busy.contains(&e.message.topic)
+                        })
+                        .cloned()
+                {
+                    let topic = entry.message.topic.clone();
+                    state.busy.insert(topic.clone());
+                    state.in_flight.insert(entry.seq, topic);
                     return entry;
                 }
             }
@@ -170,7 +184,8 @@ impl Outbox {
                     state: Mutex::new(LaneState {
                         queue,
                         next_seq,
-                        in_flight: None,
+                        in_flight: HashMap::new(),
+                        busy: HashSet::new(),
                     }),
                     ready: Notify::new(),
                 })
@@ -206,11 +221,13 @@ impl Outbox {
             if let Some(i) = state.queue.iter().position(|e| e.seq == seq) {
                 state.queue.remove(i);
             }
-            if state.in_flight == Some(seq) {
-                state.in_flight = None;
+            if let Some(topic) = state.in_flight.remove(&seq) {
+                state.busy.remove(&topic);
             }
             lane.bound.depth.set(state.queue.len() as i64);
         }
+        // The next message on that topic may go now.
+        lane.ready.notify_one();
         self.send(Op::Delete {
             rule: lane.name.clone(),
             seq,
@@ -254,11 +271,11 @@ impl Outbox {
             if state.queue.len() >= lane.bound.max_queued {
                 let oldest = match lane.bound.when_full {
                     WhenFull::Refuse => None,
-                    // The entry being delivered stays: its worker owns it.
+                    // The entries being delivered stay: their worker owns them.
                     WhenFull::DropOldest => state
                         .queue
                         .iter()
-                        .position(|e| Some(e.seq) != state.in_flight),
+                        .position(|e| !state.in_flight.contains_key(&e.seq)),
                 };
                 lane.bound.overflow.inc();
                 let Some(oldest) = oldest.and_then(|i| state.queue.remove(i)) else {
@@ -376,6 +393,7 @@ mod tests {
     use super::*;
     use crate::bridge::{Origin, Topic};
     use bytes::Bytes;
+    use std::time::Duration;
 
     fn bound(max_queued: usize, when_full: WhenFull) -> Bound {
         Bound {
@@ -424,7 +442,7 @@ mod tests {
                 .unwrap();
         }
         let lane = outbox.lanes()[0].clone();
-        let first = lane.next().await;
+        let first = lane.next(1).await;
         assert_eq!(first.message.payload, "1");
         outbox.remove(&lane, first.seq);
         outbox.close().await;
@@ -468,12 +486,51 @@ mod tests {
             outbox.offer(&message("t", p));
         }
         // "1" is in flight: the bound drops "2", the oldest of those only waiting.
-        assert_eq!(drop.next().await.message.payload, "1");
+        assert_eq!(drop.next(1).await.message.payload, "1");
         outbox.offer(&message("t", "3"));
         assert_eq!(payloads(&drop), ["1", "3"]);
         assert_eq!(payloads(&refuse), ["1", "2"]);
         assert_eq!(drop.bound.overflow.get(), 1);
         assert_eq!(refuse.bound.overflow.get(), 1);
+        outbox.close().await;
+    }
+
+    #[tokio::test]
+    async fn entries_go_out_at_once_for_different_topics_and_in_order_for_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let outbox = Outbox::open(
+            dir.path(),
+            vec![(
+                Arc::from("all"),
+                TopicFilter::parse("#").unwrap(),
+                Readable::All,
+                bound(10, WhenFull::Refuse),
+            )],
+        )
+        .unwrap();
+        let lane = outbox.lanes()[0].clone();
+        for (t, p) in [("a", "a1"), ("a", "a2"), ("b", "b1"), ("c", "c1")] {
+            outbox.offer(&message(t, p));
+        }
+        let a1 = lane.next(3).await;
+        let b1 = lane.next(3).await;
+        let c1 = lane.next(3).await;
+        assert_eq!(
+            [&a1, &b1, &c1].map(|e| e.message.payload.clone()),
+            ["a1", "b1", "c1"],
+            "a2 waits for a1"
+        );
+        // At the limit, and with a2's topic busy, nothing more goes.
+        let next = tokio::time::timeout(Duration::from_millis(50), lane.next(4)).await;
+        assert!(next.is_err(), "a2 must wait for a1");
+        outbox.remove(&lane, b1.seq);
+        assert!(
+            tokio::time::timeout(Duration::from_millis(50), lane.next(3))
+                .await
+                .is_err()
+        );
+        outbox.remove(&lane, a1.seq);
+        assert_eq!(lane.next(3).await.message.payload, "a2");
         outbox.close().await;
     }
 }

@@ -7,6 +7,8 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
+use futures_util::StreamExt;
+use futures_util::stream::FuturesUnordered;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::histogram::Histogram;
 use reqwest::header::{CONTENT_TYPE, HeaderMap, HeaderName, HeaderValue, RETRY_AFTER};
@@ -41,6 +43,8 @@ pub(crate) struct PushRule {
     pub(crate) timeout: Duration,
     pub(crate) backoff: Duration,
     pub(crate) max_backoff: Duration,
+    /// Requests at once, each for another topic.
+    pub(crate) in_flight: usize,
     /// The CoAP retransmission parameters, for `coap://` endpoints.
     pub(crate) transmission: Transmission,
     /// The HTTP client: the shared one, or the rule's own with its certificates.
@@ -103,37 +107,43 @@ impl Worker {
             dead: metrics.push_dead_letters.get_or_create(&label).clone(),
             latency: metrics.push_latency.get_or_create(&label).clone(),
         };
+        // Up to `in_flight` deliveries at once, one per topic; cancelled, what is in flight is
+        // still in the outbox and is sent again after the restart.
+        let mut running = FuturesUnordered::new();
         loop {
-            let entry = tokio::select! {
-                e = self.lane.next() => e,
-                () = cancel.cancelled() => return,
-            };
-            let outcome = tokio::select! {
-                o = self.deliver(&entry, &counters) => o,
-                // Still in the outbox: sent again after the restart.
-                () = cancel.cancelled() => return,
-            };
-            match outcome {
-                Outcome::Delivered(answer) => {
-                    counters.sent.inc();
-                    self.reply(&entry.message, &answer).await;
+            tokio::select! {
+                entry = self.lane.next(self.rule.in_flight) => {
+                    running.push(self.handle(entry, &counters));
                 }
-                Outcome::Dead {
-                    reason,
-                    attempts,
-                    answer,
-                    error,
-                } => {
-                    counters.dead.inc();
-                    if let Some(answer) = &answer {
-                        self.reply(&entry.message, answer).await;
-                    }
-                    self.dead_letter(&entry, reason, attempts, answer.as_ref(), error)
-                        .await;
-                }
+                Some(()) = running.next(), if !running.is_empty() => {}
+                () = cancel.cancelled() => return,
             }
-            self.outbox.remove(&self.lane, entry.seq);
         }
+    }
+
+    /// Delivers one entry, or gives it up, then takes it out of the outbox.
+    async fn handle(&self, entry: Entry, counters: &Counters) {
+        let outcome = self.deliver(&entry, counters).await;
+        match outcome {
+            Outcome::Delivered(answer) => {
+                counters.sent.inc();
+                self.reply(&entry.message, &answer).await;
+            }
+            Outcome::Dead {
+                reason,
+                attempts,
+                answer,
+                error,
+            } => {
+                counters.dead.inc();
+                if let Some(answer) = &answer {
+                    self.reply(&entry.message, answer).await;
+                }
+                self.dead_letter(&entry, reason, attempts, answer.as_ref(), error)
+                    .await;
+            }
+        }
+        self.outbox.remove(&self.lane, entry.seq);
     }
 
     /// Sends `entry` until it is delivered or given up.

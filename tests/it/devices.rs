@@ -205,6 +205,7 @@ fn rule(name: &str, filter: &str, url: String) -> PushRule {
         max_backoff: Duration::from_millis(20),
         max_queued: 10_000,
         when_full: WhenFull::DropOldest,
+        in_flight: 32,
         ca_cert: None,
         client_cert: None,
         client_key: None,
@@ -831,4 +832,80 @@ async fn a_device_down_under_load_gets_every_message_in_order_per_topic_once_bac
     }
     assert_eq!(metric(&gw, &sample("push_sent", "load")).await, total);
     drop(clients);
+}
+
+/// A device whose every answer takes a while, and which notes how many requests it holds at
+/// once, in all and for each topic level.
+#[derive(Clone, Default)]
+struct SlowDevice {
+    holding: Arc<Mutex<HashMap<String, usize>>>,
+    most: Arc<Mutex<(usize, usize)>>,
+    bodies: Arc<Mutex<HashMap<String, Vec<String>>>>,
+}
+
+async fn slow(
+    axum::extract::State(device): axum::extract::State<SlowDevice>,
+    uri: Uri,
+    body: Bytes,
+) -> StatusCode {
+    let level = uri.path().rsplit('/').next().unwrap_or("").to_owned();
+    {
+        let mut holding = device.holding.lock().unwrap();
+        *holding.entry(level.clone()).or_default() += 1;
+        let all: usize = holding.values().sum();
+        let mut most = device.most.lock().unwrap();
+        most.0 = most.0.max(all);
+        most.1 = most.1.max(holding[&level]);
+    }
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    device
+        .bodies
+        .lock()
+        .unwrap()
+        .entry(level.clone())
+        .or_default()
+        .push(String::from_utf8_lossy(&body).into_owned());
+    *device.holding.lock().unwrap().get_mut(&level).unwrap() -= 1;
+    StatusCode::NO_CONTENT
+}
+
+#[tokio::test]
+async fn a_rule_sends_to_several_topics_at_once_and_to_one_topic_in_order() {
+    let device = SlowDevice::default();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let app = axum::Router::new()
+        .fallback(slow)
+        .with_state(device.clone());
+    let server = tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    let gw = TestGateway::start_with(|c| {
+        let mut r = rule("fan", "fan/+", format!("http://{addr}/fan/{{2}}"));
+        r.in_flight = 4;
+        c.push.push(r);
+    })
+    .await;
+    const TOPICS: usize = 8;
+    const EACH: usize = 5;
+    for i in 0..EACH {
+        for t in 0..TOPICS {
+            let resp = gw.post(&format!("/topics/fan/t{t}"), format!("{i}")).await;
+            assert_eq!(resp.status(), 204);
+        }
+    }
+    eventually("every message is delivered", || async {
+        let bodies = device.bodies.lock().unwrap();
+        (bodies.values().map(Vec::len).sum::<usize>() == TOPICS * EACH).then_some(())
+    })
+    .await;
+    let expected: Vec<String> = (0..EACH).map(|i| i.to_string()).collect();
+    for (topic, bodies) in device.bodies.lock().unwrap().iter() {
+        assert_eq!(bodies, &expected, "in order on {topic}");
+    }
+    let (all, per_topic) = *device.most.lock().unwrap();
+    assert_eq!(per_topic, 1, "one request at a time for each topic");
+    assert!(all > 1, "topics are served at once");
+    assert!(all <= 4, "never more than in_flight: {all}");
+    server.abort();
 }

@@ -256,6 +256,7 @@ fn push_rule(name: &str, filter: &str, url: String) -> PushRule {
         max_backoff: Duration::from_millis(20),
         max_queued: 1000,
         when_full: WhenFull::DropOldest,
+        in_flight: 32,
         ca_cert: None,
         client_cert: None,
         client_key: None,
