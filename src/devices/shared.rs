@@ -52,33 +52,48 @@ pub(crate) async fn intake(
     let mut committing = FuturesUnordered::new();
     loop {
         tokio::select! {
-            () = cancel.cancelled() => return,
+            () = cancel.cancelled() => break,
             Some(()) = committing.next(), if !committing.is_empty() => {}
-            delivery = deliveries.recv() => {
-                let Some(delivery) = delivery else { return };
-                let message = match message(&delivery.publish) {
-                    Ok(m) => Arc::new(m),
-                    Err(e) => {
-                        tracing::warn!(error = %e, "dropped a shared message with an invalid topic");
-                        delivery.taken();
-                        continue;
-                    }
-                };
-                // Refused at the bound (and counted) or taken: either way the broker is done.
-                let durable = outbox.offer_lane(lane, &message);
-                committing.push(async move {
-                    let stored = match durable {
-                        Some(durable) => durable.wait().await,
-                        None => Ok(()),
-                    };
-                    // Not on disk: left unacknowledged, for the broker to send again.
-                    if stored.is_ok() {
-                        delivery.taken();
-                    }
-                });
-            }
+            delivery = deliveries.recv() => match delivery {
+                Some(delivery) => committing.extend(take(&outbox, lane, delivery)),
+                None => return,
+            },
         }
     }
+    // What the connection handed over is kept: the outbox is committed at shutdown, and
+    // pushed from when the gateway runs again (the broker, unanswered, may also send it again).
+    deliveries.close();
+    while let Ok(delivery) = deliveries.try_recv() {
+        drop(take(&outbox, lane, delivery));
+    }
+}
+
+/// Queues one delivery; the future acknowledges it once it is on disk.
+fn take(
+    outbox: &Outbox,
+    lane: usize,
+    delivery: SharedDelivery,
+) -> Option<impl Future<Output = ()> + use<>> {
+    let message = match message(&delivery.publish) {
+        Ok(m) => Arc::new(m),
+        Err(e) => {
+            tracing::warn!(error = %e, "dropped a shared message with an invalid topic");
+            delivery.taken();
+            return None;
+        }
+    };
+    // Refused at the bound (and counted) or taken: either way the broker is done with it.
+    let durable = outbox.offer_lane(lane, &message);
+    Some(async move {
+        let stored = match durable {
+            Some(durable) => durable.wait().await,
+            None => Ok(()),
+        };
+        // Not on disk: left unacknowledged, for the broker to send again.
+        if stored.is_ok() {
+            delivery.taken();
+        }
+    })
 }
 
 /// Runs the pull rule while `held` says this gateway holds its lease.
