@@ -2,13 +2,12 @@
 //! broker: the broker hands each message to one member of the group, and gets its
 //! acknowledgement only once the member has taken it.
 
-use tokio::sync::mpsc;
-use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
-
 use rumqttc::v5::mqttbytes::QoS;
 use rumqttc::v5::mqttbytes::v5::{Filter, Packet, Publish, RetainForwardRule};
 use rumqttc::v5::{AsyncClient, Event};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use super::{MIN_BACKOFF, RemoteBroker, from_publish, options, subscribed};
 use crate::mqtt::MqttPublish;
