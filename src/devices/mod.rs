@@ -9,6 +9,7 @@ mod push;
 mod record;
 mod report;
 mod retry;
+mod shared;
 mod template;
 
 use std::path::{Path, PathBuf};
@@ -23,6 +24,7 @@ use crate::metrics::{Metrics, RuleLabel};
 use crate::policy::{Action, Policy, Principal};
 
 pub use outbox::OutboxError;
+pub use shared::{Lease, Sharing, Subscribe};
 pub use template::TemplateError;
 
 use self::coap::Transmission;
@@ -64,6 +66,9 @@ pub struct Devices {
 pub struct Running {
     devices: Devices,
     metrics: Arc<Metrics>,
+    /// Push rules take their messages from shared subscriptions, not from every message the
+    /// gateway accepts.
+    shared: bool,
 }
 
 impl Devices {
@@ -146,10 +151,13 @@ impl Devices {
         Ok(Self { push, pull, outbox })
     }
 
-    /// Attaches the outbox to the bridge and starts one task per rule on `tracker`.
+    /// Attaches the outbox to the bridge and starts one task per rule on `tracker`. With
+    /// `sharing` (in front of an external broker) each push rule is fed by its shared
+    /// subscription and each pull rule runs while this gateway holds its lease.
     pub fn start(
         self,
         bridge: &Bridge,
+        sharing: Option<Sharing>,
         tracker: &TaskTracker,
         cancel: &CancellationToken,
     ) -> Arc<Running> {
@@ -164,12 +172,25 @@ impl Devices {
             tracker.spawn(worker.run(cancel.clone()));
         }
         for rule in &self.pull {
-            tracker.spawn(pull::run(
-                rule.clone(),
-                rule.client.clone(),
-                bridge.clone(),
-                cancel.clone(),
-            ));
+            let (rule, client, bridge) = (rule.clone(), rule.client.clone(), bridge.clone());
+            match &sharing {
+                None => tracker.spawn(pull::run(rule, client, bridge, cancel.clone())),
+                Some(sharing) => {
+                    let held = (sharing.lease)(shared::lease_topic(&rule.name));
+                    tracker.spawn(shared::leased(rule, client, bridge, held, cancel.clone()))
+                }
+            };
+        }
+        if let Some(sharing) = &sharing {
+            for (lane, rule) in self.push.iter().enumerate() {
+                let deliveries = (sharing.subscribe)(shared::push_group(&rule.name), &rule.filter);
+                tracker.spawn(shared::intake(
+                    self.outbox.clone(),
+                    lane,
+                    deliveries,
+                    cancel.clone(),
+                ));
+            }
         }
         if !self.push.is_empty() || !self.pull.is_empty() {
             tracing::info!(
@@ -181,6 +202,7 @@ impl Devices {
         let running = Arc::new(Running {
             devices: self,
             metrics: bridge.metrics().clone(),
+            shared: sharing.is_some(),
         });
         bridge.attach(running.clone());
         running
@@ -196,6 +218,9 @@ impl Running {
 
 impl Tap for Running {
     fn offer(&self, message: &Arc<Message>) -> Option<Durable> {
+        if self.shared {
+            return None;
+        }
         self.devices.outbox.offer(message)
     }
 

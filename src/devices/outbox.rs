@@ -264,53 +264,67 @@ impl Outbox {
     pub(crate) fn offer(&self, message: &Arc<Message>) -> Option<Durable> {
         let mut last = None;
         for lane in &self.lanes {
-            if !lane.filter.matches(&message.topic) || !lane.scope.admits(message.topic.as_str()) {
-                continue;
-            }
-            let mut state = lane.lock();
-            if state.queue.len() >= lane.bound.max_queued {
-                let oldest = match lane.bound.when_full {
-                    WhenFull::Refuse => None,
-                    // The entries being delivered stay: their worker owns them.
-                    WhenFull::DropOldest => state
-                        .queue
-                        .iter()
-                        .position(|e| !state.in_flight.contains_key(&e.seq)),
-                };
-                lane.bound.overflow.inc();
-                let Some(oldest) = oldest.and_then(|i| state.queue.remove(i)) else {
-                    continue;
-                };
-                self.send(Op::Delete {
-                    rule: lane.name.clone(),
-                    seq: oldest.seq,
-                });
-            }
-            let seq = state.next_seq;
-            state.next_seq += 1;
-            let entry = Entry {
-                seq,
-                message: Arc::clone(message),
-                taken_at: SystemTime::now(),
-            };
-            let record = encode(&entry);
-            state.queue.push_back(entry);
-            lane.bound.depth.set(state.queue.len() as i64);
-            // Sent under the lane's lock, so the file sees a lane's entries in their order.
-            let (ack, durable) = Durable::pending();
-            if self.send(Op::Put {
-                rule: lane.name.clone(),
-                seq,
-                record,
-                ack: Some(ack),
-            }) {
+            if lane.filter.matches(&message.topic) {
                 // One commit carries every earlier put: the last receipt covers them all.
-                last = Some(durable);
+                last = self.take(lane, message).or(last);
             }
-            drop(state);
-            lane.ready.notify_one();
         }
         last
+    }
+
+    /// Takes `message` into the queue of lane `index` alone (a message a shared subscription
+    /// gave this gateway for that rule); the receipt resolves once it is on disk.
+    pub(crate) fn offer_lane(&self, index: usize, message: &Arc<Message>) -> Option<Durable> {
+        let lane = self.lanes.get(index)?;
+        if !lane.filter.matches(&message.topic) {
+            return None;
+        }
+        self.take(lane, message)
+    }
+
+    /// Queues `message` in `lane` if the rule's principal may read it, applying the bound.
+    fn take(&self, lane: &Lane, message: &Arc<Message>) -> Option<Durable> {
+        if !lane.scope.admits(message.topic.as_str()) {
+            return None;
+        }
+        let mut state = lane.lock();
+        if state.queue.len() >= lane.bound.max_queued {
+            let oldest = match lane.bound.when_full {
+                WhenFull::Refuse => None,
+                // The entries being delivered stay: their worker owns them.
+                WhenFull::DropOldest => state
+                    .queue
+                    .iter()
+                    .position(|e| !state.in_flight.contains_key(&e.seq)),
+            };
+            lane.bound.overflow.inc();
+            let oldest = oldest.and_then(|i| state.queue.remove(i))?;
+            self.send(Op::Delete {
+                rule: lane.name.clone(),
+                seq: oldest.seq,
+            });
+        }
+        let seq = state.next_seq;
+        state.next_seq += 1;
+        let entry = Entry {
+            seq,
+            message: Arc::clone(message),
+            taken_at: SystemTime::now(),
+        };
+        let record = encode(&entry);
+        state.queue.push_back(entry);
+        lane.bound.depth.set(state.queue.len() as i64);
+        // Sent under the lane's lock, so the file sees a lane's entries in their order.
+        let (ack, durable) = Durable::pending();
+        let sent = self.send(Op::Put {
+            rule: lane.name.clone(),
+            seq,
+            record,
+            ack: Some(ack),
+        });
+        drop(state);
+        lane.ready.notify_one();
+        sent.then_some(durable)
     }
 }
 

@@ -14,7 +14,7 @@ use tokio_util::task::TaskTracker;
 use crate::bridge::{Bridge, Journal, JournalError, RetainedStore, StoreSource};
 use crate::coap::CoapServer;
 use crate::config::Config;
-use crate::devices::{Devices, DevicesError};
+use crate::devices::{Devices, DevicesError, Sharing};
 use crate::http;
 use crate::metrics::Metrics;
 use crate::mqtt::{Broker, MqttError, RemoteBroker};
@@ -213,6 +213,7 @@ impl Gateway {
         );
         let mut broker_stats = None;
         let mut acceptor = None;
+        let mut sharing = None;
         let link = match broker {
             BrokerMode::Embedded(broker) => {
                 broker_stats = Some(broker.stats());
@@ -239,6 +240,7 @@ impl Gateway {
             }
             BrokerMode::External(remote) => {
                 tracing::info!(url = %config.broker.url, "fronting an external broker");
+                sharing = Some(share_devices(&remote, &tracker, &cancel));
                 crate::mqtt::connect_remote(
                     remote,
                     config.bridge.link_buffer,
@@ -259,7 +261,7 @@ impl Gateway {
             config.rpc.clone(),
         );
         // Attached before anything can publish, so every accepted message reaches the outbox.
-        let devices = devices.start(&bridge, &tracker, &cancel);
+        let devices = devices.start(&bridge, sharing, &tracker, &cancel);
         tracker.spawn(bridge.clone().run(cancel.clone()));
         if let Some(stats) = broker_stats
             && !config.mqtt.sys_interval.is_zero()
@@ -361,6 +363,27 @@ fn served(res: Result<std::io::Result<()>, tokio::task::JoinError>) -> Result<()
         Ok(Ok(())) => Ok(()),
         Ok(Err(e)) => Err(GatewayError::Http(e)),
         Err(e) => Err(GatewayError::Http(std::io::Error::other(e))),
+    }
+}
+
+/// Device rules in front of an external broker: push rules on shared subscriptions, pull rules
+/// under leases, each on a connection of its own.
+fn share_devices(
+    remote: &RemoteBroker,
+    tracker: &TaskTracker,
+    cancel: &CancellationToken,
+) -> Sharing {
+    let (broker, tracker_, cancel_) = (remote.clone(), tracker.clone(), cancel.clone());
+    let subscribe = move |group: String, filter: &crate::bridge::TopicFilter| {
+        let filter = filter.as_str().to_owned();
+        crate::mqtt::subscribe_shared(broker.clone(), group, filter, &tracker_, cancel_.clone())
+    };
+    let (broker, tracker, cancel) = (remote.clone(), tracker.clone(), cancel.clone());
+    let lease =
+        move |topic: String| crate::mqtt::lease(broker.clone(), topic, &tracker, cancel.clone());
+    Sharing {
+        subscribe: Box::new(subscribe),
+        lease: Box::new(lease),
     }
 }
 

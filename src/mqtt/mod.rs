@@ -20,7 +20,7 @@ use std::net::SocketAddr;
 pub use broker::{Acceptor, Broker};
 pub use link::{Link, LinkStats, Receipt, Refused};
 pub use message::{MqttPublish, RetainedSource};
-pub use remote::RemoteBroker;
+pub use remote::{RemoteBroker, SharedDelivery, lease, subscribe_shared};
 pub use settings::BrokerStats;
 
 /// Connects to an external broker instead of running the embedded one.

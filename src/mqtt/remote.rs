@@ -1,7 +1,11 @@
 //! The gateway as an MQTT 5 client of a broker the user already runs (Mosquitto, EMQX, VerneMQ,
 //! HiveMQ), instead of the embedded one. Publishes go to the broker and, at QoS 1 and 2, wait
 //! for its acknowledgement; one `#` subscription (no-local, retain-as-published) feeds the store
-//! and the streams; a dropped connection is made again with exponential backoff.
+//! and the streams; a dropped connection is made again with exponential backoff. Device rules
+//! share their work between gateways over connections of their own (`shared`, `lease`).
+
+mod lease;
+mod shared;
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
@@ -23,8 +27,12 @@ use super::MqttError;
 use super::link::{Link, LinkStats, Outbound, Sink};
 use super::message::MqttPublish;
 
+pub use shared::SharedDelivery;
+
 /// First wait before connecting again; doubled up to `max_backoff` while attempts fail.
 const MIN_BACKOFF: Duration = Duration::from_millis(100);
+/// The shortest keep-alive rumqttc accepts.
+const MIN_KEEP_ALIVE: Duration = Duration::from_secs(5);
 /// Publishes handed to the client and not yet settled, at most.
 const IN_FLIGHT: usize = 1000;
 
@@ -45,6 +53,29 @@ pub struct RemoteBroker {
     pub max_backoff: Duration,
     /// Largest packet, both ways.
     pub max_packet: usize,
+}
+
+/// Takes part, on a connection of its own, in the shared subscription `$share/{group}/{filter}`:
+/// each message goes to one gateway of the group.
+pub fn subscribe_shared(
+    broker: RemoteBroker,
+    group: String,
+    filter: String,
+    tracker: &TaskTracker,
+    cancel: CancellationToken,
+) -> mpsc::Receiver<SharedDelivery> {
+    shared::start(broker, group, filter, tracker, cancel)
+}
+
+/// Takes part, on a connection of its own, in the lease kept in the retained `topic`; the watch
+/// is true while this gateway holds it. Given up when `cancel` fires.
+pub fn lease(
+    broker: RemoteBroker,
+    topic: String,
+    tracker: &TaskTracker,
+    cancel: CancellationToken,
+) -> tokio::sync::watch::Receiver<bool> {
+    lease::start(broker, topic, tracker, cancel)
 }
 
 /// Starts the client; the link is up once the broker has accepted the connection.
@@ -120,13 +151,7 @@ struct Session {
 
 impl Session {
     fn new(broker: &RemoteBroker, client_id: &str) -> Self {
-        let mut options = MqttOptions::new(client_id, broker.host.clone(), broker.port);
-        options.set_keep_alive(broker.keep_alive);
-        options.set_clean_start(true);
-        options.set_max_packet_size(Some(u32::try_from(broker.max_packet).unwrap_or(u32::MAX)));
-        if let Some(user) = &broker.username {
-            options.set_credentials(user.clone(), broker.password.clone().unwrap_or_default());
-        }
+        let options = options(broker, client_id);
         let (client, events) = AsyncClient::new(options, IN_FLIGHT + 16);
         Self {
             client,
@@ -169,14 +194,8 @@ impl Session {
                         }
                     }
                     Ok(Event::Incoming(Packet::SubAck(ack))) => {
-                        let granted = ack.return_codes.iter().all(|c| {
-                            matches!(
-                                c,
-                                rumqttc::v5::mqttbytes::v5::SubscribeReasonCode::Success(_)
-                            )
-                        });
-                        if !granted {
-                            return self.lost(format!("the broker refused the subscription: {:?}", ack.return_codes));
+                        if let Err(e) = subscribed(&ack) {
+                            return self.lost(e);
                         }
                         self.up = true;
                         stats.up.store(true, Ordering::Relaxed);
@@ -276,6 +295,42 @@ impl Session {
         for (_, ack) in self.on_wire.drain() {
             let _ = ack.send(Err(MqttError::LinkDown));
         }
+    }
+}
+
+/// A fresh session's options: clean start, the keep-alive, packet limit and login.
+fn options(broker: &RemoteBroker, client_id: &str) -> MqttOptions {
+    let mut options = MqttOptions::new(client_id, broker.host.clone(), broker.port);
+    options.set_keep_alive(keep_alive(broker));
+    options.set_clean_start(true);
+    options.set_max_packet_size(Some(u32::try_from(broker.max_packet).unwrap_or(u32::MAX)));
+    if let Some(user) = &broker.username {
+        options.set_credentials(user.clone(), broker.password.clone().unwrap_or_default());
+    }
+    options
+}
+
+/// The keep-alive the connections use: rumqttc refuses (panics on) less than 5 s, which the
+/// config allows.
+fn keep_alive(broker: &RemoteBroker) -> Duration {
+    broker.keep_alive.max(MIN_KEEP_ALIVE)
+}
+
+/// Whether the broker granted every filter of a subscription; why not, if it did not.
+fn subscribed(ack: &rumqttc::v5::mqttbytes::v5::SubAck) -> Result<(), String> {
+    let granted = ack.return_codes.iter().all(|c| {
+        matches!(
+            c,
+            rumqttc::v5::mqttbytes::v5::SubscribeReasonCode::Success(_)
+        )
+    });
+    if granted {
+        Ok(())
+    } else {
+        Err(format!(
+            "the broker refused the subscription: {:?}",
+            ack.return_codes
+        ))
     }
 }
 

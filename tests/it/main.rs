@@ -8,6 +8,7 @@ mod coap_observe;
 mod cors;
 mod devices;
 mod devices_coap;
+mod devices_scale;
 mod durable;
 mod emqx;
 mod errors;
