@@ -95,6 +95,12 @@ impl LinkParts {
         stats.up.store(true, Ordering::Relaxed);
         let flow = settings.flow.clone();
         let sink = RouterSink::start(self.tx, self.full, buffer, stats.clone(), flow);
+        {
+            let (tx, announce) = (sink.tx.clone(), sink.announce.clone());
+            settings.on_gateway_flush(Box::new(move || {
+                let _ = announce_now(&tx, &announce);
+            }));
+        }
         tracker.spawn(announce(
             sink.tx.clone(),
             sink.announce.clone(),
@@ -161,17 +167,23 @@ async fn announce(
             () = cancel.cancelled() => return,
         }
         tokio::task::yield_now().await;
-        announce.pending.store(false, Ordering::SeqCst);
-        let mut tx = lock(&tx);
-        let last = tx.buffer().pop_back();
-        // `send` puts the packet back and sends the event: the router takes the whole buffer.
-        if let Some(last) = last
-            && !matches!(tx.send(last).now_or_never(), Some(Ok(_)))
-        {
+        if !announce_now(&tx, &announce) {
             stats.up.store(false, Ordering::Relaxed);
             return;
         }
     }
+}
+
+/// Sends the event for the packets waiting in the router's buffer, if none was sent for them
+/// yet; `false` when the router is gone.
+fn announce_now(tx: &std::sync::Mutex<LinkTx>, announce: &Announce) -> bool {
+    if !announce.pending.swap(false, Ordering::SeqCst) {
+        return true;
+    }
+    let mut tx = lock(tx);
+    let last = tx.buffer().pop_back();
+    // `send` puts the packet back and sends the event: the router takes the whole buffer.
+    last.is_none_or(|last| matches!(tx.send(last).now_or_never(), Some(Ok(_))))
 }
 
 impl RouterSink {

@@ -614,6 +614,8 @@ impl Session {
                 Err(_) => 0x80,
             });
         }
+        // After the retained values were read, before the SUBSCRIBE goes to the router.
+        self.settings.flush_gateway();
         let waiting = std::mem::take(&mut self.router_waiting);
         self.subacks.push_back(PendingSubAck {
             suback: SubAck {

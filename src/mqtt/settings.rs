@@ -37,6 +37,8 @@ pub(crate) struct Settings {
     filters: Mutex<HashMap<String, usize>>,
     /// Publishers wait for subscribers that fall behind.
     pub(crate) flow: Arc<Flow>,
+    /// Sends the router the gateway's publishes still waiting for their event.
+    gateway_flush: std::sync::OnceLock<Box<dyn Fn() + Send + Sync>>,
 }
 
 impl Settings {
@@ -67,6 +69,7 @@ impl Settings {
             no_local: AtomicUsize::new(0),
             filters: Mutex::new(HashMap::new()),
             flow: Arc::new(Flow::new(log_bytes, stats.clone())),
+            gateway_flush: std::sync::OnceLock::new(),
         }
     }
 
@@ -101,6 +104,21 @@ impl Settings {
     pub(crate) fn count_out(&self, p: &Publish) {
         self.stats.count_out(p);
         self.link.delivered.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Registers how the gateway's link sends its waiting publishes to the router.
+    pub(crate) fn on_gateway_flush(&self, flush: Box<dyn Fn() + Send + Sync>) {
+        let _ = self.gateway_flush.set(flush);
+    }
+
+    /// Sends the router the gateway's publishes that are in its buffer without their event
+    /// yet. A publish is in the store only once it is in that buffer, so a SUBSCRIBE that
+    /// read a retained value from the store and calls this before it goes to the router
+    /// reaches the router after that publish: the router does not deliver it live as well.
+    pub(crate) fn flush_gateway(&self) {
+        if let Some(flush) = self.gateway_flush.get() {
+            flush();
+        }
     }
 
     /// Counts messages the router skipped for a subscriber too far behind: dropped for the
