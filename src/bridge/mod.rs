@@ -22,6 +22,7 @@ pub use crate::topic::{Topic, TopicError, TopicFilter};
 pub use content::{content_format_for, content_type_for};
 pub use hub::{Event, Start, Subscription};
 pub use journal::{Durable, Journal, JournalError};
+pub(crate) use journal::{from_millis, millis};
 pub use message::{
     Envelope, Listing, Message, Origin, PayloadEncoding, Properties, Qos, UserProperty, fnv1a,
     is_textual,
@@ -137,10 +138,7 @@ impl Bridge {
             match from_mqtt(publish) {
                 // An MQTT publish is durable with the writer's next commit, a few milliseconds
                 // later; nobody waits for it.
-                Ok(mut message) => {
-                    compact(&mut message);
-                    drop(self.accept(message));
-                }
+                Ok(message) => drop(self.accept(message)),
                 Err(e) => {
                     tracing::warn!(error = %e, "dropped a broker message with an invalid topic")
                 }
@@ -459,9 +457,11 @@ fn to_mqtt(m: &Message) -> MqttPublish {
     }
 }
 
-fn from_mqtt(p: MqttPublish) -> Result<Message, TopicError> {
+/// A publish of the broker as the bridge takes it in, with buffers of its own (see
+/// [`compact`]).
+pub(crate) fn from_mqtt(p: MqttPublish) -> Result<Message, TopicError> {
     let now = SystemTime::now();
-    Ok(Message {
+    let mut message = Message {
         topic: Topic::parse_any(&p.topic)?,
         payload: p.payload,
         content_type: p.content_type,
@@ -475,5 +475,7 @@ fn from_mqtt(p: MqttPublish) -> Result<Message, TopicError> {
             .map(|s| now + Duration::from_secs(u64::from(s))),
         updated_at: now,
         origin: Origin::Mqtt,
-    })
+    };
+    compact(&mut message);
+    Ok(message)
 }

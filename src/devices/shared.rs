@@ -3,16 +3,14 @@
 //! gateway holds the rule's lease.
 
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
 
-use bytes::Bytes;
 use futures_util::StreamExt;
 use futures_util::stream::FuturesUnordered;
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
-use crate::bridge::{Bridge, Message, Origin, Qos, Topic, TopicFilter};
-use crate::mqtt::{MqttPublish, SharedDelivery};
+use crate::bridge::{Bridge, TopicFilter};
+use crate::mqtt::SharedDelivery;
 
 use super::outbox::Outbox;
 use super::pull::{self, PullRule};
@@ -74,7 +72,7 @@ fn take(
     lane: usize,
     delivery: SharedDelivery,
 ) -> Option<impl Future<Output = ()> + use<>> {
-    let message = match message(&delivery.publish) {
+    let message = match crate::bridge::from_mqtt(delivery.publish.clone()) {
         Ok(m) => Arc::new(m),
         Err(e) => {
             tracing::warn!(error = %e, "dropped a shared message with an invalid topic");
@@ -117,24 +115,4 @@ pub(crate) async fn leased(
         }
         tracing::info!(rule = %rule.name, "the pull rule's lease went elsewhere");
     }
-}
-
-/// A message of the broker as the bridge would have accepted it.
-fn message(p: &MqttPublish) -> Result<Message, crate::bridge::TopicError> {
-    let now = SystemTime::now();
-    let mut m = Message::new(
-        Topic::parse_any(&p.topic)?,
-        Bytes::copy_from_slice(&p.payload),
-        Origin::Mqtt,
-    );
-    m.content_type.clone_from(&p.content_type);
-    m.user_properties.clone_from(&p.user_properties);
-    m.response_topic.clone_from(&p.response_topic);
-    m.correlation_data = p.correlation_data.as_deref().map(Bytes::copy_from_slice);
-    m.qos = Qos::new(p.qos).unwrap_or_default();
-    m.retain = p.retain;
-    m.expires_at = p
-        .expiry_secs
-        .map(|s| now + Duration::from_secs(u64::from(s)));
-    Ok(m)
 }
