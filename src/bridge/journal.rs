@@ -292,9 +292,15 @@ struct Record {
     origin: u8,
 }
 
-fn millis(t: SystemTime) -> u64 {
+/// A time as stored on disk: milliseconds since the Unix epoch.
+pub(crate) fn millis(t: SystemTime) -> u64 {
     t.duration_since(UNIX_EPOCH)
         .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+/// A time stored as [`millis`].
+pub(crate) fn from_millis(ms: u64) -> SystemTime {
+    UNIX_EPOCH + Duration::from_millis(ms)
 }
 
 fn encode(m: &Message) -> Vec<u8> {
@@ -326,7 +332,7 @@ fn decode(topic: &str, bytes: &[u8]) -> Option<Message> {
         return None;
     };
     let r: Record = postcard::from_bytes(rest).ok()?;
-    let at = |ms: u64| UNIX_EPOCH + Duration::from_millis(ms);
+    let at = from_millis;
     Some(Message {
         topic: Topic::parse_any(topic).ok()?,
         payload: Bytes::from(r.payload),

@@ -2,13 +2,12 @@
 //! [`Record`], keyed by (rule, sequence number).
 
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
 use super::outbox::Entry;
-use crate::bridge::{Message, Origin, Qos, Topic};
+use crate::bridge::{Message, Origin, Qos, Topic, from_millis, millis};
 
 /// Format of a stored value: this byte, then the postcard encoding of [`Record`].
 const VERSION: u8 = 1;
@@ -27,15 +26,6 @@ struct Record {
     expires_at_ms: Option<u64>,
     updated_at_ms: u64,
     taken_at_ms: u64,
-}
-
-fn millis(t: SystemTime) -> u64 {
-    t.duration_since(UNIX_EPOCH)
-        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-}
-
-fn time(ms: u64) -> SystemTime {
-    UNIX_EPOCH + Duration::from_millis(ms)
 }
 
 pub(crate) fn encode(entry: &Entry) -> Vec<u8> {
@@ -74,20 +64,21 @@ pub(crate) fn decode(seq: u64, bytes: &[u8]) -> Option<Entry> {
         correlation_data: r.correlation_data.map(Bytes::from),
         qos: Qos::new(r.qos).unwrap_or_default(),
         retain: r.retain,
-        expires_at: r.expires_at_ms.map(time),
-        updated_at: time(r.updated_at_ms),
+        expires_at: r.expires_at_ms.map(from_millis),
+        updated_at: from_millis(r.updated_at_ms),
         origin: Origin::Mqtt,
     };
     Some(Entry {
         seq,
         message: Arc::new(message),
-        taken_at: time(r.taken_at_ms),
+        taken_at: from_millis(r.taken_at_ms),
     })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::{Duration, UNIX_EPOCH};
 
     #[test]
     fn a_record_keeps_the_message_and_when_it_was_taken() {
