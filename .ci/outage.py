@@ -25,8 +25,9 @@ import time
 
 import paho.mqtt.client as mqtt
 
+from scaleout import FAILED, PASSED, check, free_port, poll
+
 TOPICS = 8
-PASSED, FAILED = [], []
 
 DEVICE = r'''
 import http.server, sys
@@ -49,27 +50,6 @@ class Device(http.server.BaseHTTPRequestHandler):
 http.server.ThreadingHTTPServer.allow_reuse_address = True
 http.server.ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])), Device).serve_forever()
 '''
-
-
-def check(name, ok, detail=""):
-    (PASSED if ok else FAILED).append(name)
-    print(f"{'ok' if ok else 'not ok'} - {name}" + (f"\n#   {detail}" if detail and not ok else ""))
-
-
-def free_port(kind=socket.SOCK_STREAM):
-    with socket.socket(socket.AF_INET, kind) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def poll(predicate, deadline):
-    end = time.monotonic() + deadline
-    while time.monotonic() < end:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.05)
-    return None
 
 
 def http_get(port, path):
