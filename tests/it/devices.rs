@@ -187,7 +187,7 @@ async fn temp(
 }
 
 /// A push rule to `url` with fast retries.
-fn rule(name: &str, filter: &str, url: String) -> PushRule {
+pub(crate) fn rule(name: &str, filter: &str, url: String) -> PushRule {
     PushRule {
         name: name.to_owned(),
         filter: filter.to_owned(),

@@ -11,7 +11,7 @@ use coap_lite::{CoapOption, MessageClass, MessageType, Packet, RequestType, Resp
 use rumqttc::v5::mqttbytes::v5::PublishProperties;
 use serde_json::Value;
 use tokio::net::UdpSocket;
-use topicgate::config::{PullRule, PushBody, PushRule, WhenFull};
+use topicgate::config::{PullRule, PushRule};
 
 use crate::coap_client::{set_uint, uint_option};
 use crate::support::{TestGateway, eventually, metric, qos_v5, recv};
@@ -240,26 +240,10 @@ fn answer(
 
 fn push_rule(name: &str, filter: &str, url: String) -> PushRule {
     PushRule {
-        name: name.to_owned(),
-        filter: filter.to_owned(),
-        url,
         method: topicgate::config::PushMethod::PUT,
-        body: PushBody::Raw,
-        headers: Default::default(),
-        reply_topic: None,
         dead_letter_topic: Some("dead/coap".to_owned()),
-        principal: None,
-        max_attempts: 100,
-        max_age: Duration::from_secs(60),
-        timeout: Duration::from_secs(5),
-        backoff: Duration::from_millis(5),
-        max_backoff: Duration::from_millis(20),
         max_queued: 1000,
-        when_full: WhenFull::DropOldest,
-        in_flight: 32,
-        ca_cert: None,
-        client_cert: None,
-        client_key: None,
+        ..crate::devices::rule(name, filter, url)
     }
 }
 

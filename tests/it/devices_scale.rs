@@ -10,7 +10,7 @@ use std::time::Duration;
 use axum::body::Bytes;
 use axum::http::{HeaderMap, Uri};
 use topicgate::Config;
-use topicgate::config::{PullRule, PushBody, PushRule, WhenFull};
+use topicgate::config::{PullRule, PushRule};
 
 use crate::support::{TestGateway, eventually, metric, qos_v4, recv};
 
@@ -81,28 +81,7 @@ async fn read(
 }
 
 fn push_rule(device: SocketAddr) -> PushRule {
-    PushRule {
-        name: "relay".to_owned(),
-        filter: "shared/+".to_owned(),
-        url: format!("http://{device}/relay/{{2}}"),
-        method: Default::default(),
-        body: PushBody::Raw,
-        headers: Default::default(),
-        reply_topic: None,
-        dead_letter_topic: None,
-        principal: None,
-        max_attempts: 100,
-        max_age: Duration::from_secs(60),
-        timeout: Duration::from_secs(5),
-        backoff: Duration::from_millis(5),
-        max_backoff: Duration::from_millis(20),
-        max_queued: 10_000,
-        when_full: WhenFull::DropOldest,
-        in_flight: 32,
-        ca_cert: None,
-        client_cert: None,
-        client_key: None,
-    }
+    crate::devices::rule("relay", "shared/+", format!("http://{device}/relay/{{2}}"))
 }
 
 fn pull_rule(device: SocketAddr, gateway: &str) -> PullRule {
