@@ -868,10 +868,11 @@ impl Config {
                 reason,
             });
         }
-        if self.broker.keep_alive < Duration::from_secs(1)
+        // rumqttc, which the gateway connects with, refuses less than 5 s.
+        if self.broker.keep_alive < Duration::from_secs(5)
             || self.broker.keep_alive > Duration::from_secs(65_535)
         {
-            return invalid("broker.keep_alive", "must be between 1s and 65535s");
+            return invalid("broker.keep_alive", "must be between 5s and 65535s");
         }
         if self.broker.max_backoff.is_zero() {
             return invalid("broker.max_backoff", "must be longer than 0s");
@@ -1130,6 +1131,11 @@ mod tests {
         c.rpc.max_timeout = Duration::ZERO;
         let err = c.validate().unwrap_err().to_string();
         assert!(err.contains("`rpc.max_timeout`"), "{err}");
+        // Below what the broker client takes, refused at startup rather than raised quietly.
+        let mut c = Config::default();
+        c.broker.keep_alive = Duration::from_secs(2);
+        let err = c.validate().unwrap_err().to_string();
+        assert!(err.contains("`broker.keep_alive`"), "{err}");
     }
 
     #[test]

@@ -311,7 +311,7 @@ fn options(broker: &RemoteBroker, client_id: &str) -> MqttOptions {
 }
 
 /// The keep-alive the connections use: rumqttc refuses (panics on) less than 5 s, which the
-/// config allows.
+/// config refuses too; a `RemoteBroker` built in code is held to it here.
 fn keep_alive(broker: &RemoteBroker) -> Duration {
     broker.keep_alive.max(MIN_KEEP_ALIVE)
 }
