@@ -46,6 +46,9 @@ use crate::metrics::Metrics;
 use crate::mqtt::{Link, LinkStats, MqttPublish, Refused, RetainedSource};
 use crate::policy::{Action, Denial, Policy, Principal, Readable};
 
+/// Most broker publishes the bridge takes from its queue at a time.
+const INBOUND_BATCH: usize = 64;
+
 /// Why the bridge refused a request.
 #[derive(Debug, thiserror::Error)]
 pub enum BridgeError {
@@ -129,18 +132,24 @@ impl Bridge {
         let Some(mut inbound) = self.inner.link.take_inbound() else {
             return;
         };
+        // Taken in batches: one wake-up of this task for all that is queued.
+        let mut batch: Vec<MqttPublish> = Vec::with_capacity(INBOUND_BATCH);
         loop {
-            let next: Option<MqttPublish> = tokio::select! {
-                m = inbound.recv() => m,
+            let taken = tokio::select! {
+                n = inbound.recv_many(&mut batch, INBOUND_BATCH) => n,
                 () = cancel.cancelled() => break,
             };
-            let Some(publish) = next else { break };
-            match from_mqtt(publish) {
-                // An MQTT publish is durable with the writer's next commit, a few milliseconds
-                // later; nobody waits for it.
-                Ok(message) => drop(self.accept(message)),
-                Err(e) => {
-                    tracing::warn!(error = %e, "dropped a broker message with an invalid topic")
+            if taken == 0 {
+                break;
+            }
+            for publish in batch.drain(..) {
+                match from_mqtt(publish) {
+                    // An MQTT publish is durable with the writer's next commit, a few
+                    // milliseconds later; nobody waits for it.
+                    Ok(message) => drop(self.accept(message)),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "dropped a broker message with an invalid topic")
+                    }
                 }
             }
         }

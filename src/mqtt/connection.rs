@@ -523,11 +523,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Joined<'_, S> {
         let settings = self.front.settings.clone();
         // MQTT §3.1.2.10: one and a half keep-alive periods without a packet end the connection.
         let grace = Duration::from_millis(u64::from(keep_alive) * 1500);
-        let mut deadline = Instant::now() + grace;
+        let mut deadline = Deadline::default();
+        if keep_alive > 0 {
+            deadline.set(Some(Instant::now() + grace));
+        }
         let mut paused_until: Option<Instant> = None;
         let mut blocked: Option<Blocked> = None;
         let mut out = Out::default();
-        let mut idle_at: Option<Instant> = None;
+        let mut idle_at = Deadline::default();
         // Bytes that came with the CONNECT may hold whole packets already.
         let mut buffered = !self.conn.read.is_empty();
         loop {
@@ -574,7 +577,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Joined<'_, S> {
                     if let Some(closed) = self.apply(&mut out).await {
                         return closed;
                     }
-                    idle_at = self.session.behind().then(|| Instant::now() + IDLE);
+                    idle_at.set(self.session.behind().then(|| Instant::now() + IDLE));
                 }
                 read = self.conn.stream.read_buf(&mut self.conn.read), if reading => {
                     match read {
@@ -582,19 +585,68 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Joined<'_, S> {
                         Ok(n) => settings.stats.packets(0, 0, n as u64, 0),
                         Err(e) => return Closed::Io(e),
                     }
-                    deadline = Instant::now() + grace;
+                    if keep_alive > 0 {
+                        deadline.set(Some(Instant::now() + grace));
+                    }
                     buffered = true;
                 }
-                () = tokio::time::sleep_until(deadline), if keep_alive > 0 => return Closed::KeepAlive,
+                () = deadline.passed() => return Closed::KeepAlive,
                 () = tokio::time::sleep_until(paused_until.unwrap_or_else(Instant::now)), if paused_until.is_some() => {
                     paused_until = None;
                 }
                 () = wait_for(&mut blocked, &settings.flow), if blocked.is_some() => blocked = None,
                 // More whole packets may be buffered: handled once the router had its turn.
                 () = std::future::ready(()), if buffered && may_read => {}
-                () = tokio::time::sleep_until(idle_at.unwrap_or_else(Instant::now)), if idle_at.is_some() => {
-                    idle_at = self.session.idle().then(|| Instant::now() + IDLE);
+                () = idle_at.passed() => {
+                    idle_at.set(self.session.idle().then(|| Instant::now() + IDLE));
                 }
+            }
+        }
+    }
+}
+
+/// A deadline that moves on with nearly every packet (the keep-alive's, the idle check's) but
+/// rarely passes. Its timer is armed once and, when it fires before the deadline that moved
+/// on meanwhile, armed again for that one: a timer set anew on every packet registers with the
+/// runtime's timer wheel and leaves it again each time.
+struct Deadline {
+    at: Option<Instant>,
+    timer: std::pin::Pin<Box<tokio::time::Sleep>>,
+    armed: Option<Instant>,
+}
+
+impl Default for Deadline {
+    fn default() -> Self {
+        Self {
+            at: None,
+            timer: Box::pin(tokio::time::sleep_until(Instant::now())),
+            armed: None,
+        }
+    }
+}
+
+impl Deadline {
+    /// Moves the deadline, or clears it with `None`.
+    fn set(&mut self, at: Option<Instant>) {
+        self.at = at;
+    }
+
+    /// Resolves once the deadline has passed; never while there is none.
+    async fn passed(&mut self) {
+        loop {
+            let Some(at) = self.at else {
+                return std::future::pending().await;
+            };
+            // A later deadline waits for the timer armed earlier; an earlier one cannot.
+            if self.armed.is_none_or(|armed| armed > at) {
+                self.timer.as_mut().reset(at);
+                self.armed = Some(at);
+            }
+            self.timer.as_mut().await;
+            self.armed = None;
+            if Instant::now() >= at {
+                self.at = None;
+                return;
             }
         }
     }

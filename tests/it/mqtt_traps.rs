@@ -28,6 +28,48 @@ async fn keep_alive_zero_is_accepted_as_with_mosquitto() {
 }
 
 #[tokio::test]
+async fn a_silent_client_is_cut_off_after_one_and_a_half_keep_alives_and_a_pinging_one_is_not() {
+    let gw = TestGateway::start().await;
+    let mut silent = tokio::net::TcpStream::connect(gw.mqtt).await.unwrap();
+    silent.write_all(&connect_packet(1)).await.unwrap();
+    let mut connack = [0u8; 4];
+    within("CONNACK", silent.read_exact(&mut connack))
+        .await
+        .unwrap();
+    let started = std::time::Instant::now();
+    let cut_off = tokio::spawn(async move {
+        let rest = read_to_close(&mut silent).await;
+        (rest, started.elapsed())
+    });
+    let mut pinging = tokio::net::TcpStream::connect(gw.mqtt).await.unwrap();
+    let mut connect = connect_packet(1);
+    connect[15] = b'1';
+    pinging.write_all(&connect).await.unwrap();
+    within("CONNACK", pinging.read_exact(&mut connack))
+        .await
+        .unwrap();
+    // The pinging client keeps to its keep-alive for 3 s, twice the silent one's grace: every
+    // packet it sends moves its deadline on.
+    for _ in 0..6 {
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+        pinging.write_all(&[0xC0, 0]).await.unwrap();
+        let mut pong = [0u8; 2];
+        within("PINGRESP", pinging.read_exact(&mut pong))
+            .await
+            .unwrap();
+        assert_eq!(pong, [0xD0, 0]);
+    }
+    // MQTT 3.1.1 §3.1.2.10: closed once 1.5 s pass without a packet, and not before.
+    let (rest, waited) = cut_off.await.unwrap();
+    assert!(rest.is_empty(), "closed without a word: {rest:?}");
+    assert!(
+        waited >= std::time::Duration::from_millis(1500)
+            && waited < std::time::Duration::from_secs(3),
+        "cut off after {waited:?}"
+    );
+}
+
+#[tokio::test]
 async fn client_ids_with_slashes_and_dollars_connect() {
     let gw = TestGateway::start().await;
     let (c, mut rx) = gw.mqtt_v4("plant/sensor-1$a", &[("ids/#", 0)]).await;
