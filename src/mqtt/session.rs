@@ -473,11 +473,20 @@ impl Session {
                 }
             }
         };
+        let (qos, packet_id) = (p.qos, p.packet_id);
         let reason = match allowed {
             Ok(()) => {
                 self.settings.stats.count_in(&p);
-                self.route(&p, out);
-                code::SUCCESS
+                // MQTT 5 tells a QoS 1 publisher when nobody subscribes, as Mosquitto does.
+                let unheard = qos == QoS::AtLeastOnce
+                    && self.v5()
+                    && !self.settings.has_subscribers(&p.topic);
+                self.route(p, out);
+                if unheard {
+                    code::NO_MATCHING_SUBSCRIBERS
+                } else {
+                    code::SUCCESS
+                }
             }
             Err(reason) => {
                 tracing::debug!(topic = %p.topic, "publish refused by the ACL");
@@ -486,43 +495,22 @@ impl Session {
         };
         // MQTT 3.1.1 has no way to say no to a publish: it is acknowledged and dropped.
         let reason = if self.v5() { reason } else { code::SUCCESS };
-        match p.qos {
+        match qos {
             QoS::AtMostOnce => {}
-            QoS::AtLeastOnce => {
-                // MQTT 5 tells a publisher when nobody subscribes, as Mosquitto does.
-                let reason = if reason == code::SUCCESS
-                    && self.v5()
-                    && !self.settings.has_subscribers(&p.topic)
-                {
-                    code::NO_MATCHING_SUBSCRIBERS
-                } else {
-                    reason
-                };
-                out.client.push(Packet::PubAck(ack(p.packet_id, reason)));
-            }
+            QoS::AtLeastOnce => out.client.push(Packet::PubAck(ack(packet_id, reason))),
             QoS::ExactlyOnce => {
                 if reason == code::SUCCESS {
-                    self.qos2_in.insert(p.packet_id);
+                    self.qos2_in.insert(packet_id);
                 }
-                out.client.push(Packet::PubRec(ack(p.packet_id, reason)));
+                out.client.push(Packet::PubRec(ack(packet_id, reason)));
             }
         }
     }
 
-    /// Hands an accepted publish to the bridge and to the router.
-    fn route(&mut self, p: &Publish, out: &mut Out) {
+    /// Hands an accepted publish to the router and to the bridge, which takes the publish's
+    /// own buffers.
+    fn route(&mut self, p: Publish, out: &mut Out) {
         let props = &p.properties;
-        out.bridge.push(MqttPublish {
-            topic: p.topic.clone(),
-            payload: p.payload.clone(),
-            qos: p.qos as u8,
-            retain: p.retain,
-            content_type: props.content_type.clone(),
-            user_properties: props.user_properties.clone(),
-            response_topic: props.response_topic.clone(),
-            correlation_data: props.correlation_data.clone(),
-            expiry_secs: props.message_expiry_interval,
-        });
         let mut rprops = r::PublishProperties {
             payload_format_indicator: props.payload_format_indicator,
             message_expiry_interval: props.message_expiry_interval,
@@ -551,6 +539,18 @@ impl Session {
         }
         let publish = r::Publish::new(topic, p.payload.clone(), false);
         out.router.push(r::Packet::Publish(publish, Some(rprops)));
+        let props = p.properties;
+        out.bridge.push(MqttPublish {
+            topic: p.topic,
+            payload: p.payload,
+            qos: p.qos as u8,
+            retain: p.retain,
+            content_type: props.content_type,
+            user_properties: props.user_properties,
+            response_topic: props.response_topic,
+            correlation_data: props.correlation_data,
+            expiry_secs: props.message_expiry_interval,
+        });
     }
 
     fn acked(&mut self, id: u16, kind: AckKind, reason: u8, out: &mut Out) {
