@@ -1,7 +1,9 @@
 //! What the load tools share: a latency histogram, the one-line JSON report each tool prints last
-//! on stdout (read by `bench/run`), a clock for timestamps carried in payloads, and RSS readings.
+//! on stdout (read by `bench/run`), a clock for timestamps carried in payloads, RSS readings, and
+//! a bare MQTT 5 responder.
 
 pub mod http;
+pub mod responder;
 
 use std::collections::hash_map::RandomState;
 use std::hash::BuildHasher;

@@ -1,6 +1,7 @@
 //! Request/response round trips: `POST /rpc/{topic}` over keep-alive connections, answered by
-//! an MQTT 5 responder (rumqttc) in this process that replies on each request's Response Topic
-//! with its Correlation Data. Without `--rate`, every connection calls again as soon as it is
+//! an MQTT 5 responder in this process that replies on each request's Response Topic with its
+//! Correlation Data: a bare one on the socket (`--responder raw`, the default), or a rumqttc
+//! client (`--responder rumqttc`), whose event loop and channels add hops of their own. Without `--rate`, every connection calls again as soon as it is
 //! answered, for `--duration` (the maximum rate); with `--rate`, `--count` calls are spread on a
 //! fixed schedule (the latency at that rate).
 //! `rpc-load --http 127.0.0.1:8080 --mqtt 127.0.0.1:1883 --connections 32 --duration 10s`
@@ -18,6 +19,7 @@ use rumqttc::v5::{AsyncClient, Event, MqttOptions};
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinSet;
 use topicgate_bench::http::{HttpConn, encode_path};
+use topicgate_bench::responder::Responder;
 use topicgate_bench::{Latencies, Report, parse_duration, random_hex};
 
 /// HTTP request/response load against an MQTT 5 responder.
@@ -44,6 +46,18 @@ struct Args {
     /// Request body bytes.
     #[arg(long, default_value_t = 100)]
     payload: usize,
+    /// What answers the calls.
+    #[arg(long, value_enum, default_value_t = Kind::Raw)]
+    responder: Kind,
+}
+
+/// The MQTT 5 client that answers.
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Kind {
+    /// A bare client on the socket: each reply written by the task that read the request.
+    Raw,
+    /// rumqttc's `AsyncClient`, as an application would use it.
+    Rumqttc,
 }
 
 /// How far behind its slot a call may start before it counts as late (tokio's timer resolution).
@@ -185,7 +199,14 @@ async fn main() -> anyhow::Result<()> {
     let topic = format!("bench/rpc/{}", random_hex());
     let path: Arc<str> = format!("/rpc/{}", encode_path(&topic)).into();
     let mut background = JoinSet::new();
-    responder(args.mqtt, &topic, &mut background).await?;
+    match args.responder {
+        Kind::Raw => {
+            let id = format!("rpc-load-{}", random_hex());
+            let responder = Responder::connect(args.mqtt, &id, &topic).await?;
+            background.spawn(responder.serve());
+        }
+        Kind::Rumqttc => responder(args.mqtt, &topic, &mut background).await?,
+    }
 
     // A short lead lets every connection open before its first slot.
     let start = Instant::now() + Duration::from_millis(50);
@@ -213,14 +234,13 @@ async fn main() -> anyhow::Result<()> {
             all.errors
         );
     }
-    let mut report = Report::new(
-        "http rpc -> mqtt5 responder",
-        all.ok,
-        elapsed,
-        &all.latencies,
-    )
-    .with("errors", all.errors)
-    .with("connections", args.connections);
+    let scenario = match args.responder {
+        Kind::Raw => "http rpc -> mqtt5 responder",
+        Kind::Rumqttc => "http rpc -> mqtt5 responder (rumqttc)",
+    };
+    let mut report = Report::new(scenario, all.ok, elapsed, &all.latencies)
+        .with("errors", all.errors)
+        .with("connections", args.connections);
     if let Some(rate) = args.rate {
         report = report.with("rate_target", rate).with("late", all.late);
     }
