@@ -261,3 +261,19 @@ fn max_pending_bounds_the_jobs_and_close_says_goodbye() {
         MessageClass::Response(ResponseType::ServiceUnavailable)
     );
 }
+
+#[test]
+fn a_forgotten_peer_loses_its_observations() {
+    let mut ep = endpoint();
+    let now = Instant::now();
+    ep.receive(&client(1), &observe(1), now);
+    ep.receive(&client(2), &observe(1), now);
+    sent(&mut ep);
+    ep.forget(client(1).peer);
+    publish(&mut ep, "t", b"v", now);
+    let out = sent(&mut ep);
+    assert_eq!(out.len(), 1);
+    assert_eq!(out[0].peer, client(2).peer);
+    ep.forget(client(2).peer);
+    assert!(ep.live().is_none());
+}
