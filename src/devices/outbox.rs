@@ -303,12 +303,17 @@ mod tests {
         // The bound dropped the 1,000 oldest: the window's, and then from disk.
         assert_eq!(lane.depth(), 3000);
         assert!(lane.held().is_empty());
+        assert_eq!(
+            lane.in_memory(),
+            0,
+            "committed entries beyond the window stay on disk only"
+        );
         let mut sent = Vec::new();
         for _ in 0..1000 {
             let entry = lane.next(1).await;
             outbox.remove(&lane, entry.seq);
             sent.push(entry.message.payload.clone());
-            assert!(lane.held().len() <= MIN_WINDOW);
+            assert!(lane.in_memory() <= MIN_WINDOW);
         }
         outbox.close().await;
         let outbox = Outbox::open(dir.path(), rules(3000)).unwrap();

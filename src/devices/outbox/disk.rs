@@ -4,11 +4,12 @@
 
 use std::collections::HashMap;
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, PoisonError, RwLock};
 
 use redb::{Database, DatabaseError, ReadableDatabase, ReadableTable, TableDefinition};
-use tokio::sync::{Notify, oneshot};
+use tokio::sync::oneshot;
 
 use super::OutboxError;
 use super::lane::Entry;
@@ -29,8 +30,8 @@ enum Op {
         seq: u64,
         record: Vec<u8>,
         ack: Ack,
-        /// The lane to wake once the entry can be read back: it is not held in memory.
-        wake: Option<Arc<Notify>>,
+        /// Raised past `seq` once the entry is on disk: its lane holds it in memory until then.
+        committed: Option<Arc<AtomicU64>>,
     },
     Delete {
         rule: Arc<str>,
@@ -92,14 +93,14 @@ impl Disk {
         Ok((disk, stored))
     }
 
-    /// Queues an entry's record; the receipt resolves once it is on disk, and `wake` is
-    /// notified then.
+    /// Queues an entry's record; the receipt resolves once it is on disk, and `committed` is
+    /// raised past `seq` then.
     pub(super) fn put(
         &self,
         rule: &Arc<str>,
         seq: u64,
         record: Vec<u8>,
-        wake: Option<Arc<Notify>>,
+        committed: Option<Arc<AtomicU64>>,
     ) -> Option<Durable> {
         let (ack, durable) = Durable::pending();
         let op = Op::Put {
@@ -107,7 +108,7 @@ impl Disk {
             seq,
             record,
             ack,
-            wake,
+            committed,
         };
         self.send(op).then_some(durable)
     }
@@ -189,11 +190,16 @@ fn write_loop(file: &RwLock<Option<Database>>, rx: &mpsc::Receiver<Op>) {
         let mut stop = None;
         for op in batch {
             match op {
-                Op::Put { ack, wake, .. } => {
-                    let _ = ack.send(outcome.clone());
-                    if let Some(wake) = wake {
-                        wake.notify_one();
+                Op::Put {
+                    ack,
+                    committed,
+                    seq,
+                    ..
+                } => {
+                    if let (Some(committed), Ok(())) = (committed, &outcome) {
+                        committed.fetch_max(seq + 1, Ordering::Release);
                     }
+                    let _ = ack.send(outcome.clone());
                 }
                 Op::Stop(ack) => stop = Some(ack),
                 Op::Delete { .. } => {}

@@ -1,8 +1,10 @@
 //! One push rule's queue: its oldest entries held in memory, at most a window of them, the rest
-//! on disk only until the window has room again; the worker takes the oldest held entry whose
-//! topic has none in flight, so a dead endpoint's queue costs memory for the window alone.
+//! on disk only (kept in memory too until their commit) until the window has room again; the
+//! worker takes the oldest held entry whose topic has none in flight, so a dead endpoint's queue
+//! costs memory for the window alone.
 
 use std::collections::{HashSet, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::SystemTime;
 
@@ -50,8 +52,10 @@ pub(crate) struct Lane {
     pub(super) scope: Readable,
     pub(super) bound: Bound,
     disk: Arc<Disk>,
+    /// Every entry below this sequence number is on disk (raised by the writer thread).
+    committed: Arc<AtomicU64>,
     state: Mutex<LaneState>,
-    ready: Arc<Notify>,
+    ready: Notify,
 }
 
 struct Held {
@@ -67,6 +71,9 @@ struct LaneState {
     busy: HashSet<Topic>,
     /// Entries after the held ones, on disk (or on their way there) only.
     spilled: usize,
+    /// The newest spilled entries, whose commit is not known to be done: read back from here,
+    /// a message never waits for a disk sync to go out.
+    fresh: VecDeque<Entry>,
     /// No spilled entry has a lower sequence number.
     spill_from: u64,
     /// The first spilled entries, which the bound dropped before they were read back.
@@ -100,6 +107,7 @@ impl Lane {
                 .collect(),
             in_flight: 0,
             busy: HashSet::new(),
+            fresh: VecDeque::new(),
             spilled: stored.spilled,
             spill_from: stored.spill_from,
             skip: 0,
@@ -113,8 +121,9 @@ impl Lane {
             scope,
             bound,
             disk,
+            committed: Arc::new(AtomicU64::new(0)),
             state: Mutex::new(state),
-            ready: Arc::new(Notify::new()),
+            ready: Notify::new(),
         }
     }
 
@@ -166,24 +175,25 @@ impl Lane {
             taken_at: SystemTime::now(),
         };
         let record = encode(&entry);
-        let wake = if state.spilled == 0 && state.held.len() < self.bound.window {
+        self.settle_fresh(&mut state);
+        let committed = if state.spilled == 0 && state.held.len() < self.bound.window {
             state.held.push_back(Held {
                 entry,
                 in_flight: false,
             });
             None
         } else {
-            // Beyond the window the message lives on disk only; the worker reads it back once
-            // the commit is done and the window has room.
+            // Beyond the window the message lives on disk only, once its commit is done.
             if state.spilled == 0 {
                 state.spill_from = seq;
             }
             state.spilled += 1;
-            Some(self.ready.clone())
+            state.fresh.push_back(entry);
+            Some(self.committed.clone())
         };
         self.bound.depth.set(state.depth() as i64);
         // Sent under the lane's lock, so the file sees a lane's entries in their order.
-        let durable = self.disk.put(&self.name, seq, record, wake);
+        let durable = self.disk.put(&self.name, seq, record, committed);
         drop(state);
         self.ready.notify_one();
         durable
@@ -207,28 +217,56 @@ impl Lane {
         self.disk.delete(&self.name, seq);
     }
 
-    /// Reads spilled entries back once the window is half empty.
+    /// Moves spilled entries back into the window once it is half empty: from memory when
+    /// their commit is not known to be done, else read from disk.
     fn refill(&self) {
-        let (from, count) = {
+        loop {
+            let (from, count) = {
+                let mut state = self.lock();
+                self.settle_fresh(&mut state);
+                let room = self.bound.window.saturating_sub(state.held.len());
+                if state.spilled == 0 || state.loading || room < self.bound.window / 2 {
+                    return;
+                }
+                let on_disk = state.spilled - state.fresh.len();
+                let wanted = room + state.skip;
+                if on_disk == 0 {
+                    let n = wanted.min(state.fresh.len());
+                    let entries: Vec<Entry> = state.fresh.drain(..n).collect();
+                    self.settle(&mut state, entries);
+                    return;
+                }
+                state.loading = true;
+                (state.spill_from, wanted.min(on_disk))
+            };
+            // Read outside the lock: publishers keep queueing meanwhile, behind these entries.
+            let read = self.disk.read(&self.name, from, count);
             let mut state = self.lock();
-            let room = self.bound.window.saturating_sub(state.held.len());
-            if state.spilled == 0 || state.loading || room < self.bound.window / 2 {
-                return;
+            state.loading = false;
+            match read {
+                Ok(entries) => {
+                    // Entries that should be on disk and are not (a failed commit, whose
+                    // publisher was told) are not waited for.
+                    let missing = count - entries.len();
+                    self.settle(&mut state, entries);
+                    if missing > 0 {
+                        tracing::warn!(rule = %self.name, missing, "outbox entries missing on disk");
+                        state.spilled -= missing.min(state.spilled - state.fresh.len());
+                        state.skip = state.skip.min(state.spilled);
+                        return;
+                    }
+                }
+                Err(e) => {
+                    tracing::error!(rule = %self.name, error = %e, "cannot read the push outbox");
+                    return;
+                }
             }
-            state.loading = true;
-            (state.spill_from, room + state.skip)
-        };
-        // Read outside the lock: publishers keep queueing meanwhile, behind these entries.
-        let read = self.disk.read(&self.name, from, count);
-        let mut state = self.lock();
-        state.loading = false;
-        let entries = match read {
-            Ok(entries) => entries,
-            Err(e) => {
-                tracing::error!(rule = %self.name, error = %e, "cannot read the push outbox");
-                return;
-            }
-        };
+        }
+    }
+
+    /// Takes the next spilled entries, in order, into the window (or drops those the bound
+    /// skipped).
+    fn settle(&self, state: &mut LaneState, entries: Vec<Entry>) {
         for entry in entries {
             state.spilled -= 1;
             state.spill_from = entry.seq + 1;
@@ -241,6 +279,14 @@ impl Lane {
                     in_flight: false,
                 });
             }
+        }
+    }
+
+    /// Forgets the memory copy of spilled entries whose commit is done.
+    fn settle_fresh(&self, state: &mut LaneState) {
+        let committed = self.committed.load(Ordering::Acquire);
+        while state.fresh.front().is_some_and(|e| e.seq < committed) {
+            state.fresh.pop_front();
         }
     }
 
@@ -268,7 +314,7 @@ impl Lane {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// The payloads held in memory, oldest first.
+    /// The payloads held in the window, oldest first.
     #[cfg(test)]
     pub(super) fn held(&self) -> Vec<bytes::Bytes> {
         let state = self.lock();
@@ -277,5 +323,13 @@ impl Lane {
             .iter()
             .map(|h| h.entry.message.payload.clone())
             .collect()
+    }
+
+    /// Entries in memory: the window and the spilled ones still waiting for their commit.
+    #[cfg(test)]
+    pub(super) fn in_memory(&self) -> usize {
+        let mut state = self.lock();
+        self.settle_fresh(&mut state);
+        state.held.len() + state.fresh.len()
     }
 }
