@@ -198,17 +198,25 @@ impl CoapSocket {
         until: Instant,
     ) -> Result<Received, String> {
         let mid = mid.into();
-        let mut buf = vec![0u8; DATAGRAM];
         loop {
-            let n = match tokio::time::timeout_at(until, self.socket.recv(&mut buf)).await {
+            match tokio::time::timeout_at(until, self.socket.readable()).await {
                 Err(_) => return Ok(Received::Nothing),
+                Ok(Err(e)) => return Err(format!("cannot read the socket: {e}")),
+                Ok(Ok(())) => {}
+            }
+            // A buffer only while a datagram is read: an observation waiting for its next
+            // notification holds none (a thousand of them held 64 MiB).
+            let mut buf = Vec::with_capacity(DATAGRAM);
+            match self.socket.try_recv_buf(&mut buf) {
+                Ok(_) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
                 // An ICMP error (port unreachable) from an earlier send: the device is down.
-                Ok(Err(e)) => return Err(format!("the device is unreachable: {e}")),
-                Ok(Ok(n)) => n,
-            };
-            let Ok(p) = Packet::from_bytes(&buf[..n]) else {
+                Err(e) => return Err(format!("the device is unreachable: {e}")),
+            }
+            let Ok(p) = Packet::from_bytes(&buf) else {
                 continue;
             };
+            drop(buf);
             let kind = p.header.get_type();
             let ours = Some(p.header.message_id) == mid;
             match (kind, p.header.code) {

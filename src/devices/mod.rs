@@ -138,6 +138,8 @@ impl Devices {
                 let bound = Bound {
                     max_queued: c.max_queued,
                     when_full: c.when_full,
+                    // Room for every request in flight and as many waiting behind them.
+                    window: (2 * c.in_flight).max(outbox::MIN_WINDOW),
                     overflow: metrics.push_overflow.get_or_create(&label).clone(),
                     depth: metrics.push_queued.get_or_create(&label).clone(),
                 };

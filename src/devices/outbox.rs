@@ -1,32 +1,22 @@
-//! The push outbox: one bounded queue per push rule in memory, mirrored in a redb table keyed
-//! by (rule, sequence number) under the data dir. A writer thread commits what has queued up in
-//! one durable transaction, so a message is on disk before the publisher is answered, and
-//! leaves the disk only when its rule is done with it.
+//! The push outbox: one bounded queue per push rule, durable in `outbox.redb` under the data dir
+//! (`disk.rs`) before the publisher is answered, with only a window of each queue held in memory
+//! (`lane.rs`); an entry leaves the disk when its rule is done with it.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+mod disk;
+mod lane;
+
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::mpsc;
-use std::sync::{Arc, Mutex, PoisonError};
-use std::time::SystemTime;
+use std::sync::Arc;
 
-use prometheus_client::metrics::counter::Counter;
-use prometheus_client::metrics::gauge::Gauge;
-use redb::{Database, DatabaseError, ReadableDatabase, ReadableTable, TableDefinition};
-use tokio::sync::{Notify, oneshot};
+pub(crate) use self::lane::{Bound, Entry, Lane, MIN_WINDOW};
 
-use super::record::{decode, encode};
+use self::disk::Disk;
 use crate::bridge::{Durable, Message, TopicFilter};
-use crate::config::WhenFull;
 use crate::policy::Readable;
-use crate::topic::Topic;
 
-const TABLE: TableDefinition<'_, (&str, u64), &[u8]> = TableDefinition::new("outbox");
 /// File name under the data dir.
 const FILE: &str = "outbox.redb";
-/// Page cache of the database file: the queues hold every waiting message in memory.
-const CACHE: usize = 4 * 1024 * 1024;
-/// Most operations committed in one transaction.
-const BATCH: usize = 4096;
 
 /// Why the outbox cannot be used.
 #[derive(Debug, thiserror::Error)]
@@ -47,101 +37,10 @@ pub enum OutboxError {
     },
 }
 
-/// One message waiting in a rule's outbox.
-#[derive(Debug, Clone)]
-pub(crate) struct Entry {
-    pub(crate) seq: u64,
-    pub(crate) message: Arc<Message>,
-    /// When the outbox took it; `max_age` counts from here, across restarts.
-    pub(crate) taken_at: SystemTime,
-}
-
-/// How a rule's queue is bounded, and its counters.
-pub(crate) struct Bound {
-    pub(crate) max_queued: usize,
-    pub(crate) when_full: WhenFull,
-    /// Messages dropped or refused at the bound.
-    pub(crate) overflow: Counter,
-    /// Messages waiting.
-    pub(crate) depth: Gauge,
-}
-
-/// One push rule's queue.
-pub(crate) struct Lane {
-    pub(crate) name: Arc<str>,
-    filter: TopicFilter,
-    /// What the rule's principal may read of the filter.
-    scope: Readable,
-    bound: Bound,
-    state: Mutex<LaneState>,
-    ready: Notify,
-}
-
-#[derive(Default)]
-struct LaneState {
-    queue: VecDeque<Entry>,
-    next_seq: u64,
-    /// The entries the worker holds, which the bound never drops, and their topics.
-    in_flight: HashMap<u64, Topic>,
-    busy: HashSet<Topic>,
-}
-
-impl Lane {
-    /// The oldest waiting entry whose topic has none in flight, marked in flight; waits for one
-    /// while `limit` entries are in flight or none can go.
-    pub(crate) async fn next(&self, limit: usize) -> Entry {
-        loop {
-            let ready = self.ready.notified();
-            {
-                let mut state = self.lock();
-                if state.in_flight.len() < limit
-                    && let Some(entry) = state
-                        .queue
-                        .iter()
-                        .find(|e| {
-                            !state.in_flight.contains_key(&e.seq)
-                                && !state.busy.contains(&e.message.topic)
-                        })
-                        .cloned()
-                {
-                    let topic = entry.message.topic.clone();
-                    state.busy.insert(topic.clone());
-                    state.in_flight.insert(entry.seq, topic);
-                    return entry;
-                }
-            }
-            ready.await;
-        }
-    }
-
-    /// Messages waiting, the one in flight included.
-    pub(crate) fn depth(&self) -> usize {
-        self.lock().queue.len()
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, LaneState> {
-        self.state.lock().unwrap_or_else(PoisonError::into_inner)
-    }
-}
-
-enum Op {
-    Put {
-        rule: Arc<str>,
-        seq: u64,
-        record: Vec<u8>,
-        ack: Option<oneshot::Sender<Result<(), String>>>,
-    },
-    Delete {
-        rule: Arc<str>,
-        seq: u64,
-    },
-    Stop(oneshot::Sender<Result<(), String>>),
-}
-
 /// The outbox of every push rule.
 pub(crate) struct Outbox {
     lanes: Vec<Arc<Lane>>,
-    writer: Mutex<Option<mpsc::Sender<Op>>>,
+    disk: Arc<Disk>,
 }
 
 impl std::fmt::Debug for Outbox {
@@ -159,54 +58,33 @@ impl Outbox {
         rules: Vec<(Arc<str>, TopicFilter, Readable, Bound)>,
     ) -> Result<Self, OutboxError> {
         let path = dir.join(FILE);
-        let unreadable = |detail: String| OutboxError::Unreadable {
+        std::fs::create_dir_all(dir).map_err(|e| OutboxError::Unreadable {
             path: path.clone(),
-            detail,
-        };
-        std::fs::create_dir_all(dir).map_err(|e| unreadable(e.to_string()))?;
-        let db = match Database::builder().set_cache_size(CACHE).create(&path) {
-            Ok(db) => db,
-            Err(DatabaseError::DatabaseAlreadyOpen) => return Err(OutboxError::InUse { path }),
-            Err(e) => return Err(unreadable(e.to_string())),
-        };
-        let mut stored = load(&db).map_err(unreadable)?;
-        let lanes: Vec<Arc<Lane>> = rules
+            detail: e.to_string(),
+        })?;
+        let windows: HashMap<&str, usize> = rules
+            .iter()
+            .map(|(name, _, _, bound)| (&**name, bound.window))
+            .collect();
+        // A rule no longer configured is only counted.
+        let window = |rule: &str| windows.get(rule).copied().unwrap_or(0);
+        let (disk, mut stored) = Disk::open(&path, window)?;
+        let disk = Arc::new(disk);
+        let lanes = rules
             .into_iter()
-            .map(|(name, filter, scope, bound)| {
-                let queue: VecDeque<Entry> = stored.remove(&*name).unwrap_or_default().into();
-                let next_seq = queue.back().map_or(0, |e| e.seq + 1);
-                bound.depth.set(queue.len() as i64);
-                Arc::new(Lane {
-                    name,
-                    filter,
-                    scope,
-                    bound,
-                    state: Mutex::new(LaneState {
-                        queue,
-                        next_seq,
-                        in_flight: HashMap::new(),
-                        busy: HashSet::new(),
-                    }),
-                    ready: Notify::new(),
-                })
+            .map(|rule| {
+                let left = stored.remove(&*rule.0).unwrap_or_default();
+                Arc::new(Lane::new(rule, disk.clone(), left))
             })
             .collect();
-        for (rule, entries) in &stored {
+        for (rule, left) in &stored {
             tracing::warn!(
                 rule = %rule,
-                messages = entries.len(),
+                messages = left.spilled,
                 "the outbox holds messages of a push rule that is no longer configured; they are kept"
             );
         }
-        let (tx, rx) = mpsc::channel();
-        std::thread::Builder::new()
-            .name("outbox-writer".to_owned())
-            .spawn(move || write_loop(db, &rx))
-            .map_err(|e| unreadable(e.to_string()))?;
-        Ok(Self {
-            lanes,
-            writer: Mutex::new(Some(tx)),
-        })
+        Ok(Self { lanes, disk })
     }
 
     /// The queue of each rule, in the order the rules were given.
@@ -216,49 +94,14 @@ impl Outbox {
 
     /// Forgets a delivered or dead-lettered entry, in memory and then on disk.
     pub(crate) fn remove(&self, lane: &Lane, seq: u64) {
-        {
-            let mut state = lane.lock();
-            if let Some(i) = state.queue.iter().position(|e| e.seq == seq) {
-                state.queue.remove(i);
-            }
-            if let Some(topic) = state.in_flight.remove(&seq) {
-                state.busy.remove(&topic);
-            }
-            lane.bound.depth.set(state.queue.len() as i64);
-        }
-        // The next message on that topic may go now.
-        lane.ready.notify_one();
-        self.send(Op::Delete {
-            rule: lane.name.clone(),
-            seq,
-        });
+        lane.remove(seq);
     }
 
     /// Commits everything queued, then closes the file.
     pub(crate) async fn close(&self) {
-        let writer = self
-            .writer
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .take();
-        let Some(writer) = writer else { return };
-        let (ack, done) = Durable::pending();
-        if writer.send(Op::Stop(ack)).is_ok()
-            && let Err(e) = done.wait().await
-        {
-            tracing::error!(error = %e, "the push outbox could not be flushed");
-        }
+        self.disk.close().await;
     }
 
-    fn send(&self, op: Op) -> bool {
-        match &*self.writer.lock().unwrap_or_else(PoisonError::into_inner) {
-            Some(writer) => writer.send(op).is_ok(),
-            None => false,
-        }
-    }
-}
-
-impl Outbox {
     /// Takes `message` into the queue of every rule that matches it; the receipt resolves
     /// once they are on disk.
     pub(crate) fn offer(&self, message: &Arc<Message>) -> Option<Durable> {
@@ -266,7 +109,7 @@ impl Outbox {
         for lane in &self.lanes {
             if lane.filter.matches(&message.topic) {
                 // One commit carries every earlier put: the last receipt covers them all.
-                last = self.take(lane, message).or(last);
+                last = take(lane, message).or(last);
             }
         }
         last
@@ -279,159 +122,42 @@ impl Outbox {
         if !lane.filter.matches(&message.topic) {
             return None;
         }
-        self.take(lane, message)
-    }
-
-    /// Queues `message` in `lane` if the rule's principal may read it, applying the bound.
-    fn take(&self, lane: &Lane, message: &Arc<Message>) -> Option<Durable> {
-        if !lane.scope.admits(message.topic.as_str()) {
-            return None;
-        }
-        let mut state = lane.lock();
-        if state.queue.len() >= lane.bound.max_queued {
-            let oldest = match lane.bound.when_full {
-                WhenFull::Refuse => None,
-                // The entries being delivered stay: their worker owns them.
-                WhenFull::DropOldest => state
-                    .queue
-                    .iter()
-                    .position(|e| !state.in_flight.contains_key(&e.seq)),
-            };
-            lane.bound.overflow.inc();
-            let oldest = oldest.and_then(|i| state.queue.remove(i))?;
-            self.send(Op::Delete {
-                rule: lane.name.clone(),
-                seq: oldest.seq,
-            });
-        }
-        let seq = state.next_seq;
-        state.next_seq += 1;
-        let entry = Entry {
-            seq,
-            message: Arc::clone(message),
-            taken_at: SystemTime::now(),
-        };
-        let record = encode(&entry);
-        state.queue.push_back(entry);
-        lane.bound.depth.set(state.queue.len() as i64);
-        // Sent under the lane's lock, so the file sees a lane's entries in their order.
-        let (ack, durable) = Durable::pending();
-        let sent = self.send(Op::Put {
-            rule: lane.name.clone(),
-            seq,
-            record,
-            ack: Some(ack),
-        });
-        drop(state);
-        lane.ready.notify_one();
-        sent.then_some(durable)
+        take(lane, message)
     }
 }
 
-/// Commits batches of operations until told to stop or every sender is gone.
-fn write_loop(db: Database, rx: &mpsc::Receiver<Op>) {
-    while let Ok(first) = rx.recv() {
-        let mut batch = vec![first];
-        while batch.len() < BATCH {
-            match rx.try_recv() {
-                Ok(op) => batch.push(op),
-                Err(_) => break,
-            }
-        }
-        let outcome = commit(&db, &batch).inspect_err(|e| {
-            tracing::error!(error = %e, "cannot write the push outbox");
-        });
-        let mut stop = None;
-        for op in batch {
-            match op {
-                Op::Put { ack: Some(ack), .. } => {
-                    let _ = ack.send(outcome.clone());
-                }
-                Op::Stop(ack) => stop = Some(ack),
-                Op::Put { .. } | Op::Delete { .. } => {}
-            }
-        }
-        if let Some(ack) = stop {
-            // Closed before the stop is confirmed, so a new gateway can open the file at once.
-            drop(db);
-            let _ = ack.send(outcome);
-            return;
-        }
+/// Queues `message` in `lane` if the rule's principal may read it.
+fn take(lane: &Lane, message: &Arc<Message>) -> Option<Durable> {
+    if !lane.scope.admits(message.topic.as_str()) {
+        return None;
     }
-}
-
-fn commit(db: &Database, batch: &[Op]) -> Result<(), String> {
-    let txn = db.begin_write().map_err(|e| e.to_string())?;
-    {
-        let mut table = txn.open_table(TABLE).map_err(|e| e.to_string())?;
-        for op in batch {
-            match op {
-                Op::Put {
-                    rule, seq, record, ..
-                } => {
-                    table
-                        .insert((&**rule, *seq), record.as_slice())
-                        .map_err(|e| e.to_string())?;
-                }
-                Op::Delete { rule, seq } => {
-                    table.remove((&**rule, *seq)).map_err(|e| e.to_string())?;
-                }
-                Op::Stop(_) => {}
-            }
-        }
-    }
-    txn.commit().map_err(|e| e.to_string())
-}
-
-/// Every stored entry by rule, in sequence order.
-fn load(db: &Database) -> Result<HashMap<String, Vec<Entry>>, String> {
-    let txn = db.begin_read().map_err(|e| e.to_string())?;
-    let table = match txn.open_table(TABLE) {
-        Ok(t) => t,
-        Err(redb::TableError::TableDoesNotExist(_)) => return Ok(HashMap::new()),
-        Err(e) => return Err(e.to_string()),
-    };
-    let mut rules: HashMap<String, Vec<Entry>> = HashMap::new();
-    for row in table.iter().map_err(|e| e.to_string())? {
-        let (key, value) = row.map_err(|e| e.to_string())?;
-        let (rule, seq) = key.value();
-        let entry = decode(seq, value.value())
-            .ok_or_else(|| format!("entry {seq} of push rule {rule:?} is not readable"))?;
-        rules.entry(rule.to_owned()).or_default().push(entry);
-    }
-    Ok(rules)
+    lane.take(message)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::bridge::{Origin, Topic};
-    use bytes::Bytes;
+    use crate::config::WhenFull;
+    use prometheus_client::metrics::{counter::Counter, gauge::Gauge};
     use std::time::Duration;
 
     fn bound(max_queued: usize, when_full: WhenFull) -> Bound {
         Bound {
             max_queued,
             when_full,
+            window: MIN_WINDOW,
             overflow: Counter::default(),
             depth: Gauge::default(),
         }
     }
 
-    fn message(topic: &str, payload: &'static str) -> Arc<Message> {
+    fn message(topic: &str, payload: impl Into<bytes::Bytes>) -> Arc<Message> {
         Arc::new(Message::new(
             Topic::parse(topic).unwrap(),
             payload,
             Origin::Http,
         ))
-    }
-
-    fn payloads(lane: &Lane) -> Vec<Bytes> {
-        lane.lock()
-            .queue
-            .iter()
-            .map(|e| e.message.payload.clone())
-            .collect()
     }
 
     #[tokio::test]
@@ -462,7 +188,7 @@ mod tests {
         outbox.close().await;
         let outbox = Outbox::open(dir.path(), rules()).unwrap();
         let lane = outbox.lanes()[0].clone();
-        assert_eq!(payloads(&lane), ["2", "3"]);
+        assert_eq!(lane.held(), ["2", "3"]);
         // New entries continue the sequence after the stored ones.
         outbox
             .offer(&message("plugs/b", "4"))
@@ -470,7 +196,13 @@ mod tests {
             .wait()
             .await
             .unwrap();
-        assert_eq!(lane.lock().queue.back().unwrap().seq, 3);
+        let mut seqs = Vec::new();
+        for _ in 0..3 {
+            let entry = lane.next(1).await;
+            outbox.remove(&lane, entry.seq);
+            seqs.push(entry.seq);
+        }
+        assert_eq!(seqs, [1, 2, 3]);
         outbox.close().await;
     }
 
@@ -502,8 +234,8 @@ mod tests {
         // "1" is in flight: the bound drops "2", the oldest of those only waiting.
         assert_eq!(drop.next(1).await.message.payload, "1");
         outbox.offer(&message("t", "3"));
-        assert_eq!(payloads(&drop), ["1", "3"]);
-        assert_eq!(payloads(&refuse), ["1", "2"]);
+        assert_eq!(drop.held(), ["1", "3"]);
+        assert_eq!(refuse.held(), ["1", "2"]);
         assert_eq!(drop.bound.overflow.get(), 1);
         assert_eq!(refuse.bound.overflow.get(), 1);
         outbox.close().await;
@@ -545,6 +277,56 @@ mod tests {
         );
         outbox.remove(&lane, a1.seq);
         assert_eq!(lane.next(3).await.message.payload, "a2");
+        outbox.close().await;
+    }
+
+    /// A queue far longer than the window (an endpoint down) holds the window in memory and
+    /// the rest on disk, and still goes out whole and in order, across a restart too.
+    #[tokio::test]
+    async fn only_a_window_of_a_long_queue_is_held_in_memory() {
+        let dir = tempfile::tempdir().unwrap();
+        let rules = |max_queued| {
+            vec![(
+                Arc::from("dead"),
+                TopicFilter::parse("t/+").unwrap(),
+                Readable::All,
+                bound(max_queued, WhenFull::DropOldest),
+            )]
+        };
+        let outbox = Outbox::open(dir.path(), rules(3000)).unwrap();
+        let lane = outbox.lanes()[0].clone();
+        let mut last = None;
+        for n in 0..4000 {
+            last = outbox.offer(&message(&format!("t/{}", n % 7), n.to_string()));
+        }
+        last.unwrap().wait().await.unwrap();
+        // The bound dropped the 1,000 oldest: the window's, and then from disk.
+        assert_eq!(lane.depth(), 3000);
+        assert!(lane.held().is_empty());
+        assert_eq!(
+            lane.in_memory(),
+            0,
+            "committed entries beyond the window stay on disk only"
+        );
+        let mut sent = Vec::new();
+        for _ in 0..1000 {
+            let entry = lane.next(1).await;
+            outbox.remove(&lane, entry.seq);
+            sent.push(entry.message.payload.clone());
+            assert!(lane.in_memory() <= MIN_WINDOW);
+        }
+        outbox.close().await;
+        let outbox = Outbox::open(dir.path(), rules(3000)).unwrap();
+        let lane = outbox.lanes()[0].clone();
+        assert_eq!((lane.depth(), lane.held().len()), (2000, MIN_WINDOW));
+        for _ in 0..2000 {
+            let entry = lane.next(1).await;
+            outbox.remove(&lane, entry.seq);
+            sent.push(entry.message.payload.clone());
+        }
+        let expected: Vec<String> = (1000..4000).map(|n| n.to_string()).collect();
+        assert_eq!(sent, expected);
+        assert_eq!(lane.depth(), 0);
         outbox.close().await;
     }
 }

@@ -1,0 +1,186 @@
+//! The latency a push rule adds: publishes timestamped MQTT 3.1.1 QoS 0 messages at a fixed
+//! `--rate`, each on a topic of its own under `--prefix`, and times their arrival at an HTTP
+//! sink this tool serves on `--sink` (the rule's URL points there). With `--direct`, the
+//! reference: the same bodies POSTed straight to the sink over keep-alive connections.
+//! `push-latency --mqtt 127.0.0.1:1883 --sink 127.0.0.1:18081 --rate 10000 --count 50000`
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::StatusCode;
+use bytes::BytesMut;
+use clap::Parser;
+use rumqttc::mqttbytes::QoS;
+use rumqttc::mqttbytes::v4::{Connect, Publish};
+use tokio::io::AsyncWriteExt;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::task::JoinSet;
+use topicgate_bench::http::HttpConn;
+use topicgate_bench::{Latencies, Report, age, parse_duration, random_hex, stamped};
+
+/// Open-loop publishes, timed at an HTTP sink.
+#[derive(Parser)]
+struct Args {
+    /// The gateway's MQTT address.
+    #[arg(long, default_value = "127.0.0.1:1883")]
+    mqtt: SocketAddr,
+    /// Where the sink listens.
+    #[arg(long)]
+    sink: SocketAddr,
+    /// Messages per second.
+    #[arg(long, default_value_t = 5000.0)]
+    rate: f64,
+    /// Messages in total.
+    #[arg(long, default_value_t = 20_000)]
+    count: u64,
+    /// Payload bytes (at least 8, for the timestamp).
+    #[arg(long, default_value_t = 100)]
+    payload: usize,
+    /// Topic prefix; message n goes to `<prefix>/<random hex>-<n>`.
+    #[arg(long, default_value = "push")]
+    prefix: String,
+    /// POST straight to the sink instead of publishing (the reference).
+    #[arg(long)]
+    direct: bool,
+    /// Keep-alive connections of `--direct`, each with one request in flight.
+    #[arg(long, default_value_t = 32)]
+    connections: u64,
+    /// How long the sink may take, after the last publish, to receive the rest.
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    timeout: Duration,
+}
+
+/// How far behind its slot a send may start before it counts as late (tokio's timer ticks
+/// in milliseconds).
+const LATE: Duration = Duration::from_millis(1);
+
+/// What the sink saw.
+#[derive(Default)]
+struct Seen {
+    latencies: Latencies,
+    count: u64,
+    last: Option<Instant>,
+}
+
+type Sink = Arc<Mutex<Seen>>;
+
+async fn receive(State(seen): State<Sink>, body: Bytes) -> StatusCode {
+    let latency = age(&body);
+    let mut seen = seen.lock().unwrap_or_else(PoisonError::into_inner);
+    if let Some(latency) = latency {
+        seen.latencies.record(latency);
+        seen.count += 1;
+        seen.last = Some(Instant::now());
+    }
+    StatusCode::NO_CONTENT
+}
+
+/// Waits for slot `n` of the schedule; true when it starts late.
+async fn slot(args: &Args, start: Instant, n: u64) -> bool {
+    let at = start + Duration::from_secs_f64(n as f64 / args.rate);
+    let now = Instant::now();
+    if now < at {
+        tokio::time::sleep_until(at.into()).await;
+        false
+    } else {
+        now > at + LATE
+    }
+}
+
+/// Publishes every message at its slot on one connection; returns how many were late.
+async fn publish(args: Arc<Args>, start: Instant) -> anyhow::Result<u64> {
+    let mut conn = TcpStream::connect(args.mqtt)
+        .await
+        .with_context(|| format!("connecting to {}", args.mqtt))?;
+    conn.set_nodelay(true)?;
+    let mut out = BytesMut::new();
+    let mut connect = Connect::new(format!("push-latency-{}", random_hex()));
+    connect.keep_alive = 600;
+    connect.write(&mut out)?;
+    conn.write_all(&out).await?;
+    let run = random_hex();
+    let mut late = 0;
+    for n in 0..args.count {
+        late += u64::from(slot(&args, start, n).await);
+        out.clear();
+        let topic = format!("{}/{run}-{n}", args.prefix);
+        Publish::new(topic, QoS::AtMostOnce, stamped(args.payload)).write(&mut out)?;
+        conn.write_all(&out).await?;
+    }
+    Ok(late)
+}
+
+/// POSTs messages `index`, `index + connections`, ... at their slots; returns how many were late.
+async fn post(args: Arc<Args>, index: u64, start: Instant) -> anyhow::Result<u64> {
+    let mut conn = HttpConn::connect(args.sink).await?;
+    let mut late = 0;
+    let mut n = index;
+    while n < args.count {
+        late += u64::from(slot(&args, start, n).await);
+        let body = stamped(args.payload);
+        let status = conn
+            .send("POST", "/in/x", "application/octet-stream", &body)
+            .await?;
+        if status != 204 {
+            bail!("the sink answered {status}");
+        }
+        n += args.connections;
+    }
+    Ok(late)
+}
+
+#[tokio::main(flavor = "current_thread")]
+async fn main() -> anyhow::Result<()> {
+    let args = Arc::new(Args::parse());
+    if args.rate.is_nan() || args.rate <= 0.0 || args.connections == 0 {
+        bail!("--rate and --connections must be above 0");
+    }
+    let seen: Sink = Arc::default();
+    let listener = TcpListener::bind(args.sink)
+        .await
+        .with_context(|| format!("binding {}", args.sink))?;
+    let app = Router::new().fallback(receive).with_state(seen.clone());
+    let server = tokio::spawn(async move { axum::serve(listener, app).await });
+
+    // A short lead lets every connection open before its first slot.
+    let start = Instant::now() + Duration::from_millis(50);
+    let mut senders = JoinSet::new();
+    if args.direct {
+        for index in 0..args.connections {
+            senders.spawn(post(args.clone(), index, start));
+        }
+    } else {
+        senders.spawn(publish(args.clone(), start));
+    }
+    let mut late = 0;
+    while let Some(joined) = senders.join_next().await {
+        late += joined??;
+    }
+    let deadline = Instant::now() + args.timeout;
+    let count = || seen.lock().unwrap_or_else(PoisonError::into_inner).count;
+    while count() < args.count && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    server.abort();
+    let seen = seen.lock().unwrap_or_else(PoisonError::into_inner);
+    let elapsed = seen
+        .last
+        .map_or(Duration::ZERO, |last| last.saturating_duration_since(start));
+    let scenario = if args.direct {
+        "http post -> sink"
+    } else {
+        "mqtt publish -> push rule -> sink"
+    };
+    Report::new(scenario, seen.count, elapsed, &seen.latencies)
+        .with("sent", args.count)
+        .with("lost", args.count.saturating_sub(seen.count))
+        .with("rate_target", args.rate)
+        .with("late", late)
+        .print();
+    Ok(())
+}

@@ -1,0 +1,278 @@
+//! The outbox file: one redb table from (rule, sequence number) to a stored message, written by
+//! one thread that commits what has queued up in one durable transaction (group commit), and read
+//! back by the lanes a window at a time.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc;
+use std::sync::{Arc, PoisonError, RwLock};
+
+use redb::{Database, DatabaseError, ReadableDatabase, ReadableTable, TableDefinition};
+use tokio::sync::oneshot;
+
+use super::OutboxError;
+use super::lane::Entry;
+use crate::bridge::Durable;
+use crate::devices::record::decode;
+
+const TABLE: TableDefinition<'_, (&str, u64), &[u8]> = TableDefinition::new("outbox");
+/// Page cache of the database file: the lanes read back what they do not hold through it.
+const CACHE: usize = 4 * 1024 * 1024;
+/// Most operations committed in one transaction.
+const BATCH: usize = 4096;
+
+type Ack = oneshot::Sender<Result<(), String>>;
+
+enum Op {
+    Put {
+        rule: Arc<str>,
+        seq: u64,
+        record: Vec<u8>,
+        ack: Ack,
+        /// Raised past `seq` once the entry is on disk: its lane holds it in memory until then.
+        committed: Option<Arc<AtomicU64>>,
+    },
+    Delete {
+        rule: Arc<str>,
+        seq: u64,
+    },
+    Stop(Ack),
+}
+
+/// What an earlier run left of one rule's queue: its oldest entries, read, and how many more
+/// wait on disk from which sequence number on.
+#[derive(Default)]
+pub(super) struct Stored {
+    pub(super) held: Vec<Entry>,
+    pub(super) spilled: usize,
+    pub(super) spill_from: u64,
+    pub(super) next_seq: u64,
+}
+
+/// The open file and its writer thread.
+pub(super) struct Disk {
+    /// Shared with the writer thread, which closes it (`None`) when told to stop, so a new
+    /// gateway can open the file at once.
+    db: Arc<RwLock<Option<Database>>>,
+    writer: RwLock<Option<mpsc::Sender<Op>>>,
+}
+
+impl Disk {
+    /// Opens (or creates) the file; returns it with what it holds, the first `window(rule)`
+    /// entries of each rule read, every entry checked.
+    pub(super) fn open(
+        path: &Path,
+        window: impl Fn(&str) -> usize,
+    ) -> Result<(Self, HashMap<String, Stored>), OutboxError> {
+        let unreadable = |detail: String| OutboxError::Unreadable {
+            path: path.to_owned(),
+            detail,
+        };
+        let db = match Database::builder().set_cache_size(CACHE).create(path) {
+            Ok(db) => db,
+            Err(DatabaseError::DatabaseAlreadyOpen) => {
+                return Err(OutboxError::InUse {
+                    path: path.to_owned(),
+                });
+            }
+            Err(e) => return Err(unreadable(e.to_string())),
+        };
+        let stored = scan(&db, window).map_err(unreadable)?;
+        let db = Arc::new(RwLock::new(Some(db)));
+        let (tx, rx) = mpsc::channel();
+        let file = db.clone();
+        std::thread::Builder::new()
+            .name("outbox-writer".to_owned())
+            .spawn(move || write_loop(&file, &rx))
+            .map_err(|e| unreadable(e.to_string()))?;
+        let disk = Self {
+            db,
+            writer: RwLock::new(Some(tx)),
+        };
+        Ok((disk, stored))
+    }
+
+    /// Queues an entry's record; the receipt resolves once it is on disk, and `committed` is
+    /// raised past `seq` then.
+    pub(super) fn put(
+        &self,
+        rule: &Arc<str>,
+        seq: u64,
+        record: Vec<u8>,
+        committed: Option<Arc<AtomicU64>>,
+    ) -> Option<Durable> {
+        let (ack, durable) = Durable::pending();
+        let op = Op::Put {
+            rule: rule.clone(),
+            seq,
+            record,
+            ack,
+            committed,
+        };
+        self.send(op).then_some(durable)
+    }
+
+    /// Queues the removal of an entry.
+    pub(super) fn delete(&self, rule: &Arc<str>, seq: u64) {
+        self.send(Op::Delete {
+            rule: rule.clone(),
+            seq,
+        });
+    }
+
+    /// Up to `max` committed entries of `rule` from sequence number `from` on, in order.
+    pub(super) fn read(&self, rule: &str, from: u64, max: usize) -> Result<Vec<Entry>, String> {
+        let db = self.db.read().unwrap_or_else(PoisonError::into_inner);
+        let Some(db) = db.as_ref() else {
+            return Ok(Vec::new());
+        };
+        let txn = db.begin_read().map_err(|e| e.to_string())?;
+        let table = match txn.open_table(TABLE) {
+            Ok(t) => t,
+            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
+            Err(e) => return Err(e.to_string()),
+        };
+        let mut entries = Vec::with_capacity(max);
+        for row in table
+            .range((rule, from)..=(rule, u64::MAX))
+            .map_err(|e| e.to_string())?
+            .take(max)
+        {
+            let (key, value) = row.map_err(|e| e.to_string())?;
+            let seq = key.value().1;
+            let entry = decode(seq, value.value())
+                .ok_or_else(|| format!("entry {seq} of push rule {rule:?} is not readable"))?;
+            entries.push(entry);
+        }
+        Ok(entries)
+    }
+
+    /// Commits everything queued, then closes the file.
+    pub(super) async fn close(&self) {
+        let writer = self
+            .writer
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+        let Some(writer) = writer else { return };
+        let (ack, done) = Durable::pending();
+        if writer.send(Op::Stop(ack)).is_ok()
+            && let Err(e) = done.wait().await
+        {
+            tracing::error!(error = %e, "the push outbox could not be flushed");
+        }
+    }
+
+    fn send(&self, op: Op) -> bool {
+        match &*self.writer.read().unwrap_or_else(PoisonError::into_inner) {
+            Some(writer) => writer.send(op).is_ok(),
+            None => false,
+        }
+    }
+}
+
+/// Commits batches of operations until told to stop or every sender is gone.
+fn write_loop(file: &RwLock<Option<Database>>, rx: &mpsc::Receiver<Op>) {
+    while let Ok(first) = rx.recv() {
+        let mut batch = vec![first];
+        while batch.len() < BATCH {
+            match rx.try_recv() {
+                Ok(op) => batch.push(op),
+                Err(_) => break,
+            }
+        }
+        let outcome = match &*file.read().unwrap_or_else(PoisonError::into_inner) {
+            Some(db) => commit(db, &batch),
+            None => Err("the push outbox is closed".to_owned()),
+        }
+        .inspect_err(|e| tracing::error!(error = %e, "cannot write the push outbox"));
+        let mut stop = None;
+        for op in batch {
+            match op {
+                Op::Put {
+                    ack,
+                    committed,
+                    seq,
+                    ..
+                } => {
+                    if let (Some(committed), Ok(())) = (committed, &outcome) {
+                        committed.fetch_max(seq + 1, Ordering::Release);
+                    }
+                    let _ = ack.send(outcome.clone());
+                }
+                Op::Stop(ack) => stop = Some(ack),
+                Op::Delete { .. } => {}
+            }
+        }
+        if let Some(ack) = stop {
+            // Closed before the stop is confirmed, so a new gateway can open the file at once.
+            *file.write().unwrap_or_else(PoisonError::into_inner) = None;
+            let _ = ack.send(outcome);
+            return;
+        }
+    }
+}
+
+fn commit(db: &Database, batch: &[Op]) -> Result<(), String> {
+    let txn = db.begin_write().map_err(|e| e.to_string())?;
+    {
+        let mut table = txn.open_table(TABLE).map_err(|e| e.to_string())?;
+        for op in batch {
+            match op {
+                Op::Put {
+                    rule, seq, record, ..
+                } => {
+                    table
+                        .insert((&**rule, *seq), record.as_slice())
+                        .map_err(|e| e.to_string())?;
+                }
+                Op::Delete { rule, seq } => {
+                    table.remove((&**rule, *seq)).map_err(|e| e.to_string())?;
+                }
+                Op::Stop(_) => {}
+            }
+        }
+    }
+    txn.commit().map_err(|e| e.to_string())
+}
+
+/// Every rule's stored queue: the first `window(rule)` entries read, the rest counted; every
+/// entry is decoded once, so an unreadable file fails at startup, not halfway through a queue.
+fn scan(db: &Database, window: impl Fn(&str) -> usize) -> Result<HashMap<String, Stored>, String> {
+    let txn = db.begin_read().map_err(|e| e.to_string())?;
+    let table = match txn.open_table(TABLE) {
+        Ok(t) => t,
+        Err(redb::TableError::TableDoesNotExist(_)) => return Ok(HashMap::new()),
+        Err(e) => return Err(e.to_string()),
+    };
+    let mut rules = HashMap::new();
+    // Rows come in key order, so each rule's rows are together.
+    let mut current: Option<(String, usize, Stored)> = None;
+    for row in table.iter().map_err(|e| e.to_string())? {
+        let (key, value) = row.map_err(|e| e.to_string())?;
+        let (rule, seq) = key.value();
+        let entry = decode(seq, value.value())
+            .ok_or_else(|| format!("entry {seq} of push rule {rule:?} is not readable"))?;
+        if current.as_ref().is_none_or(|(name, ..)| name != rule) {
+            if let Some((name, _, stored)) = current.take() {
+                rules.insert(name, stored);
+            }
+            current = Some((rule.to_owned(), window(rule), Stored::default()));
+        }
+        let (_, limit, stored) = current.get_or_insert_with(Default::default);
+        if stored.held.len() < *limit && stored.spilled == 0 {
+            stored.held.push(entry);
+        } else {
+            if stored.spilled == 0 {
+                stored.spill_from = seq;
+            }
+            stored.spilled += 1;
+        }
+        stored.next_seq = seq + 1;
+    }
+    if let Some((name, _, stored)) = current {
+        rules.insert(name, stored);
+    }
+    Ok(rules)
+}
