@@ -118,6 +118,39 @@ pub fn without_cookie(datagram: &[u8], hello: &ClientHello<'_>) -> Option<Vec<u8
     Some(out)
 }
 
+/// The ClientHello a client sends after a HelloVerifyRequest: `hello` with `cookie`, its record
+/// and message one later. What a client does; the fuzz target's client uses it.
+pub fn with_cookie(datagram: &[u8], hello: &ClientHello<'_>, cookie: &[u8]) -> Option<Vec<u8>> {
+    let record_seq = hello.record_seq.checked_add(1)?;
+    let message_seq = hello.message_seq.checked_add(1)?;
+    let (old, new) = (hello.cookie.len() as u64, cookie.len().min(255) as u64);
+    let mut out = Vec::with_capacity(hello.record_end + cookie.len());
+    out.extend_from_slice(datagram.get(..hello.cookie_at)?);
+    out.push(new as u8);
+    out.extend_from_slice(&cookie[..new as usize]);
+    out.extend_from_slice(datagram.get(hello.cookie_at + 1 + old as usize..hello.record_end)?);
+    out[5..11].copy_from_slice(&record_seq.to_be_bytes()[2..]);
+    let record_len = u16::try_from(be(&out[11..13]) + new - old).ok()?;
+    out[11..13].copy_from_slice(&record_len.to_be_bytes());
+    let length = (be(&out[14..17]) + new - old) as u32;
+    out[14..17].copy_from_slice(&length.to_be_bytes()[1..]);
+    out[17..19].copy_from_slice(&message_seq.to_be_bytes());
+    out[22..25].copy_from_slice(&length.to_be_bytes()[1..]);
+    Some(out)
+}
+
+/// The cookie of a HelloVerifyRequest.
+pub fn verify_request_cookie(datagram: &[u8]) -> Option<&[u8]> {
+    if datagram.first() != Some(&CONTENT_HANDSHAKE)
+        || datagram.get(RECORD_HEADER) != Some(&HELLO_VERIFY_REQUEST)
+    {
+        return None;
+    }
+    let at = RECORD_HEADER + HANDSHAKE_HEADER + 2;
+    let len = usize::from(*datagram.get(at)?);
+    datagram.get(at + 1..at + 1 + len)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -167,6 +200,11 @@ mod tests {
         let second = hello(1, 1, b"0123456789abcdef");
         let ch = parse(&second).expect("a ClientHello");
         assert_eq!(without_cookie(&second, &ch), Some(first.clone()));
+        let ch1 = parse(&first).expect("a ClientHello");
+        assert_eq!(
+            with_cookie(&first, &ch1, b"0123456789abcdef"),
+            Some(second.clone())
+        );
         let ch = parse(&first).expect("a ClientHello");
         assert_eq!(without_cookie(&first, &ch), None, "nothing came before it");
     }
@@ -179,6 +217,7 @@ mod tests {
         assert_eq!(hvr.len(), RECORD_HEADER + HANDSHAKE_HEADER + 3 + 16);
         assert_eq!(hvr[10], 3, "record sequence number");
         assert_eq!(hvr[RECORD_HEADER], HELLO_VERIFY_REQUEST);
+        assert_eq!(verify_request_cookie(&hvr), Some(&b"0123456789abcdef"[..]));
         assert!(
             hvr.len() < bytes.len(),
             "the answer is smaller than the question"
