@@ -123,6 +123,29 @@ impl Bridge {
         }
     }
 
+    /// A bridge over `store` and no broker, for running the adapters' request handling without
+    /// one (the fuzz targets, the CoAP endpoint's tests): its publishes fail as with a broker
+    /// down, and [`Bridge::inject`] stands in for a broker that routed them.
+    pub(crate) fn detached(store: Arc<RetainedStore>, policy: Policy, max_payload: usize) -> Self {
+        Self::new(
+            store,
+            Link::detached(),
+            Arc::new(Metrics::default()),
+            policy,
+            max_payload,
+            16,
+            16,
+            RpcConfig::default(),
+        )
+    }
+
+    /// Takes `message` as a broker would hand it back: into the store, the streams and the
+    /// calls waiting for it, without authorization; for a detached bridge.
+    pub(crate) fn inject(&self, mut message: Message) {
+        compact(&mut message);
+        drop(self.accept(message));
+    }
+
     /// Feeds client publishes from the broker into the store and the hub until cancelled; then
     /// lets waiting calls go.
     pub async fn run(self, cancel: CancellationToken) {

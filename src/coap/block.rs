@@ -2,11 +2,11 @@
 //! Block1 upload back together within the payload limit and a bounded number of transfers.
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 
+use super::endpoint::Peer;
 use super::wire::Block;
 
 /// One block of a representation.
@@ -47,8 +47,8 @@ pub(crate) fn slice(body: &Bytes, asked: Option<Block>, max_szx: u8) -> Option<S
     })
 }
 
-/// Identifies an upload: the client endpoint and the request's method and URI.
-pub(crate) type UploadKey = (SocketAddr, String);
+/// Identifies an upload: the peer and the request's method and URI.
+pub(crate) type UploadKey = (Peer, String);
 
 /// Why a Block1 block was refused.
 #[derive(Debug, PartialEq, Eq)]
@@ -174,8 +174,8 @@ mod tests {
         assert_eq!(slice(&Bytes::new(), None, 6).unwrap().block, b(0, false, 6));
     }
 
-    fn peer() -> SocketAddr {
-        SocketAddr::from(([127, 0, 0, 1], 9))
+    fn peer() -> Peer {
+        Peer::Udp(std::net::SocketAddr::from(([127, 0, 0, 1], 9)))
     }
 
     #[test]

@@ -1,15 +1,20 @@
-//! Message deduplication (RFC 7252 §4.5): the response to each request, kept per client endpoint
-//! and message id for EXCHANGE_LIFETIME so that a retransmitted request is answered again
-//! without being processed again. Memory is bounded by a capacity; the oldest entries go first.
+//! Message deduplication (RFC 7252 §4.5): the response to each request, kept per peer and
+//! message id for EXCHANGE_LIFETIME so that a retransmitted request is answered again without
+//! being processed again (the oldest entries go first); and the framing of each response.
 
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use coap_lite::{MessageClass, MessageType, Packet, RequestType};
 
-/// A client endpoint and one of its message ids.
-pub(crate) type ExchangeKey = (SocketAddr, u16);
+use super::endpoint::Peer;
+use super::request::Reply;
+use crate::metrics::Metrics;
+
+/// A peer and one of its message ids.
+pub(crate) type ExchangeKey = (Peer, u16);
 
 /// What is known of a request's message id.
 #[derive(Debug, PartialEq, Eq)]
@@ -115,12 +120,107 @@ pub(crate) fn exchange_lifetime(ack_timeout: Duration, max_retransmit: u8) -> Du
 /// RFC 7252 ACK_RANDOM_FACTOR.
 pub(crate) const ACK_RANDOM_FACTOR: f64 = 1.5;
 
+/// One request's identity, for framing its response.
+#[derive(Debug)]
+pub(crate) struct Exchange {
+    /// The peer and the request's message id.
+    pub(crate) key: ExchangeKey,
+    /// The peer's address when the request came, for the refused log.
+    pub(crate) addr: SocketAddr,
+    /// Whether the request was confirmable.
+    pub(crate) confirmable: bool,
+    /// The response's message id: the request's for a piggybacked ACK, a fresh one for a NON.
+    pub(crate) mid: u16,
+    /// The request's token.
+    pub(crate) token: Box<[u8]>,
+    /// The request's method, for the metrics.
+    pub(crate) method: RequestType,
+    /// The request's No-Response bits.
+    pub(crate) no_response: u8,
+}
+
+impl Exchange {
+    /// Counts and frames a response; `None` when No-Response suppresses it on a
+    /// non-confirmable request (a confirmable one still gets an empty ACK).
+    pub(crate) fn frame(&self, reply: Reply, metrics: &Metrics) -> Option<Bytes> {
+        if self.count(&reply, metrics) {
+            if !self.confirmable {
+                return None;
+            }
+            return encode(&empty(MessageType::Acknowledgement, self.mid));
+        }
+        encode(&reply.into_packet(self.confirmable, self.mid, &self.token))
+    }
+
+    /// Counts and frames a separate response under message id `mid`; `None` when
+    /// No-Response suppresses it (the empty ACK went already).
+    pub(crate) fn frame_separate(
+        &self,
+        reply: Reply,
+        mid: u16,
+        metrics: &Metrics,
+    ) -> Option<Bytes> {
+        if self.count(&reply, metrics) {
+            return None;
+        }
+        let mut packet = reply.into_packet(false, mid, &self.token);
+        packet.header.set_type(MessageType::Confirmable);
+        encode(&packet)
+    }
+
+    /// Counts a response and logs a refusal; whether No-Response suppresses it.
+    fn count(&self, reply: &Reply, metrics: &Metrics) -> bool {
+        let code = MessageClass::Response(reply.code);
+        metrics.coap_request(method_index(self.method), u8::from(code));
+        let class = u8::from(code) >> 5;
+        let detail = u8::from(code) & 0x1f;
+        // Refused requests are logged, 4.04 (nothing there) aside, as HTTP does.
+        if class == 4 && detail != 4 {
+            let text = String::from_utf8_lossy(&reply.payload);
+            let reason = format_args!("{class}.{detail:02} {text}");
+            crate::refused::log("coap", self.addr, &reason);
+        }
+        self.no_response & (1 << (class - 1).min(7)) != 0
+    }
+}
+
+/// The method's place in [`crate::metrics::COAP_METHODS`].
+fn method_index(method: RequestType) -> usize {
+    match method {
+        RequestType::Get => 0,
+        RequestType::Put => 1,
+        RequestType::Post => 2,
+        RequestType::Delete => 3,
+        _ => 4,
+    }
+}
+
+/// An empty message: an ACK or a Reset of `mid`.
+pub(crate) fn empty(kind: MessageType, mid: u16) -> Packet {
+    let mut packet = Packet::new();
+    packet.header.set_type(kind);
+    packet.header.code = MessageClass::Empty;
+    packet.header.message_id = mid;
+    packet
+}
+
+/// A packet's bytes; `None` (logged) for one the codec cannot write.
+pub(crate) fn encode(packet: &Packet) -> Option<Bytes> {
+    match packet.to_bytes_unlimited() {
+        Ok(bytes) => Some(Bytes::from(bytes)),
+        Err(e) => {
+            tracing::warn!(error = ?e, "could not encode a CoAP message");
+            None
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     fn key(mid: u16) -> ExchangeKey {
-        (SocketAddr::from(([127, 0, 0, 1], 5000)), mid)
+        (Peer::Udp(SocketAddr::from(([127, 0, 0, 1], 5000))), mid)
     }
 
     #[test]

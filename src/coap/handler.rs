@@ -1,7 +1,6 @@
 //! Requests on `/topics/...`, `/ps/...` and `/.well-known/core`, each mapped onto one bridge
 //! call; and the representations that responses and notifications carry.
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Instant, SystemTime};
 
@@ -10,6 +9,7 @@ use coap_lite::{CoapOption, RequestType, ResponseType};
 
 use super::block::{Progress, UploadError, Uploads, slice};
 use super::discovery;
+use super::endpoint::Source;
 use super::request::{Reply, Request};
 use super::wire::Block;
 use crate::bridge::{
@@ -174,41 +174,48 @@ impl Handler {
         &self.bridge
     }
 
-    /// Decides what to do with a request from `peer`.
+    /// Decides what to do with a request from `source`.
     pub(crate) fn handle(
         &self,
         req: &Request,
-        peer: SocketAddr,
+        source: &Source,
         uploads: &mut Uploads,
         now: Instant,
     ) -> Action {
         match self
-            .caller(req, peer)
-            .and_then(|who| self.route(req, &who, peer, uploads, now))
+            .caller(req, source)
+            .and_then(|who| self.route(req, &who, source, uploads, now))
         {
             Ok(action) => action,
             Err(reply) => Action::Reply(reply),
         }
     }
 
-    /// The principal of a request (`?auth=<token>`, or anonymous), within its request rate.
-    fn caller(&self, req: &Request, peer: SocketAddr) -> Result<Principal, Reply> {
+    /// The principal of a request (the one its transport authenticated, else `?auth=<token>`,
+    /// else anonymous), within its request rate.
+    fn caller(&self, req: &Request, source: &Source) -> Result<Principal, Reply> {
         let policy = self.bridge.policy();
-        let token = req.query.iter().find(|(n, _)| n == AUTH).map(|(_, v)| v);
-        let who = match token {
-            Some(token) => policy.token(token),
-            None => policy.anonymous(),
-        }
-        .map_err(|e| {
-            policy.count(Door::Coap, Refusal::Login);
-            let why = match e {
-                AuthError::Required => "credentials are required: add ?auth=<token>",
-                _ => "the token is not valid",
-            };
-            Reply::error(ResponseType::Unauthorized, why)
-        })?;
+        let who = match &source.principal {
+            Some(who) => who.clone(),
+            None => {
+                let token = req.query.iter().find(|(n, _)| n == AUTH).map(|(_, v)| v);
+                match token {
+                    Some(token) => policy.token(token),
+                    None => policy.anonymous(),
+                }
+                .map_err(|e| {
+                    policy.count(Door::Coap, Refusal::Login);
+                    let why = match e {
+                        AuthError::Required => "credentials are required: add ?auth=<token>",
+                        _ => "the token is not valid",
+                    };
+                    Reply::error(ResponseType::Unauthorized, why)
+                })?
+            }
+        };
         if policy.limits_rate() {
-            let key = Policy::client_key(&who, || format!("addr:{}", peer.ip()));
+            let addr = source.addr;
+            let key = Policy::client_key(&who, || format!("addr:{}", addr.ip()));
             policy.admit(&key).map_err(|secs| {
                 policy.count(Door::Coap, Refusal::Rate);
                 // Max-Age tells the client when to try again (RFC 8516).
@@ -223,7 +230,7 @@ impl Handler {
         &self,
         req: &Request,
         who: &Principal,
-        peer: SocketAddr,
+        source: &Source,
         uploads: &mut Uploads,
         now: Instant,
     ) -> Result<Action, Reply> {
@@ -245,7 +252,7 @@ impl Handler {
         match req.method {
             RequestType::Get => self.read(req, who, &rest),
             RequestType::Put | RequestType::Post => {
-                self.publish(req, who, &rest, peer, uploads, now)
+                self.publish(req, who, &rest, source, uploads, now)
             }
             RequestType::Delete => {
                 query(req, &[])?;
@@ -393,7 +400,7 @@ impl Handler {
         req: &Request,
         who: &Principal,
         path: &str,
-        peer: SocketAddr,
+        source: &Source,
         uploads: &mut Uploads,
         now: Instant,
     ) -> Result<Action, Reply> {
@@ -423,7 +430,10 @@ impl Handler {
         let payload = match req.block1 {
             None => req.payload.clone(),
             Some(block) => {
-                let key = (peer, format!("{:?} {path}?{:?}", req.method, req.query));
+                let key = (
+                    source.peer,
+                    format!("{:?} {path}?{:?}", req.method, req.query),
+                );
                 match uploads.receive(key, block, &req.payload, now) {
                     Ok(Progress::Continue) => {
                         return Ok(Action::Reply(

@@ -4,12 +4,15 @@
 
 mod block;
 mod discovery;
+mod endpoint;
 mod exchange;
 pub(crate) mod fuzzing;
 mod handler;
 mod observe;
 mod request;
 mod server;
+mod shell;
+mod timers;
 mod wire;
 
 use std::net::SocketAddr;
@@ -54,7 +57,6 @@ impl CoapServer {
     /// CON GETs from 16 sockets at 70–98k/s where it did 44–51k/s beside it, measured in turns
     /// on the same machine (`bench/README.md`).
     pub async fn run(self, bridge: Bridge, tracker: TaskTracker, cancel: CancellationToken) {
-        let handler = handler::Handler::new(bridge, wire::szx_of(self.config.block_size));
         let config = self.config;
         // The socket is registered with the runtime that bound it; it moves to the endpoint's.
         let socket = match self.socket.into_std() {
@@ -72,8 +74,7 @@ impl CoapServer {
                     Ok(runtime) => runtime.block_on(async move {
                         match UdpSocket::from_std(socket) {
                             Ok(socket) => {
-                                server::Endpoint::run(socket, &config, handler, tracker, cancel)
-                                    .await;
+                                server::run(socket, &config, bridge, tracker, cancel).await;
                             }
                             Err(e) => tracing::error!(error = %e, "the CoAP socket cannot be used"),
                         }

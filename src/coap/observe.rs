@@ -3,12 +3,13 @@
 //! one pending message, the latest; it never builds a queue.
 
 use std::collections::{HashMap, HashSet, VecDeque};
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 
+use super::endpoint::Peer;
+use super::timers::TimerId;
 use crate::bridge::{Message, Topic, TopicFilter};
 use crate::policy::Readable;
 
@@ -20,10 +21,12 @@ const CON_EVERY_COUNT: u32 = 100;
 /// Non-confirmable notification ids remembered so that a Reset to one ends its observation.
 const REMEMBERED_IDS: usize = 65_536;
 
-/// An observation: the client endpoint and the token of its registration.
+/// An observation: the peer and the token of its registration.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub(crate) struct ObserverKey {
-    pub(crate) peer: SocketAddr,
+    /// Who registered.
+    pub(crate) peer: Peer,
+    /// The registration's token.
     pub(crate) token: Box<[u8]>,
 }
 
@@ -39,7 +42,7 @@ pub(crate) struct Inflight {
     /// The current wait.
     pub(crate) timeout: Duration,
     /// Its retransmission timer.
-    pub(crate) timer: tokio_util::time::delay_queue::Key,
+    pub(crate) timer: TimerId,
 }
 
 /// One observation.
@@ -91,8 +94,8 @@ pub(crate) struct Observers {
     all: HashMap<ObserverKey, Observer>,
     exact: HashMap<Topic, HashSet<ObserverKey>>,
     wildcard: HashSet<ObserverKey>,
-    by_mid: HashMap<(SocketAddr, u16), ObserverKey>,
-    mid_order: VecDeque<(SocketAddr, u16)>,
+    by_mid: HashMap<(Peer, u16), ObserverKey>,
+    mid_order: VecDeque<(Peer, u16)>,
 }
 
 impl Observers {
@@ -205,7 +208,7 @@ impl Observers {
     }
 
     /// The observation a notification's message id belongs to.
-    pub(crate) fn by_mid(&self, peer: SocketAddr, mid: u16) -> Option<ObserverKey> {
+    pub(crate) fn by_mid(&self, peer: Peer, mid: u16) -> Option<ObserverKey> {
         self.by_mid
             .get(&(peer, mid))
             .filter(|k| self.all.contains_key(*k))
@@ -229,7 +232,7 @@ mod tests {
 
     fn key(port: u16, token: &[u8]) -> ObserverKey {
         ObserverKey {
-            peer: SocketAddr::from(([127, 0, 0, 1], port)),
+            peer: Peer::Session(u64::from(port)),
             token: token.into(),
         }
     }
@@ -249,7 +252,7 @@ mod tests {
         obs.register(key(3, b"c"), filter("office/#"), Readable::All, 6, now)
             .unwrap();
         let mut hits = obs.matching(&Topic::parse("home/temp").unwrap());
-        hits.sort_by_key(|k| k.peer.port());
+        hits.sort_by_key(|k| format!("{:?}", k.peer));
         assert_eq!(hits, [key(1, b"a"), key(2, b"b")]);
         assert!(obs.matching(&Topic::parse("garden").unwrap()).is_empty());
         obs.remove(&key(1, b"a"));

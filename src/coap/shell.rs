@@ -1,0 +1,113 @@
+//! What every transport loop around the [`Endpoint`] shares: running its jobs on the gateway's
+//! tracker, waiting for its next deadline and for live messages, and the shutdown sequence.
+
+use std::pin::Pin;
+use std::time::Instant;
+
+use tokio::sync::broadcast::{self, error::RecvError};
+use tokio::sync::mpsc;
+use tokio::time::Sleep;
+use tokio_util::task::TaskTracker;
+
+use super::endpoint::{Endpoint, Job, JobId};
+use super::request::Reply;
+use crate::bridge::{Bridge, Event};
+
+/// Runs the endpoint's jobs in tracked tasks and hands their replies back.
+pub(crate) struct Jobs {
+    bridge: Bridge,
+    tracker: TaskTracker,
+    done: Option<mpsc::UnboundedSender<(JobId, Reply)>>,
+    replies: mpsc::UnboundedReceiver<(JobId, Reply)>,
+}
+
+impl Jobs {
+    /// Jobs through `bridge`, spawned on `tracker`.
+    pub(crate) fn new(bridge: Bridge, tracker: TaskTracker) -> Self {
+        let (done, replies) = mpsc::unbounded_channel();
+        Self {
+            bridge,
+            tracker,
+            done: Some(done),
+            replies,
+        }
+    }
+
+    /// Starts every job the endpoint asked for.
+    pub(crate) fn start(&self, endpoint: &mut Endpoint) {
+        while let Some(job) = endpoint.poll_job() {
+            self.spawn(job);
+        }
+    }
+
+    fn spawn(&self, job: Job) {
+        let Some(done) = self.done.clone() else {
+            return;
+        };
+        let bridge = self.bridge.clone();
+        self.tracker.spawn(async move {
+            // At shutdown the loop may be gone; the client then retransmits to a closed port.
+            let _ = done.send(job.run(&bridge).await);
+        });
+    }
+
+    /// The next finished job; `None` once [`Jobs::close`] was called and every job finished.
+    pub(crate) async fn next(&mut self) -> Option<(JobId, Reply)> {
+        self.replies.recv().await
+    }
+
+    /// Starts no more jobs, so that [`Jobs::next`] ends with the last one running.
+    pub(crate) fn close(&mut self) {
+        self.done = None;
+    }
+}
+
+/// The endpoint's timer as one tokio `Sleep`, reset only when its deadline moves.
+pub(crate) struct Deadline {
+    sleep: Pin<Box<Sleep>>,
+    at: Option<Instant>,
+}
+
+impl Default for Deadline {
+    fn default() -> Self {
+        Self {
+            sleep: Box::pin(tokio::time::sleep_until(tokio::time::Instant::now())),
+            at: None,
+        }
+    }
+}
+
+impl Deadline {
+    /// Follows the endpoint's next deadline.
+    pub(crate) fn update(&mut self, endpoint: &mut Endpoint) {
+        let at = endpoint.poll_timeout();
+        if at != self.at {
+            if let Some(at) = at {
+                self.sleep.as_mut().reset(at.into());
+            }
+            self.at = at;
+        }
+    }
+
+    /// Resolves at the deadline with the time to tick at: now, and never before the
+    /// deadline, so every timer due then fires; never while there is none.
+    pub(crate) async fn wait(&mut self) -> Instant {
+        match self.at {
+            Some(at) => {
+                self.sleep.as_mut().await;
+                Instant::now().max(at)
+            }
+            None => std::future::pending().await,
+        }
+    }
+}
+
+/// The next result of the endpoint's live subscription, or never while it holds none.
+pub(crate) async fn next_live(
+    live: Option<&mut broadcast::Receiver<Event>>,
+) -> Result<Event, RecvError> {
+    match live {
+        Some(rx) => rx.recv().await,
+        None => std::future::pending().await,
+    }
+}
