@@ -102,6 +102,8 @@ pub struct Transport {
     handshakes: usize,
     next_id: SessionId,
     meters: DtlsMeters,
+    /// The read buffer every session's records are opened into.
+    scratch: Vec<u8>,
 }
 
 impl std::fmt::Debug for Transport {
@@ -126,6 +128,7 @@ impl Transport {
             handshakes: 0,
             next_id: 1,
             meters,
+            scratch: Vec::new(),
         })
     }
 
@@ -240,6 +243,9 @@ impl Transport {
                 self.meters.ended("idle");
             } else {
                 self.meters.handshake("timeout");
+                if let Some(s) = self.sessions.get(&id) {
+                    crate::refused::log("coaps", s.addr, &"DTLS handshake not finished in time");
+                }
             }
             self.remove(id, out);
         }
@@ -281,9 +287,9 @@ impl Transport {
         let step = match datagram {
             Some(d) => {
                 s.last_seen = now;
-                s.input(&self.context, d, &mut plaintext)
+                s.input(&self.context, d, &mut self.scratch, &mut plaintext)
             }
-            None => s.drive_and_read(&self.context, &mut plaintext),
+            None => s.drive_and_read(&self.context, &mut self.scratch, &mut plaintext),
         };
         let (to, principal) = (s.addr, s.principal.clone());
         out.extend(
@@ -310,6 +316,7 @@ impl Transport {
                     self.meters.ended("closed");
                 } else {
                     self.meters.handshake("failed");
+                    crate::refused::log("coaps", to, &"DTLS handshake failed");
                 }
                 self.remove(id, out);
             }

@@ -107,26 +107,33 @@ impl Session {
         &mut self,
         ctx: &Context,
         datagram: &[u8],
+        scratch: &mut Vec<u8>,
         plaintext: &mut Vec<Vec<u8>>,
     ) -> Step {
         let pipe = self.stream.get_mut();
         if pipe.incoming.len() < MAX_QUEUED {
             pipe.incoming.push_back(datagram.to_vec());
         }
-        self.drive_and_read(ctx, plaintext)
+        self.drive_and_read(ctx, scratch, plaintext)
     }
 
     /// Drives the handshake (the library resends its last flight when its timer ran out) or
     /// reads what is queued.
-    pub(super) fn drive_and_read(&mut self, ctx: &Context, plaintext: &mut Vec<Vec<u8>>) -> Step {
+    /// `scratch` is the transport's read buffer, kept between calls.
+    pub(super) fn drive_and_read(
+        &mut self,
+        ctx: &Context,
+        scratch: &mut Vec<u8>,
+        plaintext: &mut Vec<Vec<u8>>,
+    ) -> Step {
         let step = self.drive(ctx);
         if !self.open {
             return step;
         }
-        let mut buf = vec![0; READ_BUFFER];
+        scratch.resize(READ_BUFFER, 0);
         loop {
-            match self.stream.ssl_read(&mut buf) {
-                Ok(n) => plaintext.push(buf[..n].to_vec()),
+            match self.stream.ssl_read(scratch) {
+                Ok(n) => plaintext.push(scratch[..n].to_vec()),
                 Err(e) if e.code() == ErrorCode::WANT_READ => return step,
                 // close_notify, or a fatal error.
                 Err(_) => return Step::Closed,
