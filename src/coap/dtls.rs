@@ -128,63 +128,108 @@ impl CoapsServer {
         self.socket.local_addr().unwrap_or(self.config.dtls_addr)
     }
 
-    /// Serves until `cancel`, then lets running jobs finish, tells every observer the endpoint
-    /// is going away and closes every session.
+    /// Serves until `cancel` on a thread of its own with a current-thread runtime, as the plain
+    /// endpoint does (`CoapServer::run` says why), then lets running jobs finish, tells every
+    /// observer the endpoint is going away and closes every session.
     pub async fn run(self, bridge: Bridge, tracker: TaskTracker, cancel: CancellationToken) {
         let Self {
             socket,
-            mut transport,
+            transport,
             config,
         } = self;
-        let mut shell = Shell {
-            socket,
-            endpoint: Endpoint::new(&config, bridge.clone()),
-            out: Vec::new(),
+        let socket = match socket.into_std() {
+            Ok(socket) => socket,
+            Err(e) => {
+                return tracing::error!(error = %e, "the CoAP-over-DTLS socket cannot be moved");
+            }
         };
-        let mut jobs = Jobs::new(bridge, tracker);
-        let mut deadline = Deadline::default();
-        let mut sessions_tick = pin!(tokio::time::sleep(Duration::from_secs(1)));
-        let mut buf = vec![0u8; 65_536];
-        loop {
-            tokio::select! {
-                () = cancel.cancelled() => break,
-                received = shell.socket.recv_from(&mut buf) => match received {
-                    Ok((len, addr)) => {
-                        transport.receive(Instant::now(), addr, &buf[..len], &mut shell.out);
-                    }
-                    Err(e) => tracing::debug!(error = %e, "CoAP over DTLS receive error"),
-                },
-                received = next_live(shell.endpoint.live()) => {
-                    shell.endpoint.on_live(received, Instant::now());
+        let (done, finished) = tokio::sync::oneshot::channel::<()>();
+        let thread = std::thread::Builder::new()
+            .name("coaps".to_owned())
+            .spawn(move || {
+                let runtime = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build();
+                match runtime {
+                    Ok(runtime) => runtime.block_on(async move {
+                        match UdpSocket::from_std(socket) {
+                            Ok(socket) => {
+                                serve(socket, transport, &config, bridge, tracker, cancel).await;
+                            }
+                            Err(e) => tracing::error!(error = %e, "the CoAP-over-DTLS socket cannot be used"),
+                        }
+                    }),
+                    Err(e) => tracing::error!(error = %e, "the CoAP-over-DTLS runtime cannot start"),
                 }
-                now = deadline.wait() => shell.endpoint.tick(now),
-                Some((id, reply)) = jobs.next() => {
-                    shell.endpoint.completed(id, reply, Instant::now());
-                }
-                () = &mut sessions_tick => {
-                    let next = transport.tick(Instant::now(), &mut shell.out);
-                    let next = next.unwrap_or_else(|| Instant::now() + Duration::from_secs(1));
-                    sessions_tick.as_mut().reset(next.into());
-                }
+                drop(done);
+            });
+        match thread {
+            // `done` is dropped when the thread ends, however it ends.
+            Ok(_) => {
+                let _ = finished.await;
             }
-            shell.flush(&mut transport, &jobs, &mut deadline).await;
+            Err(e) => tracing::error!(error = %e, "the CoAP-over-DTLS thread cannot start"),
         }
-        jobs.close();
-        loop {
-            tokio::select! {
-                done = jobs.next() => match done {
-                    Some((id, reply)) => shell.endpoint.completed(id, reply, Instant::now()),
-                    None => break,
-                },
-                now = deadline.wait() => shell.endpoint.tick(now),
+    }
+}
+
+/// The loop: datagrams through the transport to the endpoint, and its answers back.
+async fn serve(
+    socket: UdpSocket,
+    mut transport: Transport,
+    config: &CoapConfig,
+    bridge: Bridge,
+    tracker: TaskTracker,
+    cancel: CancellationToken,
+) {
+    let mut shell = Shell {
+        socket,
+        endpoint: Endpoint::new(config, bridge.clone()),
+        out: Vec::new(),
+    };
+    let mut jobs = Jobs::new(bridge, tracker);
+    let mut deadline = Deadline::default();
+    let mut sessions_tick = pin!(tokio::time::sleep(Duration::from_secs(1)));
+    let mut buf = vec![0u8; 65_536];
+    loop {
+        tokio::select! {
+            () = cancel.cancelled() => break,
+            received = shell.socket.recv_from(&mut buf) => match received {
+                Ok((len, addr)) => {
+                    transport.receive(Instant::now(), addr, &buf[..len], &mut shell.out);
+                }
+                Err(e) => tracing::debug!(error = %e, "CoAP over DTLS receive error"),
+            },
+            received = next_live(shell.endpoint.live()) => {
+                shell.endpoint.on_live(received, Instant::now());
             }
-            shell.flush(&mut transport, &jobs, &mut deadline).await;
+            now = deadline.wait() => shell.endpoint.tick(now),
+            Some((id, reply)) = jobs.next() => {
+                shell.endpoint.completed(id, reply, Instant::now());
+            }
+            () = &mut sessions_tick => {
+                let next = transport.tick(Instant::now(), &mut shell.out);
+                let next = next.unwrap_or_else(|| Instant::now() + Duration::from_secs(1));
+                sessions_tick.as_mut().reset(next.into());
+            }
         }
-        shell.endpoint.close();
-        shell.flush(&mut transport, &jobs, &mut deadline).await;
-        transport.close_all(&mut shell.out);
         shell.flush(&mut transport, &jobs, &mut deadline).await;
     }
+    jobs.close();
+    loop {
+        tokio::select! {
+            done = jobs.next() => match done {
+                Some((id, reply)) => shell.endpoint.completed(id, reply, Instant::now()),
+                None => break,
+            },
+            now = deadline.wait() => shell.endpoint.tick(now),
+        }
+        shell.flush(&mut transport, &jobs, &mut deadline).await;
+    }
+    shell.endpoint.close();
+    shell.flush(&mut transport, &jobs, &mut deadline).await;
+    transport.close_all(&mut shell.out);
+    shell.flush(&mut transport, &jobs, &mut deadline).await;
 }
 
 /// The socket and the endpoint, and the transport's outputs between the two.
