@@ -215,3 +215,22 @@ fn idle_sessions_expire() {
     assert_eq!(t.sessions(), 0);
     assert!(matches!(out.as_slice(), [Output::Closed { .. }]));
 }
+
+#[test]
+fn a_client_starting_again_from_its_address_replaces_its_session() {
+    let now = Instant::now();
+    let meters = DtlsMeters::default();
+    let mut t = Transport::new(settings(), meters.clone(), now).expect("transport");
+    let from = addr("127.0.0.1:40003");
+    let mut first = client(b"sensor-7", b"0123456789abcdef");
+    exchange(&mut t, &mut first, from, now);
+    let mut again = client(b"sensor-7", b"0123456789abcdef");
+    let seen = exchange(&mut t, &mut again, from, now);
+    assert!(again.ssl().is_init_finished());
+    assert!(
+        matches!(seen.as_slice(), [Output::Closed { session: 1 }]),
+        "{seen:?}"
+    );
+    assert_eq!((t.sessions(), t.handshakes()), (1, 0));
+    assert_eq!(meters.hello_verify.get(), 2);
+}
