@@ -172,7 +172,14 @@ fn run(args: &Args, ctx: &SslContext, end: Instant) -> anyhow::Result<Tally> {
         let mut fresh = None;
         let s = match session.as_mut() {
             Some(s) => s,
-            None => fresh.insert(connect(ctx, args)?),
+            None => match connect(ctx, args) {
+                Ok(s) => fresh.insert(s),
+                // A handshake the server never finished: counted, and the next one starts.
+                Err(_) => {
+                    tally.timeouts += 1;
+                    continue;
+                }
+            },
         };
         match s.call(RequestType::Get, &args.path, b"", args.timeout)? {
             Some(MessageClass::Response(ResponseType::Content)) => {
