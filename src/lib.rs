@@ -4,7 +4,8 @@
 //! Codemap (dependencies point down):
 //! - [`gateway`]: binds every listener and runs the whole until shutdown.
 //! - [`http`]: the axum router, handlers, event streams and the OpenAPI document.
-//! - [`coap`]: the UDP endpoint: exchanges, deduplication, Observe, block-wise transfer.
+//! - [`coap`]: the endpoint as a sans-I/O state machine (exchanges, deduplication, Observe,
+//!   block-wise transfer) and the UDP loop around it.
 //! - [`devices`]: push rules (through the durable outbox) and pull rules: the gateway as an
 //!   HTTP client of devices that only serve.
 //! - [`bridge`]: topics and filters, the retained store, fan-out to streams; the one place that

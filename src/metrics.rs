@@ -279,7 +279,7 @@ impl Default for Metrics {
         let coap_observers_removed = Family::default();
         registry.register(
             "coap_observers_removed",
-            "CoAP observations ended: deregistered, reset (RST), timeout (no ACK), replaced, shutdown",
+            "CoAP observations ended: deregistered, reset (RST), timeout (no ACK), replaced, closed (the peer's session ended), shutdown",
             coap_observers_removed.clone(),
         );
         let refusals = Family::default();

@@ -1,7 +1,8 @@
 //! Several datagrams from one client through one CoAP endpoint, so that state carries over:
-//! deduplication, Block1 uploads, observations and the notifications of later publishes. The
-//! input is a sequence of records, each a big-endian `u16` length and that many bytes; an empty
-//! record moves the clock on by 100 s, so that uploads and remembered responses expire.
+//! deduplication, Block1 uploads, observations, the notifications of later publishes and their
+//! resends. The input is a sequence of records, each a big-endian `u16` length and that many
+//! bytes; an empty record moves the clock on by 100 s, firing the timers due on the way (resends,
+//! observers given up), so that uploads and remembered responses expire.
 
 #![no_main]
 
@@ -17,11 +18,12 @@ fuzz_target!(|data: &[u8]| {
         let len = usize::from(u16::from_be_bytes([*hi, *lo])).min(tail.len());
         let (datagram, tail) = tail.split_at(len);
         rest = tail;
-        if datagram.is_empty() {
-            endpoint.advance(Duration::from_secs(100));
-            continue;
-        }
-        for sent in endpoint.datagram(datagram) {
+        let sent = if datagram.is_empty() {
+            endpoint.advance(Duration::from_secs(100))
+        } else {
+            endpoint.datagram(datagram)
+        };
+        for sent in sent {
             assert!(
                 CoapHarness::accepts(&sent),
                 "the endpoint sent a datagram it refuses itself: {sent:02x?}"

@@ -265,8 +265,8 @@ impl Shell {
                         };
                         self.endpoint.receive(&source, &bytes, now);
                     }
-                    // Its observations end when their notifications go unanswered.
-                    Output::Closed { .. } => {}
+                    // Its observations and separate responses end with it.
+                    Output::Closed { session } => self.endpoint.forget(Peer::Session(session)),
                 }
             }
             while let Some(transmit) = self.endpoint.poll_transmit() {

@@ -1,6 +1,7 @@
-//! The CoAP endpoint (RFC 7252, Observe RFC 7641, block-wise RFC 7959) on a UDP socket.
-//! coap-lite is the codec; exchanges, deduplication, retransmission, observation and block-wise
-//! transfer are built here, and every request becomes one bridge call.
+//! The CoAP endpoint (RFC 7252, Observe RFC 7641, block-wise RFC 7959): a state machine without
+//! I/O (`endpoint.rs`) and the UDP loop that drives it. coap-lite is the codec; exchanges,
+//! deduplication, retransmission, observation and block-wise transfer are built here, and every
+//! request becomes one bridge call.
 
 mod block;
 mod discovery;
@@ -54,11 +55,11 @@ impl CoapServer {
     /// Serves until `cancel` on a thread of its own, spawning publishes on `tracker`; returns
     /// when the endpoint has said goodbye to its observers.
     ///
-    /// The endpoint is one task that owns the socket, and on the gateway's multi-threaded
-    /// runtime it is woken on whichever worker is free, so its requests cross cores. On a
-    /// current-thread runtime of its own, as libcoap's server runs on one thread, it answers
-    /// CON GETs from 16 sockets at 70–98k/s where it did 44–51k/s beside it, measured in turns
-    /// on the same machine (`bench/README.md`).
+    /// The UDP loop is one task that owns the socket and the endpoint, and on the gateway's
+    /// multi-threaded runtime it is woken on whichever worker is free, so its requests cross
+    /// cores. On a current-thread runtime of its own, as libcoap's server runs on one thread,
+    /// it answers CON GETs far faster, measured in turns on the same machine
+    /// (`bench/README.md`).
     pub async fn run(self, bridge: Bridge, tracker: TaskTracker, cancel: CancellationToken) {
         let config = self.config;
         // The socket is registered with the runtime that bound it; it moves to the endpoint's.

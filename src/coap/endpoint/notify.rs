@@ -65,6 +65,7 @@ impl Endpoint {
         self.send(bytes, peer);
     }
 
+    /// A live message: a notification to every observer it concerns.
     pub(super) fn notify_all(&mut self, message: &Arc<Message>, now: Instant) {
         if message.is_expired(SystemTime::now()) {
             return;
@@ -121,6 +122,8 @@ impl Endpoint {
         self.send(bytes, key.peer);
     }
 
+    /// An empty ACK: of a separate response, or of a notification, which lets the observer's
+    /// pending message go.
     pub(super) fn acked(&mut self, peer: Peer, mid: u16, now: Instant) {
         if let Some(inflight) = self.separate.remove(&(peer, mid)) {
             self.timers.remove(inflight.timer);
@@ -186,6 +189,7 @@ impl Endpoint {
         }
     }
 
+    /// Ends an observation, counted under `reason`.
     pub(super) fn drop_observer(&mut self, key: &ObserverKey, reason: &'static str) {
         if let Some(observer) = self.observers.remove(key) {
             if let Some(inflight) = observer.inflight {

@@ -261,3 +261,51 @@ fn max_pending_bounds_the_jobs_and_close_says_goodbye() {
         MessageClass::Response(ResponseType::ServiceUnavailable)
     );
 }
+
+#[test]
+fn a_forgotten_peer_loses_its_observations() {
+    let mut ep = endpoint();
+    let now = Instant::now();
+    ep.receive(&client(1), &observe(1), now);
+    ep.receive(&client(2), &observe(1), now);
+    sent(&mut ep);
+    ep.forget(client(1).peer);
+    publish(&mut ep, "t", b"v", now);
+    let out = sent(&mut ep);
+    assert_eq!(out.len(), 1);
+    assert_eq!(out[0].peer, client(2).peer);
+    ep.forget(client(2).peer);
+    assert!(ep.live().is_none());
+}
+
+#[test]
+fn a_reset_to_a_notification_ends_the_observation() {
+    let mut ep = endpoint();
+    let t0 = Instant::now();
+    ep.receive(&client(1), &observe(1), t0);
+    sent(&mut ep);
+    publish(&mut ep, "t", b"v", t0 + Duration::from_secs(31));
+    let con = packet(&sent(&mut ep)[0]);
+    let mut rst = vec![0x70, 0, 0, 0];
+    rst[2..4].copy_from_slice(&con.header.message_id.to_be_bytes());
+    ep.receive(&client(1), &rst, t0 + Duration::from_secs(32));
+    assert!(ep.poll_timeout().is_none(), "no resend is left");
+    assert!(ep.live().is_none());
+}
+
+#[test]
+fn no_response_silences_a_non_and_leaves_a_con_its_empty_ack() {
+    let mut ep = endpoint();
+    let now = Instant::now();
+    // GET /topics/none (4.04), No-Response 8 (no 4.xx): NON gets nothing, CON an empty ACK.
+    let get =
+        |kind: u8, mid: u8| [&[kind, 0x01, 0, mid][..], b"\xb6topics\x04none\xd1\xea\x08"].concat();
+    ep.receive(&client(1), &get(0x50, 1), now);
+    assert!(sent(&mut ep).is_empty());
+    ep.receive(&client(1), &get(0x40, 2), now);
+    let p = packet(&sent(&mut ep)[0]);
+    assert_eq!(
+        (p.header.get_type(), p.header.code),
+        (MessageType::Acknowledgement, MessageClass::Empty)
+    );
+}
