@@ -100,6 +100,17 @@ impl DtlsClient {
 
     /// Sends a confirmable request and returns the response to it.
     fn call(&mut self, method: RequestType, path: &str, payload: &[u8]) -> io::Result<Packet> {
+        self.call_with(method, path, payload, |_| {})
+    }
+
+    /// As [`Self::call`], with options added by `tweak`.
+    fn call_with(
+        &mut self,
+        method: RequestType,
+        path: &str,
+        payload: &[u8],
+        tweak: impl FnOnce(&mut Packet),
+    ) -> io::Result<Packet> {
         self.mid += 1;
         let mut p = Packet::new();
         p.header.set_type(MessageType::Confirmable);
@@ -110,6 +121,7 @@ impl DtlsClient {
             p.add_option(CoapOption::UriPath, segment.as_bytes().to_vec());
         }
         p.payload = payload.to_vec();
+        tweak(&mut p);
         let bytes = p
             .to_bytes()
             .map_err(|e| io::Error::other(format!("{e:?}")))?;
@@ -348,4 +360,37 @@ async fn a_hello_flood_from_spoofed_addresses_holds_nothing_and_clients_are_serv
     // The flood left nothing behind: the legitimate session is all there is.
     assert_eq!(metric(&gw, "topicgate_dtls_handshakes").await, 0.0);
     assert_eq!(metric(&gw, "topicgate_dtls_sessions").await, 1.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_observation_ends_with_its_session() {
+    let gw = TestGateway::start_with(configure).await;
+    let coaps = gw.coaps.expect("a coaps:// socket");
+    let observer = blocking(move || {
+        let credentials = Credentials::Psk("sensor-7", KEY);
+        let mut c = DtlsClient::connect(coaps, credentials, "PSK-AES128-CCM8").unwrap();
+        let r = c
+            .call_with(RequestType::Get, "topics/sensors/sensor-7/obs", b"", |p| {
+                p.add_option(CoapOption::Observe, vec![]);
+            })
+            .unwrap();
+        assert_eq!(code(&r), "2.05");
+        c
+    })
+    .await;
+    eventually("the observation", || async {
+        (metric(&gw, "topicgate_coap_observers").await == 1.0).then_some(())
+    })
+    .await;
+    // close_notify: the session ends, and its observation with it, without a notification.
+    blocking(move || {
+        let mut c = observer;
+        let _ = c.stream.shutdown();
+    })
+    .await;
+    eventually("the observation ended", || async {
+        (metric(&gw, "topicgate_coap_observers").await == 0.0).then_some(())
+    })
+    .await;
+    assert_eq!(metric(&gw, "topicgate_dtls_sessions").await, 0.0);
 }
