@@ -285,12 +285,13 @@ impl Transport {
         let mut plaintext = Vec::new();
         let was_open = s.is_open();
         let step = match datagram {
-            Some(d) => {
-                s.last_seen = now;
-                s.input(&self.context, d, &mut self.scratch, &mut plaintext)
-            }
+            Some(d) => s.input(&self.context, d, &mut self.scratch, &mut plaintext),
             None => s.drive_and_read(&self.context, &mut self.scratch, &mut plaintext),
         };
+        // Only what authenticates keeps a session: a forged datagram from its address does not.
+        if !plaintext.is_empty() || step == Step::Opened {
+            s.last_seen = now;
+        }
         let (to, principal) = (s.addr, s.principal.clone());
         out.extend(
             s.take_outgoing()
