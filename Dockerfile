@@ -1,5 +1,5 @@
 # Build: docker build -t topicgate .
-# Run:   docker run --rm -p 1883:1883 -p 8080:8080 -p 5683:5683/udp -v topicgate-data:/data topicgate
+# Run:   docker run --rm -p 1883:1883 -p 8080:8080 -p 5683:5683/udp -p 5684:5684/udp -v topicgate-data:/data topicgate
 # The image's config (config/docker.toml) binds every interface on purpose: -p decides what the
 # host exposes. Mount your own with [auth] before exposing it beyond your machine.
 FROM rust:1-bookworm AS build
@@ -12,6 +12,9 @@ COPY bench ./bench
 RUN cargo build --release --locked --bin topicgate
 
 FROM debian:bookworm-slim
+# CoAP over DTLS uses the system's OpenSSL (the build stage's image has libssl-dev).
+RUN apt-get update && apt-get install -y --no-install-recommends libssl3 \
+    && rm -rf /var/lib/apt/lists/*
 RUN useradd --system --uid 10001 --home-dir /data --shell /usr/sbin/nologin topicgate \
     && mkdir -p /data /etc/topicgate && chown topicgate /data
 COPY --from=build /src/target/release/topicgate /usr/local/bin/topicgate
@@ -21,7 +24,7 @@ WORKDIR /data
 ENV TOPICGATE_CONFIG=/etc/topicgate/topicgate.toml \
     TOPICGATE_DATA_DIR=/data \
     TOPICGATE_LOG_FORMAT=json
-EXPOSE 1883/tcp 8080/tcp 5683/udp
+EXPOSE 1883/tcp 8080/tcp 5683/udp 5684/udp
 # The binary checks itself: GET /healthz on the configured HTTP listener (no curl in the image).
 HEALTHCHECK --interval=15s --timeout=5s --start-period=10s --retries=3 \
     CMD ["/usr/local/bin/topicgate", "healthcheck"]

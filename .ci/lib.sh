@@ -54,7 +54,7 @@ prepare() {
     SCRIPT=$name
     shift
     unset TOPICGATE_CONFIG TOPICGATE_MQTT_ADDR TOPICGATE_HTTP_ADDR TOPICGATE_COAP_ADDR \
-        TOPICGATE_MQTTS_ADDR TOPICGATE_HTTPS_ADDR \
+        TOPICGATE_MQTTS_ADDR TOPICGATE_HTTPS_ADDR TOPICGATE_COAPS_ADDR \
         TOPICGATE_DATA_DIR TOPICGATE_LOG_FORMAT
     for tool in "$@"; do
         command -v "$tool" >/dev/null || { echo "$name: missing tool: $tool" >&2; exit 1; }

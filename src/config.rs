@@ -17,6 +17,8 @@ pub const MQTT_PORT: u16 = 1883;
 pub const HTTP_PORT: u16 = 8080;
 /// Default CoAP port.
 pub const COAP_PORT: u16 = 5683;
+/// Default CoAP-over-DTLS port.
+pub const COAPS_PORT: u16 = 5684;
 
 /// Largest payload any protocol allows: MQTT's maximum remaining length less room for headers.
 const MAX_PAYLOAD_CEILING: usize = 256 * 1024 * 1024 - 128 * 1024;
@@ -75,6 +77,55 @@ pub struct AuthConfig {
     pub tokens: Vec<TokenEntry>,
     /// ACL rules; with none, every principal may do everything.
     pub acl: Vec<AclEntry>,
+    /// DTLS pre-shared keys of CoAP devices.
+    pub psk: Vec<PskEntry>,
+}
+
+/// `[[auth.psk]]`: one DTLS PSK identity.
+#[derive(Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PskEntry {
+    /// The PSK identity the device sends in its handshake.
+    pub identity: String,
+    /// The key, as text (what `coap-client -k` takes); `${VAR}` alone reads it from the
+    /// environment at startup.
+    pub key: String,
+    /// The principal ACL rules name; unset, the identity.
+    pub name: Option<String>,
+}
+
+impl fmt::Debug for PskEntry {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // Never the key.
+        f.debug_struct("PskEntry")
+            .field("identity", &self.identity)
+            .field("name", &self.name)
+            .finish_non_exhaustive()
+    }
+}
+
+impl PskEntry {
+    /// The principal's name.
+    pub fn principal(&self) -> &str {
+        self.name.as_deref().unwrap_or(&self.identity)
+    }
+
+    /// The key's bytes, read from the environment for `${VAR}`; the error says why not.
+    pub fn key_bytes(&self) -> Result<Vec<u8>, String> {
+        let key = match self
+            .key
+            .strip_prefix("${")
+            .and_then(|rest| rest.strip_suffix('}'))
+        {
+            Some(var) => std::env::var(var)
+                .map_err(|_| format!("uses ${{{var}}}, which is not set in the environment"))?,
+            None => self.key.clone(),
+        };
+        if key.len() < 8 || key.len() > 64 {
+            return Err("must be 8 to 64 bytes".to_owned());
+        }
+        Ok(key.into_bytes())
+    }
 }
 
 /// `[[auth.users]]`.
@@ -300,6 +351,18 @@ pub struct CoapConfig {
     pub max_uploads: usize,
     /// Most publishes waiting for the broker; beyond it requests get 5.03.
     pub max_pending: usize,
+    /// CoAP over DTLS socket address, opened when `[[auth.psk]]` or `[tls]` names a key.
+    pub dtls_addr: SocketAddr,
+    /// Most DTLS sessions at once, handshakes included.
+    pub dtls_max_sessions: usize,
+    /// Most DTLS handshakes in progress at once.
+    pub dtls_max_handshakes: usize,
+    /// Time a DTLS handshake may take.
+    #[serde(with = "humantime_serde")]
+    pub dtls_handshake_timeout: Duration,
+    /// A DTLS session that received nothing for this long is dropped.
+    #[serde(with = "humantime_serde")]
+    pub dtls_idle_timeout: Duration,
 }
 
 /// `[broker]`: an external MQTT broker or cluster to front instead of running the embedded one.
@@ -458,6 +521,11 @@ impl Default for CoapConfig {
             dedup_capacity: 10_000,
             max_uploads: 64,
             max_pending: 1024,
+            dtls_addr: SocketAddr::from(([0, 0, 0, 0], COAPS_PORT)),
+            dtls_max_sessions: 10_000,
+            dtls_max_handshakes: 256,
+            dtls_handshake_timeout: Duration::from_secs(10),
+            dtls_idle_timeout: Duration::from_secs(600),
         }
     }
 }
@@ -859,6 +927,19 @@ impl Config {
         if self.coap.dedup_capacity == 0 {
             return invalid("coap.dedup_capacity", "must be at least 1");
         }
+        if self.coap.dtls_max_sessions == 0 {
+            return invalid("coap.dtls_max_sessions", "must be at least 1");
+        }
+        if self.coap.dtls_max_handshakes == 0 {
+            return invalid("coap.dtls_max_handshakes", "must be at least 1");
+        }
+        if self.coap.dtls_handshake_timeout.is_zero() {
+            return invalid("coap.dtls_handshake_timeout", "must be more than 0");
+        }
+        if self.coap.dtls_idle_timeout < Duration::from_secs(1) {
+            return invalid("coap.dtls_idle_timeout", "must be at least 1s");
+        }
+        self.validate_psk()?;
         if self.coap.max_pending == 0 {
             return invalid("coap.max_pending", "must be at least 1");
         }
@@ -956,6 +1037,31 @@ impl Config {
                 return invalid("auth.acl.user", "is empty".to_owned());
             }
             crate::policy::check_pattern(&rule.topic).or_else(|r| invalid("auth.acl.topic", r))?;
+        }
+        Ok(())
+    }
+
+    fn validate_psk(&self) -> Result<(), ConfigError> {
+        let mut seen = std::collections::HashSet::new();
+        for entry in &self.auth.psk {
+            let invalid = |reason: String| {
+                Err(ConfigError::Invalid {
+                    key: "auth.psk",
+                    reason: format!("identity {:?}: {reason}", entry.identity),
+                })
+            };
+            if entry.identity.is_empty() || entry.identity.len() > 128 {
+                return invalid("the identity must be 1 to 128 bytes".to_owned());
+            }
+            if !seen.insert(entry.identity.as_str()) {
+                return invalid("is given twice".to_owned());
+            }
+            if entry.principal().is_empty() {
+                return invalid("name must not be empty".to_owned());
+            }
+            if let Err(reason) = entry.key_bytes() {
+                return invalid(format!("key {reason}"));
+            }
         }
         Ok(())
     }
@@ -1136,6 +1242,35 @@ mod tests {
         c.broker.keep_alive = Duration::from_secs(2);
         let err = c.validate().unwrap_err().to_string();
         assert!(err.contains("`broker.keep_alive`"), "{err}");
+    }
+
+    #[test]
+    fn psk_entries_are_checked_and_keys_never_shown() {
+        let text = r#"
+            [[auth.psk]]
+            identity = "sensor-7"
+            key = "${TOPICGATE_TEST_UNSET_PSK}"
+        "#;
+        let c = Config::parse(text, Path::new("t.toml")).unwrap();
+        let err = c.validate().unwrap_err().to_string();
+        assert!(
+            err.contains("`auth.psk`") && err.contains("TOPICGATE_TEST_UNSET_PSK"),
+            "{err}"
+        );
+        let text = "[[auth.psk]]\nidentity = \"a\"\nkey = \"short\"\nname = \"kitchen\"\n";
+        let c = Config::parse(text, Path::new("t.toml")).unwrap();
+        assert!(c.validate().is_err());
+        let mut c = Config::default();
+        c.auth.psk.push(PskEntry {
+            identity: "a".to_owned(),
+            key: "secret-key-1234".to_owned(),
+            name: Some("kitchen".to_owned()),
+        });
+        c.validate().expect("a good entry");
+        assert_eq!(c.auth.psk[0].principal(), "kitchen");
+        assert!(!format!("{c:?}").contains("secret-key-1234"));
+        c.auth.psk.push(c.auth.psk[0].clone());
+        assert!(c.validate().unwrap_err().to_string().contains("twice"));
     }
 
     #[test]

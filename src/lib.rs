@@ -16,6 +16,8 @@
 //! - [`policy`]: identities, the topic ACL, topic limits and request rates, asked by every
 //!   protocol alike.
 //! - [`tls`]: certificates and handshakes of the HTTPS and MQTT-over-TLS listeners.
+//! - [`dtls`]: the DTLS 1.2 server transport under `coaps://`, sans I/O: stateless cookies,
+//!   bounded sessions, each session's principal; it knows nothing of CoAP.
 //! - [`config`]: the typed configuration; [`metrics`]: the Prometheus registry.
 //! - [`refused`]: the rate-limited log line of a refused client, for every protocol.
 //! - [`probe`]: the `healthcheck` subcommand's GET of `/healthz`.
@@ -24,6 +26,7 @@ pub mod bridge;
 pub mod coap;
 pub mod config;
 pub mod devices;
+pub mod dtls;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod gateway;

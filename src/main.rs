@@ -33,6 +33,10 @@ struct Cli {
     /// CoAP socket address [default: port 5683, loopback or all interfaces as for MQTT].
     #[arg(long, env = "TOPICGATE_COAP_ADDR", value_name = "ADDR")]
     coap_addr: Option<SocketAddr>,
+    /// CoAP over DTLS socket address, opened when [[auth.psk]] or [tls] names a key
+    /// [default: 0.0.0.0:5684].
+    #[arg(long, env = "TOPICGATE_COAPS_ADDR", value_name = "ADDR")]
+    coaps_addr: Option<SocketAddr>,
     /// Directory for the gateway's state [default: ./data].
     #[arg(long, env = "TOPICGATE_DATA_DIR", value_name = "DIR")]
     data_dir: Option<PathBuf>,
@@ -160,6 +164,9 @@ fn load(cli: &Cli) -> anyhow::Result<Config> {
     }
     if let Some(a) = cli.coap_addr {
         config.coap.addr = Some(a);
+    }
+    if let Some(a) = cli.coaps_addr {
+        config.coap.dtls_addr = a;
     }
     if let Some(d) = &cli.data_dir {
         config.data_dir.clone_from(d);

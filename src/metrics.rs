@@ -72,6 +72,63 @@ pub struct PullLabel {
     pub outcome: &'static str,
 }
 
+/// The DTLS transport's counts, cheap clones of the registered metrics.
+#[derive(Debug, Clone, Default)]
+pub struct DtlsMeters {
+    /// DTLS sessions held, handshakes included.
+    pub sessions: Gauge,
+    /// DTLS handshakes in progress.
+    pub handshakes: Gauge,
+    /// HelloVerifyRequests sent (ClientHellos without a valid cookie).
+    pub hello_verify: Counter,
+    handshake_results: Family<ReasonLabel, Counter>,
+    sessions_ended: Family<ReasonLabel, Counter>,
+}
+
+impl DtlsMeters {
+    /// Counts a handshake's end: `ok`, `failed`, `refused` (over a bound) or `timeout`.
+    pub fn handshake(&self, result: &'static str) {
+        self.handshake_results
+            .get_or_create(&ReasonLabel { reason: result })
+            .inc();
+    }
+
+    /// Counts an open session's end: `closed`, `idle` or `replaced`.
+    pub fn ended(&self, reason: &'static str) {
+        self.sessions_ended
+            .get_or_create(&ReasonLabel { reason })
+            .inc();
+    }
+
+    fn register(&self, registry: &mut Registry) {
+        registry.register(
+            "dtls_sessions",
+            "DTLS sessions held, handshakes included",
+            self.sessions.clone(),
+        );
+        registry.register(
+            "dtls_handshakes",
+            "DTLS handshakes in progress",
+            self.handshakes.clone(),
+        );
+        registry.register(
+            "dtls_hello_verify_requests",
+            "DTLS ClientHellos answered with a cookie (HelloVerifyRequest), nothing allocated",
+            self.hello_verify.clone(),
+        );
+        registry.register(
+            "dtls_handshake_results",
+            "DTLS handshakes ended: ok, failed, refused (over a bound), timeout",
+            self.handshake_results.clone(),
+        );
+        registry.register(
+            "dtls_sessions_ended",
+            "DTLS sessions ended: closed, idle, replaced (the client started again)",
+            self.sessions_ended.clone(),
+        );
+    }
+}
+
 /// A family of histograms by rule.
 pub type RuleHistograms = Family<RuleLabel, Histogram, fn() -> Histogram>;
 
@@ -130,6 +187,8 @@ pub struct Metrics {
     pub pull_reads: Family<PullLabel, Counter>,
     /// 1 while a pull rule's device answers, 0 while it does not.
     pub pull_up: Family<RuleLabel, Gauge>,
+    /// The DTLS transport's counts.
+    pub dtls: DtlsMeters,
     /// Handles on `http_responses` by status, made on first use: a family lookup takes a lock
     /// and hashes the label, which every response would pay.
     status_counters: Box<[OnceLock<Counter>]>,
@@ -283,7 +342,10 @@ impl Default for Metrics {
             "1 while a pull rule's device answers, 0 while it does not",
             pull_up.clone(),
         );
+        let dtls = DtlsMeters::default();
+        dtls.register(&mut registry);
         Self {
+            dtls,
             registry,
             push_sent,
             push_failed,

@@ -5,6 +5,7 @@
 
 mod block;
 mod discovery;
+mod dtls;
 mod endpoint;
 mod exchange;
 pub(crate) mod fuzzing;
@@ -21,6 +22,8 @@ use std::net::SocketAddr;
 use tokio::net::UdpSocket;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
+
+pub use dtls::{CoapsError, CoapsServer, dtls_settings};
 
 use crate::bridge::Bridge;
 use crate::config::CoapConfig;

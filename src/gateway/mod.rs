@@ -12,7 +12,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::bridge::{Bridge, Journal, JournalError, RetainedStore, StoreSource};
-use crate::coap::CoapServer;
+use crate::coap::{CoapServer, CoapsError, CoapsServer};
 use crate::config::Config;
 use crate::devices::{Devices, DevicesError, Sharing};
 use crate::http;
@@ -45,6 +45,9 @@ pub enum GatewayError {
     /// The `[tls]` files cannot be used.
     #[error(transparent)]
     Tls(#[from] TlsError),
+    /// The CoAP-over-DTLS socket cannot be bound, or its keys or certificate used.
+    #[error(transparent)]
+    Coaps(#[from] CoapsError),
     /// A push or pull rule is invalid, or the outbox cannot be used.
     #[error(transparent)]
     Devices(#[from] DevicesError),
@@ -61,6 +64,8 @@ pub struct Gateway {
     https: Option<(TcpListener, Tls)>,
     /// One endpoint per address of `Config::coap_addrs`; never empty.
     coap: Vec<CoapServer>,
+    /// The `coaps://` socket, when `[[auth.psk]]` or `[tls]` names a key.
+    coaps: Option<CoapsServer>,
     broker: BrokerMode,
     store: Arc<RetainedStore>,
     policy: Policy,
@@ -108,6 +113,12 @@ impl Gateway {
             |c| Some(c.addr()),
         )
         .await?;
+        let coaps = match crate::coap::dtls_settings(&config.auth, &config.tls)? {
+            Some(settings) => {
+                Some(CoapsServer::bind(&config.coap, settings, metrics.dtls.clone()).await?)
+            }
+            None => None,
+        };
         let endpoint = config.broker.endpoint().map_err(|reason| {
             GatewayError::Mqtt(MqttError::Link(format!("broker.url {reason}")))
         })?;
@@ -137,6 +148,7 @@ impl Gateway {
             http,
             https,
             coap,
+            coaps,
             broker,
             store,
             policy,
@@ -168,6 +180,11 @@ impl Gateway {
         self.coap[0].addr()
     }
 
+    /// The bound CoAP-over-DTLS address, when `[[auth.psk]]` or `[tls]` names a key.
+    pub fn coaps_addr(&self) -> Option<SocketAddr> {
+        self.coaps.as_ref().map(CoapsServer::addr)
+    }
+
     /// Every bound CoAP address.
     pub fn coap_addrs(&self) -> Vec<SocketAddr> {
         self.coap.iter().map(CoapServer::addr).collect()
@@ -196,6 +213,7 @@ impl Gateway {
             http,
             https,
             coap,
+            coaps,
             broker,
             store,
             policy,
@@ -279,6 +297,11 @@ impl Gateway {
             tracker.spawn(endpoint.run(bridge.clone(), tracker.clone(), cancel.clone()));
             tracing::info!(protocol = "coap", %addr, "listening");
             warn_if_open(&policy, "coap", addr);
+        }
+        if let Some(endpoint) = coaps {
+            let addr = endpoint.addr();
+            tracker.spawn(endpoint.run(bridge.clone(), tracker.clone(), cancel.clone()));
+            tracing::info!(protocol = "coaps", %addr, "listening");
         }
 
         let draining = CancellationToken::new();

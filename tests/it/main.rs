@@ -5,6 +5,7 @@ mod cli;
 mod coap;
 mod coap_client;
 mod coap_observe;
+mod coaps;
 mod cors;
 mod devices;
 mod devices_coap;

@@ -22,6 +22,8 @@ pub(crate) struct TestGateway {
     /// Set when `[tls]` names a certificate.
     pub(crate) https: Option<SocketAddr>,
     pub(crate) mqtts: Option<SocketAddr>,
+    /// Set when `[[auth.psk]]` or `[tls]` names a key.
+    pub(crate) coaps: Option<SocketAddr>,
     pub(crate) client: reqwest::Client,
     cancel: CancellationToken,
     task: JoinHandle<Result<(), GatewayError>>,
@@ -40,6 +42,7 @@ impl TestGateway {
         config.coap.addr = Some("127.0.0.1:0".parse().unwrap());
         config.http.tls_addr = "127.0.0.1:0".parse().unwrap();
         config.mqtt.tls_addr = "127.0.0.1:0".parse().unwrap();
+        config.coap.dtls_addr = "127.0.0.1:0".parse().unwrap();
         let data = tempfile::tempdir().unwrap();
         config.data_dir = data.path().to_owned();
         tweak(&mut config);
@@ -51,6 +54,7 @@ impl TestGateway {
         let gateway = Gateway::bind(config).await.expect("gateway binds");
         let (http, coap) = (gateway.http_addr(), gateway.coap_addr());
         let (https, mqtts) = (gateway.https_addr(), gateway.mqtts_addr());
+        let coaps = gateway.coaps_addr();
         let mqtt = gateway
             .mqtt_addr()
             .or(external)
@@ -68,6 +72,7 @@ impl TestGateway {
             coap,
             https,
             mqtts,
+            coaps,
             client,
             cancel,
             task,

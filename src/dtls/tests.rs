@@ -1,0 +1,236 @@
+//! The transport against the library's own client, in memory.
+
+use std::collections::VecDeque;
+use std::io::{self, Read, Write};
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use openssl::ssl::{ErrorCode, Ssl, SslContext, SslMethod, SslStream};
+
+use super::*;
+
+#[derive(Default)]
+struct ClientPipe {
+    incoming: VecDeque<Vec<u8>>,
+    outgoing: Vec<Vec<u8>>,
+}
+
+impl Read for ClientPipe {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let d = self.incoming.pop_front().ok_or(io::ErrorKind::WouldBlock)?;
+        buf[..d.len()].copy_from_slice(&d);
+        Ok(d.len())
+    }
+}
+
+impl Write for ClientPipe {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.outgoing.push(buf.to_vec());
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+fn settings() -> Settings {
+    Settings {
+        psks: vec![Psk {
+            identity: "sensor-7".into(),
+            key: b"0123456789abcdef".to_vec(),
+            principal: "kitchen".into(),
+        }],
+        certificate: None,
+        max_sessions: 4,
+        max_handshakes: 2,
+        handshake_timeout: Duration::from_secs(10),
+        idle_timeout: Duration::from_secs(60),
+    }
+}
+
+fn client(identity: &'static [u8], key: &'static [u8]) -> SslStream<ClientPipe> {
+    let mut b = SslContext::builder(SslMethod::dtls_client()).expect("context");
+    b.set_cipher_list("PSK-AES128-CCM8").expect("ciphers");
+    b.set_psk_client_callback(move |_, _, id, psk| {
+        id[..identity.len()].copy_from_slice(identity);
+        id[identity.len()] = 0;
+        psk[..key.len()].copy_from_slice(key);
+        Ok(key.len())
+    });
+    let ssl = Ssl::new(&b.build()).expect("ssl");
+    let mut s = SslStream::new(ssl, ClientPipe::default()).expect("stream");
+    assert_eq!(s.connect().expect_err("waits").code(), ErrorCode::WANT_READ);
+    s
+}
+
+/// Runs datagrams both ways until nothing moves; returns the server's outputs.
+fn exchange(
+    t: &mut Transport,
+    c: &mut SslStream<ClientPipe>,
+    from: SocketAddr,
+    now: Instant,
+) -> Vec<Output> {
+    let mut seen = Vec::new();
+    for _ in 0..10 {
+        let sent = std::mem::take(&mut c.get_mut().outgoing);
+        if sent.is_empty() {
+            break;
+        }
+        let mut out = Vec::new();
+        for d in sent {
+            t.receive(now, from, &d, &mut out);
+        }
+        for o in out {
+            match o {
+                Output::Transmit { bytes, .. } => c.get_mut().incoming.push_back(bytes),
+                other => seen.push(other),
+            }
+        }
+        let _ = c.connect();
+    }
+    seen
+}
+
+fn addr(s: &str) -> SocketAddr {
+    s.parse().expect("an address")
+}
+
+#[test]
+fn a_psk_client_gets_through_the_cookie_exchange_as_its_principal() {
+    let now = Instant::now();
+    let meters = DtlsMeters::default();
+    let mut t = Transport::new(settings(), meters.clone(), now).expect("transport");
+    let mut c = client(b"sensor-7", b"0123456789abcdef");
+    let from = addr("127.0.0.1:40000");
+    exchange(&mut t, &mut c, from, now);
+    assert!(c.ssl().is_init_finished(), "handshake done");
+    assert_eq!(meters.hello_verify.get(), 1);
+    assert_eq!((t.sessions(), t.handshakes()), (1, 0));
+    c.ssl_write(b"hello").expect("write");
+    let seen = exchange(&mut t, &mut c, from, now);
+    let [
+        Output::Received {
+            session,
+            principal,
+            bytes,
+            ..
+        },
+    ] = seen.as_slice()
+    else {
+        panic!("one record, got {seen:?}");
+    };
+    assert_eq!(bytes, b"hello");
+    assert_eq!(principal, &Some(Principal::Named("kitchen".into())));
+    let mut out = Vec::new();
+    assert!(t.send(*session, b"back", &mut out));
+    let [Output::Transmit { to, bytes }] = out.as_slice() else {
+        panic!("one datagram");
+    };
+    assert_eq!(*to, from);
+    c.get_mut().incoming.push_back(bytes.clone());
+    let mut buf = [0; 64];
+    assert_eq!(c.ssl_read(&mut buf).expect("read"), 4);
+}
+
+#[test]
+fn a_wrong_key_or_identity_opens_nothing() {
+    let now = Instant::now();
+    let mut t = Transport::new(settings(), DtlsMeters::default(), now).expect("transport");
+    for (identity, key) in [
+        (&b"sensor-7"[..], &b"0123456789abcdeX"[..]),
+        (b"nobody", b"0123456789abcdef"),
+    ] {
+        let mut c = client(identity, key);
+        exchange(&mut t, &mut c, addr("127.0.0.1:40001"), now);
+        assert!(!c.ssl().is_init_finished());
+    }
+    // A wrong key's Finished does not decrypt and is dropped, as DTLS drops bad records: the
+    // client hears nothing more, and its handshake goes at its deadline.
+    let mut out = Vec::new();
+    t.tick(now + Duration::from_secs(11), &mut out);
+    assert_eq!(t.sessions(), 0);
+}
+
+#[test]
+fn hellos_without_a_cookie_allocate_nothing() {
+    let now = Instant::now();
+    let mut t = Transport::new(settings(), DtlsMeters::default(), now).expect("transport");
+    let mut c = client(b"sensor-7", b"0123456789abcdef");
+    let hello = c.get_mut().outgoing[0].clone();
+    for port in 1..2000 {
+        let mut out = Vec::new();
+        t.receive(
+            now,
+            SocketAddr::from(([127, 0, 0, 2], port)),
+            &hello,
+            &mut out,
+        );
+        let [Output::Transmit { bytes, .. }] = out.as_slice() else {
+            panic!("one HelloVerifyRequest");
+        };
+        assert!(bytes.len() < hello.len());
+    }
+    assert_eq!(t.sessions(), 0);
+}
+
+#[test]
+fn handshakes_are_bounded_and_expire() {
+    let now = Instant::now();
+    let meters = DtlsMeters::default();
+    let mut t = Transport::new(settings(), meters.clone(), now).expect("transport");
+    // Three clients that stop after their cookie exchange: two handshakes are held, one refused.
+    for port in 0..3 {
+        let mut c = client(b"sensor-7", b"0123456789abcdef");
+        let from = SocketAddr::from(([127, 0, 0, 3], 1000 + port));
+        let hello = c.get_mut().outgoing.remove(0);
+        let mut out = Vec::new();
+        t.receive(now, from, &hello, &mut out);
+        let Some(Output::Transmit { bytes, .. }) = out.pop() else {
+            panic!("a HelloVerifyRequest");
+        };
+        c.get_mut().incoming.push_back(bytes);
+        let _ = c.connect();
+        for d in std::mem::take(&mut c.get_mut().outgoing) {
+            t.receive(now, from, &d, &mut out);
+        }
+    }
+    assert_eq!((t.sessions(), t.handshakes()), (2, 2));
+    let mut out = Vec::new();
+    let next = t.tick(now + Duration::from_secs(11), &mut out);
+    assert_eq!((t.sessions(), t.handshakes()), (0, 0));
+    assert_eq!(next, None);
+}
+
+#[test]
+fn idle_sessions_expire() {
+    let now = Instant::now();
+    let mut t = Transport::new(settings(), DtlsMeters::default(), now).expect("transport");
+    let mut c = client(b"sensor-7", b"0123456789abcdef");
+    exchange(&mut t, &mut c, addr("127.0.0.1:40002"), now);
+    assert_eq!(t.sessions(), 1);
+    let mut out = Vec::new();
+    t.tick(now + Duration::from_secs(30), &mut out);
+    assert_eq!(t.sessions(), 1);
+    t.tick(now + Duration::from_secs(61), &mut out);
+    assert_eq!(t.sessions(), 0);
+    assert!(matches!(out.as_slice(), [Output::Closed { .. }]));
+}
+
+#[test]
+fn a_client_starting_again_from_its_address_replaces_its_session() {
+    let now = Instant::now();
+    let meters = DtlsMeters::default();
+    let mut t = Transport::new(settings(), meters.clone(), now).expect("transport");
+    let from = addr("127.0.0.1:40003");
+    let mut first = client(b"sensor-7", b"0123456789abcdef");
+    exchange(&mut t, &mut first, from, now);
+    let mut again = client(b"sensor-7", b"0123456789abcdef");
+    let seen = exchange(&mut t, &mut again, from, now);
+    assert!(again.ssl().is_init_finished());
+    assert!(
+        matches!(seen.as_slice(), [Output::Closed { session: 1 }]),
+        "{seen:?}"
+    );
+    assert_eq!((t.sessions(), t.handshakes()), (1, 0));
+    assert_eq!(meters.hello_verify.get(), 2);
+}

@@ -1,0 +1,396 @@
+//! CoAP over DTLS (`coaps://`) with OpenSSL's own DTLS client over real UDP: PSK and
+//! certificate handshakes with RFC 7252's CCM_8 suites, principals under the ACL, and a flood
+//! of ClientHellos from spoofed loopback addresses that allocates nothing.
+
+use std::io::{self, Read, Write};
+use std::net::{SocketAddr, UdpSocket};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use coap_lite::{CoapOption, MessageClass, MessageType, Packet, RequestType};
+use openssl::pkey::PKey;
+use openssl::ssl::{ErrorCode, Ssl, SslContext, SslMethod, SslOptions, SslStream, SslVerifyMode};
+use openssl::x509::X509;
+use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair};
+use topicgate::Config;
+use topicgate::config::{AclAccess, AclEntry, PskEntry, TokenEntry};
+
+use crate::support::{DEADLINE, TestGateway, eventually, metric};
+
+const ADMIN_TOKEN: &str = "admin-token-0123456789";
+const KEY: &str = "kitchen-secret-1";
+
+/// A connected UDP socket as the library's byte stream: one datagram per read and write.
+struct Udp(UdpSocket);
+
+impl Read for Udp {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.0.recv(buf)
+    }
+}
+
+impl Write for Udp {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.0.send(buf)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// How the client authenticates.
+enum Credentials {
+    Psk(&'static str, &'static str),
+    /// A certificate and key (PEM), with the suite to ask for.
+    Certificate(String, String),
+}
+
+/// A blocking DTLS client; its handshake and every wait end within `DEADLINE`.
+struct DtlsClient {
+    stream: SslStream<Udp>,
+    mid: u16,
+}
+
+impl DtlsClient {
+    fn connect(server: SocketAddr, credentials: Credentials, suite: &str) -> io::Result<Self> {
+        Self::connect_within(server, credentials, suite, DEADLINE)
+    }
+
+    fn connect_within(
+        server: SocketAddr,
+        credentials: Credentials,
+        suite: &str,
+        within: Duration,
+    ) -> io::Result<Self> {
+        let from = "127.0.0.1:0";
+        let socket = UdpSocket::bind(from)?;
+        socket.connect(server)?;
+        socket.set_read_timeout(Some(Duration::from_millis(200)))?;
+        let mut b = SslContext::builder(SslMethod::dtls_client()).map_err(io::Error::other)?;
+        b.set_cipher_list(suite).map_err(io::Error::other)?;
+        b.set_verify(SslVerifyMode::NONE);
+        match credentials {
+            Credentials::Psk(identity, key) => b.set_psk_client_callback(move |_, _, id, psk| {
+                id[..identity.len()].copy_from_slice(identity.as_bytes());
+                id[identity.len()] = 0;
+                psk[..key.len()].copy_from_slice(key.as_bytes());
+                Ok(key.len())
+            }),
+            Credentials::Certificate(cert, key) => {
+                let cert = X509::from_pem(cert.as_bytes()).map_err(io::Error::other)?;
+                let key = PKey::private_key_from_pem(key.as_bytes()).map_err(io::Error::other)?;
+                b.set_certificate(&cert).map_err(io::Error::other)?;
+                b.set_private_key(&key).map_err(io::Error::other)?;
+            }
+        }
+        b.set_options(SslOptions::NO_QUERY_MTU);
+        let mut ssl = Ssl::new(&b.build()).map_err(io::Error::other)?;
+        ssl.set_mtu(1200).map_err(io::Error::other)?;
+        let mut stream = SslStream::new(ssl, Udp(socket)).map_err(io::Error::other)?;
+        let deadline = Instant::now() + within;
+        loop {
+            match stream.connect() {
+                Ok(()) => break,
+                Err(e) if e.code() == ErrorCode::WANT_READ && Instant::now() < deadline => {}
+                Err(e) => return Err(io::Error::other(e.to_string())),
+            }
+        }
+        Ok(Self { stream, mid: 1 })
+    }
+
+    /// Sends a confirmable request and returns the response to it.
+    fn call(&mut self, method: RequestType, path: &str, payload: &[u8]) -> io::Result<Packet> {
+        self.call_with(method, path, payload, |_| {})
+    }
+
+    /// As [`Self::call`], with options added by `tweak`.
+    fn call_with(
+        &mut self,
+        method: RequestType,
+        path: &str,
+        payload: &[u8],
+        tweak: impl FnOnce(&mut Packet),
+    ) -> io::Result<Packet> {
+        self.mid += 1;
+        let mut p = Packet::new();
+        p.header.set_type(MessageType::Confirmable);
+        p.header.code = MessageClass::Request(method);
+        p.header.message_id = self.mid;
+        p.set_token(self.mid.to_be_bytes().to_vec());
+        for segment in path.split('/') {
+            p.add_option(CoapOption::UriPath, segment.as_bytes().to_vec());
+        }
+        p.payload = payload.to_vec();
+        tweak(&mut p);
+        let bytes = p
+            .to_bytes()
+            .map_err(|e| io::Error::other(format!("{e:?}")))?;
+        self.stream.ssl_write(&bytes).map_err(io::Error::other)?;
+        let deadline = Instant::now() + DEADLINE;
+        let mut buf = [0u8; 2048];
+        while Instant::now() < deadline {
+            match self.stream.ssl_read(&mut buf) {
+                Ok(n) => {
+                    let r = Packet::from_bytes(&buf[..n])
+                        .map_err(|e| io::Error::other(format!("{e:?}")))?;
+                    if r.header.message_id == self.mid {
+                        return Ok(r);
+                    }
+                }
+                Err(e) if e.code() == ErrorCode::WANT_READ => {}
+                Err(e) => return Err(io::Error::other(e.to_string())),
+            }
+        }
+        Err(io::ErrorKind::TimedOut.into())
+    }
+}
+
+fn code(p: &Packet) -> String {
+    p.header.code.to_string()
+}
+
+fn configure(c: &mut Config) {
+    c.auth.allow_anonymous = Some(false);
+    c.auth.tokens.push(TokenEntry {
+        name: "admin".to_owned(),
+        token: ADMIN_TOKEN.to_owned(),
+    });
+    c.auth.psk.push(PskEntry {
+        identity: "sensor-7".to_owned(),
+        key: KEY.to_owned(),
+        name: None,
+    });
+    for (user, topic) in [("admin", "#"), ("*", "sensors/%u/#")] {
+        c.auth.acl.push(AclEntry {
+            user: user.to_owned(),
+            topic: topic.to_owned(),
+            access: AclAccess::ReadWrite,
+        });
+    }
+}
+
+/// Runs blocking client work off the runtime that serves the gateway.
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+    tokio::task::spawn_blocking(f)
+        .await
+        .expect("the client does not panic")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn psk_and_certificate_clients_act_as_their_principals() {
+    let dir = tempfile::tempdir().unwrap();
+    let server_key = KeyPair::generate().unwrap();
+    let server = CertificateParams::new(vec!["localhost".to_owned()])
+        .unwrap()
+        .self_signed(&server_key)
+        .unwrap();
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca.distinguished_name.push(DnType::CommonName, "test CA");
+    let ca = ca.self_signed(&ca_key).unwrap();
+    let client_key = KeyPair::generate().unwrap();
+    let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    params
+        .distinguished_name
+        .push(DnType::CommonName, "sensor-7");
+    let client = params.signed_by(&client_key, &ca, &ca_key).unwrap();
+    std::fs::write(dir.path().join("server.pem"), server.pem()).unwrap();
+    std::fs::write(dir.path().join("server.key"), server_key.serialize_pem()).unwrap();
+    std::fs::write(dir.path().join("ca.pem"), ca.pem()).unwrap();
+    let path = dir.path().to_owned();
+    let gw = TestGateway::start_with(|c| {
+        configure(c);
+        c.tls.cert = Some(path.join("server.pem"));
+        c.tls.key = Some(path.join("server.key"));
+        c.tls.client_ca = Some(path.join("ca.pem"));
+    })
+    .await;
+    let coaps = gw.coaps.expect("a coaps:// socket");
+    let put = gw
+        .client
+        .put(gw.url("/topics/sensors/sensor-7/t"))
+        .bearer_auth(ADMIN_TOKEN)
+        .body("21")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(put.status(), 204);
+
+    let (cert, key) = (client.pem(), client_key.serialize_pem());
+    let answers = blocking(move || {
+        let mut answers = Vec::new();
+        for (credentials, suite) in [
+            (Credentials::Psk("sensor-7", KEY), "PSK-AES128-CCM8"),
+            (
+                Credentials::Certificate(cert, key),
+                "ECDHE-ECDSA-AES128-CCM8",
+            ),
+        ] {
+            let mut c = DtlsClient::connect(coaps, credentials, suite).unwrap();
+            let got = c
+                .call(RequestType::Get, "topics/sensors/sensor-7/t", b"")
+                .unwrap();
+            let denied = c.call(RequestType::Get, "topics/other/t", b"").unwrap();
+            let put = c
+                .call(RequestType::Put, "topics/sensors/sensor-7/t", b"22")
+                .unwrap();
+            answers.push((code(&got), got.payload, code(&denied), code(&put)));
+        }
+        let wrong = DtlsClient::connect_within(
+            coaps,
+            Credentials::Psk("sensor-7", "wrong-key-123456"),
+            "PSK-AES128-CCM8",
+            Duration::from_secs(2),
+        );
+        (answers, wrong.is_err())
+    })
+    .await;
+    let (answers, wrong_refused) = answers;
+    assert_eq!(
+        answers[0],
+        (
+            "2.05".to_owned(),
+            b"21".to_vec(),
+            "4.03".to_owned(),
+            "2.04".to_owned()
+        )
+    );
+    assert_eq!(
+        answers[1],
+        (
+            "2.05".to_owned(),
+            b"22".to_vec(),
+            "4.03".to_owned(),
+            "2.04".to_owned()
+        )
+    );
+    assert!(wrong_refused, "a wrong key never completes the handshake");
+    let got = gw
+        .client
+        .get(gw.url("/topics/sensors/sensor-7/t"))
+        .bearer_auth(ADMIN_TOKEN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(got.text().await.unwrap(), "22");
+    assert_eq!(
+        metric(&gw, "topicgate_dtls_handshake_results_total{reason=\"ok\"}").await,
+        2.0
+    );
+}
+
+/// The first datagram of a DTLS client: a ClientHello without cookie.
+fn client_hello() -> Vec<u8> {
+    let socket = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let sink = UdpSocket::bind("127.0.0.1:0").unwrap();
+    socket.connect(sink.local_addr().unwrap()).unwrap();
+    socket
+        .set_read_timeout(Some(Duration::from_millis(1)))
+        .unwrap();
+    let mut b = SslContext::builder(SslMethod::dtls_client()).unwrap();
+    b.set_psk_client_callback(|_, _, id, psk| {
+        id[..2].copy_from_slice(b"x\0");
+        psk[..8].copy_from_slice(b"12345678");
+        Ok(8)
+    });
+    // A ClientHello in one record, as the gateway's stateless check reads only those (as
+    // OpenSSL's own DTLSv1_listen does); without an MTU the library cuts records at 256 bytes.
+    b.set_options(SslOptions::NO_QUERY_MTU);
+    let mut ssl = Ssl::new(&b.build()).unwrap();
+    ssl.set_mtu(1200).unwrap();
+    let mut stream = SslStream::new(ssl, Udp(socket)).unwrap();
+    let _ = stream.connect();
+    let mut buf = [0u8; 2048];
+    let n = sink.recv(&mut buf).unwrap();
+    buf[..n].to_vec()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hello_flood_from_spoofed_addresses_holds_nothing_and_clients_are_served() {
+    let gw = TestGateway::start_with(|c| {
+        configure(c);
+        c.coap.dtls_max_handshakes = 4;
+    })
+    .await;
+    let coaps = gw.coaps.expect("a coaps:// socket");
+    // Spawned now, so it handshakes while the flood runs.
+    let legit = tokio::task::spawn_blocking(move || {
+        let credentials = Credentials::Psk("sensor-7", KEY);
+        let mut c = DtlsClient::connect(coaps, credentials, "PSK-AES128-CCM8").unwrap();
+        code(
+            &c.call(RequestType::Get, "topics/sensors/sensor-7/none", b"")
+                .unwrap(),
+        )
+    });
+    // 1200 ClientHellos from 600 loopback addresses that never read the answer, as spoofed
+    // sources would not; in batches of 100, each waited for, so that the socket's receive
+    // buffer (about 200 datagrams) does not drop them before they are counted.
+    let hello = blocking(client_hello).await;
+    assert!(
+        topicgate::dtls::hello::parse(&hello).is_some(),
+        "{hello:02x?}"
+    );
+    let sockets: Vec<Arc<UdpSocket>> = (0..600)
+        .map(|i| {
+            Arc::new(UdpSocket::bind((format!("127.1.{}.{}", i / 250, 1 + i % 250), 0)).unwrap())
+        })
+        .collect();
+    let mut sent = 0;
+    for batch in sockets.chunks(100).cycle().take(12) {
+        let (batch, hello) = (batch.to_vec(), hello.clone());
+        blocking(move || {
+            for s in batch {
+                s.send_to(&hello, coaps).unwrap();
+            }
+        })
+        .await;
+        sent += 100;
+        eventually("the flood answered", || async {
+            let answered = metric(&gw, "topicgate_dtls_hello_verify_requests_total").await;
+            (answered >= f64::from(sent) * 0.9).then_some(())
+        })
+        .await;
+    }
+    let answer = legit.await.expect("the client does not panic");
+    assert_eq!(
+        answer, "4.04",
+        "the legitimate client is served during the flood"
+    );
+    // The flood left nothing behind: the legitimate session is all there is.
+    assert_eq!(metric(&gw, "topicgate_dtls_handshakes").await, 0.0);
+    assert_eq!(metric(&gw, "topicgate_dtls_sessions").await, 1.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_observation_ends_with_its_session() {
+    let gw = TestGateway::start_with(configure).await;
+    let coaps = gw.coaps.expect("a coaps:// socket");
+    let observer = blocking(move || {
+        let credentials = Credentials::Psk("sensor-7", KEY);
+        let mut c = DtlsClient::connect(coaps, credentials, "PSK-AES128-CCM8").unwrap();
+        let r = c
+            .call_with(RequestType::Get, "topics/sensors/sensor-7/obs", b"", |p| {
+                p.add_option(CoapOption::Observe, vec![]);
+            })
+            .unwrap();
+        assert_eq!(code(&r), "2.05");
+        c
+    })
+    .await;
+    eventually("the observation", || async {
+        (metric(&gw, "topicgate_coap_observers").await == 1.0).then_some(())
+    })
+    .await;
+    // close_notify: the session ends, and its observation with it, without a notification.
+    blocking(move || {
+        let mut c = observer;
+        let _ = c.stream.shutdown();
+    })
+    .await;
+    eventually("the observation ended", || async {
+        (metric(&gw, "topicgate_coap_observers").await == 0.0).then_some(())
+    })
+    .await;
+    assert_eq!(metric(&gw, "topicgate_dtls_sessions").await, 0.0);
+}
