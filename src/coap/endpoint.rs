@@ -36,8 +36,6 @@ pub(crate) enum Peer {
     /// A UDP client, known by its address.
     Udp(SocketAddr),
     /// A secured session, known by a number its transport gives it.
-    // why: made by the DTLS transport; until it is built only the tests make one.
-    #[allow(dead_code)]
     Session(u64),
 }
 
@@ -230,8 +228,6 @@ impl Endpoint {
 
     /// Forgets a peer that is gone (its secured session ended): its observations end without
     /// a word and its separate responses are no longer resent.
-    // why: for the DTLS transport's ended sessions; until it is built only the tests call it.
-    #[allow(dead_code)]
     pub(crate) fn forget(&mut self, peer: Peer) {
         for key in self.observers.keys() {
             if key.peer == peer {
