@@ -105,7 +105,7 @@ async fn serve(socket: &UdpSocket, observers: &mut Observers, bytes: &[u8], peer
 /// A notification with Observe sequence `seq`; every 20th is confirmable.
 fn notification(observer: &Observer, seq: u32, mid: u16) -> Option<Vec<u8>> {
     let mut p = Packet::new();
-    let kind = if seq % 20 == 0 {
+    let kind = if seq.is_multiple_of(20) {
         MessageType::Confirmable
     } else {
         MessageType::NonConfirmable
