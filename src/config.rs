@@ -357,6 +357,8 @@ pub struct CoapConfig {
     pub dtls_max_sessions: usize,
     /// Most DTLS handshakes in progress at once.
     pub dtls_max_handshakes: usize,
+    /// Most DTLS handshakes in progress at once from one IP address.
+    pub dtls_max_handshakes_per_address: usize,
     /// Time a DTLS handshake may take.
     #[serde(with = "humantime_serde")]
     pub dtls_handshake_timeout: Duration,
@@ -524,6 +526,7 @@ impl Default for CoapConfig {
             dtls_addr: SocketAddr::from(([0, 0, 0, 0], COAPS_PORT)),
             dtls_max_sessions: 10_000,
             dtls_max_handshakes: 256,
+            dtls_max_handshakes_per_address: 16,
             dtls_handshake_timeout: Duration::from_secs(10),
             dtls_idle_timeout: Duration::from_secs(600),
         }
@@ -929,6 +932,9 @@ impl Config {
         }
         if self.coap.dtls_max_sessions == 0 {
             return invalid("coap.dtls_max_sessions", "must be at least 1");
+        }
+        if self.coap.dtls_max_handshakes_per_address == 0 {
+            return invalid("coap.dtls_max_handshakes_per_address", "must be at least 1");
         }
         if self.coap.dtls_max_handshakes == 0 {
             return invalid("coap.dtls_max_handshakes", "must be at least 1");

@@ -73,6 +73,7 @@ impl Default for DtlsHarness {
             certificate: None,
             max_sessions: 8,
             max_handshakes: 4,
+            max_handshakes_per_address: 4,
             handshake_timeout: std::time::Duration::from_secs(10),
             idle_timeout: std::time::Duration::from_secs(60),
         };

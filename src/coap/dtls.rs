@@ -108,6 +108,7 @@ impl CoapsServer {
             certificate: keys.certificate,
             max_sessions: config.dtls_max_sessions,
             max_handshakes: config.dtls_max_handshakes,
+            max_handshakes_per_address: config.dtls_max_handshakes_per_address,
             handshake_timeout: config.dtls_handshake_timeout,
             idle_timeout: config.dtls_idle_timeout,
         };

@@ -8,7 +8,7 @@ pub mod hello;
 mod session;
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
 pub use context::{Certificate, Psk};
@@ -57,6 +57,9 @@ pub struct Settings {
     pub max_sessions: usize,
     /// Most handshakes in progress at once.
     pub max_handshakes: usize,
+    /// Most handshakes in progress at once from one IP address, so that one host cannot take
+    /// every handshake slot.
+    pub max_handshakes_per_address: usize,
     /// A handshake not done within this is dropped.
     pub handshake_timeout: Duration,
     /// A session that received nothing for this long is dropped.
@@ -100,6 +103,8 @@ pub struct Transport {
     sessions: HashMap<SessionId, Session>,
     by_addr: HashMap<SocketAddr, SessionId>,
     handshakes: usize,
+    /// Handshakes in progress by the client's IP address; an address with none has no entry.
+    handshaking: HashMap<IpAddr, usize>,
     next_id: SessionId,
     meters: DtlsMeters,
     /// The read buffer every session's records are opened into.
@@ -126,6 +131,7 @@ impl Transport {
             sessions: HashMap::new(),
             by_addr: HashMap::new(),
             handshakes: 0,
+            handshaking: HashMap::new(),
             next_id: 1,
             meters,
             scratch: Vec::new(),
@@ -173,7 +179,9 @@ impl Transport {
             });
             return;
         }
+        let from_here = self.handshaking.get(&from.ip()).copied().unwrap_or(0);
         if self.handshakes >= self.settings.max_handshakes
+            || from_here >= self.settings.max_handshakes_per_address
             || self.sessions.len() >= self.settings.max_sessions
         {
             self.meters.handshake("refused");
@@ -195,6 +203,7 @@ impl Transport {
         self.sessions.insert(id, session);
         self.by_addr.insert(from, id);
         self.handshakes += 1;
+        *self.handshaking.entry(from.ip()).or_default() += 1;
         self.meters.handshakes.set(self.handshakes as i64);
         self.meters.sessions.set(self.sessions.len() as i64);
         self.drive(id, now, Some(datagram), out);
@@ -308,7 +317,7 @@ impl Transport {
         }
         match step {
             Step::Opened => {
-                self.handshakes -= 1;
+                self.handshake_over(to.ip());
                 self.meters.handshakes.set(self.handshakes as i64);
                 self.meters.handshake("ok");
             }
@@ -335,10 +344,23 @@ impl Transport {
         if s.is_open() {
             out.push(Output::Closed { session: id });
         } else {
-            self.handshakes -= 1;
+            self.handshake_over(s.addr.ip());
         }
         self.meters.handshakes.set(self.handshakes as i64);
         self.meters.sessions.set(self.sessions.len() as i64);
+    }
+}
+
+impl Transport {
+    /// A handshake from `ip` ended, opened or not.
+    fn handshake_over(&mut self, ip: IpAddr) {
+        self.handshakes -= 1;
+        if let std::collections::hash_map::Entry::Occupied(mut e) = self.handshaking.entry(ip) {
+            *e.get_mut() -= 1;
+            if *e.get() == 0 {
+                e.remove();
+            }
+        }
     }
 }
 

@@ -43,6 +43,7 @@ fn settings() -> Settings {
         certificate: None,
         max_sessions: 4,
         max_handshakes: 2,
+        max_handshakes_per_address: 2,
         handshake_timeout: Duration::from_secs(10),
         idle_timeout: Duration::from_secs(60),
     }
@@ -199,6 +200,47 @@ fn handshakes_are_bounded_and_expire() {
     let next = t.tick(now + Duration::from_secs(11), &mut out);
     assert_eq!((t.sessions(), t.handshakes()), (0, 0));
     assert_eq!(next, None);
+}
+
+#[test]
+fn one_address_cannot_take_every_handshake_slot() {
+    let now = Instant::now();
+    let settings = Settings {
+        max_handshakes: 4,
+        ..settings()
+    };
+    let mut t = Transport::new(settings, DtlsMeters::default(), now).expect("transport");
+    // Clients that stop after their cookie exchange: three from one address, where two are
+    // held and the third refused, then one from another address, which still gets a slot.
+    let mut start = |ip: [u8; 4], port: u16| {
+        let mut c = client(b"sensor-7", b"0123456789abcdef");
+        let from = SocketAddr::from((ip, port));
+        let hello = c.get_mut().outgoing.remove(0);
+        let mut out = Vec::new();
+        t.receive(now, from, &hello, &mut out);
+        let Some(Output::Transmit { bytes, .. }) = out.pop() else {
+            panic!("a HelloVerifyRequest");
+        };
+        c.get_mut().incoming.push_back(bytes);
+        let _ = c.connect();
+        for d in std::mem::take(&mut c.get_mut().outgoing) {
+            t.receive(now, from, &d, &mut out);
+        }
+        (t.sessions(), t.handshakes())
+    };
+    assert_eq!(start([127, 0, 0, 3], 1000), (1, 1));
+    assert_eq!(start([127, 0, 0, 3], 1001), (2, 2));
+    assert_eq!(
+        start([127, 0, 0, 3], 1002),
+        (2, 2),
+        "a third from one address"
+    );
+    assert_eq!(start([127, 0, 0, 4], 1000), (3, 3), "another address");
+    // Expired, the handshakes give their address's slots back.
+    let mut out = Vec::new();
+    t.tick(now + Duration::from_secs(11), &mut out);
+    assert_eq!((t.sessions(), t.handshakes()), (0, 0));
+    assert!(t.handshaking.is_empty());
 }
 
 #[test]
