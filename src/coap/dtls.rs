@@ -11,7 +11,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::endpoint::{Endpoint, Peer, Source};
-use super::shell::{Deadline, Jobs, next_live};
+use super::shell::{Deadline, Jobs, next_live, on_own_thread};
 use crate::bridge::Bridge;
 use crate::config::{AuthConfig, CoapConfig, TlsConfig};
 use crate::dtls::{Certificate, DtlsError, Output, Psk, Settings, Transport};
@@ -138,39 +138,15 @@ impl CoapsServer {
             transport,
             config,
         } = self;
-        let socket = match socket.into_std() {
-            Ok(socket) => socket,
-            Err(e) => {
-                return tracing::error!(error = %e, "the CoAP-over-DTLS socket cannot be moved");
-            }
-        };
-        let (done, finished) = tokio::sync::oneshot::channel::<()>();
-        let thread = std::thread::Builder::new()
-            .name("coaps".to_owned())
-            .spawn(move || {
-                let runtime = tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build();
-                match runtime {
-                    Ok(runtime) => runtime.block_on(async move {
-                        match UdpSocket::from_std(socket) {
-                            Ok(socket) => {
-                                serve(socket, transport, &config, bridge, tracker, cancel).await;
-                            }
-                            Err(e) => tracing::error!(error = %e, "the CoAP-over-DTLS socket cannot be used"),
-                        }
-                    }),
-                    Err(e) => tracing::error!(error = %e, "the CoAP-over-DTLS runtime cannot start"),
-                }
-                drop(done);
-            });
-        match thread {
-            // `done` is dropped when the thread ends, however it ends.
-            Ok(_) => {
-                let _ = finished.await;
-            }
-            Err(e) => tracing::error!(error = %e, "the CoAP-over-DTLS thread cannot start"),
-        }
+        on_own_thread(
+            "coaps",
+            "CoAP-over-DTLS",
+            socket,
+            move |socket| async move {
+                serve(socket, transport, &config, bridge, tracker, cancel).await;
+            },
+        )
+        .await;
     }
 }
 

@@ -62,37 +62,9 @@ impl CoapServer {
     /// (`bench/README.md`).
     pub async fn run(self, bridge: Bridge, tracker: TaskTracker, cancel: CancellationToken) {
         let config = self.config;
-        // The socket is registered with the runtime that bound it; it moves to the endpoint's.
-        let socket = match self.socket.into_std() {
-            Ok(socket) => socket,
-            Err(e) => return tracing::error!(error = %e, "the CoAP socket cannot be moved"),
-        };
-        let (done, finished) = tokio::sync::oneshot::channel::<()>();
-        let thread = std::thread::Builder::new()
-            .name("coap".to_owned())
-            .spawn(move || {
-                let runtime = tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build();
-                match runtime {
-                    Ok(runtime) => runtime.block_on(async move {
-                        match UdpSocket::from_std(socket) {
-                            Ok(socket) => {
-                                server::run(socket, &config, bridge, tracker, cancel).await;
-                            }
-                            Err(e) => tracing::error!(error = %e, "the CoAP socket cannot be used"),
-                        }
-                    }),
-                    Err(e) => tracing::error!(error = %e, "the CoAP runtime cannot start"),
-                }
-                drop(done);
-            });
-        match thread {
-            // `done` is dropped when the thread ends, however it ends.
-            Ok(_) => {
-                let _ = finished.await;
-            }
-            Err(e) => tracing::error!(error = %e, "the CoAP thread cannot start"),
-        }
+        shell::on_own_thread("coap", "CoAP", self.socket, move |socket| async move {
+            server::run(socket, &config, bridge, tracker, cancel).await;
+        })
+        .await;
     }
 }

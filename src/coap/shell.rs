@@ -1,5 +1,6 @@
-//! What every transport loop around the [`Endpoint`] shares: running its jobs on the gateway's
-//! tracker, waiting for its next deadline and for live messages, and the shutdown sequence.
+//! What every transport loop around the [`Endpoint`] shares: a thread of its own to run on,
+//! running its jobs on the gateway's tracker, waiting for its next deadline and for live
+//! messages, and the shutdown sequence.
 
 use std::pin::Pin;
 use std::time::Instant;
@@ -12,6 +13,50 @@ use tokio_util::task::TaskTracker;
 use super::endpoint::{Endpoint, Job, JobId};
 use super::request::Reply;
 use crate::bridge::{Bridge, Event};
+
+/// Runs `serve` on `socket` on a thread named `name` with a current-thread runtime of its own
+/// (`CoapServer::run` says why), and returns when it has ended, however it ends. `what` names
+/// the endpoint in the error lines.
+pub(crate) async fn on_own_thread<F, Fut>(
+    name: &str,
+    what: &'static str,
+    socket: tokio::net::UdpSocket,
+    serve: F,
+) where
+    F: FnOnce(tokio::net::UdpSocket) -> Fut + Send + 'static,
+    Fut: Future<Output = ()>,
+{
+    // The socket is registered with the runtime that bound it; it moves to the endpoint's.
+    let socket = match socket.into_std() {
+        Ok(socket) => socket,
+        Err(e) => return tracing::error!(error = %e, "the {what} socket cannot be moved"),
+    };
+    let (done, finished) = tokio::sync::oneshot::channel::<()>();
+    let thread = std::thread::Builder::new()
+        .name(name.to_owned())
+        .spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build();
+            match runtime {
+                Ok(runtime) => runtime.block_on(async move {
+                    match tokio::net::UdpSocket::from_std(socket) {
+                        Ok(socket) => serve(socket).await,
+                        Err(e) => tracing::error!(error = %e, "the {what} socket cannot be used"),
+                    }
+                }),
+                Err(e) => tracing::error!(error = %e, "the {what} runtime cannot start"),
+            }
+            drop(done);
+        });
+    match thread {
+        // `done` is dropped when the thread ends, however it ends.
+        Ok(_) => {
+            let _ = finished.await;
+        }
+        Err(e) => tracing::error!(error = %e, "the {what} thread cannot start"),
+    }
+}
 
 /// Runs the endpoint's jobs in tracked tasks and hands their replies back.
 pub(crate) struct Jobs {
