@@ -174,6 +174,23 @@ fn hellos_without_a_cookie_allocate_nothing() {
     assert_eq!(t.sessions(), 0);
 }
 
+/// A PSK client from `from` that goes through the cookie exchange, sends its second
+/// ClientHello and then stops, leaving a handshake in progress (or refused).
+fn stop_after_cookie(t: &mut Transport, now: Instant, from: SocketAddr) {
+    let mut c = client(b"sensor-7", b"0123456789abcdef");
+    let hello = c.get_mut().outgoing.remove(0);
+    let mut out = Vec::new();
+    t.receive(now, from, &hello, &mut out);
+    let Some(Output::Transmit { bytes, .. }) = out.pop() else {
+        panic!("a HelloVerifyRequest");
+    };
+    c.get_mut().incoming.push_back(bytes);
+    let _ = c.connect();
+    for d in std::mem::take(&mut c.get_mut().outgoing) {
+        t.receive(now, from, &d, &mut out);
+    }
+}
+
 #[test]
 fn handshakes_are_bounded_and_expire() {
     let now = Instant::now();
@@ -181,19 +198,7 @@ fn handshakes_are_bounded_and_expire() {
     let mut t = Transport::new(settings(), meters.clone(), now).expect("transport");
     // Three clients that stop after their cookie exchange: two handshakes are held, one refused.
     for port in 0..3 {
-        let mut c = client(b"sensor-7", b"0123456789abcdef");
-        let from = SocketAddr::from(([127, 0, 0, 3], 1000 + port));
-        let hello = c.get_mut().outgoing.remove(0);
-        let mut out = Vec::new();
-        t.receive(now, from, &hello, &mut out);
-        let Some(Output::Transmit { bytes, .. }) = out.pop() else {
-            panic!("a HelloVerifyRequest");
-        };
-        c.get_mut().incoming.push_back(bytes);
-        let _ = c.connect();
-        for d in std::mem::take(&mut c.get_mut().outgoing) {
-            t.receive(now, from, &d, &mut out);
-        }
+        stop_after_cookie(&mut t, now, SocketAddr::from(([127, 0, 0, 3], 1000 + port)));
     }
     assert_eq!((t.sessions(), t.handshakes()), (2, 2));
     let mut out = Vec::new();
@@ -213,19 +218,7 @@ fn one_address_cannot_take_every_handshake_slot() {
     // Clients that stop after their cookie exchange: three from one address, where two are
     // held and the third refused, then one from another address, which still gets a slot.
     let mut start = |ip: [u8; 4], port: u16| {
-        let mut c = client(b"sensor-7", b"0123456789abcdef");
-        let from = SocketAddr::from((ip, port));
-        let hello = c.get_mut().outgoing.remove(0);
-        let mut out = Vec::new();
-        t.receive(now, from, &hello, &mut out);
-        let Some(Output::Transmit { bytes, .. }) = out.pop() else {
-            panic!("a HelloVerifyRequest");
-        };
-        c.get_mut().incoming.push_back(bytes);
-        let _ = c.connect();
-        for d in std::mem::take(&mut c.get_mut().outgoing) {
-            t.receive(now, from, &d, &mut out);
-        }
+        stop_after_cookie(&mut t, now, SocketAddr::from((ip, port)));
         (t.sessions(), t.handshakes())
     };
     assert_eq!(start([127, 0, 0, 3], 1000), (1, 1));
