@@ -477,7 +477,7 @@ fn compact(message: &mut Message) {
 
 fn to_mqtt(m: &Message) -> MqttPublish {
     MqttPublish {
-        topic: m.topic.to_string(),
+        topic: m.topic.as_str().into(),
         payload: m.payload.clone(),
         qos: m.qos.level(),
         retain: m.retain,

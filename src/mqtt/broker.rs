@@ -399,7 +399,7 @@ pub(super) fn router_publish(p: &MqttPublish) -> r::Packet {
     let meta = Meta::from_client(p.retain, p.qos);
     let props = p.properties(Some(meta));
     let publish = r::Publish::new(
-        to_router(bytes::Bytes::from(p.topic.clone())),
+        to_router(p.topic.as_bytes().clone()),
         p.payload.clone(),
         false,
     );

@@ -359,7 +359,7 @@ async fn run<S: AsyncRead + AsyncWrite + Unpin>(
     let mut will = connect.will.take().map(|w| PendingWill {
         delay: w.delay_interval.unwrap_or(0),
         publish: MqttPublish {
-            topic: w.topic,
+            topic: w.topic.into(),
             payload: w.payload,
             qos: w.qos as u8,
             retain: w.retain,
@@ -719,18 +719,19 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Joined<'_, S> {
             .settings
             .stats
             .packets(0, sent, 0, self.conn.write.len() as u64);
+        // `out`'s vectors are drained, never taken: a batch of router packets is some 100 KB
+        // that would otherwise be grown from nothing and freed again for every batch.
         if !out.router.is_empty() {
-            let mut packets = std::mem::take(&mut out.router);
-            {
+            let announced = {
                 // While the buffer holds packets, the event that announced the first is still
                 // queued and the router takes these with it: no event per packet.
                 let mut buffer = self.tx.buffer();
-                if !buffer.is_empty() {
-                    buffer.extend(packets.drain(..));
-                }
-            }
-            if let Some(last) = packets.pop() {
-                self.tx.buffer().extend(packets);
+                let announced = !buffer.is_empty();
+                let quiet = out.router.len() - usize::from(!announced);
+                buffer.extend(out.router.drain(..quiet));
+                announced
+            };
+            if let Some(last) = out.router.pop().filter(|_| !announced) {
                 // `send` queues the packet and signals the router on its bounded queue, which the
                 // router drains without ever waiting on a connection.
                 if !matches!(self.tx.send(last).now_or_never(), Some(Ok(_))) {
@@ -738,10 +739,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Joined<'_, S> {
                 }
             }
         }
-        for publish in out.bridge.drain(..) {
-            // A full queue slows this publisher down: the socket is not read meanwhile.
-            if self.front.bridge.send(publish).await.is_err() {
+        while !out.bridge.is_empty() {
+            // A full queue slows this publisher down: the socket is not read meanwhile. Room
+            // is taken for the whole batch at once rather than message by message.
+            let n = out.bridge.len().min(self.front.bridge.max_capacity());
+            let Ok(permits) = self.front.bridge.reserve_many(n).await else {
                 return Some(Closed::Shutdown);
+            };
+            for (permit, publish) in permits.zip(out.bridge.drain(..n)) {
+                permit.send(publish);
             }
         }
         if std::mem::take(&mut out.wake_router) && self.rx.wake().await.is_err() {

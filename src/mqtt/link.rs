@@ -476,7 +476,7 @@ mod tests {
         let writer = async {
             for i in 0..COUNT {
                 let publish = MqttPublish {
-                    topic: "order/x".to_owned(),
+                    topic: "order/x".into(),
                     payload: bytes::Bytes::from(i.to_string()),
                     ..MqttPublish::default()
                 };

@@ -2,13 +2,14 @@
 //! rumqttd forgets (retain flag, publish QoS, origin) from a client to the gateway's subscriber.
 
 use bytes::Bytes;
+use bytestring::ByteString;
 use rumqttd::protocol::PublishProperties;
 
 /// One MQTT publish, free of rumqttd types.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct MqttPublish {
     /// Topic name.
-    pub topic: String,
+    pub topic: ByteString,
     /// Payload bytes.
     pub payload: Bytes,
     /// QoS the publisher used.

@@ -12,6 +12,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
+use bytestring::ByteString;
 use rumqttc::Outgoing;
 use rumqttc::v5::mqttbytes::QoS;
 use rumqttc::v5::mqttbytes::v5::{
@@ -335,7 +336,7 @@ fn subscribed(ack: &rumqttc::v5::mqttbytes::v5::SubAck) -> Result<(), String> {
 }
 
 fn from_publish(p: Publish) -> Option<MqttPublish> {
-    let topic = String::from_utf8(p.topic.to_vec()).ok()?;
+    let topic = ByteString::try_from(p.topic).ok()?;
     let props = p.properties.unwrap_or_default();
     Some(MqttPublish {
         topic,

@@ -4,9 +4,11 @@
 //! the router and the bridge out.
 
 use std::collections::{HashMap, HashSet, VecDeque};
+
+use rustc_hash::{FxHashMap, FxHashSet};
 use std::sync::Arc;
 
-use bytes::Bytes;
+use bytestring::ByteString;
 use rumqttd::protocol as r;
 use rumqttd::{Forward, Notification};
 
@@ -100,8 +102,8 @@ pub(super) struct Held {
 /// subscriptions count as subscribers until it is resumed or dropped.
 #[derive(Default)]
 pub(super) struct Kept {
-    held: HashMap<usize, Held>,
-    qos2_in: HashSet<u16>,
+    held: FxHashMap<usize, Held>,
+    qos2_in: FxHashSet<u16>,
     /// The session's own publishes not acknowledged yet, with whether PUBREL was sent.
     unacked: Vec<(Publish, bool)>,
     settings: Option<Arc<Settings>>,
@@ -137,9 +139,11 @@ struct PendingSubAck {
 /// the session at QoS 0 only: every exchange with the client is the session's, so the
 /// router's in-order acknowledgement rules and its window of 100 never apply, and what is
 /// unacknowledged when the connection ends is kept with the session.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// One of the session's own QoS 1/2 publishes until it is acknowledged: kept to send again
+/// on resumption.
+#[derive(Debug)]
 struct Flight {
-    qos: QoS,
+    publish: Publish,
     /// PUBREC received and PUBREL sent (QoS 2).
     released: bool,
 }
@@ -152,15 +156,14 @@ pub(super) struct Session {
     rate_key: String,
     /// Told apart from every other connection, for No Local.
     origin: u64,
-    held: HashMap<usize, Held>,
+    held: FxHashMap<usize, Held>,
     by_filter: HashMap<String, usize>,
     next_sub: usize,
-    aliases_in: HashMap<u16, String>,
+    aliases_in: HashMap<u16, ByteString>,
     /// Publishes received at QoS 2 whose PUBREL has not come.
-    qos2_in: HashSet<u16>,
-    in_flight: HashMap<u16, Flight>,
-    /// The session's own QoS 1/2 publishes until acknowledged, to send again on resumption.
-    own: HashMap<u16, Publish>,
+    qos2_in: FxHashSet<u16>,
+    /// By packet id; the ids are the session's own, so a fast hash is safe.
+    in_flight: FxHashMap<u16, Flight>,
     /// What a resumed session sends again (see [`Session::resume`]).
     unacked: Vec<(Publish, bool)>,
     /// The router paused this connection while deliveries were held back: it is woken once
@@ -179,13 +182,13 @@ pub(super) struct Session {
     /// Topic aliases the session uses toward the client, up to the client's Topic Alias
     /// Maximum (MQTT 5 §3.3.2.3.4): the first topics sent get one, for as long as the
     /// connection lasts.
-    aliases_out: HashMap<String, u16>,
+    aliases_out: HashMap<ByteString, u16>,
     alias_max_out: u16,
     router_sub_id: u16,
     /// Router ids of the SUBSCRIBEs sent for the client's SUBSCRIBE being handled.
     router_waiting: HashSet<u16>,
     /// The session's progress through the router's log of each held subscription.
-    readers: HashMap<usize, Arc<Reader>>,
+    readers: FxHashMap<usize, Arc<Reader>>,
     /// Where the client's publishes go, for flow control.
     matcher: Matcher,
     /// What the filters of lagging readers had appended when the connection last went idle.
@@ -230,8 +233,7 @@ impl Session {
             next_sub,
             aliases_in: HashMap::new(),
             qos2_in,
-            in_flight: HashMap::new(),
-            own: HashMap::new(),
+            in_flight: FxHashMap::default(),
             router_paused: false,
             waiting: VecDeque::new(),
             pending_retained: Vec::new(),
@@ -264,8 +266,6 @@ impl Session {
                 continue;
             }
             let id = p.packet_id;
-            let qos = p.qos;
-            self.in_flight.insert(id, Flight { qos, released });
             if released {
                 out.client.push(Packet::PubRel(ack(id, code::SUCCESS)));
             } else {
@@ -273,17 +273,21 @@ impl Session {
                 let sent = self.aliased(p.clone());
                 out.client.push(Packet::Publish(sent));
             }
-            self.own.insert(id, p);
+            self.in_flight.insert(
+                id,
+                Flight {
+                    publish: p,
+                    released,
+                },
+            );
         }
     }
 
     /// What to keep of the session when it outlives the connection.
     pub(super) fn keep(mut self) -> Kept {
         let mut unacked: Vec<(Publish, bool)> = Vec::new();
-        for (id, flight) in &self.in_flight {
-            if let Some(p) = self.own.get(id) {
-                unacked.push((p.clone(), flight.released));
-            }
+        for flight in self.in_flight.values() {
+            unacked.push((flight.publish.clone(), flight.released));
         }
         // Waiting ones never went out: they go on resumption, after the unacknowledged.
         unacked.sort_by_key(|(p, _)| p.packet_id);
@@ -404,7 +408,8 @@ impl Session {
 
     fn publish(&mut self, mut p: Publish, out: &mut Out) {
         // Topic aliases: the client's own, up to the maximum the CONNACK announced.
-        if let Some(alias) = p.properties.topic_alias.take() {
+        if let Some(alias) = p.properties.topic_alias {
+            p.properties.make_mut().topic_alias = None;
             if alias == 0 || alias > self.settings.topic_alias_max {
                 out.end = Some(End::Violation(
                     code::TOPIC_ALIAS_INVALID,
@@ -510,7 +515,7 @@ impl Session {
     /// Hands an accepted publish to the router and to the bridge, which takes the publish's
     /// own buffers.
     fn route(&mut self, p: Publish, out: &mut Out) {
-        let props = &p.properties;
+        let props = &*p.properties;
         let mut rprops = r::PublishProperties {
             payload_format_indicator: props.payload_format_indicator,
             message_expiry_interval: props.message_expiry_interval,
@@ -529,7 +534,7 @@ impl Session {
         }
         // rumqttd keeps no retained messages (the gateway's store does), and delivers at each
         // subscriber's QoS: the publish QoS travels in the marker.
-        let topic = to_router(Bytes::from(p.topic.clone()));
+        let topic = to_router(p.topic.as_bytes().clone());
         if let Some(reader) = self
             .settings
             .flow
@@ -539,7 +544,7 @@ impl Session {
         }
         let publish = r::Publish::new(topic, p.payload.clone(), false);
         out.router.push(r::Packet::Publish(publish, Some(rprops)));
-        let props = p.properties;
+        let props = p.properties.into_inner();
         out.bridge.push(MqttPublish {
             topic: p.topic,
             payload: p.payload,
@@ -554,7 +559,8 @@ impl Session {
     }
 
     fn acked(&mut self, id: u16, kind: AckKind, reason: u8, out: &mut Out) {
-        let Some(flight) = self.in_flight.get(&id).copied() else {
+        let Some((qos, released)) = self.in_flight.get(&id).map(|f| (f.publish.qos, f.released))
+        else {
             // An acknowledgement for nothing in flight is ignored, as Mosquitto does, except a
             // PUBREC: the client may have lost the PUBREL, so it is sent (again).
             if kind == AckKind::Received && reason < 0x80 {
@@ -562,7 +568,7 @@ impl Session {
             }
             return;
         };
-        match (flight.qos, flight.released, kind) {
+        match (qos, released, kind) {
             (QoS::AtLeastOnce, _, AckKind::Ack)
             | (QoS::ExactlyOnce, true, AckKind::Complete)
             // MQTT 5 §4.3.3: a PUBREC with a failure reason ends the exchange.
@@ -572,13 +578,9 @@ impl Session {
                 self.landed(id);
             }
             (QoS::ExactlyOnce, false, AckKind::Received) => {
-                self.in_flight.insert(
-                    id,
-                    Flight {
-                        qos: QoS::ExactlyOnce,
-                        released: true,
-                    },
-                );
+                if let Some(flight) = self.in_flight.get_mut(&id) {
+                    flight.released = true;
+                }
                 out.client.push(Packet::PubRel(ack(id, code::SUCCESS)));
             }
             // The PUBREL was lost: sent again.
@@ -812,7 +814,7 @@ impl Session {
         let id = props.subscription_identifiers.pop();
         let size = log_size(&publish.topic, &publish.payload);
         let topic = from_router(publish.topic);
-        let Ok(topic) = String::from_utf8(topic.to_vec()) else {
+        let Ok(topic) = ByteString::try_from(topic) else {
             return;
         };
         let Some((held_id, held)) = self.held_for(id, &topic) else {
@@ -849,7 +851,8 @@ impl Session {
                     user_properties: std::mem::take(&mut props.user_properties),
                     subscription_identifiers,
                     content_type: props.content_type.take(),
-                },
+                }
+                .into(),
                 payload: publish.payload,
             }
         });
@@ -887,7 +890,6 @@ impl Session {
     /// Takes an own publish out of flight.
     fn landed(&mut self, id: u16) {
         self.in_flight.remove(&id);
-        self.own.remove(&id);
     }
 
     /// A retained message for a new subscription, sent by the session itself.
@@ -913,7 +915,8 @@ impl Session {
                 subscription_identifiers: held.identifier.into_iter().collect(),
                 content_type: m.content_type,
                 ..PublishProperties::default()
-            },
+            }
+            .into(),
             payload: m.payload,
         };
         self.deliver(p, out);
@@ -932,15 +935,14 @@ impl Session {
             return;
         }
         p.packet_id = self.own_id();
+        self.settings.count_out(&p);
         self.in_flight.insert(
             p.packet_id,
             Flight {
-                qos: p.qos,
+                publish: p.clone(),
                 released: false,
             },
         );
-        self.own.insert(p.packet_id, p.clone());
-        self.settings.count_out(&p);
         let p = self.aliased(p);
         out.client.push(Packet::Publish(p));
     }
@@ -951,13 +953,13 @@ impl Session {
             return p;
         }
         if let Some(&alias) = self.aliases_out.get(&p.topic) {
-            p.topic.clear();
-            p.properties.topic_alias = Some(alias);
+            p.topic = ByteString::new();
+            p.properties.make_mut().topic_alias = Some(alias);
         } else if let Ok(n) = u16::try_from(self.aliases_out.len())
             && n < self.alias_max_out
         {
             self.aliases_out.insert(p.topic.clone(), n + 1);
-            p.properties.topic_alias = Some(n + 1);
+            p.properties.make_mut().topic_alias = Some(n + 1);
         }
         p
     }
@@ -1081,7 +1083,7 @@ mod tests {
         assert!(!session.behind());
         // A publish counted for the filter that the router never forwards (it expired there).
         let mut matcher = Matcher::default();
-        let topic = Bytes::from_static(b"idle/x");
+        let topic = bytes::Bytes::from_static(b"idle/x");
         let _ = settings.flow.publish(&mut matcher, &topic, b"payload");
         assert!(session.behind());
         assert!(session.idle(), "the first check only takes note");

@@ -3,6 +3,7 @@
 //! answer (CONNACK, MQTT 5 DISCONNECT reason code or silent close) the peer should get.
 
 use bytes::{Bytes, BytesMut};
+use bytestring::ByteString;
 
 use super::packet::{
     Ack, Auth, ConnAck, Connect, Disconnect, Packet, Publish, PublishProperties, QoS, SubAck,
@@ -432,8 +433,8 @@ impl Decoder {
 
     fn publish(&self, v5: bool, b0: u8, mut rd: Rd<'_>) -> R<Publish> {
         let qos = qos_from((b0 >> 1) & 0x03).ok_or(malformed("PUBLISH with QoS 3"))?;
-        let topic = rd.str()?;
-        if has_wildcard(topic) {
+        let topic = rd.text()?;
+        if has_wildcard(&topic) {
             return Err(malformed("wildcard in a topic name"));
         }
         let packet_id = if qos == QoS::AtMostOnce {
@@ -472,9 +473,9 @@ impl Decoder {
             dup: b0 & 0x08 != 0,
             qos,
             retain: b0 & 0x01 != 0,
-            topic: topic.to_owned(),
+            topic,
             packet_id,
-            properties,
+            properties: properties.into(),
             payload: rd.buf.slice(rd.pos..rd.end),
         })
     }
@@ -812,6 +813,13 @@ impl<'a> Rd<'a> {
     fn str(&mut self) -> R<&'a str> {
         let n = usize::from(self.u16()?);
         utf8(self.take(n)?)
+    }
+
+    /// A string as a slice of the packet: no copy.
+    fn text(&mut self) -> R<ByteString> {
+        let s = self.str()?;
+        ByteString::try_from(self.buf.slice_ref(s.as_bytes()))
+            .map_err(|_| malformed("invalid UTF-8"))
     }
 
     fn done(&self) -> R<()> {

@@ -6,6 +6,7 @@ use super::{
     SubAck, Subscribe, Subscription, Unsubscribe, Version, encode, encoded_len,
 };
 use bytes::{Bytes, BytesMut};
+use bytestring::ByteString;
 
 const ALL: [Version; 3] = [Version::V31, Version::V311, Version::V5];
 
@@ -224,7 +225,7 @@ fn publish_round_trips() {
                 retain: true,
                 topic: "a/b/ü".into(),
                 packet_id: id,
-                properties: PublishProperties::default(),
+                properties: PublishProperties::default().into(),
                 payload: Bytes::from(vec![7u8; 300]),
             };
             from_client(&Packet::Publish(p.clone()), v);
@@ -235,15 +236,15 @@ fn publish_round_trips() {
         qos: QoS::AtLeastOnce,
         topic: "t".into(),
         packet_id: 9,
-        properties: full_publish_props(false),
+        properties: full_publish_props(false).into(),
         payload: Bytes::from_static(b"x"),
         ..Publish::default()
     };
     from_client(&Packet::Publish(p.clone()), Version::V5);
-    p.properties = full_publish_props(true);
+    p.properties = full_publish_props(true).into();
     from_server(&Packet::Publish(p.clone()), Version::V5);
     // An empty topic stands for an alias in MQTT 5.
-    p.topic = String::new();
+    p.topic = ByteString::new();
     from_server(&Packet::Publish(p), Version::V5);
     // A big payload needs a multi-byte remaining length.
     let big = Publish {
