@@ -351,6 +351,9 @@ async fn run<S: AsyncRead + AsyncWrite + Unpin>(
         connect.topic_alias_maximum,
         kept.unwrap_or_default(),
     );
+    if session_expiry == Some(0) {
+        session.ends_with_connection();
+    }
     let mut resumed = Out::default();
     session.resume(&mut resumed);
     for packet in resumed.client.drain(..) {

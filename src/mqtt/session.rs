@@ -139,13 +139,14 @@ struct PendingSubAck {
 /// the session at QoS 0 only: every exchange with the client is the session's, so the
 /// router's in-order acknowledgement rules and its window of 100 never apply, and what is
 /// unacknowledged when the connection ends is kept with the session.
-/// One of the session's own QoS 1/2 publishes until it is acknowledged: kept to send again
-/// on resumption.
+/// One of the session's own QoS 1/2 publishes until it is acknowledged.
 #[derive(Debug)]
 struct Flight {
-    publish: Publish,
+    qos: QoS,
     /// PUBREC received and PUBREL sent (QoS 2).
     released: bool,
+    /// The publish, to send again on resumption; only for a session that may be kept.
+    publish: Option<Publish>,
 }
 
 /// The state of one connected client.
@@ -164,6 +165,9 @@ pub(super) struct Session {
     qos2_in: FxHashSet<u16>,
     /// By packet id; the ids are the session's own, so a fast hash is safe.
     in_flight: FxHashMap<u16, Flight>,
+    /// Whether the session may outlive its connection; if not, what is in flight is never
+    /// sent again and need not be kept.
+    kept_after: bool,
     /// What a resumed session sends again (see [`Session::resume`]).
     unacked: Vec<(Publish, bool)>,
     /// The router paused this connection while deliveries were held back: it is woken once
@@ -234,6 +238,7 @@ impl Session {
             aliases_in: HashMap::new(),
             qos2_in,
             in_flight: FxHashMap::default(),
+            kept_after: true,
             router_paused: false,
             waiting: VecDeque::new(),
             pending_retained: Vec::new(),
@@ -276,18 +281,27 @@ impl Session {
             self.in_flight.insert(
                 id,
                 Flight {
-                    publish: p,
+                    qos: p.qos,
                     released,
+                    publish: Some(p),
                 },
             );
         }
+    }
+
+    /// Declares that the session ends with its connection (clean session, or session expiry
+    /// 0, which a DISCONNECT cannot raise): its publishes in flight are not kept for resending.
+    pub(super) fn ends_with_connection(&mut self) {
+        self.kept_after = false;
     }
 
     /// What to keep of the session when it outlives the connection.
     pub(super) fn keep(mut self) -> Kept {
         let mut unacked: Vec<(Publish, bool)> = Vec::new();
         for flight in self.in_flight.values() {
-            unacked.push((flight.publish.clone(), flight.released));
+            if let Some(p) = &flight.publish {
+                unacked.push((p.clone(), flight.released));
+            }
         }
         // Waiting ones never went out: they go on resumption, after the unacknowledged.
         unacked.sort_by_key(|(p, _)| p.packet_id);
@@ -559,8 +573,7 @@ impl Session {
     }
 
     fn acked(&mut self, id: u16, kind: AckKind, reason: u8, out: &mut Out) {
-        let Some((qos, released)) = self.in_flight.get(&id).map(|f| (f.publish.qos, f.released))
-        else {
+        let Some((qos, released)) = self.in_flight.get(&id).map(|f| (f.qos, f.released)) else {
             // An acknowledgement for nothing in flight is ignored, as Mosquitto does, except a
             // PUBREC: the client may have lost the PUBREL, so it is sent (again).
             if kind == AckKind::Received && reason < 0x80 {
@@ -939,8 +952,9 @@ impl Session {
         self.in_flight.insert(
             p.packet_id,
             Flight {
-                publish: p.clone(),
+                qos: p.qos,
                 released: false,
+                publish: self.kept_after.then(|| p.clone()),
             },
         );
         let p = self.aliased(p);

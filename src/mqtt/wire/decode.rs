@@ -734,8 +734,15 @@ fn check_filter(f: &str) -> R<bool> {
 /// Validates an MQTT string: well-formed UTF-8 without U+0000, control characters or non-characters.
 fn utf8(b: &[u8]) -> R<&str> {
     let s = std::str::from_utf8(b).map_err(|_| malformed("invalid UTF-8"))?;
+    allowed(s)?;
+    Ok(s)
+}
+
+/// Refuses the characters MQTT forbids in a string: U+0000, control characters and
+/// non-characters.
+fn allowed(s: &str) -> R<()> {
     let bad = if s.is_ascii() {
-        b.iter().any(|&c| c < 0x20 || c == 0x7f)
+        s.bytes().any(|c| c < 0x20 || c == 0x7f)
     } else {
         s.chars().any(|c| {
             let u = u32::from(c);
@@ -748,7 +755,7 @@ fn utf8(b: &[u8]) -> R<&str> {
     if bad {
         Err(malformed("disallowed character in a string"))
     } else {
-        Ok(s)
+        Ok(())
     }
 }
 
@@ -815,11 +822,13 @@ impl<'a> Rd<'a> {
         utf8(self.take(n)?)
     }
 
-    /// A string as a slice of the packet: no copy.
+    /// A string as a slice of the packet: no copy, and its UTF-8 checked once.
     fn text(&mut self) -> R<ByteString> {
-        let s = self.str()?;
-        ByteString::try_from(self.buf.slice_ref(s.as_bytes()))
-            .map_err(|_| malformed("invalid UTF-8"))
+        let n = usize::from(self.u16()?);
+        let raw = self.buf.slice_ref(self.take(n)?);
+        let s = ByteString::try_from(raw).map_err(|_| malformed("invalid UTF-8"))?;
+        allowed(&s)?;
+        Ok(s)
     }
 
     fn done(&self) -> R<()> {

@@ -221,9 +221,33 @@ impl PartialEq for Props {
 
 impl Eq for Props {}
 
+impl PublishProperties {
+    /// Whether no property is present.
+    fn is_empty(&self) -> bool {
+        let Self {
+            payload_format_indicator,
+            message_expiry_interval,
+            topic_alias,
+            response_topic,
+            correlation_data,
+            user_properties,
+            subscription_identifiers,
+            content_type,
+        } = self;
+        payload_format_indicator.is_none()
+            && message_expiry_interval.is_none()
+            && topic_alias.is_none()
+            && response_topic.is_none()
+            && correlation_data.is_none()
+            && user_properties.is_empty()
+            && subscription_identifiers.is_empty()
+            && content_type.is_none()
+    }
+}
+
 impl From<PublishProperties> for Props {
     fn from(p: PublishProperties) -> Self {
-        if p == NO_PROPERTIES {
+        if p.is_empty() {
             Self(None)
         } else {
             Self(Some(Box::new(p)))
