@@ -585,7 +585,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Joined<'_, S> {
                 read = self.conn.stream.read_buf(&mut self.conn.read), if reading => {
                     match read {
                         Ok(0) => return Closed::Io(std::io::ErrorKind::UnexpectedEof.into()),
-                        Ok(n) => settings.stats.packets(0, 0, n as u64, 0),
+                        Ok(n) => out.tally.bytes_in += n as u64,
                         Err(e) => return Closed::Io(e),
                     }
                     if keep_alive > 0 {
@@ -705,7 +705,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Joined<'_, S> {
                 break;
             }
         }
-        self.front.settings.stats.packets(handled as u64, 0, 0, 0);
+        out.tally.packets_in += handled as u64;
         match self.apply(out).await {
             Some(closed) => Err(closed),
             None => Ok(input),
@@ -714,14 +714,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Joined<'_, S> {
 
     /// Carries out what the session asked for; `Some` when the connection must end.
     async fn apply(&mut self, out: &mut Out) -> Option<Closed> {
-        let sent = out.client.len() as u64;
+        out.tally.packets_out += out.client.len() as u64;
+        let before = self.conn.write.len();
         for packet in out.client.drain(..) {
             encode(&packet, self.conn.version, &mut self.conn.write);
         }
-        self.front
-            .settings
-            .stats
-            .packets(0, sent, 0, self.conn.write.len() as u64);
+        out.tally.bytes_out += (self.conn.write.len() - before) as u64;
+        self.front.settings.add(&mut out.tally);
         // `out`'s vectors are drained, never taken: a batch of router packets is some 100 KB
         // that would otherwise be grown from nothing and freed again for every batch.
         if !out.router.is_empty() {

@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use super::flow::Flow;
 use super::link::LinkStats;
 use super::message::RetainedSource;
-use super::wire::Publish;
+use super::session::Tally;
 use crate::policy::Policy;
 
 /// Settings and counters shared by the connections of one gateway.
@@ -101,9 +101,22 @@ impl Settings {
     }
 
     /// Counts a publish written to a client.
-    pub(crate) fn count_out(&self, p: &Publish) {
-        self.stats.count_out(p);
-        self.link.delivered.fetch_add(1, Ordering::Relaxed);
+    /// Adds a connection's counts to the broker's, touching only those that moved.
+    pub(crate) fn add(&self, tally: &mut Tally) {
+        let t = std::mem::take(tally);
+        let add = |counter: &AtomicU64, n: u64| {
+            if n > 0 {
+                counter.fetch_add(n, Ordering::Relaxed);
+            }
+        };
+        let s = &self.stats;
+        add(&s.messages_received, t.packets_in);
+        add(&s.messages_sent, t.packets_out);
+        add(&s.bytes_received, t.bytes_in);
+        add(&s.bytes_sent, t.bytes_out);
+        add(&s.publish_received, t.publishes_in);
+        add(&s.publish_sent, t.publishes_out);
+        add(&self.link.delivered, t.publishes_out);
     }
 
     /// Registers how the gateway's link sends its waiting publishes to the router.
@@ -186,16 +199,6 @@ pub struct BrokerStats {
 }
 
 impl BrokerStats {
-    pub(crate) fn count_in(&self, p: &Publish) {
-        self.publish_received.fetch_add(1, Ordering::Relaxed);
-        let _ = p;
-    }
-
-    pub(crate) fn count_out(&self, p: &Publish) {
-        self.publish_sent.fetch_add(1, Ordering::Relaxed);
-        let _ = p;
-    }
-
     pub(crate) fn subscriptions(&self, delta: i64) {
         self.subscriptions.fetch_add(delta, Ordering::Relaxed);
     }
@@ -210,14 +213,6 @@ impl BrokerStats {
         if kept {
             self.clients_disconnected.fetch_add(1, Ordering::Relaxed);
         }
-    }
-
-    pub(crate) fn packets(&self, received: u64, sent: u64, bytes_in: u64, bytes_out: u64) {
-        self.messages_received
-            .fetch_add(received, Ordering::Relaxed);
-        self.messages_sent.fetch_add(sent, Ordering::Relaxed);
-        self.bytes_received.fetch_add(bytes_in, Ordering::Relaxed);
-        self.bytes_sent.fetch_add(bytes_out, Ordering::Relaxed);
     }
 
     /// A snapshot, as (name under `$SYS/broker/`, value).
