@@ -25,6 +25,7 @@
 pub mod bridge;
 pub mod coap;
 pub mod config;
+mod deadline;
 pub mod devices;
 pub mod dtls;
 #[doc(hidden)]

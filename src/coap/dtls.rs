@@ -11,9 +11,10 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::endpoint::{Endpoint, Peer, Source};
-use super::shell::{Deadline, Jobs, next_live, on_own_thread};
+use super::shell::{Jobs, follow, next_live, on_own_thread, tick_time};
 use crate::bridge::Bridge;
 use crate::config::{AuthConfig, CoapConfig, TlsConfig};
+use crate::deadline::Deadline;
 use crate::dtls::{Certificate, DtlsError, Output, Psk, Settings, Transport};
 use crate::metrics::DtlsMeters;
 
@@ -180,7 +181,7 @@ async fn serve(
             received = next_live(shell.endpoint.live()) => {
                 shell.endpoint.on_live(received, Instant::now());
             }
-            now = deadline.wait() => shell.endpoint.tick(now),
+            at = deadline.passed() => shell.endpoint.tick(tick_time(at)),
             Some((id, reply)) = jobs.next() => {
                 shell.endpoint.completed(id, reply, Instant::now());
             }
@@ -199,7 +200,7 @@ async fn serve(
                 Some((id, reply)) => shell.endpoint.completed(id, reply, Instant::now()),
                 None => break,
             },
-            now = deadline.wait() => shell.endpoint.tick(now),
+            at = deadline.passed() => shell.endpoint.tick(tick_time(at)),
         }
         shell.flush(&mut transport, &jobs, &mut deadline).await;
     }
@@ -256,6 +257,6 @@ impl Shell {
             }
         }
         jobs.start(&mut self.endpoint);
-        deadline.update(&mut self.endpoint);
+        follow(deadline, &mut self.endpoint);
     }
 }

@@ -9,9 +9,10 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::endpoint::{Endpoint, Peer, Source};
-use super::shell::{Deadline, Jobs, next_live};
+use super::shell::{Jobs, follow, next_live, tick_time};
 use crate::bridge::Bridge;
 use crate::config::CoapConfig;
+use crate::deadline::Deadline;
 
 /// Serves on `socket` until `cancel`, then lets running jobs finish and tells every observer
 /// the endpoint is going away.
@@ -36,7 +37,7 @@ pub(crate) async fn run(
                 Err(e) => tracing::debug!(error = %e, "CoAP receive error"),
             },
             received = next_live(endpoint.live()) => endpoint.on_live(received, Instant::now()),
-            now = deadline.wait() => endpoint.tick(now),
+            at = deadline.passed() => endpoint.tick(tick_time(at)),
             Some((id, reply)) = jobs.next() => endpoint.completed(id, reply, Instant::now()),
         }
         flush(&socket, &mut endpoint, &jobs, &mut deadline).await;
@@ -53,7 +54,7 @@ pub(crate) async fn run(
                 Some((id, reply)) => endpoint.completed(id, reply, Instant::now()),
                 None => break,
             },
-            now = deadline.wait() => endpoint.tick(now),
+            at = deadline.passed() => endpoint.tick(tick_time(at)),
         }
         flush(&socket, &mut endpoint, &jobs, &mut deadline).await;
     }
@@ -72,5 +73,5 @@ async fn flush(socket: &UdpSocket, endpoint: &mut Endpoint, jobs: &Jobs, deadlin
         }
     }
     jobs.start(endpoint);
-    deadline.update(endpoint);
+    follow(deadline, endpoint);
 }

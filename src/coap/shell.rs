@@ -2,17 +2,16 @@
 //! running its jobs on the gateway's tracker, waiting for its next deadline and for live
 //! messages, and the shutdown sequence.
 
-use std::pin::Pin;
 use std::time::Instant;
 
 use tokio::sync::broadcast::{self, error::RecvError};
 use tokio::sync::mpsc;
-use tokio::time::Sleep;
 use tokio_util::task::TaskTracker;
 
 use super::endpoint::{Endpoint, Job, JobId};
 use super::request::Reply;
 use crate::bridge::{Bridge, Event};
+use crate::deadline::Deadline;
 
 /// Runs `serve` on `socket` on a thread named `name` with a current-thread runtime of its own
 /// (`CoapServer::run` says why), and returns when it has ended, however it ends. `what` names
@@ -107,44 +106,15 @@ impl Jobs {
     }
 }
 
-/// The endpoint's timer as one tokio `Sleep`, reset only when its deadline moves.
-pub(crate) struct Deadline {
-    sleep: Pin<Box<Sleep>>,
-    at: Option<Instant>,
+/// Sets `deadline` to the endpoint's next one.
+pub(crate) fn follow(deadline: &mut Deadline, endpoint: &mut Endpoint) {
+    deadline.set(endpoint.poll_timeout().map(tokio::time::Instant::from_std));
 }
 
-impl Default for Deadline {
-    fn default() -> Self {
-        Self {
-            sleep: Box::pin(tokio::time::sleep_until(tokio::time::Instant::now())),
-            at: None,
-        }
-    }
-}
-
-impl Deadline {
-    /// Follows the endpoint's next deadline.
-    pub(crate) fn update(&mut self, endpoint: &mut Endpoint) {
-        let at = endpoint.poll_timeout();
-        if at != self.at {
-            if let Some(at) = at {
-                self.sleep.as_mut().reset(at.into());
-            }
-            self.at = at;
-        }
-    }
-
-    /// Resolves at the deadline with the time to tick at: now, and never before the
-    /// deadline, so every timer due then fires; never while there is none.
-    pub(crate) async fn wait(&mut self) -> Instant {
-        match self.at {
-            Some(at) => {
-                self.sleep.as_mut().await;
-                Instant::now().max(at)
-            }
-            None => std::future::pending().await,
-        }
-    }
+/// The time to tick the endpoint at once `deadline` passed: now, and never before the
+/// deadline, so that every timer due then fires.
+pub(crate) fn tick_time(deadline: tokio::time::Instant) -> Instant {
+    Instant::now().max(deadline.into_std())
 }
 
 /// The next result of the endpoint's live subscription, or never while it holds none.

@@ -24,6 +24,7 @@ use super::settings::Settings;
 use super::wire::{
     Answer, ConnAck, Connect, Decoder, Disconnect, Packet, Version, encode, encoded_len,
 };
+use crate::deadline::Deadline;
 use crate::policy::{AuthError, Door, LoginError, Principal, Refusal};
 
 /// Builds a router link for a client id: `(tx, rx)`, or why the router refused.
@@ -593,63 +594,16 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Joined<'_, S> {
                     }
                     buffered = true;
                 }
-                () = deadline.passed() => return Closed::KeepAlive,
+                _ = deadline.passed() => return Closed::KeepAlive,
                 () = tokio::time::sleep_until(paused_until.unwrap_or_else(Instant::now)), if paused_until.is_some() => {
                     paused_until = None;
                 }
                 () = wait_for(&mut blocked, &settings.flow), if blocked.is_some() => blocked = None,
                 // More whole packets may be buffered: handled once the router had its turn.
                 () = std::future::ready(()), if buffered && may_read => {}
-                () = idle_at.passed() => {
+                _ = idle_at.passed() => {
                     idle_at.set(self.session.idle().then(|| Instant::now() + IDLE));
                 }
-            }
-        }
-    }
-}
-
-/// A deadline that moves on with nearly every packet (the keep-alive's, the idle check's) but
-/// rarely passes. Its timer is armed once and, when it fires before the deadline that moved
-/// on meanwhile, armed again for that one: a timer set anew on every packet registers with the
-/// runtime's timer wheel and leaves it again each time.
-struct Deadline {
-    at: Option<Instant>,
-    timer: std::pin::Pin<Box<tokio::time::Sleep>>,
-    armed: Option<Instant>,
-}
-
-impl Default for Deadline {
-    fn default() -> Self {
-        Self {
-            at: None,
-            timer: Box::pin(tokio::time::sleep_until(Instant::now())),
-            armed: None,
-        }
-    }
-}
-
-impl Deadline {
-    /// Moves the deadline, or clears it with `None`.
-    fn set(&mut self, at: Option<Instant>) {
-        self.at = at;
-    }
-
-    /// Resolves once the deadline has passed; never while there is none.
-    async fn passed(&mut self) {
-        loop {
-            let Some(at) = self.at else {
-                return std::future::pending().await;
-            };
-            // A later deadline waits for the timer armed earlier; an earlier one cannot.
-            if self.armed.is_none_or(|armed| armed > at) {
-                self.timer.as_mut().reset(at);
-                self.armed = Some(at);
-            }
-            self.timer.as_mut().await;
-            self.armed = None;
-            if Instant::now() >= at {
-                self.at = None;
-                return;
             }
         }
     }
