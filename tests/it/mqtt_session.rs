@@ -123,6 +123,46 @@ fn unsubscribe(version: Version, filters: &[&[u8]]) -> Vec<u8> {
 }
 
 #[tokio::test]
+async fn sys_counts_every_publish_and_packet_both_ways() {
+    let gw = TestGateway::start_with(|c| c.mqtt.sys_interval = Duration::from_millis(100)).await;
+    let (mut sub, _) = Raw::open(&gw, connect(Version::V311, 0x02, b"count-sub", &[])).await;
+    sub.send(&subscribe(Version::V311, &[], &[(b"count/x", 1)]))
+        .await;
+    assert_eq!(sub.next_not_sys().await.unwrap(), [0x90, 3, 0, 1, 1]);
+    let (mut publisher, _) = Raw::open(&gw, connect(Version::V311, 0x02, b"count-pub", &[])).await;
+    const N: u16 = 25;
+    let before = eventually("$SYS/broker/publish/messages/received", || {
+        sys_figure(&gw, "publish/messages/received")
+    })
+    .await;
+    for id in 1..=N {
+        publisher
+            .send(&publish(Version::V311, 0x32, b"count/x", Some(id), b"n"))
+            .await;
+        assert_eq!(publisher.next().await.unwrap()[0], 0x40, "PUBACK");
+        let delivered = sub.next_not_sys().await.unwrap();
+        assert_eq!(delivered[0], 0x32);
+        let id = &delivered[delivered.len() - 3..delivered.len() - 1];
+        sub.send(&[0x40, 2, id[0], id[1]]).await;
+    }
+    // Each connection adds its counts once per batch; they all arrive.
+    for (name, at_least) in [
+        ("publish/messages/received", before + u64::from(N)),
+        ("publish/messages/sent", u64::from(N)),
+        ("messages/received", 2 * u64::from(N)),
+        ("messages/sent", 2 * u64::from(N)),
+        ("bytes/received", 10 * u64::from(N)),
+        ("bytes/sent", 10 * u64::from(N)),
+    ] {
+        eventually(
+            &format!("$SYS/broker/{name} to reach {at_least}"),
+            || async { sys_figure(&gw, name).await.filter(|&n| n >= at_least) },
+        )
+        .await;
+    }
+}
+
+#[tokio::test]
 async fn dollar_filters_are_granted_and_sys_statistics_arrive_everywhere() {
     let gw = TestGateway::start_with(|c| c.mqtt.sys_interval = Duration::from_millis(200)).await;
     let (mut c, connack) = Raw::open(&gw, connect(Version::V311, 0x02, b"sys", &[])).await;
