@@ -362,3 +362,109 @@ fn a_forged_replayed_or_older_record_does_not_move_a_session() {
     assert_eq!(t.by_addr.get(&home), Some(&1));
     assert_eq!(t.sessions[&1].addr, home);
 }
+
+/// The cost of a PSK handshake (TLS_PSK_WITH_AES_128_CCM_8, both sides and the cookie exchange)
+/// and of one 64-byte record sealed by the client and opened by the transport, against the same
+/// figures for OpenSSL on both sides, and the memory a session holds (resident set growth over
+/// the handshakes' sessions); in memory, no socket. A measurement, not a check:
+/// `cargo test --release --lib dtls::tests::cost -- --ignored --nocapture`.
+#[test]
+#[ignore = "a measurement; run in release"]
+fn cost() {
+    const HANDSHAKES: u32 = 300;
+    const RECORDS: u32 = 20_000;
+    let now = Instant::now();
+    let settings = Settings {
+        max_sessions: 1000,
+        max_handshakes: 1000,
+        max_handshakes_per_address: 1000,
+        ..settings()
+    };
+    let mut t = Transport::new(settings, DtlsMeters::default(), now).expect("transport");
+    let resident = || {
+        let statm = std::fs::read_to_string("/proc/self/statm").unwrap_or_default();
+        let pages: u64 = statm
+            .split(' ')
+            .nth(1)
+            .and_then(|p| p.parse().ok())
+            .unwrap_or(0);
+        pages * 4096
+    };
+    let before = resident();
+    let started = Instant::now();
+    for port in 0..HANDSHAKES {
+        let mut c = Client::psk("sensor-7", b"0123456789abcdef", true).expect("client");
+        let from = SocketAddr::from(([127, 0, 0, 9], 2000 + port as u16));
+        handshake(&mut t, &mut c, from, now);
+    }
+    let mbed_handshake = started.elapsed() / HANDSHAKES;
+    let per_session = resident().saturating_sub(before) / u64::from(HANDSHAKES) / 1024;
+    let mut c = Client::psk("sensor-7", b"0123456789abcdef", true).expect("client");
+    let from = addr("127.0.0.1:40100");
+    handshake(&mut t, &mut c, from, now);
+    let payload = [7u8; 64];
+    let mut out = Vec::new();
+    let started = Instant::now();
+    for _ in 0..RECORDS {
+        c.send(&payload).expect("send");
+        for d in c.transmit() {
+            t.receive(now, from, &d, &mut out);
+        }
+        assert_eq!(out.len(), 1);
+        out.clear();
+    }
+    let mbed_record = started.elapsed() / RECORDS;
+
+    // OpenSSL on both sides, no cookie exchange.
+    let mut b = SslContext::builder(SslMethod::dtls_server()).expect("context");
+    b.set_cipher_list("PSK-AES128-CCM8").expect("ciphers");
+    b.set_psk_server_callback(|_, _, psk| {
+        psk[..16].copy_from_slice(b"0123456789abcdef");
+        Ok(16)
+    });
+    let server = b.build();
+    let pump = |c: &mut SslStream<ClientPipe>, s: &mut SslStream<ClientPipe>| {
+        for _ in 0..10 {
+            let _ = c.connect();
+            for d in std::mem::take(&mut c.get_mut().outgoing) {
+                s.get_mut().incoming.push_back(d);
+            }
+            let _ = s.accept();
+            for d in std::mem::take(&mut s.get_mut().outgoing) {
+                c.get_mut().incoming.push_back(d);
+            }
+            if c.ssl().is_init_finished() && s.ssl().is_init_finished() {
+                return;
+            }
+        }
+        panic!("no OpenSSL handshake");
+    };
+    let new_server = || {
+        let ssl = Ssl::new(&server).expect("ssl");
+        SslStream::new(ssl, ClientPipe::default()).expect("stream")
+    };
+    let started = Instant::now();
+    for _ in 0..HANDSHAKES {
+        let (mut c, mut s) = (client(b"sensor-7", b"0123456789abcdef"), new_server());
+        pump(&mut c, &mut s);
+    }
+    let openssl_handshake = started.elapsed() / HANDSHAKES;
+    let (mut c, mut s) = (client(b"sensor-7", b"0123456789abcdef"), new_server());
+    pump(&mut c, &mut s);
+    let mut buf = [0u8; 256];
+    let started = Instant::now();
+    for _ in 0..RECORDS {
+        c.ssl_write(&payload).expect("write");
+        for d in std::mem::take(&mut c.get_mut().outgoing) {
+            s.get_mut().incoming.push_back(d);
+        }
+        assert_eq!(s.ssl_read(&mut buf).expect("read"), 64);
+    }
+    let openssl_record = started.elapsed() / RECORDS;
+    eprintln!(
+        "PSK handshake: Mbed TLS (transport, with cookie exchange) {mbed_handshake:?}, \
+         OpenSSL (no cookie exchange) {openssl_handshake:?}; 64-byte record sealed and \
+         opened: Mbed TLS (through the transport) {mbed_record:?}, OpenSSL {openssl_record:?}; \
+         an open Mbed TLS session holds about {per_session} KiB"
+    );
+}
