@@ -303,16 +303,19 @@ impl Config {
     pub(super) fn client_ca(&mut self, pem: &[u8], required: bool) -> Result<(), LibraryError> {
         let ca = Chain::parse(pem)?;
         // Optional: a handshake without a client certificate goes on; one whose certificate
-        // does not verify is refused by `Ssl::peer_certificate`'s caller.
+        // does not chain to `ca` fails (`refuse_unverified`), and one the library lets through
+        // for its other checks is refused by `Ssl::peer_certificate`'s caller.
         let mode = if required {
             m::MBEDTLS_SSL_VERIFY_REQUIRED
         } else {
             m::MBEDTLS_SSL_VERIFY_OPTIONAL
         };
-        // SAFETY: `ca.0` stays alive as long as the config (kept in `self.ca`).
+        // SAFETY: `ca.0` stays alive as long as the config (kept in `self.ca`); the callback
+        // takes no context.
         unsafe {
             m::mbedtls_ssl_conf_ca_chain(self.conf, ca.0, ptr::null_mut());
             m::mbedtls_ssl_conf_authmode(self.conf, mode as c_int);
+            m::mbedtls_ssl_conf_verify(self.conf, Some(refuse_unverified), ptr::null_mut());
         }
         self.ca = Some(ca);
         Ok(())
@@ -383,6 +386,22 @@ unsafe extern "C" fn psk_callback(
         }
     }
     0
+}
+
+/// Fails the handshake, with an alert, on a client certificate the CAs do not vouch for:
+/// in optional mode the library would otherwise go on with it.
+unsafe extern "C" fn refuse_unverified(
+    _: *mut c_void,
+    _: *mut m::mbedtls_x509_crt,
+    _: c_int,
+    flags: *mut u32,
+) -> c_int {
+    // SAFETY: the library passes the certificate's verification flags, readable.
+    if unsafe { *flags } == 0 {
+        0
+    } else {
+        m::MBEDTLS_ERR_X509_FATAL_ERROR
+    }
 }
 
 /// The library never writes a cookie itself: the gateway answered the first ClientHello.

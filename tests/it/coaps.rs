@@ -196,7 +196,7 @@ async fn psk_and_certificate_clients_act_as_their_principals() {
     params
         .distinguished_name
         .push(DnType::CommonName, "sensor-7");
-    let client = params.signed_by(&client_key, &ca, &ca_key).unwrap();
+    let client = params.clone().signed_by(&client_key, &ca, &ca_key).unwrap();
     std::fs::write(dir.path().join("server.pem"), server.pem()).unwrap();
     std::fs::write(dir.path().join("server.key"), server_key.serialize_pem()).unwrap();
     std::fs::write(dir.path().join("ca.pem"), ca.pem()).unwrap();
@@ -220,6 +220,10 @@ async fn psk_and_certificate_clients_act_as_their_principals() {
     assert_eq!(put.status(), 204);
 
     let (cert, key) = (client.pem(), client_key.serialize_pem());
+    // The same name, signed by no CA the gateway trusts.
+    let rogue_key = KeyPair::generate().unwrap();
+    let rogue = params.self_signed(&rogue_key).unwrap();
+    let rogue = (rogue.pem(), rogue_key.serialize_pem());
     let answers = blocking(move || {
         let mut answers = Vec::new();
         for (credentials, suite) in [
@@ -245,10 +249,16 @@ async fn psk_and_certificate_clients_act_as_their_principals() {
             "PSK-AES128-CCM8",
             Duration::from_secs(2),
         );
-        (answers, wrong.is_err())
+        let unverified = DtlsClient::connect_within(
+            coaps,
+            Credentials::Certificate(rogue.0, rogue.1),
+            "ECDHE-ECDSA-AES128-CCM8",
+            Duration::from_secs(2),
+        );
+        (answers, wrong.is_err(), unverified.is_err())
     })
     .await;
-    let (answers, wrong_refused) = answers;
+    let (answers, wrong_refused, unverified_refused) = answers;
     assert_eq!(
         answers[0],
         (
@@ -268,6 +278,10 @@ async fn psk_and_certificate_clients_act_as_their_principals() {
         )
     );
     assert!(wrong_refused, "a wrong key never completes the handshake");
+    assert!(
+        unverified_refused,
+        "a client certificate no trusted CA signed fails the handshake"
+    );
     let got = gw
         .client
         .get(gw.url("/topics/sensors/sensor-7/t"))
