@@ -82,13 +82,16 @@ unsafe extern "C" fn mbedtls_psa_external_get_random(
     0
 }
 
-/// Once per process: the wall clock X.509 validity needs, and PSA's state.
+/// Once per process: AES on the CPU's instructions, the wall clock X.509 validity needs, and
+/// PSA's state.
 fn init() {
     static ONCE: Once = Once::new();
     static CLOCK: m::hook::backend::std::wall_clock::StdWallClock =
         m::hook::backend::std::wall_clock::StdWallClock;
     static TIMER: m::hook::backend::std::timer::StdTimer = m::hook::backend::std::timer::StdTimer;
     ONCE.call_once(|| {
+        #[cfg(target_arch = "x86_64")]
+        super::aesni::install();
         // SAFETY: the hooks are set before any library call that reads the time (this runs
         // before the first configuration exists) and point at statics.
         unsafe {
