@@ -12,7 +12,7 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/../fuzz"
 
 seconds=${FUZZ_SECONDS:-45}
-# The gateway's only unsafe code is its Mbed TLS bindings (src/dtls/mbed.rs), so by default the
+# The gateway's only unsafe code is its Mbed TLS bindings and AES-NI (src/dtls/), so by default the
 # targets run without a sanitizer: the build is faster and libFuzzer runs more inputs in the same
 # time. FUZZ_SANITIZER=address checks the bindings' side (Mbed TLS's C is not instrumented).
 sanitizer=${FUZZ_SANITIZER:-none}

@@ -1,5 +1,5 @@
-//! Mbed TLS through its C API, the crate's only `unsafe`: a [`Config`] every session shares and
-//! an [`Ssl`], one session whose "socket" is a queue of datagrams in and out.
+//! Mbed TLS through its C API (with `aesni.rs`, the crate's only `unsafe`): a [`Config`] every
+//! session shares and an [`Ssl`], one session whose "socket" is a queue of datagrams in and out.
 #![allow(unsafe_code)]
 #![deny(clippy::undocumented_unsafe_blocks)]
 
