@@ -3,8 +3,6 @@
 //! sessions, expires idle ones, names each session's principal and follows a session to a new
 //! address by its Connection ID. It knows nothing of what the plaintext says.
 
-#[cfg(target_arch = "x86_64")]
-mod aesni;
 mod client;
 mod context;
 mod cookie;

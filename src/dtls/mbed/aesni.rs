@@ -1,7 +1,5 @@
 //! AES for Mbed TLS on the CPU's AES instructions, through the crate's AES hook: the crate builds
 //! Mbed TLS without `MBEDTLS_AESNI_C`, so without this every record runs table-based AES.
-#![allow(unsafe_code)]
-#![deny(clippy::undocumented_unsafe_blocks)]
 
 use std::arch::x86_64::{
     __m128i, _mm_aesdec_si128, _mm_aesdeclast_si128, _mm_aesenc_si128, _mm_aesenclast_si128,
@@ -19,7 +17,7 @@ use mbedtls_rs_sys as m;
 pub(super) fn install() {
     static AESNI: AesNi = AesNi;
     if std::arch::is_x86_feature_detected!("aes") {
-        // SAFETY: called once from `mbed::init`, before the first configuration, so before any
+        // SAFETY: called once from `init`, before the first configuration, so before any
         // AES context is initialised under the other implementation; `AESNI` is a static.
         unsafe { m::hook::aes::hook_aes(Some(&AESNI)) };
     }
