@@ -3,6 +3,9 @@
 # The image's config (config/docker.toml) binds every interface on purpose: -p decides what the
 # host exposes. Mount your own with [auth] before exposing it beyond your machine.
 FROM rust:1-bookworm AS build
+# CoAP over DTLS builds the Mbed TLS it vendors (cmake, ninja) and its bindings (clang).
+RUN apt-get update && apt-get install -y --no-install-recommends cmake ninja-build clang \
+    libclang-dev && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
 COPY Cargo.toml Cargo.lock ./
 COPY src ./src
@@ -12,9 +15,7 @@ COPY bench ./bench
 RUN cargo build --release --locked --bin topicgate
 
 FROM debian:bookworm-slim
-# CoAP over DTLS uses the system's OpenSSL (the build stage's image has libssl-dev).
-RUN apt-get update && apt-get install -y --no-install-recommends libssl3 \
-    && rm -rf /var/lib/apt/lists/*
+# No runtime packages: Mbed TLS is linked in statically.
 RUN useradd --system --uid 10001 --home-dir /data --shell /usr/sbin/nologin topicgate \
     && mkdir -p /data /etc/topicgate && chown topicgate /data
 COPY --from=build /src/target/release/topicgate /usr/local/bin/topicgate

@@ -81,6 +81,8 @@ pub struct DtlsMeters {
     pub handshakes: Gauge,
     /// HelloVerifyRequests sent (ClientHellos without a valid cookie).
     pub hello_verify: Counter,
+    /// Sessions that moved to a new client address by their Connection ID.
+    pub address_changes: Counter,
     handshake_results: Family<ReasonLabel, Counter>,
     sessions_ended: Family<ReasonLabel, Counter>,
 }
@@ -115,6 +117,11 @@ impl DtlsMeters {
             "dtls_hello_verify_requests",
             "DTLS ClientHellos answered with a cookie (HelloVerifyRequest), nothing allocated",
             self.hello_verify.clone(),
+        );
+        registry.register(
+            "dtls_address_changes",
+            "DTLS sessions moved to a new client address by a record with their Connection ID",
+            self.address_changes.clone(),
         );
         registry.register(
             "dtls_handshake_results",

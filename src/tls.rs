@@ -140,7 +140,7 @@ impl Tls {
             .1
             .peer_certificates()
             .and_then(|chain| chain.first())
-            .and_then(|cert| common_name(cert));
+            .and_then(|cert| common_name(cert.as_ref()));
         Ok(Accepted {
             stream,
             client_name,
@@ -148,9 +148,9 @@ impl Tls {
     }
 }
 
-/// The subject common name of a certificate.
-fn common_name(cert: &CertificateDer<'_>) -> Option<String> {
-    let (_, parsed) = x509_parser::parse_x509_certificate(cert.as_ref()).ok()?;
+/// The subject common name of a DER certificate; also the principal of a `coaps://` client.
+pub(crate) fn common_name(der: &[u8]) -> Option<String> {
+    let (_, parsed) = x509_parser::parse_x509_certificate(der).ok()?;
     let cn = parsed.subject().iter_common_name().next()?;
     cn.as_str().ok().map(str::to_owned)
 }

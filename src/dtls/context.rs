@@ -1,26 +1,16 @@
 //! The library's server settings: PSK identities and their keys, the certificate and the CAs of
-//! client certificates, the cipher suites, and the cookie callbacks that repeat the gateway's.
+//! client certificates, the cipher suites and Connection IDs, and who a finished handshake names.
 
 use std::collections::HashMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use openssl::error::ErrorStack;
-use openssl::ex_data::Index;
-use openssl::nid::Nid;
-use openssl::ssl::{
-    Ssl, SslContext, SslContextBuilder, SslFiletype, SslMethod, SslMode, SslOptions, SslRef,
-    SslVerifyMode, SslVersion,
-};
-
 use super::DtlsError;
+use super::mbed::{CertError, Config, LibraryError, Role, SERVER_SUITES, Ssl};
 use crate::policy::Principal;
 
-/// PSK suites first, RFC 7252's mandatory TLS_PSK_WITH_AES_128_CCM_8 at their head; then the
-/// certificate suites, RFC 7252's TLS_ECDHE_ECDSA_WITH_AES_128_CCM_8 first, and RSA keys'.
-const CIPHERS: &str = "PSK-AES128-CCM8:PSK-AES128-CCM:PSK-AES128-GCM-SHA256:\
-    PSK-AES256-GCM-SHA384:ECDHE-ECDSA-AES128-CCM8:ECDHE-ECDSA-AES128-GCM-SHA256:\
-    ECDHE-ECDSA-AES256-GCM-SHA384:ECDHE-RSA-AES128-GCM-SHA256:ECDHE-RSA-AES256-GCM-SHA384";
+/// The length of the Connection ID each session asks its client to send (RFC 9146).
+pub(super) const CID_LEN: usize = 8;
 
 /// One PSK identity.
 #[derive(Clone)]
@@ -56,108 +46,83 @@ pub struct Certificate {
     pub require_client_cert: bool,
 }
 
-/// PSK identity -> (key, principal name).
-type Keys = Arc<HashMap<Vec<u8>, (Vec<u8>, Arc<str>)>>;
-
-/// The library's context and what the transport asks of it afterwards.
+/// The library's configuration and the principal of each PSK identity.
 pub(super) struct Context {
-    pub(super) ssl: SslContext,
-    /// The cookie the gateway checked before the session existed.
-    pub(super) cookie: Index<Ssl, Vec<u8>>,
-    keys: Keys,
+    pub(super) config: Arc<Config>,
+    principals: HashMap<Vec<u8>, Arc<str>>,
 }
 
 impl Context {
     pub(super) fn new(psks: &[Psk], certificate: Option<&Certificate>) -> Result<Self, DtlsError> {
-        let keys: HashMap<Vec<u8>, (Vec<u8>, Arc<str>)> = psks
-            .iter()
-            .map(|p| {
-                let entry = (p.key.clone(), Arc::from(p.principal.as_str()));
-                (p.identity.as_bytes().to_vec(), entry)
-            })
-            .collect();
-        let keys = Arc::new(keys);
-        let cookie = Ssl::new_ex_index::<Vec<u8>>()?;
-        let mut b = SslContext::builder(SslMethod::dtls_server())?;
-        b.set_min_proto_version(Some(SslVersion::DTLS1_2))?;
-        b.set_cipher_list(CIPHERS)?;
-        b.set_options(
-            SslOptions::COOKIE_EXCHANGE | SslOptions::NO_QUERY_MTU | SslOptions::NO_TICKET,
-        );
-        b.set_mode(SslMode::RELEASE_BUFFERS);
-        b.set_cookie_generate_cb(move |ssl, out| copy_cookie(ssl, cookie, out));
-        b.set_cookie_verify_cb(move |ssl, given| {
-            ssl.ex_data(cookie).is_some_and(|c| c.as_slice() == given)
-        });
-        if !keys.is_empty() {
-            let table = keys.clone();
-            b.set_psk_server_callback(move |_, identity, out| {
-                let key = identity.and_then(|id| table.get(id)).map(|(key, _)| key);
-                match key {
-                    Some(key) if key.len() <= out.len() => {
-                        out[..key.len()].copy_from_slice(key);
-                        Ok(key.len())
-                    }
-                    // An unknown identity: the handshake fails with an alert.
-                    _ => Err(ErrorStack::get()),
-                }
-            });
+        let mut config = Config::new(Role::Server, &SERVER_SUITES)?;
+        config.connection_ids(CID_LEN)?;
+        if !psks.is_empty() {
+            let keys = psks
+                .iter()
+                .map(|p| (p.identity.as_bytes().to_vec(), p.key.clone()))
+                .collect();
+            config.psks(keys);
         }
         if let Some(c) = certificate {
-            certificate_files(&mut b, c)?;
+            let chain = read("tls.cert", &c.cert)?;
+            let key = read("tls.key", &c.key)?;
+            config.certificate(&chain, &key).map_err(|e| match e {
+                CertError::Chain(e) => file("tls.cert", &c.cert, e),
+                CertError::Key(e) => file("tls.key", &c.key, e),
+            })?;
+            if let Some(ca) = &c.client_ca {
+                let pem = read("tls.client_ca", ca)?;
+                config
+                    .client_ca(&pem, c.require_client_cert)
+                    .map_err(|e| file("tls.client_ca", ca, e))?;
+            }
         }
+        let principals = psks
+            .iter()
+            .map(|p| {
+                let name = Arc::from(p.principal.as_str());
+                (p.identity.as_bytes().to_vec(), name)
+            })
+            .collect();
         Ok(Self {
-            ssl: b.build(),
-            cookie,
-            keys,
+            config: Arc::new(config),
+            principals,
         })
     }
 
     /// Who completed the handshake on `ssl`: the principal of its PSK identity, or its client
-    /// certificate's common name; `None` for a certificate handshake without one.
-    pub(super) fn principal(&self, ssl: &SslRef) -> Option<Principal> {
+    /// certificate's common name; `Ok(None)` for a certificate handshake without one, `Err` for
+    /// a client certificate that does not verify.
+    pub(super) fn principal(&self, ssl: &mut Ssl) -> Result<Option<Principal>, Unverified> {
         if let Some(identity) = ssl.psk_identity() {
-            let (_, name) = self.keys.get(identity)?;
-            return Some(Principal::Named(name.clone()));
+            let name = self.principals.get(&identity).cloned();
+            return Ok(name.map(Principal::Named));
         }
-        let cert = ssl.peer_certificate()?;
-        let cn = cert.subject_name().entries_by_nid(Nid::COMMONNAME).next()?;
-        let name = cn.data().to_string().ok()?;
-        Some(Principal::Named(Arc::from(name.as_str())))
+        match ssl.peer_certificate() {
+            None => Ok(None),
+            Some((_, false)) => Err(Unverified),
+            Some((der, true)) => {
+                let cn = crate::tls::common_name(&der);
+                Ok(cn.map(|name| Principal::Named(Arc::from(name.as_str()))))
+            }
+        }
     }
 }
 
-fn copy_cookie(
-    ssl: &mut SslRef,
-    cookie: Index<Ssl, Vec<u8>>,
-    out: &mut [u8],
-) -> Result<usize, ErrorStack> {
-    let given = ssl.ex_data(cookie).ok_or_else(ErrorStack::get)?;
-    let n = given.len().min(out.len());
-    out[..n].copy_from_slice(&given[..n]);
-    Ok(n)
+/// A client certificate that the CAs do not vouch for (the library lets an optional one
+/// through; the gateway does not).
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Unverified;
+
+fn read(key: &'static str, path: &Path) -> Result<Vec<u8>, DtlsError> {
+    std::fs::read(path).map_err(|e| DtlsError::File {
+        key,
+        path: path.display().to_string(),
+        reason: e.to_string(),
+    })
 }
 
-fn certificate_files(b: &mut SslContextBuilder, c: &Certificate) -> Result<(), DtlsError> {
-    b.set_certificate_chain_file(&c.cert)
-        .map_err(|e| file("tls.cert", &c.cert, &e))?;
-    b.set_private_key_file(&c.key, SslFiletype::PEM)
-        .map_err(|e| file("tls.key", &c.key, &e))?;
-    b.check_private_key()
-        .map_err(|e| file("tls.key", &c.key, &e))?;
-    if let Some(ca) = &c.client_ca {
-        b.set_ca_file(ca)
-            .map_err(|e| file("tls.client_ca", ca, &e))?;
-        let mut mode = SslVerifyMode::PEER;
-        if c.require_client_cert {
-            mode |= SslVerifyMode::FAIL_IF_NO_PEER_CERT;
-        }
-        b.set_verify(mode);
-    }
-    Ok(())
-}
-
-fn file(key: &'static str, path: &std::path::Path, e: &ErrorStack) -> DtlsError {
+fn file(key: &'static str, path: &Path, e: LibraryError) -> DtlsError {
     DtlsError::File {
         key,
         path: path.display().to_string(),

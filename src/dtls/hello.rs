@@ -1,5 +1,5 @@
-//! The DTLS 1.2 records read before any state exists for a peer: a ClientHello's fields, the
-//! HelloVerifyRequest that answers it statelessly, and the cookie-less copy the library is fed.
+//! The DTLS 1.2 records read before any state exists for a peer: a ClientHello's fields and the
+//! HelloVerifyRequest that answers it statelessly.
 
 /// Record header: type, version, epoch, sequence number, length.
 const RECORD_HEADER: usize = 13;
@@ -96,28 +96,6 @@ pub fn verify_request(hello: &ClientHello<'_>, cookie: &[u8]) -> Vec<u8> {
     out
 }
 
-/// The ClientHello as the client first sent it, before the cookie: message_seq one less, the
-/// record one earlier, no cookie. Fed to a fresh library session before the real one, so the
-/// library sees the exchange it expects without the gateway having kept any state for it.
-/// `None` when the numbers leave no room (a client that did not start at 0).
-pub fn without_cookie(datagram: &[u8], hello: &ClientHello<'_>) -> Option<Vec<u8>> {
-    let record_seq = hello.record_seq.checked_sub(1)?;
-    let message_seq = hello.message_seq.checked_sub(1)?;
-    let cut = hello.cookie.len();
-    let mut out = Vec::with_capacity(hello.record_end - cut);
-    out.extend_from_slice(datagram.get(..hello.cookie_at)?);
-    out.push(0);
-    out.extend_from_slice(datagram.get(hello.cookie_at + 1 + cut..hello.record_end)?);
-    out[5..11].copy_from_slice(&record_seq.to_be_bytes()[2..]);
-    let record_len = be(&out[11..13]) - cut as u64;
-    out[11..13].copy_from_slice(&(record_len as u16).to_be_bytes());
-    let length = be(&out[14..17]) - cut as u64;
-    out[14..17].copy_from_slice(&(length as u32).to_be_bytes()[1..]);
-    out[17..19].copy_from_slice(&message_seq.to_be_bytes());
-    out[22..25].copy_from_slice(&(length as u32).to_be_bytes()[1..]);
-    Some(out)
-}
-
 /// The ClientHello a client sends after a HelloVerifyRequest: `hello` with `cookie`, its record
 /// and message one later. What a client does; the fuzz target's client uses it.
 pub fn with_cookie(datagram: &[u8], hello: &ClientHello<'_>, cookie: &[u8]) -> Option<Vec<u8>> {
@@ -195,18 +173,11 @@ mod tests {
     }
 
     #[test]
-    fn the_copy_without_cookie_is_the_first_hello() {
+    fn the_hello_with_cookie_is_one_record_and_message_later() {
         let first = hello(0, 0, b"");
         let second = hello(1, 1, b"0123456789abcdef");
-        let ch = parse(&second).expect("a ClientHello");
-        assert_eq!(without_cookie(&second, &ch), Some(first.clone()));
-        let ch1 = parse(&first).expect("a ClientHello");
-        assert_eq!(
-            with_cookie(&first, &ch1, b"0123456789abcdef"),
-            Some(second.clone())
-        );
         let ch = parse(&first).expect("a ClientHello");
-        assert_eq!(without_cookie(&first, &ch), None, "nothing came before it");
+        assert_eq!(with_cookie(&first, &ch, b"0123456789abcdef"), Some(second));
     }
 
     #[test]

@@ -1,21 +1,26 @@
-//! DTLS 1.2 server transport, sans I/O: datagrams and ticks in, datagrams and plaintext out.
-//! It answers ClientHellos statelessly with cookies, bounds handshakes and sessions, expires
-//! idle ones and names each session's principal. It knows nothing of what the plaintext says.
+//! DTLS 1.2 server transport over Mbed TLS, sans I/O: datagrams and ticks in, datagrams and
+//! plaintext out. It answers ClientHellos statelessly with cookies, bounds handshakes and
+//! sessions, expires idle ones, names each session's principal and follows a session to a new
+//! address by its Connection ID. It knows nothing of what the plaintext says.
 
+mod client;
 mod context;
 mod cookie;
 pub mod hello;
+mod mbed;
 mod session;
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
+pub use client::Client;
 pub use context::{Certificate, Psk};
+pub use mbed::LibraryError;
 
 use crate::metrics::DtlsMeters;
 use crate::policy::Principal;
-use context::Context;
+use context::{CID_LEN, Context};
 use cookie::Cookies;
 use session::{Session, Step};
 
@@ -34,7 +39,7 @@ pub enum DtlsError {
     },
     /// The library refused a setting.
     #[error("dtls: {0}")]
-    Library(#[from] openssl::error::ErrorStack),
+    Library(#[from] LibraryError),
     /// The session's handshake has not completed.
     #[error("the session is not open")]
     NotOpen,
@@ -42,6 +47,11 @@ pub enum DtlsError {
     #[error("cannot write a record: {0}")]
     Write(String),
 }
+
+/// RFC 9146's record content type `tls12_cid`: a record that names its session by Connection ID.
+const CONTENT_CID: u8 = 25;
+/// Where the Connection ID starts in such a record: after type, version, epoch and sequence.
+const CID_AT: usize = 11;
 
 /// A session's number, never reused while the transport runs.
 pub type SessionId = u64;
@@ -102,6 +112,9 @@ pub struct Transport {
     cookies: Cookies,
     sessions: HashMap<SessionId, Session>,
     by_addr: HashMap<SocketAddr, SessionId>,
+    /// Sessions by the Connection ID their client sends, so a record finds its session from
+    /// any address.
+    by_cid: HashMap<[u8; CID_LEN], SessionId>,
     handshakes: usize,
     /// Handshakes in progress by the client's IP address; an address with none has no entry.
     handshaking: HashMap<IpAddr, usize>,
@@ -130,6 +143,7 @@ impl Transport {
             cookies: Cookies::new(now),
             sessions: HashMap::new(),
             by_addr: HashMap::new(),
+            by_cid: HashMap::new(),
             handshakes: 0,
             handshaking: HashMap::new(),
             next_id: 1,
@@ -156,6 +170,10 @@ impl Transport {
         datagram: &[u8],
         out: &mut Vec<Output>,
     ) {
+        if let Some(id) = self.by_connection_id(datagram) {
+            self.drive(id, now, from, Some(datagram), out);
+            return;
+        }
         let known = self.by_addr.get(&from).copied();
         if let Some(id) = known {
             // A ClientHello on an open session's address is a client that starts again
@@ -163,7 +181,7 @@ impl Transport {
             let restart = self.sessions.get(&id).is_some_and(Session::is_open)
                 && hello::is_epoch0_handshake(datagram);
             if !restart {
-                self.drive(id, now, Some(datagram), out);
+                self.drive(id, now, from, Some(datagram), out);
                 return;
             }
         }
@@ -187,10 +205,8 @@ impl Transport {
             self.meters.handshake("refused");
             return;
         }
-        let Some(first) = hello::without_cookie(datagram, &ch) else {
-            return;
-        };
-        let Ok(session) = Session::accept(&self.context, from, ch.cookie, first, now) else {
+        let cid = self.new_connection_id();
+        let Ok(session) = Session::accept(&self.context, from, cid, now) else {
             self.meters.handshake("failed");
             return;
         };
@@ -202,11 +218,12 @@ impl Transport {
         self.next_id += 1;
         self.sessions.insert(id, session);
         self.by_addr.insert(from, id);
+        self.by_cid.insert(cid, id);
         self.handshakes += 1;
         *self.handshaking.entry(from.ip()).or_default() += 1;
         self.meters.handshakes.set(self.handshakes as i64);
         self.meters.sessions.set(self.sessions.len() as i64);
-        self.drive(id, now, Some(datagram), out);
+        self.drive(id, now, from, Some(datagram), out);
     }
 
     /// Seals `plaintext` for `session` and queues it for its current address; false when the
@@ -259,7 +276,9 @@ impl Transport {
             self.remove(id, out);
         }
         for id in pending {
-            self.drive(id, now, None, out);
+            if let Some(addr) = self.sessions.get(&id).map(|s| s.addr) {
+                self.drive(id, now, addr, None, out);
+            }
         }
         if !self.sessions.is_empty() {
             // Handshake flights are resent on the library's own timer, about a second.
@@ -281,10 +300,12 @@ impl Transport {
         }
     }
 
+    /// Feeds `datagram` (from `from`) to session `id`, or lets it resend a flight.
     fn drive(
         &mut self,
         id: SessionId,
         now: Instant,
+        from: SocketAddr,
         datagram: Option<&[u8]>,
         out: &mut Vec<Output>,
     ) {
@@ -293,6 +314,7 @@ impl Transport {
         };
         let mut plaintext = Vec::new();
         let was_open = s.is_open();
+        let newest = s.newest_record();
         let step = match datagram {
             Some(d) => s.input(&self.context, d, &mut self.scratch, &mut plaintext),
             None => s.drive_and_read(&self.context, &mut self.scratch, &mut plaintext),
@@ -300,6 +322,16 @@ impl Transport {
         // Only what authenticates keeps a session: a forged datagram from its address does not.
         if !plaintext.is_empty() || step == Step::Opened {
             s.last_seen = now;
+        }
+        // The client moved (RFC 9146 6): the session follows only a record that opened, was
+        // no replay and is the newest yet, so a forged or replayed one cannot take it away.
+        if from != s.addr && !plaintext.is_empty() && s.newest_record() > newest {
+            let old = std::mem::replace(&mut s.addr, from);
+            if self.by_addr.get(&old) == Some(&id) {
+                self.by_addr.remove(&old);
+            }
+            self.by_addr.insert(from, id);
+            self.meters.address_changes.inc();
         }
         let (to, principal) = (s.addr, s.principal.clone());
         out.extend(
@@ -341,6 +373,7 @@ impl Transport {
         if self.by_addr.get(&s.addr) == Some(&id) {
             self.by_addr.remove(&s.addr);
         }
+        self.by_cid.remove(&s.cid);
         if s.is_open() {
             out.push(Output::Closed { session: id });
         } else {
@@ -352,6 +385,25 @@ impl Transport {
 }
 
 impl Transport {
+    /// The session a record with a Connection ID names, if it is one of ours.
+    fn by_connection_id(&self, datagram: &[u8]) -> Option<SessionId> {
+        if datagram.first() != Some(&CONTENT_CID) {
+            return None;
+        }
+        let cid = datagram.get(CID_AT..CID_AT + CID_LEN)?;
+        self.by_cid.get(cid).copied()
+    }
+
+    /// A random Connection ID no session has.
+    fn new_connection_id(&self) -> [u8; CID_LEN] {
+        loop {
+            let cid: [u8; CID_LEN] = rand::random();
+            if !self.by_cid.contains_key(&cid) {
+                return cid;
+            }
+        }
+    }
+
     /// A handshake from `ip` ended, opened or not.
     fn handshake_over(&mut self, ip: IpAddr) {
         self.handshakes -= 1;

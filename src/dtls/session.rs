@@ -1,53 +1,16 @@
 //! One DTLS session: the library's state over an in-memory datagram queue, so it reads what the
 //! transport hands it and writes records the transport sends; no socket inside.
 
-use std::collections::VecDeque;
-use std::io::{self, Read, Write};
 use std::net::SocketAddr;
 use std::time::Instant;
 
-use openssl::ssl::{ErrorCode, Ssl, SslStream};
-
 use super::DtlsError;
-use super::context::Context;
+use super::context::{CID_LEN, Context};
+use super::mbed::{Handshake, Read, Ssl};
 use crate::policy::Principal;
 
-/// Records larger than this are not written in one datagram.
-const MTU: u32 = 1280;
-/// Datagrams waiting to be read by the library; more within one turn are dropped.
-const MAX_QUEUED: usize = 16;
 /// Largest plaintext the transport reads from one record.
 const READ_BUFFER: usize = 16 * 1024 + 256;
-
-/// The library's datagram "socket": what came in, what goes out.
-#[derive(Debug, Default)]
-pub(super) struct Pipe {
-    incoming: VecDeque<Vec<u8>>,
-    outgoing: Vec<Vec<u8>>,
-}
-
-impl Read for Pipe {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        let Some(datagram) = self.incoming.pop_front() else {
-            return Err(io::ErrorKind::WouldBlock.into());
-        };
-        // A datagram longer than the buffer is cut, as a UDP socket would.
-        let n = datagram.len().min(buf.len());
-        buf[..n].copy_from_slice(&datagram[..n]);
-        Ok(n)
-    }
-}
-
-impl Write for Pipe {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        self.outgoing.push(buf.to_vec());
-        Ok(buf.len())
-    }
-
-    fn flush(&mut self) -> io::Result<()> {
-        Ok(())
-    }
-}
 
 /// Where a session stands after being driven.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -65,41 +28,34 @@ pub(super) enum Step {
 /// One session with one client address.
 pub(super) struct Session {
     pub(super) addr: SocketAddr,
-    stream: SslStream<Pipe>,
+    ssl: Ssl,
     open: bool,
+    /// The Connection ID its client puts in its records once it agreed to (RFC 9146).
+    pub(super) cid: [u8; CID_LEN],
     pub(super) principal: Option<Principal>,
     pub(super) last_seen: Instant,
     pub(super) started: Instant,
 }
 
 impl Session {
-    /// A session for a ClientHello whose cookie the gateway checked: `first` is the hello as
-    /// it was before the cookie, replayed so the library is where the client thinks it is;
-    /// the hello itself is fed next, with [`Self::input`].
+    /// A session for a ClientHello whose cookie the gateway checked, asking the client to send
+    /// `cid` in its records; the hello itself is fed next, with [`Self::input`].
     pub(super) fn accept(
         ctx: &Context,
         addr: SocketAddr,
-        cookie: &[u8],
-        first: Vec<u8>,
+        cid: [u8; CID_LEN],
         now: Instant,
     ) -> Result<Self, DtlsError> {
-        let mut ssl = Ssl::new(&ctx.ssl)?;
-        ssl.set_mtu(MTU)?;
-        ssl.set_ex_data(ctx.cookie, cookie.to_vec());
-        let mut stream = SslStream::new(ssl, Pipe::default())?;
-        stream.get_mut().incoming.push_back(first);
-        let mut session = Self {
+        let ssl = Ssl::new(&ctx.config, addr.to_string().as_bytes(), Some(&cid))?;
+        Ok(Self {
             addr,
-            stream,
+            ssl,
             open: false,
+            cid,
             principal: None,
             last_seen: now,
             started: now,
-        };
-        session.drive(ctx);
-        // The library's own HelloVerifyRequest: the client has had the gateway's already.
-        session.stream.get_mut().outgoing.clear();
-        Ok(session)
+        })
     }
 
     /// Feeds a datagram; plaintext records go to `plaintext`.
@@ -110,10 +66,7 @@ impl Session {
         scratch: &mut Vec<u8>,
         plaintext: &mut Vec<Vec<u8>>,
     ) -> Step {
-        let pipe = self.stream.get_mut();
-        if pipe.incoming.len() < MAX_QUEUED {
-            pipe.incoming.push_back(datagram.to_vec());
-        }
+        self.ssl.push(datagram);
         self.drive_and_read(ctx, scratch, plaintext)
     }
 
@@ -132,11 +85,10 @@ impl Session {
         }
         scratch.resize(READ_BUFFER, 0);
         loop {
-            match self.stream.ssl_read(scratch) {
-                Ok(n) => plaintext.push(scratch[..n].to_vec()),
-                Err(e) if e.code() == ErrorCode::WANT_READ => return step,
-                // close_notify, or a fatal error.
-                Err(_) => return Step::Closed,
+            match self.ssl.read(scratch) {
+                Read::Data(n) => plaintext.push(scratch[..n].to_vec()),
+                Read::Nothing => return step,
+                Read::Closed => return Step::Closed,
             }
         }
     }
@@ -145,14 +97,17 @@ impl Session {
         if self.open {
             return Step::Open;
         }
-        match self.stream.accept() {
-            Ok(()) => {
-                self.open = true;
-                self.principal = ctx.principal(self.stream.ssl());
-                Step::Opened
-            }
-            Err(e) if e.code() == ErrorCode::WANT_READ => Step::Handshaking,
-            Err(_) => Step::Closed,
+        match self.ssl.handshake() {
+            Handshake::Done => match ctx.principal(&mut self.ssl) {
+                Ok(principal) => {
+                    self.open = true;
+                    self.principal = principal;
+                    Step::Opened
+                }
+                Err(_) => Step::Closed,
+            },
+            Handshake::Waiting => Step::Handshaking,
+            Handshake::Failed(_) => Step::Closed,
         }
     }
 
@@ -161,16 +116,15 @@ impl Session {
         if !self.open {
             return Err(DtlsError::NotOpen);
         }
-        self.stream
-            .ssl_write(plaintext)
-            .map(drop)
+        self.ssl
+            .write(plaintext)
             .map_err(|e| DtlsError::Write(e.to_string()))
     }
 
     /// Sends close_notify.
     pub(super) fn close(&mut self) {
         if self.open {
-            let _ = self.stream.shutdown();
+            self.ssl.close_notify();
         }
     }
 
@@ -179,8 +133,13 @@ impl Session {
         self.open
     }
 
+    /// The highest record sequence number that authenticated so far.
+    pub(super) fn newest_record(&self) -> u64 {
+        self.ssl.newest_record()
+    }
+
     /// The records the library wrote since the last call.
     pub(super) fn take_outgoing(&mut self) -> Vec<Vec<u8>> {
-        std::mem::take(&mut self.stream.get_mut().outgoing)
+        self.ssl.take_outgoing()
     }
 }

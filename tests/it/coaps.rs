@@ -1,6 +1,7 @@
 //! CoAP over DTLS (`coaps://`) with OpenSSL's own DTLS client over real UDP: PSK and
 //! certificate handshakes with RFC 7252's CCM_8 suites, principals under the ACL, and a flood
-//! of ClientHellos from spoofed loopback addresses that allocates nothing.
+//! of ClientHellos from spoofed loopback addresses that allocates nothing; and with an Mbed TLS
+//! client sending a Connection ID, an observer that keeps its session from a new port.
 
 use std::io::{self, Read, Write};
 use std::net::{SocketAddr, UdpSocket};
@@ -14,6 +15,7 @@ use openssl::x509::X509;
 use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair};
 use topicgate::Config;
 use topicgate::config::{AclAccess, AclEntry, PskEntry, TokenEntry};
+use topicgate::dtls::Client;
 
 use crate::support::{DEADLINE, TestGateway, eventually, metric};
 
@@ -194,7 +196,7 @@ async fn psk_and_certificate_clients_act_as_their_principals() {
     params
         .distinguished_name
         .push(DnType::CommonName, "sensor-7");
-    let client = params.signed_by(&client_key, &ca, &ca_key).unwrap();
+    let client = params.clone().signed_by(&client_key, &ca, &ca_key).unwrap();
     std::fs::write(dir.path().join("server.pem"), server.pem()).unwrap();
     std::fs::write(dir.path().join("server.key"), server_key.serialize_pem()).unwrap();
     std::fs::write(dir.path().join("ca.pem"), ca.pem()).unwrap();
@@ -218,6 +220,10 @@ async fn psk_and_certificate_clients_act_as_their_principals() {
     assert_eq!(put.status(), 204);
 
     let (cert, key) = (client.pem(), client_key.serialize_pem());
+    // The same name, signed by no CA the gateway trusts.
+    let rogue_key = KeyPair::generate().unwrap();
+    let rogue = params.self_signed(&rogue_key).unwrap();
+    let rogue = (rogue.pem(), rogue_key.serialize_pem());
     let answers = blocking(move || {
         let mut answers = Vec::new();
         for (credentials, suite) in [
@@ -243,10 +249,16 @@ async fn psk_and_certificate_clients_act_as_their_principals() {
             "PSK-AES128-CCM8",
             Duration::from_secs(2),
         );
-        (answers, wrong.is_err())
+        let unverified = DtlsClient::connect_within(
+            coaps,
+            Credentials::Certificate(rogue.0, rogue.1),
+            "ECDHE-ECDSA-AES128-CCM8",
+            Duration::from_secs(2),
+        );
+        (answers, wrong.is_err(), unverified.is_err())
     })
     .await;
-    let (answers, wrong_refused) = answers;
+    let (answers, wrong_refused, unverified_refused) = answers;
     assert_eq!(
         answers[0],
         (
@@ -266,6 +278,10 @@ async fn psk_and_certificate_clients_act_as_their_principals() {
         )
     );
     assert!(wrong_refused, "a wrong key never completes the handshake");
+    assert!(
+        unverified_refused,
+        "a client certificate no trusted CA signed fails the handshake"
+    );
     let got = gw
         .client
         .get(gw.url("/topics/sensors/sensor-7/t"))
@@ -393,4 +409,215 @@ async fn an_observation_ends_with_its_session() {
     })
     .await;
     assert_eq!(metric(&gw, "topicgate_dtls_sessions").await, 0.0);
+}
+
+/// A blocking CoAP client over the gateway's own DTLS library, with a Connection ID: its
+/// session state outlives its socket, as a client behind a NAT that rebinds its port.
+struct CidClient {
+    socket: UdpSocket,
+    server: SocketAddr,
+    dtls: Client,
+    mid: u16,
+    /// Packets read but not yet asked for.
+    pending: Vec<Packet>,
+}
+
+impl CidClient {
+    fn connect(server: SocketAddr) -> Self {
+        let dtls = Client::psk("sensor-7", KEY.as_bytes(), true).unwrap();
+        let mut c = Self {
+            socket: Self::socket(server),
+            server,
+            dtls,
+            mid: 1,
+            pending: Vec::new(),
+        };
+        let deadline = Instant::now() + DEADLINE;
+        while !c.dtls.handshake().unwrap() {
+            assert!(Instant::now() < deadline, "no handshake");
+            c.flush();
+            c.receive();
+        }
+        assert!(
+            c.dtls.has_connection_id(),
+            "the server agreed to a Connection ID"
+        );
+        c
+    }
+
+    fn socket(server: SocketAddr) -> UdpSocket {
+        let socket = UdpSocket::bind("127.0.0.1:0").unwrap();
+        socket.connect(server).unwrap();
+        socket
+            .set_read_timeout(Some(Duration::from_millis(200)))
+            .unwrap();
+        socket
+    }
+
+    /// Goes on from a new socket, so a new port, with the same session.
+    fn rebind(&mut self) {
+        self.socket = Self::socket(self.server);
+    }
+
+    /// Sends what the library wrote; returns the datagrams.
+    fn flush(&mut self) -> Vec<Vec<u8>> {
+        let datagrams = self.dtls.transmit();
+        for d in &datagrams {
+            self.socket.send(d).unwrap();
+        }
+        datagrams
+    }
+
+    /// Waits up to the socket's read timeout for one datagram and hands it to the library.
+    fn receive(&mut self) {
+        let mut buf = [0u8; 2048];
+        if let Ok(n) = self.socket.recv(&mut buf) {
+            self.dtls.receive(&buf[..n]);
+        }
+    }
+
+    /// Seals and sends a packet; returns the datagrams it went in.
+    fn send(&mut self, p: &Packet) -> Vec<Vec<u8>> {
+        self.dtls.send(&p.to_bytes().unwrap()).unwrap();
+        self.flush()
+    }
+
+    /// A confirmable request; returns the datagrams it went in.
+    fn request(&mut self, path: &str, tweak: impl FnOnce(&mut Packet)) -> Vec<Vec<u8>> {
+        self.mid += 1;
+        let mut p = Packet::new();
+        p.header.set_type(MessageType::Confirmable);
+        p.header.code = MessageClass::Request(RequestType::Get);
+        p.header.message_id = self.mid;
+        p.set_token(self.mid.to_be_bytes().to_vec());
+        for segment in path.split('/') {
+            p.add_option(CoapOption::UriPath, segment.as_bytes().to_vec());
+        }
+        tweak(&mut p);
+        self.send(&p)
+    }
+
+    /// The next packet `pick` takes, within `DEADLINE`; confirmable ones are acknowledged.
+    fn next(&mut self, what: &str, pick: impl Fn(&Packet) -> bool) -> Packet {
+        let deadline = Instant::now() + DEADLINE;
+        loop {
+            for p in self.dtls.read().unwrap() {
+                let p = Packet::from_bytes(&p).unwrap();
+                if p.header.get_type() == MessageType::Confirmable {
+                    let mut ack = Packet::new();
+                    ack.header.set_type(MessageType::Acknowledgement);
+                    ack.header.message_id = p.header.message_id;
+                    self.send(&ack);
+                }
+                self.pending.push(p);
+            }
+            if let Some(i) = self.pending.iter().position(&pick) {
+                return self.pending.remove(i);
+            }
+            assert!(Instant::now() < deadline, "no {what}");
+            self.receive();
+        }
+    }
+
+    /// The response to the last request (each request has a token of its own).
+    fn response(&mut self) -> Packet {
+        let token = self.mid.to_be_bytes().to_vec();
+        self.next("response", |p| p.get_token() == token.as_slice())
+    }
+
+    /// The next notification with `payload` for the observation with `token`.
+    fn notification(&mut self, token: &[u8], payload: &[u8]) -> Packet {
+        self.next("notification", |p| {
+            p.get_token() == token && p.payload == payload && p.get_observe_value().is_some()
+        })
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_observer_keeps_its_notifications_across_a_port_change_with_a_connection_id() {
+    let gw = TestGateway::start_with(configure).await;
+    let coaps = gw.coaps.expect("a coaps:// socket");
+    let publish = |value: &'static str| {
+        let gw = &gw;
+        async move {
+            let put = gw
+                .client
+                .put(gw.url("/topics/sensors/sensor-7/cid"))
+                .bearer_auth(ADMIN_TOKEN)
+                .body(value)
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(put.status(), 204);
+        }
+    };
+    publish("1").await;
+    let (mut c, token) = blocking(move || {
+        let mut c = CidClient::connect(coaps);
+        c.request("topics/sensors/sensor-7/cid", |p| {
+            p.add_option(CoapOption::Observe, vec![]);
+        });
+        let r = c.response();
+        assert_eq!(
+            (code(&r), r.payload.as_slice()),
+            ("2.05".to_owned(), &b"1"[..])
+        );
+        (c, r.get_token().to_vec())
+    })
+    .await;
+    eventually("the observation", || async {
+        (metric(&gw, "topicgate_coap_observers").await == 1.0).then_some(())
+    })
+    .await;
+
+    // The client's NAT gives it a new port; its next record carries the Connection ID.
+    let (mut c, sent) = blocking(move || {
+        c.rebind();
+        let sent = c.request("topics/sensors/sensor-7/none", |_| {});
+        assert_eq!(code(&c.response()), "4.04");
+        (c, sent)
+    })
+    .await;
+    assert_eq!(
+        metric(&gw, "topicgate_dtls_address_changes_total").await,
+        1.0
+    );
+    publish("2").await;
+    let observation = token.clone();
+    let mut c = blocking(move || {
+        c.notification(&observation, b"2");
+        c
+    })
+    .await;
+
+    // From a third port: that record again (a replay), and a record with the session's
+    // Connection ID whose ciphertext was changed. Neither takes the session away.
+    let intruder = UdpSocket::bind("127.0.0.1:0").unwrap();
+    intruder.set_nonblocking(true).unwrap();
+    for d in &sent {
+        intruder.send_to(d, coaps).unwrap();
+    }
+    c.dtls.send(b"\x40\x00\x12\x34").unwrap();
+    let mut forged = c.dtls.transmit().remove(0);
+    let last = forged.len() - 1;
+    forged[last] ^= 1;
+    intruder.send_to(&forged, coaps).unwrap();
+    // A request after them: once answered, the gateway has read both (one socket, in order).
+    let mut c = blocking(move || {
+        c.request("topics/sensors/sensor-7/none", |_| {});
+        assert_eq!(code(&c.response()), "4.04");
+        c
+    })
+    .await;
+    publish("3").await;
+    blocking(move || c.notification(&token, b"3")).await;
+    let mut buf = [0u8; 2048];
+    assert!(
+        intruder.recv_from(&mut buf).is_err(),
+        "nothing goes to the intruder"
+    );
+    assert_eq!(
+        metric(&gw, "topicgate_dtls_address_changes_total").await,
+        1.0
+    );
 }
