@@ -8,6 +8,7 @@ RUN apt-get update && apt-get install -y --no-install-recommends cmake ninja-bui
     libclang-dev && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
 COPY Cargo.toml Cargo.lock ./
+COPY .cargo ./.cargo
 COPY src ./src
 COPY config ./config
 # `bench` is a workspace member: cargo loads its manifest even when building the gateway alone.

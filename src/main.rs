@@ -130,10 +130,16 @@ fn main() -> ExitCode {
         };
     }
     init_tracing(config.log_format);
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    builder.enable_all();
+    // Connections are served in the order their sockets became ready. By default a worker
+    // runs the task it woke last first (its "LIFO slot"), so of two clients whose packets
+    // arrive together the later one is served first: a PUBLISH sent just after another
+    // client's SUBSCRIBE could reach the router ahead of it and miss that subscriber, which a
+    // broker that reads its clients in turn (Mosquitto) never does.
+    #[cfg(tokio_unstable)]
+    builder.disable_lifo_slot();
+    let runtime = match builder.build() {
         Ok(rt) => rt,
         Err(e) => return fail(&anyhow::anyhow!("cannot start the runtime: {e}")),
     };
