@@ -677,19 +677,18 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Joined<'_, S> {
         self.front.settings.add(&mut out.tally);
         // `out`'s vectors are drained, never taken: a batch of router packets is some 100 KB
         // that would otherwise be grown from nothing and freed again for every batch.
-        if !out.router.is_empty() {
-            let announced = {
-                // While the buffer holds packets, the event that announced the first is still
-                // queued and the router takes these with it: no event per packet.
-                let mut buffer = self.tx.buffer();
-                let announced = !buffer.is_empty();
-                let quiet = out.router.len() - usize::from(!announced);
-                buffer.extend(out.router.drain(..quiet));
-                announced
-            };
-            if let Some(last) = out.router.pop().filter(|_| !announced) {
-                // `send` queues the packet and signals the router on its bounded queue, which the
-                // router drains without ever waiting on a connection.
+        if let Some(last) = out.router.pop() {
+            let mut buffer = self.tx.buffer();
+            // While the buffer holds packets, the event that announced the first is still
+            // queued and the router takes these with it: no event per packet.
+            let announced = !buffer.is_empty();
+            buffer.extend(out.router.drain(..));
+            if announced {
+                buffer.push_back(last);
+            } else {
+                drop(buffer);
+                // `send` queues the packet and signals the router on its bounded queue, which
+                // the router drains without ever waiting on a connection.
                 if !matches!(self.tx.send(last).now_or_never(), Some(Ok(_))) {
                     return Some(Closed::RouterGone);
                 }

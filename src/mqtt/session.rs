@@ -4,18 +4,17 @@
 //! the router and the bridge out.
 
 use std::collections::{HashMap, HashSet, VecDeque};
-
-use rustc_hash::{FxHashMap, FxHashSet};
 use std::sync::Arc;
 
 use bytestring::ByteString;
 use rumqttd::protocol as r;
 use rumqttd::{Forward, Notification};
+use rustc_hash::{FxHashMap, FxHashSet};
 
 use super::flow::{Matcher, Reader, log_size};
 use super::message::{Meta, MqttPublish};
 use super::routing::{filter_to_router, from_router, to_router};
-use super::settings::Settings;
+use super::settings::{Settings, Tally};
 use super::wire::{
     Ack, Packet, Publish, PublishProperties, QoS, SubAck, Subscribe, Subscription, Unsubscribe,
     Version,
@@ -81,20 +80,8 @@ pub(super) struct Out {
     pub(super) pause: Option<u64>,
     /// A subscriber the last publish left too far behind: reading the client waits for it.
     pub(super) blocked: Option<Arc<Reader>>,
-    /// What to add to the broker's counters: counted here and added once per batch, since
-    /// counters shared by every connection cost a contended cache line per update.
+    /// What to add to the broker's counters (see [`Tally`]).
     pub(super) tally: Tally,
-}
-
-/// Counts for the broker's `$SYS` statistics, added to them by [`Settings::add`].
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct Tally {
-    pub(crate) packets_in: u64,
-    pub(crate) packets_out: u64,
-    pub(crate) bytes_in: u64,
-    pub(crate) bytes_out: u64,
-    pub(crate) publishes_in: u64,
-    pub(crate) publishes_out: u64,
 }
 
 /// One subscription as the session knows it; the router holds the same filter under `id`.
@@ -152,8 +139,7 @@ struct PendingSubAck {
 /// An outgoing QoS 1/2 publish the client has not acknowledged yet. The router delivers to
 /// the session at QoS 0 only: every exchange with the client is the session's, so the
 /// router's in-order acknowledgement rules and its window of 100 never apply, and what is
-/// unacknowledged when the connection ends is kept with the session.
-/// One of the session's own QoS 1/2 publishes until it is acknowledged.
+/// unacknowledged when the connection ends is kept with a session that outlives it.
 #[derive(Debug)]
 struct Flight {
     qos: QoS,

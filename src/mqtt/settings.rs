@@ -8,7 +8,6 @@ use std::sync::{Arc, Mutex, PoisonError};
 use super::flow::Flow;
 use super::link::LinkStats;
 use super::message::RetainedSource;
-use super::session::Tally;
 use crate::policy::Policy;
 
 /// Settings and counters shared by the connections of one gateway.
@@ -100,7 +99,6 @@ impl Settings {
         self.filters.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Counts a publish written to a client.
     /// Adds a connection's counts to the broker's, touching only those that moved.
     pub(crate) fn add(&self, tally: &mut Tally) {
         let t = std::mem::take(tally);
@@ -179,6 +177,19 @@ impl Settings {
     pub(crate) fn no_local_removed(&self) {
         self.no_local.fetch_sub(1, Ordering::Relaxed);
     }
+}
+
+/// One connection's counts for the broker's `$SYS` statistics, added to them once per batch
+/// by [`Settings::add`]: counters shared by every connection cost a contended cache line per
+/// update.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Tally {
+    pub(crate) packets_in: u64,
+    pub(crate) packets_out: u64,
+    pub(crate) bytes_in: u64,
+    pub(crate) bytes_out: u64,
+    pub(crate) publishes_in: u64,
+    pub(crate) publishes_out: u64,
 }
 
 /// The broker's counters, by Mosquitto's `$SYS` names.
