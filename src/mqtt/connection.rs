@@ -670,6 +670,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Joined<'_, S> {
     async fn apply(&mut self, out: &mut Out) -> Option<Closed> {
         out.tally.packets_out += out.client.len() as u64;
         let before = self.conn.write.len();
+        out.copies.clear();
         for packet in out.client.drain(..) {
             encode(&packet, self.conn.version, &mut self.conn.write);
         }

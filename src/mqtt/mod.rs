@@ -5,6 +5,7 @@
 
 mod broker;
 mod connection;
+mod copies;
 mod flow;
 mod link;
 mod message;

@@ -11,6 +11,7 @@ use rumqttd::protocol as r;
 use rumqttd::{Forward, Notification};
 use rustc_hash::{FxHashMap, FxHashSet};
 
+use super::copies::Copies;
 use super::flow::{Matcher, Reader, log_size};
 use super::message::{Meta, MqttPublish};
 use super::routing::{filter_to_router, from_router, to_router};
@@ -82,6 +83,8 @@ pub(super) struct Out {
     pub(super) blocked: Option<Arc<Reader>>,
     /// What to add to the broker's counters (see [`Tally`]).
     pub(super) tally: Tally,
+    /// The router's deliveries among `client`, for a second copy of a message to join.
+    pub(super) copies: Copies,
 }
 
 /// One subscription as the session knows it; the router holds the same filter under `id`.
@@ -873,9 +876,56 @@ impl Session {
             delivered = ?delivery.as_ref().map(|p| (&p.topic, p.qos)),
             "forwarded by the router"
         );
-        if let Some(p) = delivery {
-            self.deliver(p, out);
+        let Some(p) = delivery else {
+            return;
+        };
+        // Only a client with several subscriptions can be sent copies of one message.
+        if self.held.len() < 2 {
+            return self.deliver(p, out);
         }
+        if !self.joined(&p, held_id, out) {
+            let at = out.client.len();
+            let (payload, topic) = (p.payload.clone(), p.topic.clone());
+            self.deliver(p, out);
+            if out.client.len() > at {
+                out.copies.note(&payload, &topic, at, held_id);
+            }
+        }
+    }
+
+    /// Adds a message matched by several of the client's subscriptions to the copy already on
+    /// its way, as one PUBLISH with every subscription identifier (MQTT 5 §3.3.4), when that
+    /// copy has at least its QoS and the same retain flag; `false` leaves it to go on its own.
+    /// The router hands over the copies of one message in one batch, so only the batch's are
+    /// looked at.
+    fn joined(&mut self, p: &Publish, held_id: usize, out: &mut Out) -> bool {
+        let Some(earlier) = out.copies.earlier(&p.payload, &p.topic, held_id) else {
+            return false;
+        };
+        let Some(Packet::Publish(sent)) = out.client.get_mut(earlier.at) else {
+            return false;
+        };
+        if sent.qos < p.qos || sent.retain != p.retain {
+            return false;
+        }
+        let ids = &p.properties.subscription_identifiers;
+        if !ids.is_empty() {
+            let mut joined = sent.clone();
+            let all = &mut joined.properties.make_mut().subscription_identifiers;
+            all.extend(ids);
+            let all = all.clone();
+            // The identifiers must not take the copy past the client's Maximum Packet Size.
+            if self.too_large(&joined) {
+                return false;
+            }
+            *sent = joined;
+            let kept = self.in_flight.get_mut(&sent.packet_id);
+            if let Some(kept) = kept.and_then(|f| f.publish.as_mut()) {
+                kept.properties.make_mut().subscription_identifiers = all;
+            }
+        }
+        out.copies.join(&earlier, held_id);
+        true
     }
 
     /// Sends a publish at its QoS: at once for QoS 0, under a packet id of the session's for

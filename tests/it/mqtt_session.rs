@@ -769,3 +769,95 @@ async fn a_stuck_subscriber_holds_publishers_back_only_for_a_while_and_its_losse
         "in the metrics too"
     );
 }
+
+/// The Subscription Identifiers (0x0B) of an MQTT 5 PUBLISH.
+fn subscription_ids(p: &[u8]) -> Vec<u32> {
+    fn varint(p: &[u8], at: &mut usize) -> u32 {
+        let (mut n, mut shift) = (0u32, 0);
+        loop {
+            let b = p[*at];
+            *at += 1;
+            n |= u32::from(b & 0x7F) << shift;
+            shift += 7;
+            if b & 0x80 == 0 {
+                return n;
+            }
+        }
+    }
+    let mut at = 1;
+    varint(p, &mut at);
+    at += 2 + usize::from(u16::from_be_bytes([p[at], p[at + 1]]));
+    if p[0] & 0x06 != 0 {
+        at += 2;
+    }
+    let end = varint(p, &mut at) as usize + at;
+    let mut ids = Vec::new();
+    while at < end {
+        let id = p[at];
+        at += 1;
+        let string =
+            |at: &mut usize| *at += 2 + usize::from(u16::from_be_bytes([p[*at], p[*at + 1]]));
+        match id {
+            0x0B => ids.push(varint(p, &mut at)),
+            0x01 => at += 1,
+            0x02 => at += 4,
+            0x23 => at += 2,
+            0x03 | 0x08 | 0x09 => string(&mut at),
+            0x26 => {
+                string(&mut at);
+                string(&mut at);
+            }
+            other => panic!("unexpected property {other:#x} in {p:?}"),
+        }
+    }
+    ids
+}
+
+#[tokio::test]
+async fn a_message_through_overlapping_subscriptions_arrives_once_with_every_identifier() {
+    let gw = TestGateway::start().await;
+    let (mut c, _) = Raw::open(&gw, connect_v5(0x02, b"ids", &[])).await;
+    // Subscription Identifier (0x0B) 2 on `ov/a`, 3 on `ov/#`, both QoS 1.
+    c.send(&subscribe(Version::V5, &[0x0B, 2], &[(b"ov/a", 1)]))
+        .await;
+    assert_eq!(c.next().await.unwrap()[0], 0x90);
+    c.send(&subscribe(Version::V5, &[0x0B, 3], &[(b"ov/#", 1)]))
+        .await;
+    assert_eq!(c.next().await.unwrap()[0], 0x90);
+    assert_eq!(gw.post("/topics/ov/a?qos=1", "both").await.status(), 204);
+    let p = c.next_not_sys().await.unwrap();
+    assert_eq!((p[0], topic_of(&p).as_str()), (0x32, "ov/a"));
+    let mut ids = subscription_ids(&p);
+    ids.sort_unstable();
+    assert_eq!(ids, [2, 3], "{p:?}");
+    assert!(c.nothing_before_pingresp().await, "a second copy was sent");
+    assert_eq!(gw.post("/topics/ov/b?qos=1", "one").await.status(), 204);
+    let p = c.next_not_sys().await.unwrap();
+    assert_eq!(
+        (topic_of(&p).as_str(), subscription_ids(&p)),
+        ("ov/b", vec![3])
+    );
+
+    // MQTT 3.1.1 clients get one copy too, as from Mosquitto.
+    let (mut old, _) = Raw::open(&gw, connect(Version::V311, 0x02, b"old", &[])).await;
+    old.send(&subscribe(Version::V311, &[], &[(b"d/a", 0), (b"d/#", 0)]))
+        .await;
+    assert_eq!(old.next().await.unwrap()[0], 0x90);
+    assert_eq!(gw.post("/topics/d/a", "once").await.status(), 204);
+    assert_eq!(topic_of(&old.next_not_sys().await.unwrap()), "d/a");
+    assert!(
+        old.nothing_before_pingresp().await,
+        "a second copy was sent"
+    );
+
+    // Whatever the order of the copies, one goes at the highest QoS granted (MQTT-3.3.4-2).
+    let (mut mixed, _) = Raw::open(&gw, connect(Version::V311, 0x02, b"mixed", &[])).await;
+    mixed
+        .send(&subscribe(Version::V311, &[], &[(b"e/a", 0), (b"e/#", 1)]))
+        .await;
+    assert_eq!(mixed.next().await.unwrap()[0], 0x90);
+    assert_eq!(gw.post("/topics/e/a?qos=1", "max").await.status(), 204);
+    let first = mixed.next_not_sys().await.unwrap();
+    let qos1 = first[0] == 0x32 || mixed.next_not_sys().await.unwrap()[0] == 0x32;
+    assert!(qos1, "no copy at QoS 1");
+}
