@@ -2,8 +2,8 @@
 //! and TLS) whose connections each run a session in front of the router.
 
 use std::net::{SocketAddr, TcpListener as StdTcpListener};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize};
+use std::sync::{Arc, PoisonError};
 use std::time::Duration;
 
 use futures_util::FutureExt;
@@ -166,12 +166,12 @@ impl Broker {
             let settings = settings.clone();
             let matcher = std::sync::Mutex::new(Matcher::default());
             Arc::new(move |publish: MqttPublish| {
-                settings.flow.gateway_publish(&matcher, &publish);
+                let mut matched = matcher.lock().unwrap_or_else(PoisonError::into_inner);
+                settings.flow.gateway_publish(&mut matched, &publish);
+                drop(matched);
                 let packet = router_publish(&publish);
                 {
-                    let mut link = will_link
-                        .lock()
-                        .unwrap_or_else(std::sync::PoisonError::into_inner);
+                    let mut link = will_link.lock().unwrap_or_else(PoisonError::into_inner);
                     let _ = link.0.send(packet).now_or_never();
                 }
                 // The gateway's store and streams see the will as they see any client publish.

@@ -207,10 +207,9 @@ impl Flow {
 
     /// Counts a publish the gateway makes itself (from HTTP or CoAP, or a will): those are
     /// not held back, but subscribers' counts must include them.
-    pub(super) fn gateway_publish(&self, matcher: &Mutex<Matcher>, publish: &MqttPublish) {
-        let topic = to_router(Bytes::copy_from_slice(publish.topic.as_bytes()));
-        let mut matcher = matcher.lock().unwrap_or_else(PoisonError::into_inner);
-        let _ = self.publish(&mut matcher, &topic, &publish.payload);
+    pub(super) fn gateway_publish(&self, matcher: &mut Matcher, publish: &MqttPublish) {
+        let topic = to_router(publish.topic.as_bytes().clone());
+        let _ = self.publish(matcher, &topic, &publish.payload);
     }
 
     /// Whether a publisher waiting for `reader` may go on.

@@ -132,7 +132,8 @@ pub(crate) enum Sink {
 /// their order: they pass one at a time, and none goes in directly while the thread still has
 /// some to hand over.
 pub(crate) struct RouterSink {
-    turn: std::sync::Mutex<()>,
+    /// Held by each publish while it goes in, with what flow control matched for the gateway.
+    turn: std::sync::Mutex<Matcher>,
     tx: Arc<std::sync::Mutex<LinkTx>>,
     full: RouterFull,
     /// Publishes given to the thread and not yet in the router's buffer.
@@ -140,7 +141,6 @@ pub(crate) struct RouterSink {
     thread: flume::Sender<MqttPublish>,
     /// Where flow control counts the gateway's publishes.
     flow: Arc<Flow>,
-    matcher: std::sync::Mutex<Matcher>,
     /// Tells the router of packets put in its buffer, once per batch (see [`announce`]).
     announce: Arc<Announce>,
 }
@@ -224,25 +224,28 @@ impl RouterSink {
             stats.up.store(false, Ordering::Relaxed);
         }
         Self {
-            turn: std::sync::Mutex::new(()),
+            turn: std::sync::Mutex::new(Matcher::default()),
             tx,
             full,
             queued,
             thread,
             flow,
-            matcher: std::sync::Mutex::new(Matcher::default()),
             announce: Arc::default(),
         }
     }
 
     /// Queues a publish without waiting; gives it back when the thread's queue is full too.
     fn try_publish(&self, publish: MqttPublish) -> Result<(), Refused> {
-        let _turn = lock(&self.turn);
-        self.flow.gateway_publish(&self.matcher, &publish);
-        if self.queued.load(Ordering::Acquire) == 0 && !(self.full)() {
-            self.push(into_packet(publish));
-            return Ok(());
-        }
+        let mut matcher = lock(&self.turn);
+        self.flow.gateway_publish(&mut matcher, &publish);
+        let publish = if self.queued.load(Ordering::Acquire) == 0 {
+            match self.push(publish) {
+                None => return Ok(()),
+                Some(publish) => publish,
+            }
+        } else {
+            publish
+        };
         self.queued.fetch_add(1, Ordering::AcqRel);
         match self.thread.try_send(publish) {
             Ok(()) => Ok(()),
@@ -258,18 +261,24 @@ impl RouterSink {
 
     /// Appends to the router's buffer for the link. The router takes the whole buffer on each
     /// of the link's events; while it holds packets, the event for the first is on its way or
-    /// [`announce`] will send it, so only a packet into an empty buffer asks for one.
-    fn push(&self, packet: Packet) {
+    /// [`announce`] will send it, so only a packet into an empty buffer asks for one, and only
+    /// then must the router's queue have room for it (looking costs a lock the router's thread
+    /// takes for every event): else the publish is given back for the link thread.
+    fn push(&self, publish: MqttPublish) -> Option<MqttPublish> {
         let was_empty = {
             let tx = lock(&self.tx);
             let mut buffer = tx.buffer();
             let was_empty = buffer.is_empty();
-            buffer.push_back(packet);
+            if was_empty && (self.full)() {
+                return Some(publish);
+            }
+            buffer.push_back(into_packet(publish));
             was_empty
         };
         if was_empty && !self.announce.pending.swap(true, Ordering::SeqCst) {
             self.announce.wake.notify_one();
         }
+        None
     }
 }
 
