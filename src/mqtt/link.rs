@@ -389,6 +389,11 @@ impl Link {
         }
     }
 
+    /// Whether the broker is the embedded one, whose sessions the gateway runs.
+    pub fn is_embedded(&self) -> bool {
+        matches!(self.sink, Sink::Router(_))
+    }
+
     /// Whether some MQTT session, connected or kept, subscribes to a filter matching `topic`;
     /// `None` through an external broker, which does not say.
     pub fn has_subscribers(&self, topic: &str) -> Option<bool> {

@@ -532,6 +532,28 @@ impl Session {
     /// Hands an accepted publish to the router and to the bridge, which takes the publish's
     /// own buffers.
     fn route(&mut self, p: Publish, out: &mut Out) {
+        // A reply to a gateway call goes only to the request waiting for it, through the
+        // bridge: no session may read reply topics. The router would keep an entry for its
+        // topic, new on every call, for as long as it runs.
+        if !p.topic.starts_with(crate::policy::REPLY_PREFIX) {
+            self.hand_to_router(&p, out);
+        }
+        let props = p.properties.into_inner();
+        out.bridge.push(MqttPublish {
+            topic: p.topic,
+            payload: p.payload,
+            qos: p.qos as u8,
+            retain: p.retain,
+            content_type: props.content_type,
+            user_properties: props.user_properties,
+            response_topic: props.response_topic,
+            correlation_data: props.correlation_data,
+            expiry_secs: props.message_expiry_interval,
+        });
+    }
+
+    /// Hands an accepted publish to the router.
+    fn hand_to_router(&mut self, p: &Publish, out: &mut Out) {
         let props = &*p.properties;
         let mut rprops = r::PublishProperties {
             payload_format_indicator: props.payload_format_indicator,
@@ -549,8 +571,8 @@ impl Session {
                 .user_properties
                 .push((TRACE.to_owned(), self.origin.to_string()));
         }
-        // rumqttd keeps no retained messages (the gateway's store does), and delivers at each
-        // subscriber's QoS: the publish QoS travels in the marker.
+        // rumqttd keeps no retained messages (the gateway's store does), and delivers at
+        // each subscriber's QoS: the publish QoS travels in the marker.
         let topic = to_router(p.topic.as_bytes().clone());
         if let Some(reader) = self
             .settings
@@ -561,18 +583,6 @@ impl Session {
         }
         let publish = r::Publish::new(topic, p.payload.clone(), false);
         out.router.push(r::Packet::Publish(publish, Some(rprops)));
-        let props = p.properties.into_inner();
-        out.bridge.push(MqttPublish {
-            topic: p.topic,
-            payload: p.payload,
-            qos: p.qos as u8,
-            retain: p.retain,
-            content_type: props.content_type,
-            user_properties: props.user_properties,
-            response_topic: props.response_topic,
-            correlation_data: props.correlation_data,
-            expiry_secs: props.message_expiry_interval,
-        });
     }
 
     fn acked(&mut self, id: u16, kind: AckKind, reason: u8, out: &mut Out) {
@@ -1159,5 +1169,23 @@ mod tests {
         assert!(session.idle());
         assert!(!session.idle(), "two quiet checks in a row: caught up");
         assert!(!session.behind());
+    }
+
+    #[test]
+    fn a_reply_to_a_gateway_call_goes_to_the_bridge_alone() {
+        let settings = Settings::for_tests();
+        // Even a session whose filter covers the reply topic may not read it.
+        let mut session = subscribed(&settings, "#");
+        for (topic, routed) in [("rpc/replies/00ff", false), ("rpc/other", true)] {
+            let mut out = Out::default();
+            let publish = Publish {
+                topic: topic.into(),
+                payload: bytes::Bytes::from_static(b"answer"),
+                ..Publish::default()
+            };
+            session.client(Packet::Publish(publish), &mut out);
+            assert_eq!(out.bridge.len(), 1, "{topic}");
+            assert_eq!(!out.router.is_empty(), routed, "{topic}");
+        }
     }
 }

@@ -130,6 +130,33 @@ async fn an_mqtt311_responder_answers_through_the_envelope() {
 }
 
 #[tokio::test]
+async fn an_http_client_answers_a_call_on_its_reply_topic() {
+    use base64::Engine;
+    let gw = TestGateway::start().await;
+    let mut requests = gw.sse("svc/http", None).await;
+    let call = gw.client.post(gw.url("/rpc/svc/http")).body("ping").send();
+    let call = tokio::spawn(call);
+    let request = requests.expect_event().await.json();
+    let reply_to = request["properties"]["response_topic"].as_str().unwrap();
+    let correlation = request["properties"]["correlation_data"].as_str().unwrap();
+    let correlation = base64::engine::general_purpose::STANDARD
+        .decode(correlation)
+        .unwrap();
+    let answered = gw
+        .client
+        .post(gw.url(&format!("/topics/{reply_to}")))
+        .header("mqtt-correlation-data", correlation)
+        .body("pong")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(answered.status(), 204);
+    let resp = within("the call's answer", call).await.unwrap().unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.text().await.unwrap(), "pong");
+}
+
+#[tokio::test]
 async fn a_call_without_reply_is_a_504_when_its_timeout_ends() {
     let gw = TestGateway::start_with(|c| c.rpc.timeout = Duration::from_millis(300)).await;
     // Nobody subscribes: the request goes nowhere.
