@@ -49,6 +49,10 @@ struct Args {
     /// What answers the calls.
     #[arg(long, value_enum, default_value_t = Kind::Raw)]
     responder: Kind,
+    /// The topic the calls go to; a fresh one under `bench/rpc/` when unset. The same topic
+    /// over several runs against one gateway keeps the broker's filters the same.
+    #[arg(long)]
+    topic: Option<String>,
 }
 
 /// The MQTT 5 client that answers.
@@ -196,7 +200,7 @@ async fn main() -> anyhow::Result<()> {
     if args.connections == 0 || args.rate.is_some_and(|r| r.is_nan() || r <= 0.0) {
         bail!("--connections and --rate must be above 0");
     }
-    let topic = format!("bench/rpc/{}", random_hex());
+    let topic = (args.topic.clone()).unwrap_or_else(|| format!("bench/rpc/{}", random_hex()));
     let path: Arc<str> = format!("/rpc/{}", encode_path(&topic)).into();
     let mut background = JoinSet::new();
     match args.responder {
