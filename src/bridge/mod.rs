@@ -44,7 +44,7 @@ pub trait Tap: Send + Sync {
 use crate::config::RpcConfig;
 use crate::metrics::Metrics;
 use crate::mqtt::{Link, LinkStats, MqttPublish, Refused, RetainedSource};
-use crate::policy::{Action, Denial, Policy, Principal, REPLY_PREFIX, Readable};
+use crate::policy::{Action, Denial, Policy, Principal, Readable};
 
 /// Most broker publishes the bridge takes from its queue at a time.
 const INBOUND_BATCH: usize = 64;
@@ -199,21 +199,6 @@ impl Bridge {
                 limit: self.inner.max_payload,
             });
         }
-        // A reply to a call waiting in this gateway goes to it alone: no MQTT session may read
-        // reply topics, and the embedded router would keep an entry for its topic, new on every
-        // call. Through an external broker it must travel, since the call may wait in another
-        // gateway.
-        if self.inner.link.is_embedded() && message.topic.as_str().starts_with(REPLY_PREFIX) {
-            let (durable, taken) = {
-                let _order = self
-                    .inner
-                    .order
-                    .lock()
-                    .unwrap_or_else(PoisonError::into_inner);
-                self.accept(message)
-            };
-            return Self::settled(durable, taken).await;
-        }
         let (receipt, (durable, taken)) = loop {
             // Queued to the broker and applied to the store under one plain lock, so that both
             // see gateway publishes in the same order; a saturated broker is waited for
@@ -238,11 +223,6 @@ impl Bridge {
             .acknowledged()
             .await
             .map_err(|_| BridgeError::BrokerUnavailable)?;
-        Self::settled(durable, taken).await
-    }
-
-    /// Waits for a publish's retained value and its push rules' copy to be on disk.
-    async fn settled(durable: Option<Durable>, taken: Option<Durable>) -> Result<(), BridgeError> {
         if let Some(durable) = durable {
             durable.wait().await.map_err(|e| {
                 tracing::error!(error = %e, "a retained value was not stored");

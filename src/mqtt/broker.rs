@@ -20,7 +20,7 @@ use super::connection::{Front, LinkFactory, serve};
 use super::flow::Matcher;
 use super::link::{Link, LinkParts, LinkStats};
 use super::message::{Meta, MqttPublish, RetainedSource};
-use super::routing::to_router;
+use super::routing::{routed, to_router};
 use super::sessions::{Reap, Sessions, WillSink};
 use super::settings::{BrokerStats, Settings};
 use crate::config::MqttConfig;
@@ -166,11 +166,11 @@ impl Broker {
             let settings = settings.clone();
             let matcher = std::sync::Mutex::new(Matcher::default());
             Arc::new(move |publish: MqttPublish| {
-                let mut matched = matcher.lock().unwrap_or_else(PoisonError::into_inner);
-                settings.flow.gateway_publish(&mut matched, &publish);
-                drop(matched);
-                let packet = router_publish(&publish);
-                {
+                if routed(&publish.topic) {
+                    let mut matched = matcher.lock().unwrap_or_else(PoisonError::into_inner);
+                    settings.flow.gateway_publish(&mut matched, &publish);
+                    drop(matched);
+                    let packet = router_publish(&publish);
                     let mut link = will_link.lock().unwrap_or_else(PoisonError::into_inner);
                     let _ = link.0.send(packet).now_or_never();
                 }

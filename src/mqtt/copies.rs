@@ -47,11 +47,11 @@ impl Copies {
 
     /// Notes that the PUBLISH at `at` in the batch carries `payload` on `topic` for the held
     /// subscription `through`.
-    pub(super) fn note(&mut self, payload: &Bytes, topic: &ByteString, at: usize, through: usize) {
+    pub(super) fn note(&mut self, payload: &Bytes, topic: ByteString, at: usize, through: usize) {
         let slot = self.sent.len();
         let prev = self.last.insert(key(payload), slot);
         self.sent.push(Sent {
-            topic: topic.clone(),
+            topic,
             at,
             through,
             more: Vec::new(),
@@ -92,8 +92,8 @@ mod tests {
         let mut copies = Copies::default();
         let (m, other) = (Bytes::from_static(b"m"), Bytes::from(vec![b'm']));
         let topic = ByteString::from_static("a/b");
-        copies.note(&m, &topic, 0, 1);
-        copies.note(&other, &topic, 1, 1);
+        copies.note(&m, topic.clone(), 0, 1);
+        copies.note(&other, topic.clone(), 1, 1);
         // Equal bytes in another buffer are another message.
         let found = copies.earlier(&m.slice(..), "a/b", 2).unwrap();
         assert_eq!(found.at, 0);
@@ -105,7 +105,7 @@ mod tests {
         copies.join(&found, 2);
         assert!(copies.earlier(&m, "a/b", 2).is_none());
         // The same bytes published again: the second message is joined in turn.
-        copies.note(&m, &topic, 2, 1);
+        copies.note(&m, topic.clone(), 2, 1);
         assert_eq!(copies.earlier(&m, "a/b", 3).unwrap().at, 2);
         copies.clear();
         assert!(copies.earlier(&m, "a/b", 3).is_none());

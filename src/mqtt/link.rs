@@ -17,6 +17,7 @@ use tokio_util::task::TaskTracker;
 use super::MqttError;
 use super::flow::{Flow, Matcher};
 use super::message::MqttPublish;
+use super::routing::routed;
 use super::settings::Settings;
 
 /// Publishes the link thread hands to the router in one batch, at most.
@@ -236,6 +237,9 @@ impl RouterSink {
 
     /// Queues a publish without waiting; gives it back when the thread's queue is full too.
     fn try_publish(&self, publish: MqttPublish) -> Result<(), Refused> {
+        if !routed(&publish.topic) {
+            return Ok(());
+        }
         let mut matcher = lock(&self.turn);
         self.flow.gateway_publish(&mut matcher, &publish);
         let publish = if self.queued.load(Ordering::Acquire) == 0 {
@@ -387,11 +391,6 @@ impl Link {
                 }
             }
         }
-    }
-
-    /// Whether the broker is the embedded one, whose sessions the gateway runs.
-    pub fn is_embedded(&self) -> bool {
-        matches!(self.sink, Sink::Router(_))
     }
 
     /// Whether some MQTT session, connected or kept, subscribes to a filter matching `topic`;

@@ -16,6 +16,14 @@ fn needs_mark(text: &[u8]) -> bool {
         .is_some_and(|&b| b >= 0x80 || b == ROUTER_MARK || b == b'$')
 }
 
+/// Whether a publish on `topic` goes to the router at all. A reply to a gateway call does not:
+/// it goes only to the call waiting for it, through the bridge, since no session may read reply
+/// topics, and the router would keep an entry for its topic, new on every call, as long as it
+/// runs.
+pub(super) fn routed(topic: &str) -> bool {
+    !topic.starts_with(crate::policy::REPLY_PREFIX)
+}
+
 /// A topic as it travels through the router.
 pub(super) fn to_router(topic: Bytes) -> Bytes {
     if !needs_mark(&topic) {

@@ -14,7 +14,7 @@ use rustc_hash::{FxHashMap, FxHashSet};
 use super::copies::Copies;
 use super::flow::{Matcher, Reader, log_size};
 use super::message::{Meta, MqttPublish};
-use super::routing::{filter_to_router, from_router, to_router};
+use super::routing::{filter_to_router, from_router, routed, to_router};
 use super::settings::{Settings, Tally};
 use super::wire::{
     Ack, Packet, Publish, PublishProperties, QoS, SubAck, Subscribe, Subscription, Unsubscribe,
@@ -532,10 +532,7 @@ impl Session {
     /// Hands an accepted publish to the router and to the bridge, which takes the publish's
     /// own buffers.
     fn route(&mut self, p: Publish, out: &mut Out) {
-        // A reply to a gateway call goes only to the request waiting for it, through the
-        // bridge: no session may read reply topics. The router would keep an entry for its
-        // topic, new on every call, for as long as it runs.
-        if !p.topic.starts_with(crate::policy::REPLY_PREFIX) {
+        if routed(&p.topic) {
             self.hand_to_router(&p, out);
         }
         let props = p.properties.into_inner();
@@ -898,7 +895,7 @@ impl Session {
             let (payload, topic) = (p.payload.clone(), p.topic.clone());
             self.deliver(p, out);
             if out.client.len() > at {
-                out.copies.note(&payload, &topic, at, held_id);
+                out.copies.note(&payload, topic, at, held_id);
             }
         }
     }
