@@ -1,14 +1,17 @@
 //! Request/response round trips: `POST /rpc/{topic}` over keep-alive connections, answered by
 //! an MQTT 5 responder in this process that replies on each request's Response Topic with its
 //! Correlation Data: a bare one on the socket (`--responder raw`, the default), or a rumqttc
-//! client (`--responder rumqttc`), whose event loop and channels add hops of their own. Without `--rate`, every connection calls again as soon as it is
-//! answered, for `--duration` (the maximum rate); with `--rate`, `--count` calls are spread on a
-//! fixed schedule (the latency at that rate).
+//! client (`--responder rumqttc`), whose event loop and channels add hops of their own. The
+//! responder runs on a thread of its own, the calls on another. Without `--rate`, every
+//! connection calls again as soon as it is answered, for `--duration` (the maximum rate); with
+//! `--rate`, `--count` calls are released one by one on a fixed schedule by a pacing thread and
+//! made by whichever connection is free (the latency at that rate).
 //! `rpc-load --http 127.0.0.1:8080 --mqtt 127.0.0.1:1883 --connections 32 --duration 10s`
 //! `rpc-load --http 127.0.0.1:8080 --mqtt 127.0.0.1:1883 --rate 2000 --count 20000`
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
@@ -16,7 +19,7 @@ use clap::Parser;
 use rumqttc::v5::mqttbytes::QoS;
 use rumqttc::v5::mqttbytes::v5::{Packet, PublishProperties, SubscribeReasonCode};
 use rumqttc::v5::{AsyncClient, Event, MqttOptions};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{Semaphore, mpsc, oneshot};
 use tokio::task::JoinSet;
 use topicgate_bench::http::{HttpConn, encode_path};
 use topicgate_bench::responder::Responder;
@@ -64,7 +67,7 @@ enum Kind {
     Rumqttc,
 }
 
-/// How far behind its slot a call may start before it counts as late (tokio's timer resolution).
+/// How far behind its time a slot may be handed out before it counts as late.
 const LATE: Duration = Duration::from_millis(1);
 
 /// Connects an MQTT 5 client subscribed to `topic` that answers every request on its Response
@@ -135,46 +138,71 @@ async fn responder(
     }
 }
 
+/// Runs the responder on a thread and runtime of its own, as a device is a process of its own:
+/// on the callers' thread its work would wait behind theirs and count in their round trips.
+/// Returns once it is subscribed.
+async fn start_responder(kind: Kind, addr: SocketAddr, topic: String) -> anyhow::Result<()> {
+    let (ready_tx, ready) = oneshot::channel();
+    std::thread::Builder::new()
+        .name("responder".to_owned())
+        .spawn(move || {
+            let runtime = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(runtime) => runtime,
+                Err(e) => {
+                    let _ = ready_tx.send(Err(e.into()));
+                    return;
+                }
+            };
+            runtime.block_on(async move {
+                let mut tasks = JoinSet::new();
+                let subscribed = match kind {
+                    Kind::Raw => {
+                        let id = format!("rpc-load-{}", random_hex());
+                        Responder::connect(addr, &id, &topic)
+                            .await
+                            .map(|r| drop(tasks.spawn(r.serve())))
+                    }
+                    Kind::Rumqttc => responder(addr, &topic, &mut tasks).await,
+                };
+                let serving = subscribed.is_ok();
+                let _ = ready_tx.send(subscribed);
+                if serving {
+                    while tasks.join_next().await.is_some() {}
+                }
+            });
+        })?;
+    ready.await.context("the responder's thread ended")?
+}
+
 /// What one calling connection did.
 #[derive(Default)]
 struct Calls {
     latencies: Latencies,
     ok: u64,
     errors: u64,
-    late: u64,
     first_error: Option<u16>,
 }
 
-/// Calls `path` until `until` (unpaced), or calls `index`, `index + connections`, ... below
-/// `count` each at its slot of the common schedule (paced).
+/// Calls `path` until `until` (unpaced), or once per slot of the schedule it takes (paced).
 async fn call(
     args: Arc<Args>,
     path: Arc<str>,
-    index: u64,
-    start: Instant,
+    schedule: Option<Arc<Schedule>>,
     until: Instant,
 ) -> anyhow::Result<Calls> {
     let mut conn = HttpConn::connect(args.http).await?;
     let body = vec![b'x'; args.payload];
     let mut calls = Calls::default();
-    let mut n = index;
     loop {
-        match args.rate {
-            Some(rate) => {
-                if n >= args.count {
-                    break;
-                }
-                let at = start + Duration::from_secs_f64(n as f64 / rate);
-                let now = Instant::now();
-                if now < at {
-                    tokio::time::sleep_until(at.into()).await;
-                } else if now > at + LATE {
-                    calls.late += 1;
-                }
-                n += args.connections;
-            }
-            None if Instant::now() >= until => break,
-            None => {}
+        let go = match &schedule {
+            Some(schedule) => schedule.take().await,
+            None => Instant::now() < until,
+        };
+        if !go {
+            break;
         }
         let sent = Instant::now();
         match conn
@@ -194,6 +222,45 @@ async fn call(
     Ok(calls)
 }
 
+/// The slots of a paced run: permits handed out by the pacer thread, taken first come, first
+/// served by whichever connection is free.
+struct Schedule {
+    slots: Semaphore,
+    taken: AtomicU64,
+    count: u64,
+}
+
+impl Schedule {
+    /// Waits for the next slot; false once all `count` have been taken.
+    async fn take(&self) -> bool {
+        match self.slots.acquire().await {
+            Ok(slot) => slot.forget(),
+            Err(_) => return false,
+        }
+        self.taken.fetch_add(1, Ordering::Relaxed) < self.count
+    }
+
+    /// Hands out the slots at `rate` per second from `start`, from a thread of its own: an OS
+    /// sleep wakes within tens of microseconds of its slot, where the runtime's timer rounds to
+    /// the millisecond and would release calls in bunches. One more slot per connection ends
+    /// the run. Returns how many slots were handed out late.
+    fn pace(&self, rate: f64, start: Instant, connections: u64) -> u64 {
+        let mut late = 0;
+        for n in 0..self.count {
+            let at = start + Duration::from_secs_f64(n as f64 / rate);
+            let now = Instant::now();
+            if now < at {
+                std::thread::sleep(at - now);
+            } else if now > at + LATE {
+                late += 1;
+            }
+            self.slots.add_permits(1);
+        }
+        self.slots.add_permits(connections as usize);
+        late
+    }
+}
+
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> anyhow::Result<()> {
     let args = Arc::new(Args::parse());
@@ -202,36 +269,44 @@ async fn main() -> anyhow::Result<()> {
     }
     let topic = (args.topic.clone()).unwrap_or_else(|| format!("bench/rpc/{}", random_hex()));
     let path: Arc<str> = format!("/rpc/{}", encode_path(&topic)).into();
-    let mut background = JoinSet::new();
-    match args.responder {
-        Kind::Raw => {
-            let id = format!("rpc-load-{}", random_hex());
-            let responder = Responder::connect(args.mqtt, &id, &topic).await?;
-            background.spawn(responder.serve());
-        }
-        Kind::Rumqttc => responder(args.mqtt, &topic, &mut background).await?,
-    }
+    start_responder(args.responder, args.mqtt, topic).await?;
 
     // A short lead lets every connection open before its first slot.
     let start = Instant::now() + Duration::from_millis(50);
     let until = start + args.duration;
+    let schedule = args.rate.map(|_| {
+        Arc::new(Schedule {
+            slots: Semaphore::new(0),
+            taken: AtomicU64::new(0),
+            count: args.count,
+        })
+    });
     let mut callers = JoinSet::new();
-    for index in 0..args.connections {
-        callers.spawn(call(args.clone(), path.clone(), index, start, until));
+    for _ in 0..args.connections {
+        callers.spawn(call(args.clone(), path.clone(), schedule.clone(), until));
     }
+    let pacer = match (args.rate, &schedule) {
+        (Some(rate), Some(schedule)) => {
+            let (schedule, connections) = (schedule.clone(), args.connections);
+            Some(std::thread::spawn(move || {
+                schedule.pace(rate, start, connections)
+            }))
+        }
+        _ => None,
+    };
     let mut all = Calls::default();
     while let Some(joined) = callers.join_next().await {
         let one = joined??;
         all.latencies.merge(&one.latencies);
         all.ok += one.ok;
         all.errors += one.errors;
-        all.late += one.late;
         if all.first_error.is_none() {
             all.first_error = one.first_error;
         }
     }
+    // The pacer has handed out its last slot once every connection has ended.
+    let late = pacer.map(|p| p.join().expect("the pacer does not panic"));
     let elapsed = start.elapsed();
-    background.abort_all();
     if let Some(status) = all.first_error {
         eprintln!(
             "{} calls failed, the first with status {status}",
@@ -245,8 +320,8 @@ async fn main() -> anyhow::Result<()> {
     let mut report = Report::new(scenario, all.ok, elapsed, &all.latencies)
         .with("errors", all.errors)
         .with("connections", args.connections);
-    if let Some(rate) = args.rate {
-        report = report.with("rate_target", rate).with("late", all.late);
+    if let (Some(rate), Some(late)) = (args.rate, late) {
+        report = report.with("rate_target", rate).with("late", late);
     }
     report.print();
     Ok(())
