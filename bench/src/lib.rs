@@ -1,8 +1,9 @@
 //! What the load tools share: a latency histogram, the one-line JSON report each tool prints last
-//! on stdout (read by `bench/run`), a clock for timestamps carried in payloads, RSS readings, and
-//! a bare MQTT 5 responder.
+//! on stdout (read by `bench/run`), a clock for timestamps carried in payloads, RSS readings, a
+//! pacing thread for paced runs, and a bare MQTT 5 responder.
 
 pub mod http;
+pub mod pace;
 pub mod responder;
 
 use std::collections::hash_map::RandomState;

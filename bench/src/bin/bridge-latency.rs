@@ -19,6 +19,7 @@ use tokio::net::TcpStream;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 use topicgate_bench::http::{HttpConn, encode_path};
+use topicgate_bench::pace::Schedule;
 use topicgate_bench::{Latencies, Report, age, parse_duration, random_hex, stamped};
 
 /// Open-loop HTTP POST load, timed at an MQTT subscriber.
@@ -51,10 +52,6 @@ struct Args {
 }
 
 const MAX_PACKET: usize = 16 * 1024 * 1024;
-
-/// How far behind its slot a publish may start before it counts as late: tokio's timer has a
-/// resolution of 1 ms, so a publish woken on time may still start up to that much after its slot.
-const LATE: Duration = Duration::from_millis(1);
 
 /// Reads the next MQTT packet, reading more from `conn` as needed.
 async fn next_packet(conn: &mut TcpStream, buf: &mut BytesMut) -> anyhow::Result<Packet> {
@@ -153,29 +150,14 @@ async fn receive(
 struct Sent {
     ok: u64,
     errors: u64,
-    late: u64,
     first_error: Option<u16>,
 }
 
-/// Sends publishes `index`, `index + connections`, ... below `args.count`, each at its slot of
-/// the common schedule (`start + n / rate`), or at once when the connection is behind it.
-async fn publish(
-    args: Arc<Args>,
-    path: Arc<str>,
-    index: u64,
-    start: Instant,
-) -> anyhow::Result<Sent> {
+/// Sends a publish at each slot of the schedule it takes.
+async fn publish(args: Arc<Args>, path: Arc<str>, schedule: Arc<Schedule>) -> anyhow::Result<Sent> {
     let mut conn = HttpConn::connect(args.http).await?;
     let mut sent = Sent::default();
-    let mut n = index;
-    while n < args.count {
-        let at = start + Duration::from_secs_f64(n as f64 / args.rate);
-        let now = Instant::now();
-        if now < at {
-            tokio::time::sleep_until(at.into()).await;
-        } else if now > at + LATE {
-            sent.late += 1;
-        }
+    while schedule.take().await.is_some() {
         match conn
             .send(
                 "POST",
@@ -191,7 +173,6 @@ async fn publish(
                 sent.first_error.get_or_insert(status);
             }
         }
-        n += args.connections;
     }
     Ok(sent)
 }
@@ -215,20 +196,21 @@ async fn main() -> anyhow::Result<()> {
 
     // A short lead lets every connection open before its first slot.
     let start = Instant::now() + Duration::from_millis(50);
+    let pacer = Schedule::start(args.rate, args.count, start, args.connections)?;
     let mut publishers = JoinSet::new();
-    for index in 0..args.connections {
-        publishers.spawn(publish(args.clone(), path.clone(), index, start));
+    for _ in 0..args.connections {
+        publishers.spawn(publish(args.clone(), path.clone(), pacer.schedule.clone()));
     }
     let mut sent = Sent::default();
     while let Some(joined) = publishers.join_next().await {
         let one = joined??;
         sent.ok += one.ok;
         sent.errors += one.errors;
-        sent.late += one.late;
         if sent.first_error.is_none() {
             sent.first_error = one.first_error;
         }
     }
+    let late = pacer.late();
     if let Some(status) = sent.first_error {
         eprintln!(
             "{} publishes failed, the first with status {status}",
@@ -262,7 +244,7 @@ async fn main() -> anyhow::Result<()> {
     .with("lost", sent.ok.saturating_sub(received.count))
     .with("rate_target", args.rate)
     .with("http_errors", sent.errors)
-    .with("late", sent.late)
+    .with("late", late)
     .with("connections", args.connections)
     .print();
     Ok(())

@@ -21,6 +21,7 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinSet;
 use topicgate_bench::http::HttpConn;
+use topicgate_bench::pace::Schedule;
 use topicgate_bench::{Latencies, Report, age, parse_duration, random_hex, stamped};
 
 /// Open-loop publishes, timed at an HTTP sink.
@@ -55,10 +56,6 @@ struct Args {
     timeout: Duration,
 }
 
-/// How far behind its slot a send may start before it counts as late (tokio's timer ticks
-/// in milliseconds).
-const LATE: Duration = Duration::from_millis(1);
-
 /// What the sink saw.
 #[derive(Default)]
 struct Seen {
@@ -80,20 +77,8 @@ async fn receive(State(seen): State<Sink>, body: Bytes) -> StatusCode {
     StatusCode::NO_CONTENT
 }
 
-/// Waits for slot `n` of the schedule; true when it starts late.
-async fn slot(args: &Args, start: Instant, n: u64) -> bool {
-    let at = start + Duration::from_secs_f64(n as f64 / args.rate);
-    let now = Instant::now();
-    if now < at {
-        tokio::time::sleep_until(at.into()).await;
-        false
-    } else {
-        now > at + LATE
-    }
-}
-
-/// Publishes every message at its slot on one connection; returns how many were late.
-async fn publish(args: Arc<Args>, start: Instant) -> anyhow::Result<u64> {
+/// Publishes a message at each slot of the schedule, on one connection.
+async fn publish(args: Arc<Args>, schedule: Arc<Schedule>) -> anyhow::Result<()> {
     let mut conn = TcpStream::connect(args.mqtt)
         .await
         .with_context(|| format!("connecting to {}", args.mqtt))?;
@@ -104,24 +89,19 @@ async fn publish(args: Arc<Args>, start: Instant) -> anyhow::Result<u64> {
     connect.write(&mut out)?;
     conn.write_all(&out).await?;
     let run = random_hex();
-    let mut late = 0;
-    for n in 0..args.count {
-        late += u64::from(slot(&args, start, n).await);
+    while let Some(n) = schedule.take().await {
         out.clear();
         let topic = format!("{}/{run}-{n}", args.prefix);
         Publish::new(topic, QoS::AtMostOnce, stamped(args.payload)).write(&mut out)?;
         conn.write_all(&out).await?;
     }
-    Ok(late)
+    Ok(())
 }
 
-/// POSTs messages `index`, `index + connections`, ... at their slots; returns how many were late.
-async fn post(args: Arc<Args>, index: u64, start: Instant) -> anyhow::Result<u64> {
+/// POSTs a message at each slot of the schedule it takes.
+async fn post(args: Arc<Args>, schedule: Arc<Schedule>) -> anyhow::Result<()> {
     let mut conn = HttpConn::connect(args.sink).await?;
-    let mut late = 0;
-    let mut n = index;
-    while n < args.count {
-        late += u64::from(slot(&args, start, n).await);
+    while schedule.take().await.is_some() {
         let body = stamped(args.payload);
         let status = conn
             .send("POST", "/in/x", "application/octet-stream", &body)
@@ -129,9 +109,8 @@ async fn post(args: Arc<Args>, index: u64, start: Instant) -> anyhow::Result<u64
         if status != 204 {
             bail!("the sink answered {status}");
         }
-        n += args.connections;
     }
-    Ok(late)
+    Ok(())
 }
 
 #[tokio::main(flavor = "current_thread")]
@@ -149,18 +128,21 @@ async fn main() -> anyhow::Result<()> {
 
     // A short lead lets every connection open before its first slot.
     let start = Instant::now() + Duration::from_millis(50);
+    let connections = if args.direct { args.connections } else { 1 };
+    let pacer = Schedule::start(args.rate, args.count, start, connections)?;
     let mut senders = JoinSet::new();
-    if args.direct {
-        for index in 0..args.connections {
-            senders.spawn(post(args.clone(), index, start));
+    for _ in 0..connections {
+        let schedule = pacer.schedule.clone();
+        if args.direct {
+            senders.spawn(post(args.clone(), schedule));
+        } else {
+            senders.spawn(publish(args.clone(), schedule));
         }
-    } else {
-        senders.spawn(publish(args.clone(), start));
     }
-    let mut late = 0;
     while let Some(joined) = senders.join_next().await {
-        late += joined??;
+        joined??;
     }
+    let late = pacer.late();
     let deadline = Instant::now() + args.timeout;
     let count = || seen.lock().unwrap_or_else(PoisonError::into_inner).count;
     while count() < args.count && Instant::now() < deadline {

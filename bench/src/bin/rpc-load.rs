@@ -11,7 +11,6 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
@@ -19,9 +18,10 @@ use clap::Parser;
 use rumqttc::v5::mqttbytes::QoS;
 use rumqttc::v5::mqttbytes::v5::{Packet, PublishProperties, SubscribeReasonCode};
 use rumqttc::v5::{AsyncClient, Event, MqttOptions};
-use tokio::sync::{Semaphore, mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinSet;
 use topicgate_bench::http::{HttpConn, encode_path};
+use topicgate_bench::pace::{Pacer, Schedule};
 use topicgate_bench::responder::Responder;
 use topicgate_bench::{Latencies, Report, parse_duration, random_hex};
 
@@ -66,9 +66,6 @@ enum Kind {
     /// rumqttc's `AsyncClient`, as an application would use it.
     Rumqttc,
 }
-
-/// How far behind its time a slot may be handed out before it counts as late.
-const LATE: Duration = Duration::from_millis(1);
 
 /// Connects an MQTT 5 client subscribed to `topic` that answers every request on its Response
 /// Topic with its Correlation Data and payload; returns once the subscription is granted.
@@ -198,7 +195,7 @@ async fn call(
     let mut calls = Calls::default();
     loop {
         let go = match &schedule {
-            Some(schedule) => schedule.take().await,
+            Some(schedule) => schedule.take().await.is_some(),
             None => Instant::now() < until,
         };
         if !go {
@@ -222,45 +219,6 @@ async fn call(
     Ok(calls)
 }
 
-/// The slots of a paced run: permits handed out by the pacer thread, taken first come, first
-/// served by whichever connection is free.
-struct Schedule {
-    slots: Semaphore,
-    taken: AtomicU64,
-    count: u64,
-}
-
-impl Schedule {
-    /// Waits for the next slot; false once all `count` have been taken.
-    async fn take(&self) -> bool {
-        match self.slots.acquire().await {
-            Ok(slot) => slot.forget(),
-            Err(_) => return false,
-        }
-        self.taken.fetch_add(1, Ordering::Relaxed) < self.count
-    }
-
-    /// Hands out the slots at `rate` per second from `start`, from a thread of its own: an OS
-    /// sleep wakes within tens of microseconds of its slot, where the runtime's timer rounds to
-    /// the millisecond and would release calls in bunches. One more slot per connection ends
-    /// the run. Returns how many slots were handed out late.
-    fn pace(&self, rate: f64, start: Instant, connections: u64) -> u64 {
-        let mut late = 0;
-        for n in 0..self.count {
-            let at = start + Duration::from_secs_f64(n as f64 / rate);
-            let now = Instant::now();
-            if now < at {
-                std::thread::sleep(at - now);
-            } else if now > at + LATE {
-                late += 1;
-            }
-            self.slots.add_permits(1);
-        }
-        self.slots.add_permits(connections as usize);
-        late
-    }
-}
-
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> anyhow::Result<()> {
     let args = Arc::new(Args::parse());
@@ -274,26 +232,15 @@ async fn main() -> anyhow::Result<()> {
     // A short lead lets every connection open before its first slot.
     let start = Instant::now() + Duration::from_millis(50);
     let until = start + args.duration;
-    let schedule = args.rate.map(|_| {
-        Arc::new(Schedule {
-            slots: Semaphore::new(0),
-            taken: AtomicU64::new(0),
-            count: args.count,
-        })
-    });
+    let pacer = match args.rate {
+        Some(rate) => Some(Schedule::start(rate, args.count, start, args.connections)?),
+        None => None,
+    };
     let mut callers = JoinSet::new();
     for _ in 0..args.connections {
-        callers.spawn(call(args.clone(), path.clone(), schedule.clone(), until));
+        let schedule = pacer.as_ref().map(|p| p.schedule.clone());
+        callers.spawn(call(args.clone(), path.clone(), schedule, until));
     }
-    let pacer = match (args.rate, &schedule) {
-        (Some(rate), Some(schedule)) => {
-            let (schedule, connections) = (schedule.clone(), args.connections);
-            Some(std::thread::spawn(move || {
-                schedule.pace(rate, start, connections)
-            }))
-        }
-        _ => None,
-    };
     let mut all = Calls::default();
     while let Some(joined) = callers.join_next().await {
         let one = joined??;
@@ -305,7 +252,7 @@ async fn main() -> anyhow::Result<()> {
         }
     }
     // The pacer has handed out its last slot once every connection has ended.
-    let late = pacer.map(|p| p.join().expect("the pacer does not panic"));
+    let late = pacer.map(Pacer::late);
     let elapsed = start.elapsed();
     if let Some(status) = all.first_error {
         eprintln!(
