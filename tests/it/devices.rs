@@ -68,6 +68,23 @@ struct DeviceState {
     down: Arc<std::sync::atomic::AtomicBool>,
 }
 
+/// A device that is down: its port bound but not listening, so connections to it are refused
+/// and no other socket (a test's or the gateway's own outgoing one) can take the port before
+/// the device starts on it.
+struct Down(tokio::net::TcpSocket);
+
+impl Down {
+    fn new() -> Self {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        Self(socket)
+    }
+
+    fn addr(&self) -> SocketAddr {
+        self.0.local_addr().unwrap()
+    }
+}
+
 /// An HTTP device on a loopback port that records every request.
 struct Device {
     addr: SocketAddr,
@@ -77,11 +94,16 @@ struct Device {
 
 impl Device {
     async fn start(script: Script) -> Self {
-        Self::start_on("127.0.0.1:0".parse().unwrap(), script).await
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        Self::serve(listener, script)
     }
 
-    async fn start_on(addr: SocketAddr, script: Script) -> Self {
-        let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
+    /// The device on a port held by `down` until now.
+    fn start_on(down: Down, script: Script) -> Self {
+        Self::serve(down.0.listen(1024).unwrap(), script)
+    }
+
+    fn serve(listener: tokio::net::TcpListener, script: Script) -> Self {
         let addr = listener.local_addr().unwrap();
         let state = DeviceState {
             seen: Arc::default(),
@@ -347,11 +369,8 @@ async fn a_4xx_is_dead_lettered_at_once_and_a_dead_endpoint_after_max_attempts()
 
 #[tokio::test]
 async fn the_outbox_keeps_undelivered_messages_across_a_restart() {
-    // A port nobody listens on: the device is down.
-    let port = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        l.local_addr().unwrap()
-    };
+    let down = Down::new();
+    let port = down.addr();
     let data = tempfile::tempdir().unwrap();
     let dir = data.path().to_owned();
     let configure = |c: &mut Config| {
@@ -381,7 +400,7 @@ async fn the_outbox_keeps_undelivered_messages_across_a_restart() {
     );
     gw.stop().await.expect("the gateway stops cleanly");
 
-    let device = Device::start_on(port, Script::default()).await;
+    let device = Device::start_on(down, Script::default());
     let gw = TestGateway::start_with(configure).await;
     let delivered = eventually("every message arrives after the restart", || async {
         let d = device.delivered();
@@ -635,7 +654,8 @@ async fn spawn_gateway(config: &std::path::Path, http: SocketAddr) -> Process {
 
 #[tokio::test]
 async fn nothing_accepted_is_lost_when_the_gateway_is_killed() {
-    let device_addr = free_port();
+    let down = Down::new();
+    let device_addr = down.addr();
     let data = tempfile::tempdir().unwrap();
     let config = data.path().join("topicgate.toml");
     std::fs::write(
@@ -662,7 +682,7 @@ async fn nothing_accepted_is_lost_when_the_gateway_is_killed() {
     }
     // SIGKILL: no shutdown, no flush.
     drop(gateway);
-    let device = Device::start_on(device_addr, Script::default()).await;
+    let device = Device::start_on(down, Script::default());
     let _gateway = spawn_gateway(&config, free_port()).await;
     let delivered = eventually("every accepted message arrives", || async {
         let d = device.delivered();
