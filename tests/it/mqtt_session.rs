@@ -861,3 +861,60 @@ async fn a_message_through_overlapping_subscriptions_arrives_once_with_every_ide
     let qos1 = first[0] == 0x32 || mixed.next_not_sys().await.unwrap()[0] == 0x32;
     assert!(qos1, "no copy at QoS 1");
 }
+
+/// Joining the identifiers of overlapping subscriptions never makes a PUBLISH larger than the
+/// client's Maximum Packet Size: when the joined copy would not fit, each copy goes alone.
+#[tokio::test]
+async fn overlapping_copies_go_apart_when_joined_they_would_pass_the_maximum_packet_size() {
+    let gw = TestGateway::start().await;
+    async fn overlap(c: &mut Raw) {
+        for ids in [(2, &b"mp/a"[..]), (3, &b"mp/#"[..])] {
+            c.send(&subscribe(Version::V5, &[0x0B, ids.0], &[(ids.1, 1)]))
+                .await;
+            assert_eq!(c.next().await.unwrap()[0], 0x90);
+        }
+    }
+    // The size of one copy with one identifier, from a client with no limit.
+    let (mut probe, _) = Raw::open(&gw, connect_v5(0x02, b"mp-probe", &[])).await;
+    probe
+        .send(&subscribe(Version::V5, &[0x0B, 3], &[(b"mp/#", 1)]))
+        .await;
+    assert_eq!(probe.next().await.unwrap()[0], 0x90);
+    assert_eq!(gw.post("/topics/mp/a?qos=1", "sized").await.status(), 204);
+    let single = probe.next_not_sys().await.unwrap().len();
+
+    // One byte more than a single copy: a second identifier (two bytes) does not fit.
+    let limit = u32::try_from(single + 1).unwrap().to_be_bytes();
+    let (mut small, _) = Raw::open(
+        &gw,
+        connect_v5(
+            0x02,
+            b"mp-small",
+            &[0x27, limit[0], limit[1], limit[2], limit[3]],
+        ),
+    )
+    .await;
+    overlap(&mut small).await;
+    assert_eq!(gw.post("/topics/mp/a?qos=1", "sized").await.status(), 204);
+    let mut ids = Vec::new();
+    for _ in 0..2 {
+        let p = small.next_not_sys().await.expect("both copies arrive");
+        assert!(p.len() <= single + 1, "{} bytes over the limit", p.len());
+        assert_eq!(topic_of(&p), "mp/a");
+        ids.extend(subscription_ids(&p));
+        // QoS 1: acknowledge, so the next copy is not held back.
+        let id = 2 + 2 + "mp/a".len();
+        small.send(&[0x40, 2, p[id], p[id + 1]]).await;
+    }
+    ids.sort_unstable();
+    assert_eq!(ids, [2, 3]);
+
+    // With room for both, the same message comes once with both identifiers.
+    let (mut roomy, _) = Raw::open(&gw, connect_v5(0x02, b"mp-roomy", &[0x27, 0, 0, 1, 0])).await;
+    overlap(&mut roomy).await;
+    assert_eq!(gw.post("/topics/mp/a?qos=1", "sized").await.status(), 204);
+    let p = roomy.next_not_sys().await.unwrap();
+    let mut ids = subscription_ids(&p);
+    ids.sort_unstable();
+    assert_eq!(ids, [2, 3], "{p:?}");
+}
