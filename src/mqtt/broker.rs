@@ -22,7 +22,7 @@ use super::link::{Link, LinkParts, LinkStats};
 use super::message::{Meta, MqttPublish, RetainedSource};
 use super::routing::{routed, to_router};
 use super::sessions::{Reap, Sessions, WillSink};
-use super::settings::{BrokerStats, Settings};
+use super::settings::{Audience, BrokerStats, Settings};
 use crate::config::MqttConfig;
 use crate::policy::Policy;
 use crate::tls::{Tls, accept};
@@ -164,12 +164,13 @@ impl Broker {
             let will_link = std::sync::Mutex::new((will_tx, will_rx));
             let inbound = inbound_tx.clone();
             let settings = settings.clone();
-            let matcher = std::sync::Mutex::new(Matcher::default());
+            let known = std::sync::Mutex::new((Matcher::default(), Audience::default()));
             Arc::new(move |publish: MqttPublish| {
-                if routed(&publish.topic) {
-                    let mut matched = matcher.lock().unwrap_or_else(PoisonError::into_inner);
-                    settings.flow.gateway_publish(&mut matched, &publish);
-                    drop(matched);
+                let mut known = known.lock().unwrap_or_else(PoisonError::into_inner);
+                let (matcher, audience) = &mut *known;
+                if routed(&publish.topic) && settings.is_read(audience, &publish.topic) {
+                    settings.flow.gateway_publish(matcher, &publish);
+                    drop(known);
                     let packet = router_publish(&publish);
                     let mut link = will_link.lock().unwrap_or_else(PoisonError::into_inner);
                     let _ = link.0.send(packet).now_or_never();

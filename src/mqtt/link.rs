@@ -15,10 +15,10 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::MqttError;
-use super::flow::{Flow, Matcher};
+use super::flow::Matcher;
 use super::message::MqttPublish;
 use super::routing::routed;
-use super::settings::Settings;
+use super::settings::{Audience, Settings};
 
 /// Publishes the link thread hands to the router in one batch, at most.
 const PUBLISH_BATCH: usize = 256;
@@ -94,8 +94,7 @@ impl LinkParts {
         cancel: CancellationToken,
     ) -> Link {
         stats.up.store(true, Ordering::Relaxed);
-        let flow = settings.flow.clone();
-        let sink = RouterSink::start(self.tx, self.full, buffer, stats.clone(), flow);
+        let sink = RouterSink::start(self.tx, self.full, buffer, stats.clone(), settings.clone());
         {
             let (tx, announce) = (sink.tx.clone(), sink.announce.clone());
             settings.on_gateway_flush(Box::new(move || {
@@ -133,15 +132,15 @@ pub(crate) enum Sink {
 /// their order: they pass one at a time, and none goes in directly while the thread still has
 /// some to hand over.
 pub(crate) struct RouterSink {
-    /// Held by each publish while it goes in, with what flow control matched for the gateway.
-    turn: std::sync::Mutex<Matcher>,
+    /// Held by each publish while it goes in, with what the gateway knows of its topics.
+    turn: std::sync::Mutex<(Matcher, Audience)>,
     tx: Arc<std::sync::Mutex<LinkTx>>,
     full: RouterFull,
     /// Publishes given to the thread and not yet in the router's buffer.
     queued: Arc<AtomicUsize>,
     thread: flume::Sender<MqttPublish>,
-    /// Where flow control counts the gateway's publishes.
-    flow: Arc<Flow>,
+    /// Who reads what, and where flow control counts the gateway's publishes.
+    settings: Arc<Settings>,
     /// Tells the router of packets put in its buffer, once per batch (see [`announce`]).
     announce: Arc<Announce>,
 }
@@ -193,7 +192,7 @@ impl RouterSink {
         full: RouterFull,
         buffer: usize,
         stats: Arc<LinkStats>,
-        flow: Arc<Flow>,
+        settings: Arc<Settings>,
     ) -> Self {
         let (thread, publishes) = flume::bounded::<MqttPublish>(buffer.max(1));
         let tx = Arc::new(std::sync::Mutex::new(tx));
@@ -225,12 +224,12 @@ impl RouterSink {
             stats.up.store(false, Ordering::Relaxed);
         }
         Self {
-            turn: std::sync::Mutex::new(Matcher::default()),
+            turn: std::sync::Mutex::default(),
             tx,
             full,
             queued,
             thread,
-            flow,
+            settings,
             announce: Arc::default(),
         }
     }
@@ -240,8 +239,12 @@ impl RouterSink {
         if !routed(&publish.topic) {
             return Ok(());
         }
-        let mut matcher = lock(&self.turn);
-        self.flow.gateway_publish(&mut matcher, &publish);
+        let mut turn = lock(&self.turn);
+        let (matcher, audience) = &mut *turn;
+        if !self.settings.is_read(audience, &publish.topic) {
+            return Ok(());
+        }
+        self.settings.flow.gateway_publish(matcher, &publish);
         let publish = if self.queued.load(Ordering::Acquire) == 0 {
             match self.push(publish) {
                 None => return Ok(()),
@@ -476,9 +479,12 @@ mod tests {
         let full: RouterFull =
             Box::new(move || !asked.fetch_add(1, Ordering::Relaxed).is_multiple_of(3));
         let (_inbound_tx, inbound) = mpsc::channel(1);
+        // The reader subscribes beside the sessions: it is counted as a session's would be.
+        let settings = Settings::for_tests();
+        settings.subscribed("order/#");
         let link = LinkParts::new(tx, rx, full).run(
             Arc::new(LinkStats::default()),
-            Settings::for_tests(),
+            settings,
             inbound,
             8,
             &TaskTracker::new(),

@@ -15,7 +15,7 @@ use super::copies::Copies;
 use super::flow::{Matcher, Reader, log_size};
 use super::message::{Meta, MqttPublish};
 use super::routing::{filter_to_router, from_router, routed, to_router};
-use super::settings::{Settings, Tally};
+use super::settings::{Audience, Settings, Tally};
 use super::wire::{
     Ack, Packet, Publish, PublishProperties, QoS, SubAck, Subscribe, Subscription, Unsubscribe,
     Version,
@@ -198,6 +198,8 @@ pub(super) struct Session {
     readers: FxHashMap<usize, Arc<Reader>>,
     /// Where the client's publishes go, for flow control.
     matcher: Matcher,
+    /// Which of the client's topics someone reads.
+    audience: Audience,
     /// What the filters of lagging readers had appended when the connection last went idle.
     idle_marks: Option<Vec<(usize, u64)>>,
     /// How the session ended, once it has.
@@ -259,6 +261,7 @@ impl Session {
             router_waiting: HashSet::new(),
             readers,
             matcher: Matcher::default(),
+            audience: Audience::default(),
             idle_marks: None,
             ended: None,
             unacked,
@@ -529,10 +532,10 @@ impl Session {
         }
     }
 
-    /// Hands an accepted publish to the router and to the bridge, which takes the publish's
-    /// own buffers.
+    /// Hands an accepted publish to the router, when some subscription can read it there, and
+    /// to the bridge, which takes the publish's own buffers.
     fn route(&mut self, p: Publish, out: &mut Out) {
-        if routed(&p.topic) {
+        if routed(&p.topic) && self.settings.is_read(&mut self.audience, &p.topic) {
             self.hand_to_router(&p, out);
         }
         let props = p.properties.into_inner();
@@ -1184,5 +1187,30 @@ mod tests {
             assert_eq!(out.bridge.len(), 1, "{topic}");
             assert_eq!(!out.router.is_empty(), routed, "{topic}");
         }
+    }
+
+    #[test]
+    fn a_publish_nobody_reads_goes_to_the_bridge_alone() {
+        let settings = Settings::for_tests();
+        let mut publisher = subscribed(&settings, "elsewhere/#");
+        // (messages to the bridge, whether the router got one)
+        let mut publish = || {
+            let mut out = Out::default();
+            let publish = Publish {
+                topic: "lonely/x".into(),
+                payload: bytes::Bytes::from_static(b"reading"),
+                ..Publish::default()
+            };
+            publisher.client(Packet::Publish(publish), &mut out);
+            (out.bridge.len(), !out.router.is_empty())
+        };
+        assert_eq!(publish(), (1, false));
+        let reader = subscribed(&settings, "lonely/+");
+        assert_eq!(publish(), (1, true));
+        // Offline with its session kept, the subscriber still has messages kept for it.
+        let kept = reader.keep();
+        assert_eq!(publish(), (1, true));
+        drop(kept);
+        assert_eq!(publish(), (1, false));
     }
 }

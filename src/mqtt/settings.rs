@@ -5,10 +5,25 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicI64, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
+use bytestring::ByteString;
+
 use super::flow::Flow;
 use super::link::LinkStats;
 use super::message::RetainedSource;
 use crate::policy::Policy;
+
+/// Topics a publisher remembers the answer of [`Settings::is_read`] for.
+const AUDIENCE_MEMORY: usize = 256;
+
+/// What one publisher knows of who reads its topics: whether some subscription, of a connected
+/// session or a kept one, matches each topic it published to lately, until a filter comes or
+/// goes. A publish that no subscription matches does not enter the router: there it would
+/// only be appended to the log of the `#` filter nobody reads, and its topic kept for ever.
+#[derive(Default)]
+pub(crate) struct Audience {
+    changed: u64,
+    topics: HashMap<ByteString, bool>,
+}
 
 /// Settings and counters shared by the connections of one gateway.
 pub(crate) struct Settings {
@@ -34,6 +49,9 @@ pub(crate) struct Settings {
     no_local: AtomicUsize,
     /// Every subscribed filter (without `$share/group/`), with how many sessions hold it.
     filters: Mutex<HashMap<String, usize>>,
+    /// Bumped whenever a filter comes into `filters` or leaves it, so that the topics each
+    /// publisher's [`Audience`] remembers are looked at again.
+    filters_changed: AtomicU64,
     /// Publishers wait for subscribers that fall behind.
     pub(crate) flow: Arc<Flow>,
     /// Sends the router the gateway's publishes still waiting for their event.
@@ -67,6 +85,7 @@ impl Settings {
             link,
             no_local: AtomicUsize::new(0),
             filters: Mutex::new(HashMap::new()),
+            filters_changed: AtomicU64::new(0),
             flow: Arc::new(Flow::new(log_bytes, stats.clone())),
             gateway_flush: std::sync::OnceLock::new(),
         }
@@ -143,7 +162,13 @@ impl Settings {
 
     /// Counts a new subscription to `filter`.
     pub(crate) fn subscribed(&self, filter: &str) {
-        *self.filters().entry(filter.to_owned()).or_default() += 1;
+        let mut filters = self.filters();
+        let held = filters.entry(filter.to_owned()).or_default();
+        *held += 1;
+        if *held == 1 {
+            self.filters_changed.fetch_add(1, Ordering::AcqRel);
+        }
+        drop(filters);
         self.stats.subscriptions(1);
     }
 
@@ -154,8 +179,10 @@ impl Settings {
             *n -= 1;
             if *n == 0 {
                 filters.remove(filter);
+                self.filters_changed.fetch_add(1, Ordering::AcqRel);
             }
         }
+        drop(filters);
         self.stats.subscriptions(-1);
     }
 
@@ -164,6 +191,22 @@ impl Settings {
         self.filters()
             .keys()
             .any(|f| crate::topic::matches(f, topic))
+    }
+
+    /// Whether a publish to `topic` has anyone to go to in the router, as far as `audience`
+    /// (a publisher's memory of earlier answers) knows.
+    pub(crate) fn is_read(&self, audience: &mut Audience, topic: &ByteString) -> bool {
+        let changed = self.filters_changed.load(Ordering::Acquire);
+        if changed != audience.changed || audience.topics.len() >= AUDIENCE_MEMORY {
+            audience.topics.clear();
+            audience.changed = changed;
+        }
+        if let Some(&read) = audience.topics.get(topic) {
+            return read;
+        }
+        let read = self.has_subscribers(topic);
+        audience.topics.insert(topic.clone(), read);
+        read
     }
 
     pub(crate) fn no_local_in_use(&self) -> bool {
@@ -249,5 +292,38 @@ impl BrokerStats {
             ("bytes/sent", u(&self.bytes_sent)),
             ("subscriptions/count", i(&self.subscriptions)),
         ]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_topic_is_read_while_some_session_holds_a_matching_filter() {
+        let settings = Settings::for_tests();
+        let mut audience = Audience::default();
+        let topic = ByteString::from_static("home/temp");
+        assert!(!settings.is_read(&mut audience, &topic));
+        settings.subscribed("home/+");
+        assert!(
+            settings.is_read(&mut audience, &topic),
+            "a new filter is seen at once"
+        );
+        settings.subscribed("home/+");
+        settings.unsubscribed("home/+");
+        assert!(
+            settings.is_read(&mut audience, &topic),
+            "one still holds it"
+        );
+        settings.unsubscribed("home/+");
+        assert!(!settings.is_read(&mut audience, &topic));
+        settings.subscribed("#");
+        assert!(settings.is_read(&mut audience, &topic));
+        let sys = ByteString::from_static("$SYS/broker/uptime");
+        assert!(
+            !settings.is_read(&mut audience, &sys),
+            "`#` does not read `$` topics"
+        );
     }
 }

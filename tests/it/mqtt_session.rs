@@ -579,6 +579,50 @@ async fn a_kept_session_gets_its_messages_with_the_time_they_have_left() {
     assert!((1..=2).contains(&left), "{left} s left of 3, counted once");
 }
 
+/// A publish that only a kept session's subscription matches is kept for it, from a client
+/// and from HTTP alike, and nothing else is.
+#[tokio::test]
+async fn messages_wait_for_a_session_that_is_away_and_only_for_its_filters() {
+    let gw = TestGateway::start().await;
+    let (mut c, _) = Raw::open(&gw, connect(Version::V311, 0x00, b"away311", &[])).await;
+    c.send(&subscribe(Version::V311, &[], &[(b"kept/+", 1)]))
+        .await;
+    assert_eq!(c.next().await.unwrap()[0], 0x90);
+    c.send(&[0xE0, 0]).await;
+    assert_eq!(c.next().await, None);
+    assert_eq!(gw.post("/topics/kept/http?qos=1", "h").await.status(), 204);
+    assert_eq!(
+        gw.post("/topics/unread/http?qos=1", "u").await.status(),
+        204
+    );
+    let (mut p, _) = Raw::open(&gw, connect(Version::V311, 0x02, b"away-pub311", &[])).await;
+    p.send(&crate::mqtt_raw::publish_with(
+        Version::V311,
+        0x30,
+        b"kept/mqtt",
+        None,
+        &[],
+        b"m",
+    ))
+    .await;
+    assert!(p.nothing_before_pingresp().await);
+
+    let (mut c, connack) = Raw::open(&gw, connect(Version::V311, 0x00, b"away311", &[])).await;
+    assert_eq!(connack, [0x20, 2, 1, 0], "session present");
+    let mut got = Vec::new();
+    for _ in 0..2 {
+        let p = c.next_not_sys().await.expect("a kept message");
+        got.push(topic_of(&p));
+        if p[0] & 0x06 != 0 {
+            let id = 2 + 2 + topic_of(&p).len();
+            c.send(&[0x40, 2, p[id], p[id + 1]]).await;
+        }
+    }
+    got.sort();
+    assert_eq!(got, ["kept/http", "kept/mqtt"]);
+    assert!(c.nothing_before_pingresp().await);
+}
+
 #[tokio::test]
 async fn unacknowledged_deliveries_are_sent_again_on_resumption() {
     let gw = TestGateway::start().await;
