@@ -15,6 +15,29 @@ use hdrhistogram::Histogram;
 use serde::Serialize;
 use serde_json::{Map, Value};
 
+/// Runs the future `task` makes on a thread of its own with a runtime of its own, as a
+/// device (a responder, a subscriber) is a process of its own: on the load's thread its work
+/// would wait behind the load's and count in the latencies measured. The thread's result is
+/// the future's.
+pub fn on_own_thread<T, F, Fut>(
+    name: &str,
+    task: F,
+) -> std::io::Result<std::thread::JoinHandle<anyhow::Result<T>>>
+where
+    T: Send + 'static,
+    F: FnOnce() -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = anyhow::Result<T>>,
+{
+    std::thread::Builder::new()
+        .name(name.to_owned())
+        .spawn(move || {
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?
+                .block_on(task())
+        })
+}
+
 /// Nanoseconds since the first call in this process: the timestamp a tool writes into a payload
 /// and compares against when it reads the payload back in the same process.
 pub fn now_ns() -> u64 {

@@ -1,5 +1,6 @@
 //! HTTP-to-MQTT latency: POSTs timestamped bodies at a fixed `--rate` over keep-alive connections
-//! and measures their arrival at an MQTT 3.1.1 QoS 0 subscriber of the same topic.
+//! and measures their arrival at an MQTT 3.1.1 QoS 0 subscriber of the same topic, which runs
+//! on a thread of its own.
 //! `bridge-latency --http 127.0.0.1:8080 --mqtt 127.0.0.1:1883 --rate 5000 --count 20000`
 
 use std::net::SocketAddr;
@@ -16,11 +17,11 @@ use rumqttc::mqttbytes::v4::{
 use rumqttc::mqttbytes::{Error as MqttError, QoS};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio::sync::watch;
+use tokio::sync::{oneshot, watch};
 use tokio::task::JoinSet;
 use topicgate_bench::http::{HttpConn, encode_path};
 use topicgate_bench::pace::Schedule;
-use topicgate_bench::{Latencies, Report, age, parse_duration, random_hex, stamped};
+use topicgate_bench::{Latencies, Report, age, on_own_thread, parse_duration, random_hex, stamped};
 
 /// Open-loop HTTP POST load, timed at an MQTT subscriber.
 #[derive(Parser)]
@@ -40,8 +41,9 @@ struct Args {
     /// Body bytes (at least 8, for the timestamp).
     #[arg(long, default_value_t = 100)]
     payload: usize,
-    /// Keep-alive HTTP connections, each with one request in flight.
-    #[arg(long, default_value_t = 4)]
+    /// Keep-alive HTTP connections, each with one request in flight: enough that a slot
+    /// seldom waits for a free one at the rates measured.
+    #[arg(long, default_value_t = 16)]
     connections: u64,
     /// Topic; default `bench/latency/<random hex>`.
     #[arg(long)]
@@ -189,10 +191,24 @@ async fn main() -> anyhow::Result<()> {
         .unwrap_or_else(|| format!("bench/latency/{}", random_hex()));
     let path: Arc<str> = format!("/topics/{}", encode_path(&topic)).into();
 
-    let (conn, buf) = subscribe(args.mqtt, &topic).await?;
     let counter = Arc::new(AtomicU64::new(0));
     let (stop_tx, stop_rx) = watch::channel(false);
-    let subscriber = tokio::spawn(receive(conn, buf, counter.clone(), stop_rx));
+    let (ready_tx, ready) = oneshot::channel();
+    let subscriber = {
+        let (mqtt, counter) = (args.mqtt, counter.clone());
+        on_own_thread("subscriber", move || async move {
+            let (conn, buf) = match subscribe(mqtt, &topic).await {
+                Ok(subscribed) => subscribed,
+                Err(e) => {
+                    let _ = ready_tx.send(Err(e));
+                    return Ok(Received::default());
+                }
+            };
+            let _ = ready_tx.send(Ok(()));
+            receive(conn, buf, counter, stop_rx).await
+        })?
+    };
+    ready.await.context("the subscriber's thread ended")??;
 
     // A short lead lets every connection open before its first slot.
     let start = Instant::now() + Duration::from_millis(50);
@@ -226,7 +242,9 @@ async fn main() -> anyhow::Result<()> {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     let _ = stop_tx.send(true);
-    let received = subscriber.await??;
+    let received = subscriber
+        .join()
+        .map_err(|_| anyhow::anyhow!("the subscriber panicked"))??;
     if received.short > 0 {
         eprintln!("{} messages too short to carry a timestamp", received.short);
     }

@@ -23,7 +23,7 @@ use tokio::task::JoinSet;
 use topicgate_bench::http::{HttpConn, encode_path};
 use topicgate_bench::pace::{Pacer, Schedule};
 use topicgate_bench::responder::Responder;
-use topicgate_bench::{Latencies, Report, parse_duration, random_hex};
+use topicgate_bench::{Latencies, Report, on_own_thread, parse_duration, random_hex};
 
 /// HTTP request/response load against an MQTT 5 responder.
 #[derive(Parser)]
@@ -140,37 +140,24 @@ async fn responder(
 /// Returns once it is subscribed.
 async fn start_responder(kind: Kind, addr: SocketAddr, topic: String) -> anyhow::Result<()> {
     let (ready_tx, ready) = oneshot::channel();
-    std::thread::Builder::new()
-        .name("responder".to_owned())
-        .spawn(move || {
-            let runtime = match tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-            {
-                Ok(runtime) => runtime,
-                Err(e) => {
-                    let _ = ready_tx.send(Err(e.into()));
-                    return;
-                }
-            };
-            runtime.block_on(async move {
-                let mut tasks = JoinSet::new();
-                let subscribed = match kind {
-                    Kind::Raw => {
-                        let id = format!("rpc-load-{}", random_hex());
-                        Responder::connect(addr, &id, &topic)
-                            .await
-                            .map(|r| drop(tasks.spawn(r.serve())))
-                    }
-                    Kind::Rumqttc => responder(addr, &topic, &mut tasks).await,
-                };
-                let serving = subscribed.is_ok();
-                let _ = ready_tx.send(subscribed);
-                if serving {
-                    while tasks.join_next().await.is_some() {}
-                }
-            });
-        })?;
+    on_own_thread("responder", move || async move {
+        let mut tasks = JoinSet::new();
+        let subscribed = match kind {
+            Kind::Raw => {
+                let id = format!("rpc-load-{}", random_hex());
+                Responder::connect(addr, &id, &topic)
+                    .await
+                    .map(|r| drop(tasks.spawn(r.serve())))
+            }
+            Kind::Rumqttc => responder(addr, &topic, &mut tasks).await,
+        };
+        let serving = subscribed.is_ok();
+        let _ = ready_tx.send(subscribed);
+        if serving {
+            while tasks.join_next().await.is_some() {}
+        }
+        Ok(())
+    })?;
     ready.await.context("the responder's thread ended")?
 }
 
