@@ -25,6 +25,49 @@ pub(crate) struct Audience {
     topics: HashMap<ByteString, bool>,
 }
 
+/// The filters sessions hold, each with how many hold it: those without wildcards apart, as a
+/// topic is matched by them only when it is the same string.
+#[derive(Default)]
+struct Subscribed {
+    exact: HashMap<String, usize>,
+    wild: HashMap<String, usize>,
+}
+
+impl Subscribed {
+    fn side(&mut self, filter: &str) -> &mut HashMap<String, usize> {
+        if filter.contains(['+', '#']) {
+            &mut self.wild
+        } else {
+            &mut self.exact
+        }
+    }
+
+    /// Counts one more holder of `filter`; true when it is new.
+    fn add(&mut self, filter: &str) -> bool {
+        let held = self.side(filter).entry(filter.to_owned()).or_default();
+        *held += 1;
+        *held == 1
+    }
+
+    /// Counts one holder of `filter` fewer; true when it is gone.
+    fn remove(&mut self, filter: &str) -> bool {
+        let side = self.side(filter);
+        let Some(held) = side.get_mut(filter) else {
+            return false;
+        };
+        *held -= 1;
+        if *held > 0 {
+            return false;
+        }
+        side.remove(filter);
+        true
+    }
+
+    fn match_any(&self, topic: &str) -> bool {
+        self.exact.contains_key(topic) || self.wild.keys().any(|f| crate::topic::matches(f, topic))
+    }
+}
+
 /// Settings and counters shared by the connections of one gateway.
 pub(crate) struct Settings {
     /// The shared payload limit, bytes.
@@ -48,7 +91,7 @@ pub(crate) struct Settings {
     /// Subscriptions with No Local held now: while there are none, publishes need no origin.
     no_local: AtomicUsize,
     /// Every subscribed filter (without `$share/group/`), with how many sessions hold it.
-    filters: Mutex<HashMap<String, usize>>,
+    filters: Mutex<Subscribed>,
     /// Bumped whenever a filter comes into `filters` or leaves it, so that the topics each
     /// publisher's [`Audience`] remembers are looked at again.
     filters_changed: AtomicU64,
@@ -84,7 +127,7 @@ impl Settings {
             stats: stats.clone(),
             link,
             no_local: AtomicUsize::new(0),
-            filters: Mutex::new(HashMap::new()),
+            filters: Mutex::default(),
             filters_changed: AtomicU64::new(0),
             flow: Arc::new(Flow::new(log_bytes, stats.clone())),
             gateway_flush: std::sync::OnceLock::new(),
@@ -114,7 +157,7 @@ impl Settings {
         ))
     }
 
-    fn filters(&self) -> std::sync::MutexGuard<'_, HashMap<String, usize>> {
+    fn filters(&self) -> std::sync::MutexGuard<'_, Subscribed> {
         self.filters.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
@@ -162,35 +205,23 @@ impl Settings {
 
     /// Counts a new subscription to `filter`.
     pub(crate) fn subscribed(&self, filter: &str) {
-        let mut filters = self.filters();
-        let held = filters.entry(filter.to_owned()).or_default();
-        *held += 1;
-        if *held == 1 {
+        if self.filters().add(filter) {
             self.filters_changed.fetch_add(1, Ordering::AcqRel);
         }
-        drop(filters);
         self.stats.subscriptions(1);
     }
 
     /// Counts a subscription to `filter` gone.
     pub(crate) fn unsubscribed(&self, filter: &str) {
-        let mut filters = self.filters();
-        if let Some(n) = filters.get_mut(filter) {
-            *n -= 1;
-            if *n == 0 {
-                filters.remove(filter);
-                self.filters_changed.fetch_add(1, Ordering::AcqRel);
-            }
+        if self.filters().remove(filter) {
+            self.filters_changed.fetch_add(1, Ordering::AcqRel);
         }
-        drop(filters);
         self.stats.subscriptions(-1);
     }
 
     /// Whether any MQTT session, connected or kept, subscribes to a filter matching `topic`.
     pub(crate) fn has_subscribers(&self, topic: &str) -> bool {
-        self.filters()
-            .keys()
-            .any(|f| crate::topic::matches(f, topic))
+        self.filters().match_any(topic)
     }
 
     /// Whether a publish to `topic` has anyone to go to in the router, as far as `audience`
@@ -317,6 +348,11 @@ mod tests {
             "one still holds it"
         );
         settings.unsubscribed("home/+");
+        assert!(!settings.is_read(&mut audience, &topic));
+        settings.subscribed("home/temp");
+        assert!(settings.is_read(&mut audience, &topic), "an exact filter");
+        assert!(!settings.is_read(&mut audience, &ByteString::from_static("home/temp/x")));
+        settings.unsubscribed("home/temp");
         assert!(!settings.is_read(&mut audience, &topic));
         settings.subscribed("#");
         assert!(settings.is_read(&mut audience, &topic));
