@@ -340,6 +340,8 @@ impl Blocked {
 #[derive(Default)]
 pub(super) struct Matcher {
     generation: u64,
+    /// Keyed by owned copies: a topic from a client is a slice of the buffer its packet was
+    /// read into, and a key kept from it would keep that whole buffer alive.
     cache: HashMap<Bytes, Arc<[Arc<FilterFlow>]>>,
 }
 
@@ -364,7 +366,8 @@ impl Matcher {
                 .collect(),
             Err(_) => Arc::new([]),
         };
-        self.cache.insert(topic.clone(), found.clone());
+        self.cache
+            .insert(Bytes::copy_from_slice(topic), found.clone());
         found
     }
 }

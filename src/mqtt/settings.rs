@@ -22,7 +22,9 @@ const AUDIENCE_MEMORY: usize = 256;
 #[derive(Default)]
 pub(crate) struct Audience {
     changed: u64,
-    topics: HashMap<ByteString, bool>,
+    /// Owned copies: a topic from a client is a slice of the buffer its packet was read into,
+    /// and a key kept from it would keep that whole buffer (up to a packet's size) alive.
+    topics: HashMap<Box<str>, bool>,
 }
 
 /// The filters sessions hold, each with how many hold it: those without wildcards apart, as a
@@ -232,11 +234,11 @@ impl Settings {
             audience.topics.clear();
             audience.changed = changed;
         }
-        if let Some(&read) = audience.topics.get(topic) {
+        if let Some(&read) = audience.topics.get(&**topic) {
             return read;
         }
         let read = self.has_subscribers(topic);
-        audience.topics.insert(topic.clone(), read);
+        audience.topics.insert(Box::from(&**topic), read);
         read
     }
 
