@@ -275,6 +275,9 @@ pub struct HttpConfig {
     pub sse_buffer: usize,
     /// Messages kept for `Last-Event-ID` resumption.
     pub sse_history: usize,
+    /// Bytes of topics, payloads and metadata those messages may hold; the oldest go first.
+    #[serde(deserialize_with = "size")]
+    pub sse_history_bytes: usize,
     /// HTTPS listener address, opened when `[tls]` has a certificate.
     pub tls_addr: SocketAddr,
     /// Most connections per listener; more wait to be accepted.
@@ -501,6 +504,7 @@ impl Default for HttpConfig {
             sse_heartbeat: Duration::from_secs(15),
             sse_buffer: 1024,
             sse_history: 10_000,
+            sse_history_bytes: 64 * 1024 * 1024,
             tls_addr: SocketAddr::from(([0, 0, 0, 0], 8443)),
             max_connections: 10_000,
             header_timeout: Duration::from_secs(10),

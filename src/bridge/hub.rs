@@ -69,23 +69,35 @@ pub struct Subscription {
     pub scope: Readable,
 }
 
+/// How much of the recent past is kept for streams that resume: the oldest events go once
+/// either bound is passed.
+#[derive(Debug, Clone, Copy)]
+pub struct History {
+    /// Most events.
+    pub messages: usize,
+    /// Most bytes of their messages ([`Message::weight`]).
+    pub bytes: usize,
+}
+
 #[derive(Debug)]
 struct Inner {
     seq: u64,
     history: VecDeque<Event>,
+    /// What the events in `history` weigh together.
+    history_bytes: usize,
 }
 
 /// The fan-out point.
 #[derive(Debug)]
 pub(crate) struct Hub {
     epoch: u64,
-    history_cap: usize,
+    history_cap: History,
     inner: Mutex<Inner>,
     tx: broadcast::Sender<Event>,
 }
 
 impl Hub {
-    pub(crate) fn new(buffer: usize, history_cap: usize) -> Self {
+    pub(crate) fn new(buffer: usize, history_cap: History) -> Self {
         let (tx, _) = broadcast::channel(buffer.max(1));
         let epoch = SystemTime::now()
             .duration_since(UNIX_EPOCH)
@@ -95,7 +107,8 @@ impl Hub {
             history_cap,
             inner: Mutex::new(Inner {
                 seq: 0,
-                history: VecDeque::with_capacity(history_cap.min(4096)),
+                history: VecDeque::with_capacity(history_cap.messages.min(4096)),
+                history_bytes: 0,
             }),
             tx,
         }
@@ -118,11 +131,16 @@ impl Hub {
             message,
             rendered: Arc::default(),
         };
-        if self.history_cap > 0 {
-            if inner.history.len() == self.history_cap {
-                inner.history.pop_front();
-            }
+        let cap = self.history_cap;
+        if cap.messages > 0 {
+            inner.history_bytes += event.message.weight();
             inner.history.push_back(event.clone());
+            while inner.history.len() > cap.messages || inner.history_bytes > cap.bytes {
+                let Some(oldest) = inner.history.pop_front() else {
+                    break;
+                };
+                inner.history_bytes -= oldest.message.weight();
+            }
         }
         // No receiver is not an error: nobody is streaming.
         let _ = self.tx.send(event);
@@ -192,7 +210,13 @@ mod tests {
     #[test]
     fn resumes_within_history_and_resets_beyond_it() {
         let store = RetainedStore::new();
-        let hub = Hub::new(16, 3);
+        let hub = Hub::new(
+            16,
+            History {
+                messages: 3,
+                bytes: usize::MAX,
+            },
+        );
         let all = TopicFilter::parse("#").unwrap();
         for t in ["a", "b", "c", "d"] {
             send(&hub, &store, t);
@@ -222,5 +246,47 @@ mod tests {
         let sub = hub.subscribe(&all, None, &store);
         assert!(matches!(sub.start, Start::Snapshot { reset: false, .. }));
         assert_eq!(sub.at, 4);
+    }
+
+    /// Large messages cannot make the history hold more than its bytes: the oldest go first,
+    /// and a stream resuming from before them starts again from the retained values.
+    #[test]
+    fn the_history_lets_the_oldest_go_past_its_bytes() {
+        let store = RetainedStore::new();
+        let hub = Hub::new(
+            16,
+            History {
+                messages: 100,
+                bytes: 2_500,
+            },
+        );
+        let big = |topic: &str| {
+            let m = Message::new(Topic::parse(topic).unwrap(), vec![b'x'; 999], Origin::Http);
+            hub.publish(Arc::new(m), &store);
+        };
+        for t in ["a", "b", "c", "d"] {
+            big(t);
+        }
+        let all = TopicFilter::parse("#").unwrap();
+        let id = |seq: u64| format!("{}-{seq}", hub.epoch());
+        // 1,000 bytes each: two fit in 2,500.
+        match hub.subscribe(&all, Some(&id(2)), &store).start {
+            Start::Resume(events) => {
+                assert_eq!(events.iter().map(|e| e.seq).collect::<Vec<_>>(), [3, 4]);
+            }
+            other => panic!("expected a resume, got {other:?}"),
+        }
+        assert!(matches!(
+            hub.subscribe(&all, Some(&id(1)), &store).start,
+            Start::Snapshot { reset: true, .. }
+        ));
+        // One message over the bound is not kept at all.
+        let m = Message::new(Topic::parse("e").unwrap(), vec![b'x'; 3_000], Origin::Http);
+        hub.publish(Arc::new(m), &store);
+        assert!(matches!(
+            hub.subscribe(&all, Some(&id(4)), &store).start,
+            Start::Snapshot { reset: true, .. }
+        ));
+        assert_eq!(hub.inner.lock().unwrap().history_bytes, 0);
     }
 }

@@ -99,6 +99,22 @@ impl Message {
         }
     }
 
+    /// What the message holds in memory beyond its fixed fields: topic, payload and metadata,
+    /// for bounds on how many bytes of messages are kept.
+    pub fn weight(&self) -> usize {
+        let text = |s: &Option<String>| s.as_ref().map_or(0, String::len);
+        self.topic.as_str().len()
+            + self.payload.len()
+            + text(&self.content_type)
+            + text(&self.response_topic)
+            + self.correlation_data.as_ref().map_or(0, Bytes::len)
+            + self
+                .user_properties
+                .iter()
+                .map(|(k, v)| k.len() + v.len())
+                .sum::<usize>()
+    }
+
     /// Whether the message has expired at `now`.
     pub fn is_expired(&self, now: SystemTime) -> bool {
         self.expires_at.is_some_and(|at| at <= now)

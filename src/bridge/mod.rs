@@ -20,7 +20,7 @@ use tokio_util::sync::CancellationToken;
 
 pub use crate::topic::{Topic, TopicError, TopicFilter};
 pub use content::{content_format_for, content_type_for};
-pub use hub::{Event, Start, Subscription};
+pub use hub::{Event, History, Start, Subscription};
 pub use journal::{Durable, Journal, JournalError};
 pub(crate) use journal::{from_millis, millis};
 pub use message::{
@@ -105,7 +105,7 @@ impl Bridge {
         policy: Policy,
         max_payload: usize,
         sse_buffer: usize,
-        history: usize,
+        history: History,
         rpc: RpcConfig,
     ) -> Self {
         let link_stats = link.stats();
@@ -137,7 +137,10 @@ impl Bridge {
             policy,
             max_payload,
             16,
-            16,
+            History {
+                messages: 16,
+                bytes: 1 << 20,
+            },
             RpcConfig::default(),
         )
     }

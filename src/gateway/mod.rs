@@ -11,7 +11,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::bridge::{Bridge, Journal, JournalError, RetainedStore, StoreSource};
+use crate::bridge::{Bridge, History, Journal, JournalError, RetainedStore, StoreSource};
 use crate::coap::{CoapServer, CoapsError, CoapsServer};
 use crate::config::Config;
 use crate::devices::{Devices, DevicesError, Sharing};
@@ -275,7 +275,10 @@ impl Gateway {
             policy.clone(),
             config.max_payload,
             config.http.sse_buffer,
-            config.http.sse_history,
+            History {
+                messages: config.http.sse_history,
+                bytes: config.http.sse_history_bytes,
+            },
             config.rpc.clone(),
         );
         // Attached before anything can publish, so every accepted message reaches the outbox.

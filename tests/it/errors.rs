@@ -222,7 +222,10 @@ async fn publishes_get_503_when_the_broker_link_is_down() {
         Policy::open(),
         1024,
         16,
-        16,
+        topicgate::bridge::History {
+            messages: 16,
+            bytes: 1 << 20,
+        },
         Default::default(),
     );
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
