@@ -32,8 +32,8 @@ const SERVER_UNAVAILABLE: u8 = 136;
 /// One message to publish, as EMQX 5 takes it.
 #[derive(Debug, Deserialize, ToSchema)]
 pub(crate) struct PublishRequest {
-    /// Topic to publish to; no wildcards.
-    #[schema(example = "api/example/topic")]
+    /// Topic to publish to: not empty, no wildcards, U+0000 or leading `$`.
+    #[schema(example = "api/example/topic", pattern = r"^[^$+#\x00][^+#\x00]*$")]
     topic: String,
     /// The payload: text, or base64 with `payload_encoding: "base64"`.
     #[schema(example = "hello emqx api")]
@@ -72,13 +72,15 @@ pub(crate) struct PublishProperties {
     payload_format_indicator: Option<u8>,
     /// Seconds the message lives; 0 or absent: no expiry.
     message_expiry_interval: Option<u32>,
-    /// MQTT 5 Response Topic.
+    /// MQTT 5 Response Topic: a topic as `topic` is.
+    #[schema(pattern = r"^[^$+#\x00][^+#\x00]*$")]
     response_topic: Option<String>,
     /// MQTT 5 Correlation Data, as text.
     correlation_data: Option<String>,
     /// MQTT 5 user properties, name to value.
     user_properties: Option<BTreeMap<String, String>>,
-    /// MQTT 5 content type.
+    /// MQTT 5 content type, without U+0000.
+    #[schema(pattern = r"^[^\x00]*$")]
     content_type: Option<String>,
 }
 
