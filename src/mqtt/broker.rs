@@ -20,7 +20,7 @@ use super::connection::{Front, LinkFactory, serve};
 use super::flow::Matcher;
 use super::link::{Link, LinkParts, LinkStats};
 use super::message::{Meta, MqttPublish, RetainedSource};
-use super::routing::{routed, to_router};
+use super::routing::to_router;
 use super::sessions::{Reap, Sessions, WillSink};
 use super::settings::{Audience, BrokerStats, Settings};
 use crate::config::MqttConfig;
@@ -168,7 +168,7 @@ impl Broker {
             Arc::new(move |publish: MqttPublish| {
                 let mut known = known.lock().unwrap_or_else(PoisonError::into_inner);
                 let (matcher, audience) = &mut *known;
-                if routed(&publish.topic) && settings.is_read(audience, &publish.topic) {
+                if settings.is_read(audience, &publish.topic) {
                     settings.flow.gateway_publish(matcher, &publish);
                     drop(known);
                     let packet = router_publish(&publish);

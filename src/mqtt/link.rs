@@ -17,7 +17,6 @@ use tokio_util::task::TaskTracker;
 use super::MqttError;
 use super::flow::Matcher;
 use super::message::MqttPublish;
-use super::routing::routed;
 use super::settings::{Audience, Settings};
 
 /// Publishes the link thread hands to the router in one batch, at most.
@@ -236,9 +235,6 @@ impl RouterSink {
 
     /// Queues a publish without waiting; gives it back when the thread's queue is full too.
     fn try_publish(&self, publish: MqttPublish) -> Result<(), Refused> {
-        if !routed(&publish.topic) {
-            return Ok(());
-        }
         let mut turn = lock(&self.turn);
         let (matcher, audience) = &mut *turn;
         if !self.settings.is_read(audience, &publish.topic) {

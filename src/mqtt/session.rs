@@ -14,7 +14,7 @@ use rustc_hash::{FxHashMap, FxHashSet};
 use super::copies::Copies;
 use super::flow::{Matcher, Reader, log_size};
 use super::message::{Meta, MqttPublish};
-use super::routing::{filter_to_router, from_router, routed, to_router};
+use super::routing::{filter_to_router, from_router, to_router};
 use super::settings::{Audience, Settings, Tally};
 use super::wire::{
     Ack, Packet, Publish, PublishProperties, QoS, SubAck, Subscribe, Subscription, Unsubscribe,
@@ -535,7 +535,7 @@ impl Session {
     /// Hands an accepted publish to the router, when some subscription can read it there, and
     /// to the bridge, which takes the publish's own buffers.
     fn route(&mut self, p: Publish, out: &mut Out) {
-        if routed(&p.topic) && self.settings.is_read(&mut self.audience, &p.topic) {
+        if self.settings.is_read(&mut self.audience, &p.topic) {
             self.hand_to_router(&p, out);
         }
         let props = p.properties.into_inner();

@@ -10,6 +10,7 @@ use bytestring::ByteString;
 use super::flow::Flow;
 use super::link::LinkStats;
 use super::message::RetainedSource;
+use super::routing::routed;
 use crate::policy::Policy;
 
 /// Topics a publisher remembers the answer of [`Settings::is_read`] for.
@@ -226,9 +227,14 @@ impl Settings {
         self.filters().match_any(topic)
     }
 
-    /// Whether a publish to `topic` has anyone to go to in the router, as far as `audience`
-    /// (a publisher's memory of earlier answers) knows.
+    /// Whether a publish to `topic` goes into the router: it is not a reply to a gateway call
+    /// ([`routed`]), and some subscription reads it there, as far as `audience` (a publisher's
+    /// memory of earlier answers) knows. The one check on every way in: sessions, the gateway's
+    /// link, and wills.
     pub(crate) fn is_read(&self, audience: &mut Audience, topic: &ByteString) -> bool {
+        if !routed(topic) {
+            return false;
+        }
         let changed = self.filters_changed.load(Ordering::Acquire);
         if changed != audience.changed || audience.topics.len() >= AUDIENCE_MEMORY {
             audience.topics.clear();
