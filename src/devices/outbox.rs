@@ -1,7 +1,9 @@
 //! The push outbox: one bounded queue per push rule, durable in `outbox.redb` under the data dir
 //! (`disk.rs`) before the publisher is answered, with only a window of each queue held in memory
-//! (`lane.rs`); an entry leaves the disk when its rule is done with it.
+//! (`lane.rs`); an entry leaves the disk when its rule is done with it, through the delivery log
+//! (`acks.rs`).
 
+mod acks;
 mod disk;
 mod lane;
 
@@ -77,7 +79,8 @@ impl Outbox {
                 Arc::new(Lane::new(rule, disk.clone(), left))
             })
             .collect();
-        for (rule, left) in &stored {
+        // A rule whose queue is empty is remembered only by its next sequence number.
+        for (rule, left) in stored.iter().filter(|(_, left)| left.spilled > 0) {
             tracing::warn!(
                 rule = %rule,
                 messages = left.spilled,
@@ -328,5 +331,62 @@ mod tests {
         assert_eq!(sent, expected);
         assert_eq!(lane.depth(), 0);
         outbox.close().await;
+    }
+
+    /// Removals written to the delivery log by a gateway that was killed before it committed
+    /// them are applied at the next start; sequence numbers go on past every entry ever given,
+    /// even once the queue was empty, so the log can never name a later entry.
+    #[tokio::test]
+    async fn a_killed_gateway_s_delivery_log_is_applied_at_the_next_start() {
+        let dir = tempfile::tempdir().unwrap();
+        let rules = || {
+            vec![(
+                Arc::from("plugs"),
+                TopicFilter::parse("plugs/+").unwrap(),
+                Readable::All,
+                bound(100, WhenFull::Refuse),
+            )]
+        };
+        let outbox = Outbox::open(dir.path(), rules()).unwrap();
+        let mut last = None;
+        for n in 0..5 {
+            last = outbox.offer(&message(&format!("plugs/{n}"), n.to_string()));
+        }
+        last.unwrap().wait().await.unwrap();
+        outbox.close().await;
+        // What a gateway killed after delivering entries 0, 1 and 3 leaves behind.
+        let (mut log, left) = acks::Acks::open(&dir.path().join("outbox.acks")).unwrap();
+        assert!(left.is_empty());
+        log.append(&[(Arc::from("plugs"), 0), (Arc::from("plugs"), 1)])
+            .unwrap();
+        log.append(&[(Arc::from("plugs"), 3)]).unwrap();
+        drop(log);
+
+        let outbox = Outbox::open(dir.path(), rules()).unwrap();
+        let lane = outbox.lanes()[0].clone();
+        assert_eq!(lane.held(), ["2", "4"]);
+        for _ in 0..2 {
+            let entry = lane.next(2).await;
+            outbox.remove(&lane, entry.seq);
+        }
+        outbox.close().await;
+        let outbox = Outbox::open(dir.path(), rules()).unwrap();
+        let lane = outbox.lanes()[0].clone();
+        assert_eq!(lane.depth(), 0);
+        outbox
+            .offer(&message("plugs/9", "9"))
+            .unwrap()
+            .wait()
+            .await
+            .unwrap();
+        assert_eq!(lane.next(1).await.seq, 5, "a number is never given twice");
+        outbox.close().await;
+        assert_eq!(
+            std::fs::metadata(dir.path().join("outbox.acks"))
+                .unwrap()
+                .len(),
+            0,
+            "a closed outbox leaves its log empty"
+        );
     }
 }

@@ -696,6 +696,75 @@ async fn nothing_accepted_is_lost_when_the_gateway_is_killed() {
     assert_eq!(delivered["y"], expect(1));
 }
 
+/// What a rule has delivered is not pushed again after a `kill -9`, though its removal from
+/// the outbox is written without an fsync (the delivery log): the kill comes within
+/// milliseconds of the last delivery, before any later commit.
+#[tokio::test]
+async fn what_was_delivered_before_a_kill_is_not_pushed_again() {
+    let device = Device::start(Script::default()).await;
+    let data = tempfile::tempdir().unwrap();
+    let config = data.path().join("topicgate.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "data_dir = {:?}\n[[push]]\nname = \"meter\"\nfilter = \"meters/+\"\n\
+             url = \"http://{}/in/{{2}}\"\n",
+            data.path().join("data"),
+            device.addr
+        ),
+    )
+    .unwrap();
+    let http = free_port();
+    let gateway = spawn_gateway(&config, http).await;
+    let client = reqwest::Client::new();
+    for i in 0..300 {
+        let resp = client
+            .post(format!("http://{http}/topics/meters/{i}"))
+            .body(format!("{i}"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 204);
+    }
+    let queued = || async {
+        let text = client
+            .get(format!("http://{http}/metrics"))
+            .send()
+            .await
+            .ok()?
+            .text()
+            .await
+            .ok()?;
+        text.lines()
+            .find_map(|l| l.strip_prefix("topicgate_push_queued{rule=\"meter\"} "))
+            .map(str::to_owned)
+    };
+    eventually(
+        "every message is delivered and out of the queue",
+        || async { (queued().await.as_deref() == Some("0")).then_some(()) },
+    )
+    .await;
+    drop(gateway);
+    let http = free_port();
+    let _gateway = spawn_gateway(&config, http).await;
+    let resp = client
+        .post(format!("http://{http}/topics/meters/last"))
+        .body("last")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 204);
+    let delivered = eventually("the message after the restart arrives", || async {
+        let d = device.delivered();
+        d.contains_key("last").then_some(d)
+    })
+    .await;
+    for i in 0..300 {
+        assert_eq!(delivered[&i.to_string()], [i.to_string()], "meters/{i}");
+    }
+    assert_eq!(delivered.values().map(Vec::len).sum::<usize>(), 301);
+}
+
 #[tokio::test]
 async fn an_unreachable_pulled_device_shows_in_the_metrics_and_rules() {
     let down = free_port();

@@ -1,26 +1,37 @@
 //! The outbox file: one redb table from (rule, sequence number) to a stored message, written by
 //! one thread that commits what has queued up in one durable transaction (group commit), and read
-//! back by the lanes a window at a time.
+//! back by the lanes a window at a time. Removals go to the delivery log (`acks.rs`) first and
+//! into the database with the next commit that new entries, a full log or a quiet spell call for,
+//! so draining a queue does not cost one fsync per batch of deliveries.
 
 use std::collections::HashMap;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, PoisonError, RwLock};
+use std::time::Duration;
 
 use redb::{Database, DatabaseError, ReadableDatabase, ReadableTable, TableDefinition};
 use tokio::sync::oneshot;
 
 use super::OutboxError;
+use super::acks::Acks;
 use super::lane::Entry;
 use crate::bridge::Durable;
 use crate::devices::record::decode;
 
 const TABLE: TableDefinition<'_, (&str, u64), &[u8]> = TableDefinition::new("outbox");
+/// Each rule's next sequence number, so that one is never given twice, even once the rule's
+/// queue has been empty (the delivery log names entries by their numbers).
+const NEXT: TableDefinition<'_, &str, u64> = TableDefinition::new("outbox_next");
 /// Page cache of the database file: the lanes read back what they do not hold through it.
 const CACHE: usize = 4 * 1024 * 1024;
 /// Most operations committed in one transaction.
 const BATCH: usize = 4096;
+/// Most removals held in the delivery log before they are committed.
+const HELD: usize = 16_384;
+/// How long removals wait in the delivery log while nothing else comes.
+const QUIET: Duration = Duration::from_millis(250);
 
 type Ack = oneshot::Sender<Result<(), String>>;
 
@@ -78,13 +89,27 @@ impl Disk {
             }
             Err(e) => return Err(unreadable(e.to_string())),
         };
+        let acks_path = path.with_extension("acks");
+        let unreadable_acks = |e: std::io::Error| OutboxError::Unreadable {
+            path: acks_path.clone(),
+            detail: e.to_string(),
+        };
+        let (mut acks, delivered) = Acks::open(&acks_path).map_err(unreadable_acks)?;
+        if !delivered.is_empty() {
+            let delivered: Vec<_> = delivered
+                .into_iter()
+                .map(|(rule, seq)| (Arc::from(rule), seq))
+                .collect();
+            commit(&db, &[], &delivered).map_err(unreadable)?;
+            acks.clear_durably().map_err(unreadable_acks)?;
+        }
         let stored = scan(&db, window).map_err(unreadable)?;
         let db = Arc::new(RwLock::new(Some(db)));
         let (tx, rx) = mpsc::channel();
         let file = db.clone();
         std::thread::Builder::new()
             .name("outbox-writer".to_owned())
-            .spawn(move || write_loop(&file, &rx))
+            .spawn(move || Writer::new(acks).run(&file, &rx))
             .map_err(|e| unreadable(e.to_string()))?;
         let disk = Self {
             db,
@@ -172,52 +197,132 @@ impl Disk {
     }
 }
 
-/// Commits batches of operations until told to stop or every sender is gone.
-fn write_loop(file: &RwLock<Option<Database>>, rx: &mpsc::Receiver<Op>) {
-    while let Ok(first) = rx.recv() {
-        let mut batch = vec![first];
-        while batch.len() < BATCH {
-            match rx.try_recv() {
-                Ok(op) => batch.push(op),
-                Err(_) => break,
+/// The writer thread's state: the removals held in the delivery log and not yet committed.
+struct Writer {
+    acks: Acks,
+    held: Vec<(Arc<str>, u64)>,
+}
+
+impl Writer {
+    fn new(acks: Acks) -> Self {
+        Self {
+            acks,
+            held: Vec::new(),
+        }
+    }
+
+    /// Commits batches of operations until told to stop or every sender is gone.
+    fn run(mut self, file: &RwLock<Option<Database>>, rx: &mpsc::Receiver<Op>) {
+        loop {
+            let first = if self.held.is_empty() {
+                rx.recv().map_err(|_| mpsc::RecvTimeoutError::Disconnected)
+            } else {
+                rx.recv_timeout(QUIET)
+            };
+            let first = match first {
+                Ok(op) => op,
+                Err(mpsc::RecvTimeoutError::Timeout) => {
+                    let _ = self.commit(file, &[]);
+                    continue;
+                }
+                Err(mpsc::RecvTimeoutError::Disconnected) => {
+                    let _ = self.commit(file, &[]);
+                    return;
+                }
+            };
+            let mut batch = vec![first];
+            while batch.len() < BATCH {
+                match rx.try_recv() {
+                    Ok(op) => batch.push(op),
+                    Err(_) => break,
+                }
+            }
+            if self.hold(&batch) {
+                continue;
+            }
+            let outcome = self.commit(file, &batch);
+            let mut stop = None;
+            for op in batch {
+                match op {
+                    Op::Put {
+                        ack,
+                        committed,
+                        seq,
+                        ..
+                    } => {
+                        if let (Some(committed), Ok(())) = (committed, &outcome) {
+                            committed.fetch_max(seq + 1, Ordering::Release);
+                        }
+                        let _ = ack.send(outcome.clone());
+                    }
+                    Op::Stop(ack) => stop = Some(ack),
+                    Op::Delete { .. } => {}
+                }
+            }
+            if let Some(ack) = stop {
+                // Closed before the stop is confirmed, so a new gateway can open the file at once.
+                *file.write().unwrap_or_else(PoisonError::into_inner) = None;
+                let _ = ack.send(outcome);
+                return;
             }
         }
-        let outcome = match &*file.read().unwrap_or_else(PoisonError::into_inner) {
-            Some(db) => commit(db, &batch),
-            None => Err("the push outbox is closed".to_owned()),
-        }
-        .inspect_err(|e| tracing::error!(error = %e, "cannot write the push outbox"));
-        let mut stop = None;
+    }
+
+    /// Writes a batch of removals alone to the delivery log instead of the database, while the
+    /// log has room; false when the batch is to be committed.
+    fn hold(&mut self, batch: &[Op]) -> bool {
+        let mut removals = Vec::with_capacity(batch.len());
         for op in batch {
             match op {
-                Op::Put {
-                    ack,
-                    committed,
-                    seq,
-                    ..
-                } => {
-                    if let (Some(committed), Ok(())) = (committed, &outcome) {
-                        committed.fetch_max(seq + 1, Ordering::Release);
-                    }
-                    let _ = ack.send(outcome.clone());
-                }
-                Op::Stop(ack) => stop = Some(ack),
-                Op::Delete { .. } => {}
+                Op::Delete { rule, seq } => removals.push((rule.clone(), *seq)),
+                Op::Put { .. } | Op::Stop(_) => return false,
             }
         }
-        if let Some(ack) = stop {
-            // Closed before the stop is confirmed, so a new gateway can open the file at once.
-            *file.write().unwrap_or_else(PoisonError::into_inner) = None;
-            let _ = ack.send(outcome);
-            return;
+        if self.held.len() + removals.len() > HELD {
+            return false;
         }
+        match self.acks.append(&removals) {
+            Ok(()) => {
+                self.held.extend(removals);
+                true
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot write the push outbox's delivery log; committing instead");
+                false
+            }
+        }
+    }
+
+    /// Commits `batch` with every held removal, then empties the delivery log.
+    fn commit(&mut self, file: &RwLock<Option<Database>>, batch: &[Op]) -> Result<(), String> {
+        if batch.is_empty() && self.held.is_empty() {
+            return Ok(());
+        }
+        match &*file.read().unwrap_or_else(PoisonError::into_inner) {
+            Some(db) => commit(db, batch, &self.held),
+            None => Err("the push outbox is closed".to_owned()),
+        }
+        .inspect_err(|e| tracing::error!(error = %e, "cannot write the push outbox"))?;
+        self.held.clear();
+        if let Err(e) = self.acks.clear() {
+            // Records left in the log are applied again at the next start, removing nothing
+            // else: sequence numbers are not reused.
+            tracing::warn!(error = %e, "cannot empty the push outbox's delivery log");
+        }
+        Ok(())
     }
 }
 
-fn commit(db: &Database, batch: &[Op]) -> Result<(), String> {
+/// One durable transaction: the puts and removals of `batch`, the removals `held`, and each
+/// rule's next sequence number past its puts.
+fn commit(db: &Database, batch: &[Op], held: &[(Arc<str>, u64)]) -> Result<(), String> {
     let txn = db.begin_write().map_err(|e| e.to_string())?;
     {
         let mut table = txn.open_table(TABLE).map_err(|e| e.to_string())?;
+        let mut next: HashMap<&str, u64> = HashMap::new();
+        for (rule, seq) in held {
+            table.remove((&**rule, *seq)).map_err(|e| e.to_string())?;
+        }
         for op in batch {
             match op {
                 Op::Put {
@@ -226,11 +331,25 @@ fn commit(db: &Database, batch: &[Op]) -> Result<(), String> {
                     table
                         .insert((&**rule, *seq), record.as_slice())
                         .map_err(|e| e.to_string())?;
+                    let past = next.entry(rule).or_default();
+                    *past = (*past).max(seq + 1);
                 }
                 Op::Delete { rule, seq } => {
                     table.remove((&**rule, *seq)).map_err(|e| e.to_string())?;
                 }
                 Op::Stop(_) => {}
+            }
+        }
+        if !next.is_empty() {
+            let mut floors = txn.open_table(NEXT).map_err(|e| e.to_string())?;
+            for (rule, past) in next {
+                let known = floors
+                    .get(rule)
+                    .map_err(|e| e.to_string())?
+                    .map_or(0, |v| v.value());
+                if past > known {
+                    floors.insert(rule, past).map_err(|e| e.to_string())?;
+                }
             }
         }
     }
@@ -246,7 +365,7 @@ fn scan(db: &Database, window: impl Fn(&str) -> usize) -> Result<HashMap<String,
         Err(redb::TableError::TableDoesNotExist(_)) => return Ok(HashMap::new()),
         Err(e) => return Err(e.to_string()),
     };
-    let mut rules = HashMap::new();
+    let mut rules: HashMap<String, Stored> = HashMap::new();
     // Rows come in key order, so each rule's rows are together.
     let mut current: Option<(String, usize, Stored)> = None;
     for row in table.iter().map_err(|e| e.to_string())? {
@@ -273,6 +392,17 @@ fn scan(db: &Database, window: impl Fn(&str) -> usize) -> Result<HashMap<String,
     }
     if let Some((name, _, stored)) = current {
         rules.insert(name, stored);
+    }
+    match txn.open_table(NEXT) {
+        Ok(floors) => {
+            for row in floors.iter().map_err(|e| e.to_string())? {
+                let (rule, next) = row.map_err(|e| e.to_string())?;
+                let stored = rules.entry(rule.value().to_owned()).or_default();
+                stored.next_seq = stored.next_seq.max(next.value());
+            }
+        }
+        Err(redb::TableError::TableDoesNotExist(_)) => {}
+        Err(e) => return Err(e.to_string()),
     }
     Ok(rules)
 }
