@@ -916,6 +916,12 @@ impl Config {
         if self.http.sse_buffer == 0 {
             return invalid("http.sse_buffer", "must be at least 1");
         }
+        if self.http.sse_history_bytes < self.max_payload {
+            return invalid(
+                "http.sse_history_bytes",
+                "must be at least max_payload: it also bounds what a stream that falls behind can still get",
+            );
+        }
         if self.coap.ack_timeout.is_zero() || self.coap.ack_timeout > Duration::from_secs(60) {
             return invalid("coap.ack_timeout", "must be between 1ms and 60s");
         }
@@ -1252,6 +1258,10 @@ mod tests {
         c.broker.keep_alive = Duration::from_secs(2);
         let err = c.validate().unwrap_err().to_string();
         assert!(err.contains("`broker.keep_alive`"), "{err}");
+        let mut c = Config::default();
+        c.http.sse_history_bytes = c.max_payload - 1;
+        let err = c.validate().unwrap_err().to_string();
+        assert!(err.contains("`http.sse_history_bytes`"), "{err}");
     }
 
     #[test]

@@ -1,13 +1,18 @@
 //! Fan-out of every accepted message to live subscribers, with a bounded history for resuming
 //! streams. Store updates and fan-out happen under one lock, so a new subscriber's retained
 //! snapshot and its live messages neither overlap nor leave a gap.
+//!
+//! The broadcast ring carries weak references: the hub's recent past (bounded in messages and
+//! bytes) holds the messages, so a subscriber that stops reading (a stalled stream) holds none;
+//! what it finds let go when it reads on counts as missed, as if the ring had overtaken it.
 
 use std::borrow::Cow;
 use std::collections::VecDeque;
-use std::sync::{Arc, Mutex, OnceLock, PoisonError};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError, Weak};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use tokio::sync::broadcast;
+use tokio::sync::broadcast::error::{RecvError, TryRecvError};
 
 use crate::policy::Readable;
 
@@ -41,6 +46,97 @@ impl Event {
     }
 }
 
+/// What the broadcast ring holds of an event: the message is held by the hub's recent past.
+#[derive(Debug, Clone)]
+struct Shared {
+    seq: u64,
+    message: Weak<Message>,
+    rendered: Arc<OnceLock<String>>,
+}
+
+impl Shared {
+    fn upgrade(&self) -> Option<Event> {
+        Some(Event {
+            seq: self.seq,
+            message: self.message.upgrade()?,
+            rendered: self.rendered.clone(),
+        })
+    }
+}
+
+/// Every event published after it was made, unless it falls behind: by more than the ring
+/// (`http.sse_buffer` events) or past what the hub keeps (`http.sse_history_bytes`). Then it
+/// is told how many it missed, and goes on with the oldest it can still have.
+#[derive(Debug)]
+pub struct Live {
+    rx: broadcast::Receiver<Shared>,
+    /// An event read while counting missed ones, given at the next call.
+    pending: Option<Event>,
+}
+
+impl Live {
+    /// The next event; `Lagged(n)` when `n` were missed before it.
+    pub async fn recv(&mut self) -> Result<Event, RecvError> {
+        if let Some(event) = self.pending.take() {
+            return Ok(event);
+        }
+        let next = match self.rx.recv().await {
+            Ok(shared) => Ok(shared),
+            Err(RecvError::Lagged(n)) => Err(TryRecvError::Lagged(n)),
+            Err(RecvError::Closed) => Err(TryRecvError::Closed),
+        };
+        self.settle(next).map_err(|e| match e {
+            TryRecvError::Lagged(n) => RecvError::Lagged(n),
+            TryRecvError::Empty | TryRecvError::Closed => RecvError::Closed,
+        })
+    }
+
+    /// The next event if one is there.
+    pub fn try_recv(&mut self) -> Result<Event, TryRecvError> {
+        if let Some(event) = self.pending.take() {
+            return Ok(event);
+        }
+        let next = self.rx.try_recv();
+        self.settle(next)
+    }
+
+    /// `next` as an event, or the count of events missed from it on, let go or overtaken, up
+    /// to the first one still held (kept for the next call).
+    fn settle(&mut self, mut next: Result<Shared, TryRecvError>) -> Result<Event, TryRecvError> {
+        let mut missed = 0;
+        loop {
+            match next {
+                Ok(shared) => match shared.upgrade() {
+                    Some(event) if missed == 0 => return Ok(event),
+                    Some(event) => {
+                        self.pending = Some(event);
+                        return Err(TryRecvError::Lagged(missed));
+                    }
+                    None => missed += 1,
+                },
+                Err(TryRecvError::Lagged(n)) => missed += n,
+                Err(e) if missed == 0 => return Err(e),
+                // Closed is seen again at the next call.
+                Err(TryRecvError::Empty | TryRecvError::Closed) => {
+                    return Err(TryRecvError::Lagged(missed));
+                }
+            }
+            next = self.rx.try_recv();
+        }
+    }
+
+    /// The events as a stream, which ends when the hub is gone.
+    pub fn into_stream(self) -> impl futures_util::Stream<Item = Result<Event, u64>> {
+        futures_util::stream::unfold(self, |mut live| async move {
+            match live.recv().await {
+                Ok(event) => Some((Ok(event), live)),
+                Err(RecvError::Lagged(n)) => Some((Err(n), live)),
+                Err(RecvError::Closed) => None,
+            }
+        })
+    }
+}
+
 /// Where a new subscription starts.
 #[derive(Debug)]
 pub enum Start {
@@ -63,14 +159,15 @@ pub struct Subscription {
     pub start: Start,
     /// The sequence number the start covers up to.
     pub at: u64,
-    /// Later events; falls behind by at most the configured buffer.
-    pub live: broadcast::Receiver<Event>,
+    /// Later events.
+    pub live: Live,
     /// The topics the subscriber may read.
     pub scope: Readable,
 }
 
 /// How much of the recent past is kept for streams that resume: the oldest events go once
-/// either bound is passed.
+/// either bound is passed. The bytes bound also caps what live subscribers that fall behind
+/// can have (the ring holds no message itself).
 #[derive(Debug, Clone, Copy)]
 pub struct History {
     /// Most events.
@@ -82,6 +179,8 @@ pub struct History {
 #[derive(Debug)]
 struct Inner {
     seq: u64,
+    /// The recent past: the history streams resume from, and at least the ring's length, within
+    /// the bytes bound (the newest event always).
     history: VecDeque<Event>,
     /// What the events in `history` weigh together.
     history_bytes: usize,
@@ -92,22 +191,27 @@ struct Inner {
 pub(crate) struct Hub {
     epoch: u64,
     history_cap: History,
+    /// Most events held: the history's, or the ring's length if that is more.
+    keep: usize,
     inner: Mutex<Inner>,
-    tx: broadcast::Sender<Event>,
+    tx: broadcast::Sender<Shared>,
 }
 
 impl Hub {
     pub(crate) fn new(buffer: usize, history_cap: History) -> Self {
-        let (tx, _) = broadcast::channel(buffer.max(1));
+        let buffer = buffer.max(1);
+        let (tx, _) = broadcast::channel(buffer);
         let epoch = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_millis() as u64);
+        let keep = history_cap.messages.max(buffer);
         Self {
             epoch,
             history_cap,
+            keep,
             inner: Mutex::new(Inner {
                 seq: 0,
-                history: VecDeque::with_capacity(history_cap.messages.min(4096)),
+                history: VecDeque::with_capacity(keep.min(4096)),
                 history_bytes: 0,
             }),
             tx,
@@ -131,25 +235,32 @@ impl Hub {
             message,
             rendered: Arc::default(),
         };
-        let cap = self.history_cap;
-        if cap.messages > 0 {
-            inner.history_bytes += event.message.weight();
-            inner.history.push_back(event.clone());
-            while inner.history.len() > cap.messages || inner.history_bytes > cap.bytes {
-                let Some(oldest) = inner.history.pop_front() else {
-                    break;
-                };
-                inner.history_bytes -= oldest.message.weight();
-            }
+        let shared = Shared {
+            seq: event.seq,
+            message: Arc::downgrade(&event.message),
+            rendered: event.rendered.clone(),
+        };
+        inner.history_bytes += event.message.weight();
+        inner.history.push_back(event);
+        while inner.history.len() > self.keep
+            || (inner.history_bytes > self.history_cap.bytes && inner.history.len() > 1)
+        {
+            let Some(oldest) = inner.history.pop_front() else {
+                break;
+            };
+            inner.history_bytes -= oldest.message.weight();
         }
         // No receiver is not an error: nobody is streaming.
-        let _ = self.tx.send(event);
+        let _ = self.tx.send(shared);
         durable
     }
 
     /// Every later event.
-    pub(crate) fn live(&self) -> broadcast::Receiver<Event> {
-        self.tx.subscribe()
+    pub(crate) fn live(&self) -> Live {
+        Live {
+            rx: self.tx.subscribe(),
+            pending: None,
+        }
     }
 
     /// Subscribes to `filter`, resuming after `last_event_id` when it is still in the history.
@@ -160,7 +271,7 @@ impl Hub {
         store: &RetainedStore,
     ) -> Subscription {
         let inner = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
-        let live = self.tx.subscribe();
+        let live = self.live();
         let at = inner.seq;
         let start = match last_event_id.map(|id| self.resume_point(id, &inner)) {
             Some(Some(after)) => Start::Resume(
@@ -191,8 +302,10 @@ impl Hub {
         if epoch != self.epoch || seq > inner.seq {
             return None;
         }
-        let oldest = inner.history.front().map_or(inner.seq + 1, |e| e.seq);
-        (seq + 1 >= oldest).then_some(seq)
+        let held = inner.history.front().map_or(inner.seq + 1, |e| e.seq);
+        // The recent past may be longer than the history streams resume from.
+        let covered = (inner.seq + 1).saturating_sub(self.history_cap.messages as u64);
+        (seq + 1 >= held.max(covered)).then_some(seq)
     }
 }
 
@@ -280,13 +393,85 @@ mod tests {
             hub.subscribe(&all, Some(&id(1)), &store).start,
             Start::Snapshot { reset: true, .. }
         ));
-        // One message over the bound is not kept at all.
+        // A message over the bound is kept alone while it is the newest, so that live
+        // subscribers still get it, and goes with the next.
         let m = Message::new(Topic::parse("e").unwrap(), vec![b'x'; 3_000], Origin::Http);
         hub.publish(Arc::new(m), &store);
+        match hub.subscribe(&all, Some(&id(4)), &store).start {
+            Start::Resume(events) => {
+                assert_eq!(events.iter().map(|e| e.seq).collect::<Vec<_>>(), [5]);
+            }
+            other => panic!("expected a resume, got {other:?}"),
+        }
         assert!(matches!(
-            hub.subscribe(&all, Some(&id(4)), &store).start,
+            hub.subscribe(&all, Some(&id(3)), &store).start,
             Start::Snapshot { reset: true, .. }
         ));
-        assert_eq!(hub.inner.lock().unwrap().history_bytes, 0);
+        send(&hub, &store, "f");
+        assert_eq!(hub.inner.lock().unwrap().history.len(), 1);
+    }
+
+    /// A subscriber that stops reading holds no message: the hub's recent past does, within its
+    /// bytes. Reading on, it is told how many it missed, then gets the oldest still held and
+    /// everything after it.
+    #[tokio::test]
+    async fn a_subscriber_that_stops_reading_holds_no_message_past_the_bytes() {
+        let store = RetainedStore::new();
+        let hub = Hub::new(
+            1024,
+            History {
+                messages: 10_000,
+                bytes: 10_500,
+            },
+        );
+        let mut stalled = hub.live();
+        let first = Arc::new(Message::new(
+            Topic::parse("t/0").unwrap(),
+            vec![b'x'; 999],
+            Origin::Http,
+        ));
+        let weak = Arc::downgrade(&first);
+        hub.publish(first, &store);
+        for n in 1..100 {
+            let m = Message::new(
+                Topic::parse(&format!("t/{n}")).unwrap(),
+                vec![b'x'; 999],
+                Origin::Http,
+            );
+            hub.publish(Arc::new(m), &store);
+        }
+        assert!(
+            weak.upgrade().is_none(),
+            "the first message is let go though the subscriber never read it"
+        );
+        let held = hub.inner.lock().unwrap().history.len() as u64;
+        assert!((5..=10).contains(&held), "{held}");
+        assert!(matches!(stalled.recv().await, Err(RecvError::Lagged(n)) if n == 100 - held));
+        for seq in 100 - held + 1..=100 {
+            assert_eq!(stalled.try_recv().unwrap().seq, seq);
+        }
+        assert!(matches!(stalled.try_recv(), Err(TryRecvError::Empty)));
+        // Overtaken by the ring and let go by the hub at once: one count for both.
+        let hub = Hub::new(
+            16,
+            History {
+                messages: 10_000,
+                bytes: 10_500,
+            },
+        );
+        let mut stalled = hub.live();
+        for n in 0..30 {
+            let m = Message::new(
+                Topic::parse(&format!("t/{n}")).unwrap(),
+                vec![b'x'; 999],
+                Origin::Http,
+            );
+            hub.publish(Arc::new(m), &store);
+        }
+        // The ring kept the last 16, the hub the last `held` of them.
+        let held = hub.inner.lock().unwrap().history.len() as u64;
+        assert!(held < 16, "{held}");
+        assert!(matches!(stalled.try_recv(), Err(TryRecvError::Lagged(n)) if n == 30 - held));
+        assert_eq!(stalled.try_recv().unwrap().seq, 30 - held + 1);
     }
 }

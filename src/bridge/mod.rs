@@ -20,7 +20,7 @@ use tokio_util::sync::CancellationToken;
 
 pub use crate::topic::{Topic, TopicError, TopicFilter};
 pub use content::{content_format_for, content_type_for};
-pub use hub::{Event, History, Start, Subscription};
+pub use hub::{Event, History, Live, Start, Subscription};
 pub use journal::{Durable, Journal, JournalError};
 pub(crate) use journal::{from_millis, millis};
 pub use message::{
@@ -365,9 +365,9 @@ impl Bridge {
         &self.inner.policy
     }
 
-    /// Every message accepted from now on, whatever its topic; falls behind by at most the
-    /// configured buffer.
-    pub fn live(&self) -> tokio::sync::broadcast::Receiver<Event> {
+    /// Every message accepted from now on, whatever its topic, unless it falls behind (then it
+    /// is told how many it missed).
+    pub fn live(&self) -> Live {
         self.inner.hub.live()
     }
 

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use coap_lite::MessageType;
-use tokio::sync::broadcast::{self, error::RecvError};
+use tokio::sync::broadcast::error::RecvError;
 
 use super::block::Uploads;
 use super::exchange::{Exchange, ExchangeKey, Exchanges, empty, encode, exchange_lifetime};
@@ -23,7 +23,7 @@ use super::observe::{Inflight, ObserverKey, Observers};
 use super::request::Reply;
 use super::timers::{TimerId, Timers};
 use super::wire::{self, Inbound};
-use crate::bridge::{Bridge, Event};
+use crate::bridge::{Bridge, Event, Live};
 use crate::config::CoapConfig;
 use crate::metrics::Metrics;
 use crate::policy::Principal;
@@ -125,7 +125,7 @@ pub(crate) struct Endpoint {
     jobs: HashMap<JobId, Running>,
     next_job: u64,
     /// Every accepted message, while anyone observes.
-    live: Option<broadcast::Receiver<Event>>,
+    live: Option<Live>,
     next_mid: u16,
     ack_timeout: Duration,
     max_retransmit: u8,
@@ -261,7 +261,7 @@ impl Endpoint {
 
     /// The subscription to every accepted message, held while anyone observes; its results go
     /// to [`Endpoint::on_live`].
-    pub(crate) fn live(&mut self) -> Option<&mut broadcast::Receiver<Event>> {
+    pub(crate) fn live(&mut self) -> Option<&mut Live> {
         self.live.as_mut()
     }
 

@@ -4,13 +4,13 @@
 
 use std::time::Instant;
 
-use tokio::sync::broadcast::{self, error::RecvError};
+use tokio::sync::broadcast::error::RecvError;
 use tokio::sync::mpsc;
 use tokio_util::task::TaskTracker;
 
 use super::endpoint::{Endpoint, Job, JobId};
 use super::request::Reply;
-use crate::bridge::{Bridge, Event};
+use crate::bridge::{Bridge, Event, Live};
 use crate::deadline::Deadline;
 
 /// Runs `serve` on `socket` on a thread named `name` with a current-thread runtime of its own
@@ -118,9 +118,7 @@ pub(crate) fn tick_time(deadline: tokio::time::Instant) -> Instant {
 }
 
 /// The next result of the endpoint's live subscription, or never while it holds none.
-pub(crate) async fn next_live(
-    live: Option<&mut broadcast::Receiver<Event>>,
-) -> Result<Event, RecvError> {
+pub(crate) async fn next_live(live: Option<&mut Live>) -> Result<Event, RecvError> {
     match live {
         Some(rx) => rx.recv().await,
         None => std::future::pending().await,

@@ -9,8 +9,6 @@ use std::time::SystemTime;
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use futures_util::stream::{self, Stream, StreamExt};
 use prometheus_client::metrics::gauge::Gauge;
-use tokio_stream::wrappers::BroadcastStream;
-use tokio_stream::wrappers::errors::BroadcastStreamRecvError;
 
 use super::AppState;
 use super::auth::Caller;
@@ -130,7 +128,7 @@ pub(crate) fn stream(
         .get_or_create(&ProtocolLabel { protocol: "sse" })
         .clone();
     let scope = sub.scope;
-    let live = BroadcastStream::new(sub.live).filter_map(move |item| {
+    let live = sub.live.into_stream().filter_map(move |item| {
         let _alive = &guard;
         let event = match item {
             Ok(e)
@@ -145,7 +143,7 @@ pub(crate) fn stream(
                 })
             }
             Ok(_) => None,
-            Err(BroadcastStreamRecvError::Lagged(n)) => {
+            Err(n) => {
                 metrics
                     .lag_dropped
                     .get_or_create(&StreamLabel { stream: "sse" })

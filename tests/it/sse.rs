@@ -172,6 +172,69 @@ async fn a_stalled_reader_lags_alone_and_is_told_how_much_it_lost() {
     assert!(after >= dropped as f64);
 }
 
+/// A stalled stream holds no more than `http.sse_history_bytes` of messages: far fewer messages
+/// than `http.sse_buffer` pass it, but more bytes than the hub keeps, and it is told it lagged.
+#[tokio::test]
+async fn a_stalled_reader_holds_no_more_than_the_history_bytes() {
+    let gw = TestGateway::start_with(|c| {
+        c.max_payload = 64 * 1024;
+        c.http.sse_buffer = 1024;
+        c.http.sse_history_bytes = 256 * 1024;
+    })
+    .await;
+    let stalled = gw.sse("big/%23", None).await;
+    let mut fast = gw.sse("big/%23", None).await;
+    let (c4, _) = gw.mqtt_v4("big-pub", &[]).await;
+    let payload = "p".repeat(16 * 1024);
+    let total = 1000;
+    // In tens (160 KiB), well within what the hub keeps, so the reader that reads keeps up.
+    let mut received = 0;
+    for batch in 0..(total / 10) {
+        for i in 0..10 {
+            let n = batch * 10 + i;
+            c4.publish(
+                format!("big/{n}"),
+                rumqttc::QoS::AtMostOnce,
+                false,
+                payload.clone(),
+            )
+            .await
+            .unwrap();
+        }
+        while received < (batch + 1) * 10 {
+            let ev = fast.expect_event().await;
+            assert_eq!(ev.event, "message", "the fast reader never lags");
+            assert_eq!(ev.json()["topic"], format!("big/{received}"));
+            received += 1;
+        }
+    }
+    let mut stalled = stalled;
+    let mut seen = 0;
+    let lagged = loop {
+        let ev = stalled.expect_event().await;
+        if ev.event == "lagged" {
+            break ev;
+        }
+        assert_eq!(ev.event, "message");
+        seen += 1;
+    };
+    let dropped = lagged.json()["dropped"].as_u64().expect("dropped count");
+    // What it still gets after the gap is the hub's last 256 KiB: about 15 messages.
+    let mut after = 0;
+    let mut last = String::new();
+    crate::support::within("the messages after the gap", async {
+        while seen + dropped + after < total as u64 {
+            let ev = stalled.expect_event().await;
+            assert_eq!(ev.event, "message");
+            last = ev.json()["topic"].as_str().unwrap().to_owned();
+            after += 1;
+        }
+    })
+    .await;
+    assert_eq!(last, format!("big/{}", total - 1));
+    assert!((1..=16).contains(&after), "{seen} {dropped} {after}");
+}
+
 #[tokio::test]
 async fn streams_end_cleanly_on_shutdown() {
     let gw = TestGateway::start().await;
