@@ -95,9 +95,10 @@ impl Outbox {
         &self.lanes
     }
 
-    /// Forgets a delivered or dead-lettered entry, in memory and then on disk.
-    pub(crate) fn remove(&self, lane: &Lane, seq: u64) {
-        lane.remove(seq);
+    /// Forgets delivered or dead-lettered entries of `lane`, in memory and then on disk (one
+    /// write for them all).
+    pub(crate) fn remove(&self, lane: &Lane, seqs: &[u64]) {
+        lane.remove(seqs);
     }
 
     /// Commits everything queued, then closes the file.
@@ -187,7 +188,7 @@ mod tests {
         let lane = outbox.lanes()[0].clone();
         let first = lane.next(1).await;
         assert_eq!(first.message.payload, "1");
-        outbox.remove(&lane, first.seq);
+        outbox.remove(&lane, &[first.seq]);
         outbox.close().await;
         let outbox = Outbox::open(dir.path(), rules()).unwrap();
         let lane = outbox.lanes()[0].clone();
@@ -202,7 +203,7 @@ mod tests {
         let mut seqs = Vec::new();
         for _ in 0..3 {
             let entry = lane.next(1).await;
-            outbox.remove(&lane, entry.seq);
+            outbox.remove(&lane, &[entry.seq]);
             seqs.push(entry.seq);
         }
         assert_eq!(seqs, [1, 2, 3]);
@@ -272,13 +273,13 @@ mod tests {
         // At the limit, and with a2's topic busy, nothing more goes.
         let next = tokio::time::timeout(Duration::from_millis(50), lane.next(4)).await;
         assert!(next.is_err(), "a2 must wait for a1");
-        outbox.remove(&lane, b1.seq);
+        outbox.remove(&lane, &[b1.seq]);
         assert!(
             tokio::time::timeout(Duration::from_millis(50), lane.next(3))
                 .await
                 .is_err()
         );
-        outbox.remove(&lane, a1.seq);
+        outbox.remove(&lane, &[a1.seq]);
         assert_eq!(lane.next(3).await.message.payload, "a2");
         outbox.close().await;
     }
@@ -314,7 +315,7 @@ mod tests {
         let mut sent = Vec::new();
         for _ in 0..1000 {
             let entry = lane.next(1).await;
-            outbox.remove(&lane, entry.seq);
+            outbox.remove(&lane, &[entry.seq]);
             sent.push(entry.message.payload.clone());
             assert!(lane.in_memory() <= MIN_WINDOW);
         }
@@ -324,7 +325,7 @@ mod tests {
         assert_eq!((lane.depth(), lane.held().len()), (2000, MIN_WINDOW));
         for _ in 0..2000 {
             let entry = lane.next(1).await;
-            outbox.remove(&lane, entry.seq);
+            outbox.remove(&lane, &[entry.seq]);
             sent.push(entry.message.payload.clone());
         }
         let expected: Vec<String> = (1000..4000).map(|n| n.to_string()).collect();
@@ -367,7 +368,7 @@ mod tests {
         assert_eq!(lane.held(), ["2", "4"]);
         for _ in 0..2 {
             let entry = lane.next(2).await;
-            outbox.remove(&lane, entry.seq);
+            outbox.remove(&lane, &[entry.seq]);
         }
         outbox.close().await;
         let outbox = Outbox::open(dir.path(), rules()).unwrap();

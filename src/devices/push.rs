@@ -7,8 +7,8 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
-use futures_util::StreamExt;
 use futures_util::stream::FuturesUnordered;
+use futures_util::{FutureExt, StreamExt};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::histogram::Histogram;
 use reqwest::header::{CONTENT_TYPE, HeaderMap, HeaderName, HeaderValue, RETRY_AFTER};
@@ -110,19 +110,29 @@ impl Worker {
         // Up to `in_flight` deliveries at once, one per topic; cancelled, what is in flight is
         // still in the outbox and is sent again after the restart.
         let mut running = FuturesUnordered::new();
+        let mut done = Vec::new();
         loop {
             tokio::select! {
                 entry = self.lane.next(self.rule.in_flight) => {
                     running.push(self.handle(entry, &counters));
                 }
-                Some(()) = running.next(), if !running.is_empty() => {}
+                Some(seq) = running.next(), if !running.is_empty() => {
+                    // Every delivery finished by now leaves the outbox in one write.
+                    done.push(seq);
+                    while let Some(Some(seq)) = running.next().now_or_never() {
+                        done.push(seq);
+                    }
+                    self.outbox.remove(&self.lane, &done);
+                    done.clear();
+                }
                 () = cancel.cancelled() => return,
             }
         }
     }
 
-    /// Delivers one entry, or gives it up, then takes it out of the outbox.
-    async fn handle(&self, entry: Entry, counters: &Counters) {
+    /// Delivers one entry, or gives it up; returns its sequence number, for the caller to take
+    /// it out of the outbox.
+    async fn handle(&self, entry: Entry, counters: &Counters) -> u64 {
         let outcome = self.deliver(&entry, counters).await;
         match outcome {
             Outcome::Delivered(answer) => {
@@ -143,7 +153,7 @@ impl Worker {
                     .await;
             }
         }
-        self.outbox.remove(&self.lane, entry.seq);
+        entry.seq
     }
 
     /// Sends `entry` until it is delivered or given up.

@@ -46,7 +46,7 @@ enum Op {
     },
     Delete {
         rule: Arc<str>,
-        seq: u64,
+        seqs: Vec<u64>,
     },
     Stop(Ack),
 }
@@ -138,11 +138,11 @@ impl Disk {
         self.send(op).then_some(durable)
     }
 
-    /// Queues the removal of an entry.
-    pub(super) fn delete(&self, rule: &Arc<str>, seq: u64) {
+    /// Queues the removal of entries.
+    pub(super) fn delete(&self, rule: &Arc<str>, seqs: Vec<u64>) {
         self.send(Op::Delete {
             rule: rule.clone(),
-            seq,
+            seqs,
         });
     }
 
@@ -274,7 +274,9 @@ impl Writer {
         let mut removals = Vec::with_capacity(batch.len());
         for op in batch {
             match op {
-                Op::Delete { rule, seq } => removals.push((rule.clone(), *seq)),
+                Op::Delete { rule, seqs } => {
+                    removals.extend(seqs.iter().map(|seq| (rule.clone(), *seq)));
+                }
                 Op::Put { .. } | Op::Stop(_) => return false,
             }
         }
@@ -334,8 +336,10 @@ fn commit(db: &Database, batch: &[Op], held: &[(Arc<str>, u64)]) -> Result<(), S
                     let past = next.entry(rule).or_default();
                     *past = (*past).max(seq + 1);
                 }
-                Op::Delete { rule, seq } => {
-                    table.remove((&**rule, *seq)).map_err(|e| e.to_string())?;
+                Op::Delete { rule, seqs } => {
+                    for seq in seqs {
+                        table.remove((&**rule, *seq)).map_err(|e| e.to_string())?;
+                    }
                 }
                 Op::Stop(_) => {}
             }

@@ -157,7 +157,7 @@ impl Lane {
                 WhenFull::DropOldest => {
                     let oldest = state.held.iter().position(|h| !h.in_flight);
                     if let Some(dropped) = oldest.and_then(|i| state.held.remove(i)) {
-                        self.disk.delete(&self.name, dropped.entry.seq);
+                        self.disk.delete(&self.name, vec![dropped.entry.seq]);
                     } else if state.spilled > state.skip {
                         // The oldest waiting entry is on disk: it goes when it is read back.
                         state.skip += 1;
@@ -199,22 +199,24 @@ impl Lane {
         durable
     }
 
-    /// Forgets a delivered or dead-lettered entry, in memory and then on disk.
-    pub(super) fn remove(&self, seq: u64) {
+    /// Forgets delivered or dead-lettered entries, in memory and then on disk.
+    pub(super) fn remove(&self, seqs: &[u64]) {
         {
             let mut state = self.lock();
-            if let Ok(i) = state.held.binary_search_by_key(&seq, |h| h.entry.seq)
-                && let Some(done) = state.held.remove(i)
-                && done.in_flight
-            {
-                state.in_flight -= 1;
-                state.busy.remove(&done.entry.message.topic);
+            for &seq in seqs {
+                if let Ok(i) = state.held.binary_search_by_key(&seq, |h| h.entry.seq)
+                    && let Some(done) = state.held.remove(i)
+                    && done.in_flight
+                {
+                    state.in_flight -= 1;
+                    state.busy.remove(&done.entry.message.topic);
+                }
             }
             self.bound.depth.set(state.depth() as i64);
         }
-        // The next message on that topic may go now.
+        // The next message on those topics may go now.
         self.ready.notify_one();
-        self.disk.delete(&self.name, seq);
+        self.disk.delete(&self.name, seqs.to_vec());
     }
 
     /// Moves spilled entries back into the window once it is half empty: from memory when
@@ -272,7 +274,7 @@ impl Lane {
             state.spill_from = entry.seq + 1;
             if state.skip > 0 {
                 state.skip -= 1;
-                self.disk.delete(&self.name, entry.seq);
+                self.disk.delete(&self.name, vec![entry.seq]);
             } else {
                 state.held.push_back(Held {
                     entry,
