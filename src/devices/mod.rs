@@ -4,6 +4,7 @@
 
 mod coap;
 mod outbox;
+mod plain;
 mod pull;
 mod push;
 mod record;
@@ -322,6 +323,7 @@ fn push_rule(
     if c.backoff > c.max_backoff {
         return Err("`backoff` must not be longer than `max_backoff`".to_owned());
     }
+    let url_origin = &url.origin().to_owned();
     Ok(push::PushRule {
         name: Arc::from(c.name.as_str()),
         filter,
@@ -342,6 +344,7 @@ fn push_rule(
         max_backoff: c.max_backoff,
         in_flight: c.in_flight,
         transmission,
+        plain: plain::Plain::for_origin(url_origin),
         client,
         last: Mutex::new(None),
     })
@@ -396,11 +399,14 @@ fn pull_rule(
     })
 }
 
+/// What the gateway calls itself in its requests.
+const USER_AGENT: &str = concat!("topicgate/", env!("CARGO_PKG_VERSION"));
+
 /// A client that calls only configured URLs: redirects are not followed.
 fn client_builder() -> reqwest::ClientBuilder {
     reqwest::Client::builder()
         .redirect(reqwest::redirect::Policy::none())
-        .user_agent(concat!("topicgate/", env!("CARGO_PKG_VERSION")))
+        .user_agent(USER_AGENT)
 }
 
 /// The shared client, or, for a rule with `ca_cert` or a client certificate

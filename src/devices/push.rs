@@ -17,6 +17,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::coap::{Body, CoapSocket, Transmission};
 use super::outbox::{Entry, Lane, Outbox};
+use super::plain::Plain;
 use super::retry::{backoff, parse_retry_after};
 use super::template::{TopicTemplate, UrlTemplate};
 use crate::bridge::{
@@ -47,6 +48,8 @@ pub(crate) struct PushRule {
     pub(crate) in_flight: usize,
     /// The CoAP retransmission parameters, for `coap://` endpoints.
     pub(crate) transmission: Transmission,
+    /// The connections of an `http://` rule with no proxy; otherwise `client` serves.
+    pub(crate) plain: Option<Plain>,
     /// The HTTP client: the shared one, or the rule's own with its certificates.
     pub(crate) client: reqwest::Client,
     /// The last attempt's outcome, for `/rules`.
@@ -62,6 +65,34 @@ struct Answer {
     retry_after: Option<Duration>,
     /// `mqtt-user-NAME` headers of an HTTP answer, as the HTTP API takes them in.
     user_properties: Vec<(String, String)>,
+}
+
+impl Answer {
+    /// An HTTP answer: its status, what its headers say, and its body as read.
+    fn from_parts(status: u16, headers: &HeaderMap, body: Bytes) -> Self {
+        let content_type = headers
+            .get(CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
+        let retry_after = headers
+            .get(RETRY_AFTER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(parse_retry_after);
+        let user_properties = headers
+            .iter()
+            .filter_map(|(name, value)| {
+                let name = name.as_str().strip_prefix("mqtt-user-")?;
+                Some((name.to_owned(), value.to_str().ok()?.to_owned()))
+            })
+            .collect();
+        Self {
+            status,
+            body,
+            content_type,
+            retry_after,
+            user_properties,
+        }
+    }
 }
 
 /// How a message left the outbox.
@@ -230,61 +261,29 @@ impl Worker {
         if url.scheme() == "coap" {
             return self.send_coap(message, &url).await;
         }
-        let mut request = self
+        let (headers, body) = self.request_parts(message);
+        let limit = self.bridge.max_payload();
+        if let Some(plain) = &rule.plain {
+            let sent = plain.send(rule.method.clone(), &url, headers, body, limit);
+            let reply = tokio::time::timeout(rule.timeout, sent)
+                .await
+                .map_err(|_| "operation timed out".to_owned())??;
+            return Ok(Answer::from_parts(
+                reply.status.as_u16(),
+                &reply.headers,
+                reply.body,
+            ));
+        }
+        // The URL may carry the payload: errors are reported without it.
+        let mut response = self
             .client
             .request(rule.method.clone(), url)
             .timeout(rule.timeout)
-            .headers(rule.headers.clone());
-        request = match rule.body {
-            PushBody::Raw => {
-                let mut headers = HeaderMap::new();
-                if let Some(ct) = message
-                    .content_type
-                    .as_deref()
-                    .and_then(|ct| HeaderValue::from_str(ct).ok())
-                {
-                    headers.insert(CONTENT_TYPE, ct);
-                }
-                // User properties go as the HTTP API takes them in: `mqtt-user-NAME: VALUE`.
-                for (name, value) in &message.user_properties {
-                    if let (Ok(name), Ok(value)) = (
-                        HeaderName::from_bytes(format!("mqtt-user-{name}").as_bytes()),
-                        HeaderValue::from_str(value),
-                    ) {
-                        headers.append(name, value);
-                    }
-                }
-                request.headers(headers).body(message.payload.clone())
-            }
-            PushBody::Envelope => request
-                .header(CONTENT_TYPE, "application/json")
-                .body(message.envelope_json(SystemTime::now())),
-        };
-        // The URL may carry the payload: errors are reported without it.
-        let mut response = request
+            .headers(headers)
+            .body(body)
             .send()
             .await
             .map_err(|e| e.without_url().to_string())?;
-        let status = response.status().as_u16();
-        let content_type = response
-            .headers()
-            .get(CONTENT_TYPE)
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_owned);
-        let retry_after = response
-            .headers()
-            .get(RETRY_AFTER)
-            .and_then(|v| v.to_str().ok())
-            .and_then(parse_retry_after);
-        let user_properties = response
-            .headers()
-            .iter()
-            .filter_map(|(name, value)| {
-                let name = name.as_str().strip_prefix("mqtt-user-")?;
-                Some((name.to_owned(), value.to_str().ok()?.to_owned()))
-            })
-            .collect();
-        let limit = self.bridge.max_payload();
         let mut body = Vec::new();
         while let Some(chunk) = response
             .chunk()
@@ -297,13 +296,51 @@ impl Worker {
                 break;
             }
         }
-        Ok(Answer {
-            status,
-            body: Bytes::from(body),
-            content_type,
-            retry_after,
-            user_properties,
-        })
+        Ok(Answer::from_parts(
+            response.status().as_u16(),
+            response.headers(),
+            Bytes::from(body),
+        ))
+    }
+
+    /// The headers and body of the request for `message`: the rule's headers, then the
+    /// message's content type and user properties (`mqtt-user-NAME`), which replace a rule's
+    /// header of the same name.
+    fn request_parts(&self, message: &Message) -> (HeaderMap, Bytes) {
+        let mut headers = self.rule.headers.clone();
+        match self.rule.body {
+            PushBody::Raw => {
+                if let Some(ct) = message
+                    .content_type
+                    .as_deref()
+                    .and_then(|ct| HeaderValue::from_str(ct).ok())
+                {
+                    headers.insert(CONTENT_TYPE, ct);
+                }
+                // User properties go as the HTTP API takes them in: `mqtt-user-NAME: VALUE`.
+                let mut users = HeaderMap::new();
+                for (name, value) in &message.user_properties {
+                    if let (Ok(name), Ok(value)) = (
+                        HeaderName::from_bytes(format!("mqtt-user-{name}").as_bytes()),
+                        HeaderValue::from_str(value),
+                    ) {
+                        users.append(name, value);
+                    }
+                }
+                for name in users.keys() {
+                    headers.remove(name);
+                }
+                for (name, value) in &users {
+                    headers.append(name, value.clone());
+                }
+                (headers, message.payload.clone())
+            }
+            PushBody::Envelope => {
+                headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+                let envelope = message.envelope_json(SystemTime::now());
+                (headers, Bytes::from(envelope.into_bytes()))
+            }
+        }
     }
 
     /// One confirmable CoAP request and its response (piggybacked or separate), resent on the

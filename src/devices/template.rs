@@ -94,6 +94,11 @@ impl UrlTemplate {
         Ok(t)
     }
 
+    /// `scheme://authority`, which no value ever changes.
+    pub(crate) fn origin(&self) -> &str {
+        &self.origin
+    }
+
     /// The highest topic level the template names.
     pub(crate) fn max_level(&self) -> usize {
         max_level(&self.rest)
