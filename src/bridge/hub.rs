@@ -316,8 +316,16 @@ mod tests {
     use crate::topic::Topic;
 
     fn send(hub: &Hub, store: &RetainedStore, topic: &str) {
-        let m = Message::new(Topic::parse(topic).unwrap(), "v", Origin::Http);
-        hub.publish(Arc::new(m), store);
+        send_sized(hub, store, topic, 1);
+    }
+
+    /// Publishes `size` bytes to `topic`; the handle tells whether anything still holds them.
+    fn send_sized(hub: &Hub, store: &RetainedStore, topic: &str, size: usize) -> Weak<Message> {
+        let m = Message::new(Topic::parse(topic).unwrap(), vec![b'x'; size], Origin::Http);
+        let m = Arc::new(m);
+        let weak = Arc::downgrade(&m);
+        hub.publish(m, store);
+        weak
     }
 
     #[test]
@@ -373,12 +381,8 @@ mod tests {
                 bytes: 2_500,
             },
         );
-        let big = |topic: &str| {
-            let m = Message::new(Topic::parse(topic).unwrap(), vec![b'x'; 999], Origin::Http);
-            hub.publish(Arc::new(m), &store);
-        };
         for t in ["a", "b", "c", "d"] {
-            big(t);
+            send_sized(&hub, &store, t, 999);
         }
         let all = TopicFilter::parse("#").unwrap();
         let id = |seq: u64| format!("{}-{seq}", hub.epoch());
@@ -395,8 +399,7 @@ mod tests {
         ));
         // A message over the bound is kept alone while it is the newest, so that live
         // subscribers still get it, and goes with the next.
-        let m = Message::new(Topic::parse("e").unwrap(), vec![b'x'; 3_000], Origin::Http);
-        hub.publish(Arc::new(m), &store);
+        send_sized(&hub, &store, "e", 3_000);
         match hub.subscribe(&all, Some(&id(4)), &store).start {
             Start::Resume(events) => {
                 assert_eq!(events.iter().map(|e| e.seq).collect::<Vec<_>>(), [5]);
@@ -425,20 +428,9 @@ mod tests {
             },
         );
         let mut stalled = hub.live();
-        let first = Arc::new(Message::new(
-            Topic::parse("t/0").unwrap(),
-            vec![b'x'; 999],
-            Origin::Http,
-        ));
-        let weak = Arc::downgrade(&first);
-        hub.publish(first, &store);
+        let weak = send_sized(&hub, &store, "t/0", 999);
         for n in 1..100 {
-            let m = Message::new(
-                Topic::parse(&format!("t/{n}")).unwrap(),
-                vec![b'x'; 999],
-                Origin::Http,
-            );
-            hub.publish(Arc::new(m), &store);
+            send_sized(&hub, &store, &format!("t/{n}"), 999);
         }
         assert!(
             weak.upgrade().is_none(),
@@ -461,12 +453,7 @@ mod tests {
         );
         let mut stalled = hub.live();
         for n in 0..30 {
-            let m = Message::new(
-                Topic::parse(&format!("t/{n}")).unwrap(),
-                vec![b'x'; 999],
-                Origin::Http,
-            );
-            hub.publish(Arc::new(m), &store);
+            send_sized(&hub, &store, &format!("t/{n}"), 999);
         }
         // The ring kept the last 16, the hub the last `held` of them.
         let held = hub.inner.lock().unwrap().history.len() as u64;

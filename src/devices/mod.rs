@@ -323,7 +323,7 @@ fn push_rule(
     if c.backoff > c.max_backoff {
         return Err("`backoff` must not be longer than `max_backoff`".to_owned());
     }
-    let url_origin = &url.origin().to_owned();
+    let plain = plain::Plain::for_origin(url.origin());
     Ok(push::PushRule {
         name: Arc::from(c.name.as_str()),
         filter,
@@ -344,7 +344,7 @@ fn push_rule(
         max_backoff: c.max_backoff,
         in_flight: c.in_flight,
         transmission,
-        plain: plain::Plain::for_origin(url_origin),
+        plain,
         client,
         last: Mutex::new(None),
     })
@@ -397,6 +397,14 @@ fn pull_rule(
         client,
         last: Mutex::new(None),
     })
+}
+
+/// Appends to an answer's `body` what of `chunk` fits within `limit` bytes; false when some
+/// of it did not fit, and the rest of the answer is not to be read.
+fn append_within(body: &mut Vec<u8>, chunk: &[u8], limit: usize) -> bool {
+    let room = limit.saturating_sub(body.len());
+    body.extend_from_slice(&chunk[..chunk.len().min(room)]);
+    chunk.len() <= room
 }
 
 /// What the gateway calls itself in its requests.

@@ -156,6 +156,16 @@ mod tests {
         }
     }
 
+    /// A rule as [`Outbox::open`] takes it, whose principal may read everything.
+    fn rule(name: &str, filter: &str, bound: Bound) -> (Arc<str>, TopicFilter, Readable, Bound) {
+        (
+            Arc::from(name),
+            TopicFilter::parse(filter).unwrap(),
+            Readable::All,
+            bound,
+        )
+    }
+
     fn message(topic: &str, payload: impl Into<bytes::Bytes>) -> Arc<Message> {
         Arc::new(Message::new(
             Topic::parse(topic).unwrap(),
@@ -167,14 +177,7 @@ mod tests {
     #[tokio::test]
     async fn entries_survive_a_reopen_in_order_and_leave_when_removed() {
         let dir = tempfile::tempdir().unwrap();
-        let rules = || {
-            vec![(
-                Arc::from("plugs"),
-                TopicFilter::parse("plugs/#").unwrap(),
-                Readable::All,
-                bound(10, WhenFull::DropOldest),
-            )]
-        };
+        let rules = || vec![rule("plugs", "plugs/#", bound(10, WhenFull::DropOldest))];
         let outbox = Outbox::open(dir.path(), rules()).unwrap();
         assert!(outbox.offer(&message("other", "x")).is_none());
         for p in ["1", "2", "3"] {
@@ -216,18 +219,8 @@ mod tests {
         let outbox = Outbox::open(
             dir.path(),
             vec![
-                (
-                    Arc::from("drop"),
-                    TopicFilter::parse("t").unwrap(),
-                    Readable::All,
-                    bound(2, WhenFull::DropOldest),
-                ),
-                (
-                    Arc::from("refuse"),
-                    TopicFilter::parse("t").unwrap(),
-                    Readable::All,
-                    bound(2, WhenFull::Refuse),
-                ),
+                rule("drop", "t", bound(2, WhenFull::DropOldest)),
+                rule("refuse", "t", bound(2, WhenFull::Refuse)),
             ],
         )
         .unwrap();
@@ -250,12 +243,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let outbox = Outbox::open(
             dir.path(),
-            vec![(
-                Arc::from("all"),
-                TopicFilter::parse("#").unwrap(),
-                Readable::All,
-                bound(10, WhenFull::Refuse),
-            )],
+            vec![rule("all", "#", bound(10, WhenFull::Refuse))],
         )
         .unwrap();
         let lane = outbox.lanes()[0].clone();
@@ -289,14 +277,7 @@ mod tests {
     #[tokio::test]
     async fn only_a_window_of_a_long_queue_is_held_in_memory() {
         let dir = tempfile::tempdir().unwrap();
-        let rules = |max_queued| {
-            vec![(
-                Arc::from("dead"),
-                TopicFilter::parse("t/+").unwrap(),
-                Readable::All,
-                bound(max_queued, WhenFull::DropOldest),
-            )]
-        };
+        let rules = |max_queued| vec![rule("dead", "t/+", bound(max_queued, WhenFull::DropOldest))];
         let outbox = Outbox::open(dir.path(), rules(3000)).unwrap();
         let lane = outbox.lanes()[0].clone();
         let mut last = None;
@@ -340,14 +321,7 @@ mod tests {
     #[tokio::test]
     async fn a_killed_gateway_s_delivery_log_is_applied_at_the_next_start() {
         let dir = tempfile::tempdir().unwrap();
-        let rules = || {
-            vec![(
-                Arc::from("plugs"),
-                TopicFilter::parse("plugs/+").unwrap(),
-                Readable::All,
-                bound(100, WhenFull::Refuse),
-            )]
-        };
+        let rules = || vec![rule("plugs", "plugs/+", bound(100, WhenFull::Refuse))];
         let outbox = Outbox::open(dir.path(), rules()).unwrap();
         let mut last = None;
         for n in 0..5 {

@@ -202,14 +202,12 @@ impl Conn {
                     Ok(frame) => frame,
                     Err(e) => return Exchange::Failed(e.to_string()),
                 };
-                if let Ok(chunk) = frame.into_data() {
-                    let room = limit.saturating_sub(body.len());
-                    body.extend_from_slice(&chunk[..chunk.len().min(room)]);
-                    if room < chunk.len() {
-                        // The rest is not read: the connection cannot carry another request.
-                        whole = false;
-                        break;
-                    }
+                if let Ok(chunk) = frame.into_data()
+                    && !super::append_within(&mut body, &chunk, limit)
+                {
+                    // The rest is not read: the connection cannot carry another request.
+                    whole = false;
+                    break;
                 }
             }
             let reply = Reply {

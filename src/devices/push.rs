@@ -290,9 +290,7 @@ impl Worker {
             .await
             .map_err(|e| e.without_url().to_string())?
         {
-            let room = limit.saturating_sub(body.len());
-            body.extend_from_slice(&chunk[..chunk.len().min(room)]);
-            if room <= chunk.len() {
+            if !super::append_within(&mut body, &chunk, limit) {
                 break;
             }
         }

@@ -17,7 +17,7 @@ use serde_json::Value;
 use topicgate::Config;
 use topicgate::config::{PullRule, PushBody, PushRule, WhenFull};
 
-use crate::support::{TestGateway, eventually, metric, qos_v4, qos_v5, recv};
+use crate::support::{TestGateway, eventually, metric, metric_at, qos_v4, qos_v5, recv};
 
 /// One request the device received.
 #[derive(Debug, Clone)]
@@ -622,6 +622,33 @@ impl Drop for Process {
     }
 }
 
+/// A config file in `data` with one push rule, `meter`, taking `meters/+` to `device`, plus
+/// `extra` lines.
+fn meter_config(data: &tempfile::TempDir, device: SocketAddr, extra: &str) -> std::path::PathBuf {
+    let config = data.path().join("topicgate.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "data_dir = {:?}\n[[push]]\nname = \"meter\"\nfilter = \"meters/+\"\n\
+             url = \"http://{device}/in/{{2}}\"\n{extra}",
+            data.path().join("data")
+        ),
+    )
+    .unwrap();
+    config
+}
+
+/// A POST of `body` to `topic` on the gateway at `http`, which takes it.
+async fn publish_to(client: &reqwest::Client, http: SocketAddr, topic: &str, body: String) {
+    let resp = client
+        .post(format!("http://{http}/topics/{topic}"))
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 204);
+}
+
 fn free_port() -> SocketAddr {
     let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     l.local_addr().unwrap()
@@ -657,28 +684,17 @@ async fn nothing_accepted_is_lost_when_the_gateway_is_killed() {
     let down = Down::new();
     let device_addr = down.addr();
     let data = tempfile::tempdir().unwrap();
-    let config = data.path().join("topicgate.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "data_dir = {:?}\n[[push]]\nname = \"meter\"\nfilter = \"meters/+\"\n\
-             url = \"http://{device_addr}/in/{{2}}\"\nbackoff = \"20ms\"\nmax_backoff = \"50ms\"\n",
-            data.path().join("data")
-        ),
-    )
-    .unwrap();
+    let config = meter_config(
+        &data,
+        device_addr,
+        "backoff = \"20ms\"\nmax_backoff = \"50ms\"\n",
+    );
     let http = free_port();
     let gateway = spawn_gateway(&config, http).await;
     let client = reqwest::Client::new();
     for i in 0..20 {
         let topic = if i % 2 == 0 { "meters/x" } else { "meters/y" };
-        let resp = client
-            .post(format!("http://{http}/topics/{topic}"))
-            .body(format!("{i}"))
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(resp.status(), 204);
+        publish_to(&client, http, topic, format!("{i}")).await;
     }
     // SIGKILL: no shutdown, no flush.
     drop(gateway);
@@ -703,57 +719,25 @@ async fn nothing_accepted_is_lost_when_the_gateway_is_killed() {
 async fn what_was_delivered_before_a_kill_is_not_pushed_again() {
     let device = Device::start(Script::default()).await;
     let data = tempfile::tempdir().unwrap();
-    let config = data.path().join("topicgate.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "data_dir = {:?}\n[[push]]\nname = \"meter\"\nfilter = \"meters/+\"\n\
-             url = \"http://{}/in/{{2}}\"\n",
-            data.path().join("data"),
-            device.addr
-        ),
-    )
-    .unwrap();
+    let config = meter_config(&data, device.addr, "");
     let http = free_port();
     let gateway = spawn_gateway(&config, http).await;
     let client = reqwest::Client::new();
     for i in 0..300 {
-        let resp = client
-            .post(format!("http://{http}/topics/meters/{i}"))
-            .body(format!("{i}"))
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(resp.status(), 204);
+        publish_to(&client, http, &format!("meters/{i}"), format!("{i}")).await;
     }
-    let queued = || async {
-        let text = client
-            .get(format!("http://{http}/metrics"))
-            .send()
-            .await
-            .ok()?
-            .text()
-            .await
-            .ok()?;
-        text.lines()
-            .find_map(|l| l.strip_prefix("topicgate_push_queued{rule=\"meter\"} "))
-            .map(str::to_owned)
-    };
     eventually(
         "every message is delivered and out of the queue",
-        || async { (queued().await.as_deref() == Some("0")).then_some(()) },
+        || async {
+            let queued = metric_at(http, "topicgate_push_queued{rule=\"meter\"}").await;
+            (queued == Some(0.0)).then_some(())
+        },
     )
     .await;
     drop(gateway);
     let http = free_port();
     let _gateway = spawn_gateway(&config, http).await;
-    let resp = client
-        .post(format!("http://{http}/topics/meters/last"))
-        .body("last")
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(resp.status(), 204);
+    publish_to(&client, http, "meters/last", "last".to_owned()).await;
     let delivered = eventually("the message after the restart arrives", || async {
         let d = device.delivered();
         d.contains_key("last").then_some(d)

@@ -5,7 +5,7 @@ use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use crate::support::{TestGateway, eventually, metric, within};
+use crate::support::{SseReader, TestGateway, eventually, metric, within};
 
 #[tokio::test]
 async fn stream_sends_retained_then_live_from_mqtt_and_http() {
@@ -133,39 +133,11 @@ async fn a_stalled_reader_lags_alone_and_is_told_how_much_it_lost() {
 
     // Enough data to fill the stalled reader's socket buffers many times over, paced so that
     // the fast reader, which keeps reading, never falls behind.
-    let payload = "p".repeat(8 * 1024);
-    let total = 4000;
-    let mut received = 0;
-    for batch in 0..(total / 100) {
-        for i in 0..100 {
-            let n = batch * 100 + i;
-            c4.publish(
-                format!("load/{n}"),
-                rumqttc::QoS::AtMostOnce,
-                false,
-                payload.clone(),
-            )
-            .await
-            .unwrap();
-        }
-        while received < (batch + 1) * 100 {
-            let ev = fast.expect_event().await;
-            assert_eq!(ev.event, "message", "the fast reader never lags");
-            assert_eq!(ev.json()["topic"], format!("load/{received}"));
-            received += 1;
-        }
-    }
+    publish_paced(&c4, &mut fast, "load", 8 * 1024, 4000, 100).await;
 
     // Reading again, the stalled reader first gets what its socket held, then the news.
     let mut stalled = stalled;
-    let lagged = loop {
-        let ev = stalled.expect_event().await;
-        if ev.event == "lagged" {
-            break ev;
-        }
-        assert_eq!(ev.event, "message");
-    };
-    let dropped = lagged.json()["dropped"].as_u64().expect("dropped count");
+    let (_, dropped) = read_until_lagged(&mut stalled).await;
     assert!(dropped > 0);
     let after: f64 =
         crate::support::metric(&gw, "topicgate_lag_dropped_total{stream=\"sse\"}").await;
@@ -185,40 +157,11 @@ async fn a_stalled_reader_holds_no_more_than_the_history_bytes() {
     let stalled = gw.sse("big/%23", None).await;
     let mut fast = gw.sse("big/%23", None).await;
     let (c4, _) = gw.mqtt_v4("big-pub", &[]).await;
-    let payload = "p".repeat(16 * 1024);
     let total = 1000;
     // In tens (160 KiB), well within what the hub keeps, so the reader that reads keeps up.
-    let mut received = 0;
-    for batch in 0..(total / 10) {
-        for i in 0..10 {
-            let n = batch * 10 + i;
-            c4.publish(
-                format!("big/{n}"),
-                rumqttc::QoS::AtMostOnce,
-                false,
-                payload.clone(),
-            )
-            .await
-            .unwrap();
-        }
-        while received < (batch + 1) * 10 {
-            let ev = fast.expect_event().await;
-            assert_eq!(ev.event, "message", "the fast reader never lags");
-            assert_eq!(ev.json()["topic"], format!("big/{received}"));
-            received += 1;
-        }
-    }
+    publish_paced(&c4, &mut fast, "big", 16 * 1024, total, 10).await;
     let mut stalled = stalled;
-    let mut seen = 0;
-    let lagged = loop {
-        let ev = stalled.expect_event().await;
-        if ev.event == "lagged" {
-            break ev;
-        }
-        assert_eq!(ev.event, "message");
-        seen += 1;
-    };
-    let dropped = lagged.json()["dropped"].as_u64().expect("dropped count");
+    let (seen, dropped) = read_until_lagged(&mut stalled).await;
     // What it still gets after the gap is the hub's last 256 KiB: about 15 messages.
     let mut after = 0;
     let mut last = String::new();
@@ -233,6 +176,50 @@ async fn a_stalled_reader_holds_no_more_than_the_history_bytes() {
     .await;
     assert_eq!(last, format!("big/{}", total - 1));
     assert!((1..=16).contains(&after), "{seen} {dropped} {after}");
+}
+
+/// Publishes `total` QoS 0 messages of `size` bytes to `prefix/0`, `prefix/1`…, `batch` at a
+/// time, each batch read in full by `fast` before the next goes, so `fast` never falls behind.
+async fn publish_paced(
+    c4: &rumqttc::AsyncClient,
+    fast: &mut SseReader,
+    prefix: &str,
+    size: usize,
+    total: usize,
+    batch: usize,
+) {
+    let payload = "p".repeat(size);
+    for first in (0..total).step_by(batch) {
+        for n in first..first + batch {
+            c4.publish(
+                format!("{prefix}/{n}"),
+                rumqttc::QoS::AtMostOnce,
+                false,
+                payload.clone(),
+            )
+            .await
+            .unwrap();
+        }
+        for n in first..first + batch {
+            let ev = fast.expect_event().await;
+            assert_eq!(ev.event, "message", "the fast reader never lags");
+            assert_eq!(ev.json()["topic"], format!("{prefix}/{n}"));
+        }
+    }
+}
+
+/// Reads `stream` up to its `lagged` event: the messages before it, and how many it says were
+/// dropped.
+async fn read_until_lagged(stream: &mut SseReader) -> (u64, u64) {
+    let mut seen = 0;
+    loop {
+        let ev = stream.expect_event().await;
+        if ev.event == "lagged" {
+            return (seen, ev.json()["dropped"].as_u64().expect("dropped count"));
+        }
+        assert_eq!(ev.event, "message");
+        seen += 1;
+    }
 }
 
 #[tokio::test]

@@ -350,9 +350,19 @@ where
 /// The value of one sample in the gateway's `/metrics`, e.g. `topicgate_publishes_total{protocol="mqtt"}`.
 pub(crate) async fn metric(gw: &TestGateway, sample: &str) -> f64 {
     let text = gw.get("/metrics").await.text().await.unwrap();
+    sample_value(&text, sample).unwrap_or(0.0)
+}
+
+/// The value of one sample in the `/metrics` of a gateway process listening on `http`, if it
+/// answers and has it.
+pub(crate) async fn metric_at(http: std::net::SocketAddr, sample: &str) -> Option<f64> {
+    let response = reqwest::get(format!("http://{http}/metrics")).await.ok()?;
+    sample_value(&response.text().await.ok()?, sample)
+}
+
+fn sample_value(text: &str, sample: &str) -> Option<f64> {
     text.lines()
         .find_map(|l| l.strip_prefix(sample).and_then(|v| v.trim().parse().ok()))
-        .unwrap_or(0.0)
 }
 
 /// Receives the next publish from a client channel within the deadline.
