@@ -192,6 +192,17 @@ impl Worker {
         let rule = &self.rule;
         let mut attempts = 0;
         let (mut answer, mut error) = (None, None);
+        let target = match rule.url.fill_target(&entry.message) {
+            Ok(target) => target,
+            Err(e) => {
+                return Outcome::Dead {
+                    reason: "unaddressable",
+                    attempts,
+                    answer,
+                    error: Some(e.to_string()),
+                };
+            }
+        };
         loop {
             let age = entry.taken_at.elapsed().unwrap_or(Duration::ZERO);
             let reason = if age >= rule.max_age {
@@ -216,7 +227,7 @@ impl Worker {
             }
             attempts += 1;
             let started = Instant::now();
-            let retry_after = match self.send(&entry.message).await {
+            let retry_after = match self.send(&entry.message, &target).await {
                 Ok(a) => {
                     counters.latency.observe(started.elapsed().as_secs_f64());
                     self.note(Some(a.status), None);
@@ -254,17 +265,14 @@ impl Worker {
         }
     }
 
-    /// One request and its answer, the body read up to the payload limit.
-    async fn send(&self, message: &Message) -> Result<Answer, String> {
+    /// One request for `target` (the path and query) and its answer, the body read up to the
+    /// payload limit.
+    async fn send(&self, message: &Message, target: &str) -> Result<Answer, String> {
         let rule = &self.rule;
-        let url = rule.url.fill(message).map_err(|e| e.to_string())?;
-        if url.scheme() == "coap" {
-            return self.send_coap(message, &url).await;
-        }
-        let (headers, body) = self.request_parts(message);
         let limit = self.bridge.max_payload();
         if let Some(plain) = &rule.plain {
-            let sent = plain.send(rule.method.clone(), &url, headers, body, limit);
+            let (headers, body) = self.request_parts(message);
+            let sent = plain.send(rule.method.clone(), target, headers, body, limit);
             let reply = tokio::time::timeout(rule.timeout, sent)
                 .await
                 .map_err(|_| "operation timed out".to_owned())??;
@@ -274,6 +282,11 @@ impl Worker {
                 reply.body,
             ));
         }
+        let url = rule.url.url(target).map_err(|e| e.to_string())?;
+        if url.scheme() == "coap" {
+            return self.send_coap(message, &url).await;
+        }
+        let (headers, body) = self.request_parts(message);
         // The URL may carry the payload: errors are reported without it.
         let mut response = self
             .client
@@ -478,7 +491,8 @@ impl Worker {
 #[derive(Serialize)]
 struct DeadLetter<'a> {
     rule: &'a str,
-    /// `max_attempts`, `max_age`, `expired` (MQTT message expiry) or `refused` (a 4xx).
+    /// `max_attempts`, `max_age`, `expired` (MQTT message expiry), `refused` (a 4xx) or
+    /// `unaddressable` (a value would make a `.` or `..` path segment of the URL).
     reason: &'static str,
     attempts: u32,
     status: Option<u16>,

@@ -79,17 +79,29 @@ impl UrlTemplate {
             return Err(TemplateError::Url(format!("{url:?} has a fragment")));
         }
         let origin = format!("{scheme}://{authority}");
+        let mut rest = parts(rest, true)?;
+        // The request target always starts at the root: `http://host?x` asks for `/?x`.
+        if !matches!(rest.first(), Some(Part::Text(t)) if t.starts_with('/')) {
+            rest.insert(0, Part::Text("/".to_owned()));
+        }
         let t = Self {
             origin,
-            rest: parts(rest, true)?,
+            rest,
             schemes,
         };
-        // The template with every placeholder filled must be a URL with that host.
+        // The template with every placeholder filled must be a URL with that host, written as a
+        // URL parser writes it back: a filled target is then used as it is, never rewritten.
         let sample = t.fill_with(|_| "x".to_owned());
-        let parsed = reqwest::Url::parse(&sample)
+        let parsed = reqwest::Url::parse(&format!("{}{sample}", t.origin))
             .map_err(|e| TemplateError::Url(format!("{url:?} is not a URL: {e}")))?;
         if parsed.host_str().is_none_or(str::is_empty) {
             return Err(TemplateError::Url(format!("{url:?} has no host")));
+        }
+        let normal = &parsed[url::Position::BeforePath..url::Position::AfterQuery];
+        if normal != sample {
+            return Err(TemplateError::Url(format!(
+                "{url:?} is not in normal form: write its path and query as {normal:?}"
+            )));
         }
         Ok(t)
     }
@@ -104,17 +116,31 @@ impl UrlTemplate {
         max_level(&self.rest)
     }
 
-    /// The URL for `message`: levels it lacks are empty.
-    pub(crate) fn fill(&self, message: &Message) -> Result<reqwest::Url, TemplateError> {
+    /// The path and query for `message`, from its leading `/`: levels it lacks are empty.
+    /// Refused when a value would make a whole path segment `.` or `..`, which a server (or a
+    /// URL parser) would resolve into climbing the path.
+    pub(crate) fn fill_target(&self, message: &Message) -> Result<String, TemplateError> {
         let levels: Vec<&str> = message.topic.levels().collect();
-        let url = self.fill_with(|part| match part {
+        let target = self.fill_with(|part| match part {
             Part::Level(n) => {
                 utf8_percent_encode(levels.get(n - 1).copied().unwrap_or(""), VALUE).to_string()
             }
             Part::Payload => percent_encoding::percent_encode(&message.payload, VALUE).to_string(),
             Part::Text(_) => String::new(),
         });
-        let parsed = reqwest::Url::parse(&url).map_err(|e| TemplateError::Url(e.to_string()))?;
+        let path = target.split('?').next().unwrap_or_default();
+        if path.split('/').any(is_dot_segment) {
+            return Err(TemplateError::Url(
+                "a topic level or the payload would make a `.` or `..` path segment".to_owned(),
+            ));
+        }
+        Ok(target)
+    }
+
+    /// The whole URL for a target [`Self::fill_target`] made.
+    pub(crate) fn url(&self, target: &str) -> Result<reqwest::Url, TemplateError> {
+        let parsed = reqwest::Url::parse(&format!("{}{target}", self.origin))
+            .map_err(|e| TemplateError::Url(e.to_string()))?;
         // Belt and braces: values are encoded, so the scheme cannot have changed.
         if !self.schemes.contains(&parsed.scheme()) {
             return Err(TemplateError::Url("the scheme changed".to_owned()));
@@ -135,8 +161,9 @@ impl UrlTemplate {
         out
     }
 
+    /// The path and query with each placeholder replaced by `value`.
     fn fill_with(&self, mut value: impl FnMut(&Part) -> String) -> String {
-        let mut out = self.origin.clone();
+        let mut out = String::with_capacity(64);
         for part in &self.rest {
             match part {
                 Part::Text(t) => out.push_str(t),
@@ -284,6 +311,15 @@ fn parts(text: &str, payload_allowed: bool) -> Result<Vec<Part>, TemplateError> 
     Ok(parts)
 }
 
+/// A path segment that URL resolution treats as `.` or `..` (RFC 3986 section 5.2.4; the
+/// WHATWG URL standard also reads `%2e` as a dot).
+fn is_dot_segment(segment: &str) -> bool {
+    (1..=6).contains(&segment.len()) && {
+        let dots = segment.to_ascii_lowercase().replace("%2e", ".");
+        dots == "." || dots == ".."
+    }
+}
+
 fn max_level(parts: &[Part]) -> usize {
     parts
         .iter()
@@ -306,23 +342,72 @@ mod tests {
         Message::new(Topic::parse(topic).unwrap(), payload, Origin::Mqtt)
     }
 
+    /// The whole URL for `message`, as a rule not on its own HTTP client calls it.
+    fn fill(t: &UrlTemplate, message: &Message) -> Result<reqwest::Url, TemplateError> {
+        t.url(&t.fill_target(message)?)
+    }
+
     #[test]
     fn values_fill_path_and_query_encoded() {
         let t = UrlTemplate::parse("http://plugs.lan:8080/relay/{2}?turn={payload}", HTTP).unwrap();
-        let url = t.fill(&msg("plugs/a b?x=1&y%/set", b"on&off=1")).unwrap();
-        assert_eq!(
-            url.as_str(),
-            "http://plugs.lan:8080/relay/a%20b%3Fx%3D1%26y%25?turn=on%26off%3D1"
-        );
+        let m = msg("plugs/a b?x=1&y%/set", b"on&off=1");
+        let target = t.fill_target(&m).unwrap();
+        assert_eq!(target, "/relay/a%20b%3Fx%3D1%26y%25?turn=on%26off%3D1");
+        let url = fill(&t, &m).unwrap();
+        assert_eq!(url.as_str(), format!("http://plugs.lan:8080{target}"));
         assert_eq!(url.host_str(), Some("plugs.lan"));
         // A level that tries to climb the path stays one encoded segment.
-        let url = t.fill(&msg("plugs/..%2F..", b"")).unwrap();
+        let url = fill(&t, &msg("plugs/..%2F..", b"")).unwrap();
         assert_eq!(url.path(), "/relay/..%252F..");
         assert_eq!(t.max_level(), 2);
         assert_eq!(
             t.display(),
             "http://plugs.lan:8080/relay/{2}?turn={payload}"
         );
+    }
+
+    #[test]
+    fn a_value_that_would_be_a_dot_segment_is_refused() {
+        let t = UrlTemplate::parse("http://plugs.lan/api/{1}/set?v={payload}", HTTP).unwrap();
+        for level in [".", ".."] {
+            let err = t.fill_target(&msg(&format!("{level}/x"), b"")).unwrap_err();
+            assert!(err.to_string().contains("path segment"), "{err}");
+        }
+        // Two values that make one segment together are caught as well.
+        let t = UrlTemplate::parse("http://plugs.lan/api/{1}{2}", HTTP).unwrap();
+        assert!(t.fill_target(&msg("./.", b"")).is_err());
+        // Dots in the query, or beside other characters, climb nothing.
+        let t = UrlTemplate::parse("http://plugs.lan/api/{1}.json?v={payload}", HTTP).unwrap();
+        assert_eq!(
+            t.fill_target(&msg("../x", b"..")).unwrap(),
+            "/api/...json?v=.."
+        );
+        assert_eq!(
+            fill(&t, &msg("../x", b"..")).unwrap().path(),
+            "/api/...json"
+        );
+    }
+
+    #[test]
+    fn a_template_is_taken_only_in_normal_form() {
+        // No path at all asks for the root.
+        let t = UrlTemplate::parse("http://plugs.lan?turn={payload}", HTTP).unwrap();
+        assert_eq!(t.fill_target(&msg("a", b"on")).unwrap(), "/?turn=on");
+        assert_eq!(
+            UrlTemplate::parse("http://plugs.lan", HTTP)
+                .unwrap()
+                .fill_target(&msg("a", b""))
+                .unwrap(),
+            "/"
+        );
+        for (url, normal) in [
+            ("http://plugs.lan/a b/{1}", "/a%20b/x"),
+            ("http://plugs.lan/a/../{1}", "/x"),
+            ("http://plugs.lan/%2e/{1}", "/x"),
+        ] {
+            let err = UrlTemplate::parse(url, HTTP).unwrap_err().to_string();
+            assert!(err.contains(&format!("{normal:?}")), "{url}: {err}");
+        }
     }
 
     #[test]

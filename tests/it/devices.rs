@@ -367,6 +367,56 @@ async fn a_4xx_is_dead_lettered_at_once_and_a_dead_endpoint_after_max_attempts()
     assert_eq!(metric(&gw, &sample("push_sent", "down")).await, 0.0);
 }
 
+/// A topic level `..` in a path position would climb the device's path: the message is given
+/// up at once, and the messages around it go.
+#[tokio::test]
+async fn a_level_that_would_climb_the_url_path_is_dead_lettered_unsent() {
+    let device = Device::start(Script::default()).await;
+    let gw = TestGateway::start_with(|c| {
+        let mut r = rule(
+            "climb",
+            "valves/+/set",
+            format!("http://{}/api/{{2}}/set", device.addr),
+        );
+        r.dead_letter_topic = Some("dead/valves".to_owned());
+        c.push.push(r);
+    })
+    .await;
+    let (client, mut dead) = gw.mqtt_v4("climber", &[("dead/#", 1)]).await;
+    for level in ["v1", "..", "v2"] {
+        client
+            .publish(
+                format!("valves/{level}/set"),
+                rumqttc::QoS::AtLeastOnce,
+                false,
+                "open",
+            )
+            .await
+            .unwrap();
+    }
+    let letter = recv(&mut dead).await;
+    let letter: Value = serde_json::from_slice(&letter.payload).unwrap();
+    assert_eq!(letter["reason"], "unaddressable");
+    assert_eq!(letter["attempts"], 0);
+    assert_eq!(letter["message"]["topic"], "valves/../set");
+    assert!(
+        letter["error"].as_str().unwrap().contains("path segment"),
+        "{letter}"
+    );
+    let seen = eventually("the other two arrive", || async {
+        let seen = device.seen();
+        (seen.len() == 2).then_some(seen)
+    })
+    .await;
+    let mut uris: Vec<_> = seen.iter().map(|r| r.uri.to_string()).collect();
+    uris.sort();
+    assert_eq!(uris, ["/api/v1/set", "/api/v2/set"]);
+    assert_eq!(
+        metric(&gw, &sample("push_dead_letters", "climb")).await,
+        1.0
+    );
+}
+
 #[tokio::test]
 async fn the_outbox_keeps_undelivered_messages_across_a_restart() {
     let down = Down::new();

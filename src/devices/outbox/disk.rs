@@ -4,12 +4,12 @@
 //! into the database with the next commit that new entries, a full log or a quiet spell call for,
 //! so draining a queue does not cost one fsync per batch of deliveries.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, PoisonError, RwLock};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use redb::{Database, DatabaseError, ReadableDatabase, ReadableTable, TableDefinition};
 use tokio::sync::oneshot;
@@ -32,6 +32,12 @@ const BATCH: usize = 4096;
 const HELD: usize = 16_384;
 /// How long removals wait in the delivery log while nothing else comes.
 const QUIET: Duration = Duration::from_millis(250);
+/// Longest wait of new entries for their commit, while those of the last batch were mostly
+/// delivered within it: a delivered entry needs no commit, so a rule whose endpoint keeps up
+/// costs no fsync, and its HTTP and CoAP publishers are answered once it is delivered.
+const LINGER: Duration = Duration::from_millis(2);
+/// How often a lingering writer checks whether its new entries were all delivered.
+const LINGER_STEP: Duration = Duration::from_micros(250);
 
 type Ack = oneshot::Sender<Result<(), String>>;
 
@@ -100,7 +106,7 @@ impl Disk {
                 .into_iter()
                 .map(|(rule, seq)| (Arc::from(rule), seq))
                 .collect();
-            commit(&db, &[], &delivered).map_err(unreadable)?;
+            commit(&db, &[], &HashSet::new(), &delivered).map_err(unreadable)?;
             acks.clear_durably().map_err(unreadable_acks)?;
         }
         let stored = scan(&db, window).map_err(unreadable)?;
@@ -201,6 +207,8 @@ impl Disk {
 struct Writer {
     acks: Acks,
     held: Vec<(Arc<str>, u64)>,
+    /// Whether new entries wait up to [`LINGER`] before their commit.
+    lingering: bool,
 }
 
 impl Writer {
@@ -208,6 +216,7 @@ impl Writer {
         Self {
             acks,
             held: Vec::new(),
+            lingering: true,
         }
     }
 
@@ -222,27 +231,41 @@ impl Writer {
             let first = match first {
                 Ok(op) => op,
                 Err(mpsc::RecvTimeoutError::Timeout) => {
-                    let _ = self.commit(file, &[]);
+                    let _ = self.commit(file, &[], &HashSet::new());
                     continue;
                 }
                 Err(mpsc::RecvTimeoutError::Disconnected) => {
-                    let _ = self.commit(file, &[]);
+                    let _ = self.commit(file, &[], &HashSet::new());
                     return;
                 }
             };
             let mut batch = vec![first];
-            while batch.len() < BATCH {
-                match rx.try_recv() {
-                    Ok(op) => batch.push(op),
-                    Err(_) => break,
-                }
+            take_queued(&mut batch, rx);
+            if self.lingering {
+                linger(&mut batch, rx);
             }
-            if self.hold(&batch) {
-                continue;
+            let unwritten = unwritten(&batch);
+            let puts = batch
+                .iter()
+                .filter(|op| matches!(op, Op::Put { .. }))
+                .count();
+            if puts > 0 {
+                // Lingering pays while most new entries are delivered within it.
+                self.lingering = unwritten.len() * 2 >= puts;
             }
-            let outcome = self.commit(file, &batch);
+            let outcome = if self.hold(&batch, &unwritten) {
+                Ok(())
+            } else {
+                self.commit(file, &batch, &unwritten)
+            };
+            // A delivered entry is taken whatever became of the commit.
+            let delivered: Vec<bool> = batch
+                .iter()
+                .map(|op| matches!(op, Op::Put { rule, seq, .. } if unwritten.contains(&(&**rule, *seq))))
+                .collect();
+            drop(unwritten);
             let mut stop = None;
-            for op in batch {
+            for (op, delivered) in batch.into_iter().zip(delivered) {
                 match op {
                     Op::Put {
                         ack,
@@ -250,10 +273,11 @@ impl Writer {
                         seq,
                         ..
                     } => {
+                        let outcome = if delivered { Ok(()) } else { outcome.clone() };
                         if let (Some(committed), Ok(())) = (committed, &outcome) {
                             committed.fetch_max(seq + 1, Ordering::Release);
                         }
-                        let _ = ack.send(outcome.clone());
+                        let _ = ack.send(outcome);
                     }
                     Op::Stop(ack) => stop = Some(ack),
                     Op::Delete { .. } => {}
@@ -268,17 +292,24 @@ impl Writer {
         }
     }
 
-    /// Writes a batch of removals alone to the delivery log instead of the database, while the
-    /// log has room; false when the batch is to be committed.
-    fn hold(&mut self, batch: &[Op]) -> bool {
+    /// Writes the removals of a batch that has nothing else to commit (its new entries, if
+    /// any, all removed in it too) to the delivery log instead of the database, while the log
+    /// has room; false when the batch is to be committed.
+    fn hold(&mut self, batch: &[Op], unwritten: &HashSet<(&str, u64)>) -> bool {
         let mut removals = Vec::with_capacity(batch.len());
         for op in batch {
             match op {
-                Op::Delete { rule, seqs } => {
-                    removals.extend(seqs.iter().map(|seq| (rule.clone(), *seq)));
-                }
+                Op::Delete { rule, seqs } => removals.extend(
+                    seqs.iter()
+                        .filter(|seq| !unwritten.contains(&(&**rule, **seq)))
+                        .map(|seq| (rule.clone(), *seq)),
+                ),
+                Op::Put { rule, seq, .. } if unwritten.contains(&(&**rule, *seq)) => {}
                 Op::Put { .. } | Op::Stop(_) => return false,
             }
+        }
+        if removals.is_empty() {
+            return true;
         }
         if self.held.len() + removals.len() > HELD {
             return false;
@@ -296,12 +327,17 @@ impl Writer {
     }
 
     /// Commits `batch` with every held removal, then empties the delivery log.
-    fn commit(&mut self, file: &RwLock<Option<Database>>, batch: &[Op]) -> Result<(), String> {
+    fn commit(
+        &mut self,
+        file: &RwLock<Option<Database>>,
+        batch: &[Op],
+        unwritten: &HashSet<(&str, u64)>,
+    ) -> Result<(), String> {
         if batch.is_empty() && self.held.is_empty() {
             return Ok(());
         }
         match &*file.read().unwrap_or_else(PoisonError::into_inner) {
-            Some(db) => commit(db, batch, &self.held),
+            Some(db) => commit(db, batch, unwritten, &self.held),
             None => Err("the push outbox is closed".to_owned()),
         }
         .inspect_err(|e| tracing::error!(error = %e, "cannot write the push outbox"))?;
@@ -315,9 +351,74 @@ impl Writer {
     }
 }
 
-/// One durable transaction: the puts and removals of `batch`, the removals `held`, and each
-/// rule's next sequence number past its puts.
-fn commit(db: &Database, batch: &[Op], held: &[(Arc<str>, u64)]) -> Result<(), String> {
+/// Adds to `batch` what is queued, up to [`BATCH`] operations.
+fn take_queued(batch: &mut Vec<Op>, rx: &mpsc::Receiver<Op>) {
+    while batch.len() < BATCH {
+        match rx.try_recv() {
+            Ok(op) => batch.push(op),
+            Err(_) => break,
+        }
+    }
+}
+
+/// Waits up to [`LINGER`] for the new entries of `batch` to be delivered, checking every
+/// [`LINGER_STEP`]; returns at once for a batch without new entries or with a stop.
+fn linger(batch: &mut Vec<Op>, rx: &mpsc::Receiver<Op>) {
+    let until = Instant::now() + LINGER;
+    loop {
+        let puts = batch
+            .iter()
+            .filter(|op| matches!(op, Op::Put { .. }))
+            .count();
+        let stop = batch.iter().any(|op| matches!(op, Op::Stop(_)));
+        if puts == 0
+            || stop
+            || batch.len() >= BATCH
+            || Instant::now() >= until
+            || unwritten(batch).len() == puts
+        {
+            return;
+        }
+        std::thread::sleep(LINGER_STEP);
+        take_queued(batch, rx);
+    }
+}
+
+/// The entries both put and removed in `batch`: delivered (or dropped) before their put was
+/// committed, they never reach the file. While a commit's fsync runs, most messages of a busy
+/// rule are put and delivered.
+fn unwritten(batch: &[Op]) -> HashSet<(&str, u64)> {
+    let mut put = HashSet::new();
+    for op in batch {
+        if let Op::Put { rule, seq, .. } = op {
+            put.insert((&**rule, *seq));
+        }
+    }
+    let mut both = HashSet::new();
+    if put.is_empty() {
+        return both;
+    }
+    for op in batch {
+        if let Op::Delete { rule, seqs } = op {
+            both.extend(
+                seqs.iter()
+                    .map(|seq| (&**rule, *seq))
+                    .filter(|key| put.contains(key)),
+            );
+        }
+    }
+    both
+}
+
+/// One durable transaction: the puts and removals of `batch` but the `unwritten` entries, the
+/// removals `held`, and each rule's next sequence number past its puts (the unwritten ones
+/// too: their numbers are used up all the same).
+fn commit(
+    db: &Database,
+    batch: &[Op],
+    unwritten: &HashSet<(&str, u64)>,
+    held: &[(Arc<str>, u64)],
+) -> Result<(), String> {
     let txn = db.begin_write().map_err(|e| e.to_string())?;
     {
         let mut table = txn.open_table(TABLE).map_err(|e| e.to_string())?;
@@ -330,15 +431,21 @@ fn commit(db: &Database, batch: &[Op], held: &[(Arc<str>, u64)]) -> Result<(), S
                 Op::Put {
                     rule, seq, record, ..
                 } => {
-                    table
-                        .insert((&**rule, *seq), record.as_slice())
-                        .map_err(|e| e.to_string())?;
+                    let key = (&**rule, *seq);
+                    if !unwritten.contains(&key) {
+                        table
+                            .insert(key, record.as_slice())
+                            .map_err(|e| e.to_string())?;
+                    }
                     let past = next.entry(rule).or_default();
                     *past = (*past).max(seq + 1);
                 }
                 Op::Delete { rule, seqs } => {
                     for seq in seqs {
-                        table.remove((&**rule, *seq)).map_err(|e| e.to_string())?;
+                        let key = (&**rule, *seq);
+                        if !unwritten.contains(&key) {
+                            table.remove(key).map_err(|e| e.to_string())?;
+                        }
                     }
                 }
                 Op::Stop(_) => {}
@@ -409,4 +516,85 @@ fn scan(db: &Database, window: impl Fn(&str) -> usize) -> Result<HashMap<String,
         Err(e) => return Err(e.to_string()),
     }
     Ok(rules)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::bridge::{Message, Origin, Topic};
+    use crate::devices::record::encode;
+    use std::time::SystemTime;
+
+    fn put(seq: u64) -> (Op, oneshot::Receiver<Result<(), String>>) {
+        let entry = Entry {
+            seq,
+            message: Arc::new(Message::new(
+                Topic::parse("t").unwrap(),
+                seq.to_string(),
+                Origin::Http,
+            )),
+            taken_at: SystemTime::now(),
+        };
+        let (ack, receipt) = oneshot::channel();
+        let op = Op::Put {
+            rule: Arc::from("r"),
+            seq,
+            record: encode(&entry),
+            ack,
+            committed: None,
+        };
+        (op, receipt)
+    }
+
+    #[test]
+    fn an_entry_put_and_removed_in_one_batch_leaves_nothing_and_its_number_stays_used() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Database::create(dir.path().join("outbox.redb")).unwrap();
+        let (first, _) = put(0);
+        let (second, _) = put(1);
+        let (third, _) = put(2);
+        let delete = |seqs: Vec<u64>| Op::Delete {
+            rule: Arc::from("r"),
+            seqs,
+        };
+        let write = |batch: &[Op]| commit(&db, batch, &unwritten(batch), &[]).unwrap();
+        write(&[first]);
+        // Entry 0 was committed before: its removal reaches the file; entry 1 never does.
+        write(&[second, third, delete(vec![0, 1])]);
+        let stored = scan(&db, |_| 10).unwrap().remove("r").unwrap();
+        let held: Vec<u64> = stored.held.iter().map(|e| e.seq).collect();
+        assert_eq!(held, [2]);
+        assert_eq!(stored.next_seq, 3);
+        // The last entry given, removed with its put, still moves the next number on.
+        let (fourth, _) = put(3);
+        write(&[fourth, delete(vec![2, 3])]);
+        let stored = scan(&db, |_| 10).unwrap().remove("r").unwrap();
+        assert!(stored.held.is_empty());
+        assert_eq!(stored.next_seq, 4);
+    }
+
+    #[test]
+    fn a_batch_whose_new_entries_were_all_delivered_needs_no_commit() {
+        let dir = tempfile::tempdir().unwrap();
+        let (acks, _) = Acks::open(&dir.path().join("outbox.acks")).unwrap();
+        let mut writer = Writer::new(acks);
+        let delete = |seqs: Vec<u64>| Op::Delete {
+            rule: Arc::from("r"),
+            seqs,
+        };
+        let (put5, _) = put(5);
+        let (put6, _) = put(6);
+        // Entry 4 was committed earlier; 5 and 6 were delivered before any commit.
+        let batch = [put5, delete(vec![4, 5]), put6, delete(vec![6])];
+        let skipped = unwritten(&batch);
+        assert_eq!(skipped.len(), 2);
+        assert!(writer.hold(&batch, &skipped));
+        assert_eq!(writer.held, [(Arc::from("r"), 4)]);
+        // An entry still waiting for its delivery must be committed.
+        let (put7, _) = put(7);
+        let batch = [put7, delete(vec![3])];
+        assert!(!writer.hold(&batch, &unwritten(&batch)));
+        let (_, logged) = Acks::open(&dir.path().join("outbox.acks")).unwrap();
+        assert_eq!(logged, [("r".to_owned(), 4)]);
+    }
 }
