@@ -168,7 +168,6 @@ impl Devices {
             let worker = push::Worker {
                 rule: rule.clone(),
                 lane: lane.clone(),
-                outbox: self.outbox.clone(),
                 client: rule.client.clone(),
                 bridge: bridge.clone(),
             };

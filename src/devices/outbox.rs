@@ -97,8 +97,10 @@ impl Outbox {
 
     /// Forgets delivered or dead-lettered entries of `lane`, in memory and then on disk (one
     /// write for them all).
+    #[cfg(test)]
     pub(crate) fn remove(&self, lane: &Lane, seqs: &[u64]) {
         lane.remove(seqs);
+        lane.erase(seqs.to_vec());
     }
 
     /// Commits everything queued, then closes the file.

@@ -4,7 +4,7 @@
 //! into the database with the next commit that new entries, a full log or a quiet spell call for,
 //! so draining a queue does not cost one fsync per batch of deliveries.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, VecDeque};
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc;
@@ -32,11 +32,11 @@ const BATCH: usize = 4096;
 const HELD: usize = 16_384;
 /// How long removals wait in the delivery log while nothing else comes.
 const QUIET: Duration = Duration::from_millis(250);
-/// Longest wait of new entries for their commit, while those of the last batch were mostly
-/// delivered within it: a delivered entry needs no commit, so a rule whose endpoint keeps up
-/// costs no fsync, and its HTTP and CoAP publishers are answered once it is delivered.
+/// Longest wait of a new entry for its commit, while those written last were mostly delivered
+/// within it: a delivered entry needs no commit, so a rule whose endpoint keeps up costs no
+/// fsync, and its HTTP and CoAP publishers are answered once it is delivered.
 const LINGER: Duration = Duration::from_millis(2);
-/// How often a lingering writer checks whether its new entries were all delivered.
+/// How often a writer with new entries waiting looks at what came meanwhile.
 const LINGER_STEP: Duration = Duration::from_micros(250);
 
 type Ack = oneshot::Sender<Result<(), String>>;
@@ -106,7 +106,7 @@ impl Disk {
                 .into_iter()
                 .map(|(rule, seq)| (Arc::from(rule), seq))
                 .collect();
-            commit(&db, &[], &HashSet::new(), &delivered).map_err(unreadable)?;
+            commit(&db, &[], &delivered, &HashMap::new()).map_err(unreadable)?;
             acks.clear_durably().map_err(unreadable_acks)?;
         }
         let stored = scan(&db, window).map_err(unreadable)?;
@@ -203,12 +203,31 @@ impl Disk {
     }
 }
 
-/// The writer thread's state: the removals held in the delivery log and not yet committed.
+/// The writer thread's state.
 struct Writer {
     acks: Acks,
+    /// Removals in the delivery log, not yet committed.
     held: Vec<(Arc<str>, u64)>,
-    /// Whether new entries wait up to [`LINGER`] before their commit.
+    /// New entries not yet resolved (written or delivered), in the order they came.
+    waiting: VecDeque<Waiting>,
+    /// Each rule's next sequence number past the entries seen, for the next commit.
+    next: HashMap<Arc<str>, u64>,
+    /// Whether a new entry waits up to [`LINGER`] before it is written.
     lingering: bool,
+    /// New entries delivered before their write since the last write of new entries.
+    delivered: usize,
+}
+
+/// A new entry on its way to the file.
+struct Waiting {
+    rule: Arc<str>,
+    seq: u64,
+    record: Vec<u8>,
+    ack: Ack,
+    committed: Option<Arc<AtomicU64>>,
+    since: Instant,
+    /// Written (with the outcome) or delivered; `None` while it waits.
+    resolved: Option<Result<(), String>>,
 }
 
 impl Writer {
@@ -216,107 +235,183 @@ impl Writer {
         Self {
             acks,
             held: Vec::new(),
+            waiting: VecDeque::new(),
+            next: HashMap::new(),
             lingering: true,
+            delivered: 0,
         }
     }
 
-    /// Commits batches of operations until told to stop or every sender is gone.
+    /// Writes and removes until told to stop or every sender is gone.
     fn run(mut self, file: &RwLock<Option<Database>>, rx: &mpsc::Receiver<Op>) {
         loop {
-            let first = if self.held.is_empty() {
-                rx.recv().map_err(|_| mpsc::RecvTimeoutError::Disconnected)
+            let mut ops = Vec::new();
+            if !self.waiting.is_empty() {
+                // New entries wait: the senders are not woken for.
+                std::thread::sleep(LINGER_STEP);
             } else {
-                rx.recv_timeout(QUIET)
-            };
-            let first = match first {
-                Ok(op) => op,
-                Err(mpsc::RecvTimeoutError::Timeout) => {
-                    let _ = self.commit(file, &[], &HashSet::new());
-                    continue;
-                }
-                Err(mpsc::RecvTimeoutError::Disconnected) => {
-                    let _ = self.commit(file, &[], &HashSet::new());
-                    return;
-                }
-            };
-            let mut batch = vec![first];
-            take_queued(&mut batch, rx);
-            if self.lingering {
-                linger(&mut batch, rx);
-            }
-            let unwritten = unwritten(&batch);
-            let puts = batch
-                .iter()
-                .filter(|op| matches!(op, Op::Put { .. }))
-                .count();
-            if puts > 0 {
-                // Lingering pays while most new entries are delivered within it.
-                self.lingering = unwritten.len() * 2 >= puts;
-            }
-            let outcome = if self.hold(&batch, &unwritten) {
-                Ok(())
-            } else {
-                self.commit(file, &batch, &unwritten)
-            };
-            // A delivered entry is taken whatever became of the commit.
-            let delivered: Vec<bool> = batch
-                .iter()
-                .map(|op| matches!(op, Op::Put { rule, seq, .. } if unwritten.contains(&(&**rule, *seq))))
-                .collect();
-            drop(unwritten);
-            let mut stop = None;
-            for (op, delivered) in batch.into_iter().zip(delivered) {
-                match op {
-                    Op::Put {
-                        ack,
-                        committed,
-                        seq,
-                        ..
-                    } => {
-                        let outcome = if delivered { Ok(()) } else { outcome.clone() };
-                        if let (Some(committed), Ok(())) = (committed, &outcome) {
-                            committed.fetch_max(seq + 1, Ordering::Release);
-                        }
-                        let _ = ack.send(outcome);
+                let first = if self.held.is_empty() {
+                    rx.recv().map_err(|_| mpsc::RecvTimeoutError::Disconnected)
+                } else {
+                    rx.recv_timeout(QUIET)
+                };
+                match first {
+                    Ok(op) => ops.push(op),
+                    Err(mpsc::RecvTimeoutError::Timeout) => {
+                        let _ = self.commit(file, &[], &[]);
+                        continue;
                     }
-                    Op::Stop(ack) => stop = Some(ack),
-                    Op::Delete { .. } => {}
+                    Err(mpsc::RecvTimeoutError::Disconnected) => {
+                        let _ = self.write_all(file, Vec::new());
+                        return;
+                    }
                 }
             }
+            while ops.len() < BATCH {
+                match rx.try_recv() {
+                    Ok(op) => ops.push(op),
+                    Err(mpsc::TryRecvError::Empty) => break,
+                    Err(mpsc::TryRecvError::Disconnected) if ops.is_empty() => {
+                        let _ = self.write_all(file, Vec::new());
+                        return;
+                    }
+                    Err(mpsc::TryRecvError::Disconnected) => break,
+                }
+            }
+            let (removals, stop) = self.sort(ops);
             if let Some(ack) = stop {
+                let outcome = self.write_all(file, removals);
                 // Closed before the stop is confirmed, so a new gateway can open the file at once.
                 *file.write().unwrap_or_else(PoisonError::into_inner) = None;
                 let _ = ack.send(outcome);
                 return;
             }
+            self.write_due(file, removals);
         }
     }
 
-    /// Writes the removals of a batch that has nothing else to commit (its new entries, if
-    /// any, all removed in it too) to the delivery log instead of the database, while the log
-    /// has room; false when the batch is to be committed.
-    fn hold(&mut self, batch: &[Op], unwritten: &HashSet<(&str, u64)>) -> bool {
-        let mut removals = Vec::with_capacity(batch.len());
-        for op in batch {
+    /// Takes new entries into the waiting line and marks those a removal names delivered;
+    /// returns the other removals (of entries already written) and a stop, if one came.
+    fn sort(&mut self, ops: Vec<Op>) -> (Vec<(Arc<str>, u64)>, Option<Ack>) {
+        let now = Instant::now();
+        let mut removals = Vec::new();
+        let mut stop = None;
+        for op in ops {
             match op {
-                Op::Delete { rule, seqs } => removals.extend(
-                    seqs.iter()
-                        .filter(|seq| !unwritten.contains(&(&**rule, **seq)))
-                        .map(|seq| (rule.clone(), *seq)),
-                ),
-                Op::Put { rule, seq, .. } if unwritten.contains(&(&**rule, *seq)) => {}
-                Op::Put { .. } | Op::Stop(_) => return false,
+                Op::Put {
+                    rule,
+                    seq,
+                    record,
+                    ack,
+                    committed,
+                } => {
+                    let past = self.next.entry(rule.clone()).or_default();
+                    *past = (*past).max(seq + 1);
+                    self.waiting.push_back(Waiting {
+                        rule,
+                        seq,
+                        record,
+                        ack,
+                        committed,
+                        since: now,
+                        resolved: None,
+                    });
+                }
+                Op::Delete { rule, seqs } => {
+                    for seq in seqs {
+                        // Deliveries come roughly in order: the entry is near the front.
+                        match self
+                            .waiting
+                            .iter_mut()
+                            .find(|w| w.seq == seq && w.rule == rule && w.resolved.is_none())
+                        {
+                            Some(w) => {
+                                w.resolved = Some(Ok(()));
+                                self.delivered += 1;
+                            }
+                            None => removals.push((rule.clone(), seq)),
+                        }
+                    }
+                }
+                Op::Stop(ack) => stop = Some(ack),
             }
         }
+        (removals, stop)
+    }
+
+    /// Writes the new entries whose wait is over, with `removals`; the removals alone go to
+    /// the delivery log when nothing is due. Then answers the resolved entries, in order.
+    fn write_due(&mut self, file: &RwLock<Option<Database>>, removals: Vec<(Arc<str>, u64)>) {
+        let now = Instant::now();
+        let lingering = self.lingering;
+        let due: Vec<usize> = (0..self.waiting.len())
+            .filter(|&i| {
+                let w = &self.waiting[i];
+                w.resolved.is_none()
+                    && (!lingering || now.duration_since(w.since) >= LINGER || i >= BATCH)
+            })
+            .collect();
+        if due.is_empty() {
+            if !self.hold(&removals) {
+                let _ = self.commit(file, &[], &removals);
+            }
+        } else {
+            let outcome = self.commit(file, &due, &removals);
+            for &i in &due {
+                self.waiting[i].resolved = Some(outcome.clone());
+            }
+            // Waiting pays while more new entries are delivered within it than written.
+            self.lingering = self.delivered >= due.len();
+            self.delivered = 0;
+        }
+        self.answer();
+    }
+
+    /// Writes every new entry not delivered, with `removals`, and answers them all.
+    fn write_all(
+        &mut self,
+        file: &RwLock<Option<Database>>,
+        removals: Vec<(Arc<str>, u64)>,
+    ) -> Result<(), String> {
+        let due: Vec<usize> = (0..self.waiting.len())
+            .filter(|&i| self.waiting[i].resolved.is_none())
+            .collect();
+        let outcome = self.commit(file, &due, &removals);
+        for &i in &due {
+            self.waiting[i].resolved = Some(outcome.clone());
+        }
+        self.answer();
+        outcome
+    }
+
+    /// Answers the resolved entries at the front of the line. One answer covers every entry
+    /// before it (a publisher waits for its message's last rule alone), so none goes ahead of
+    /// an entry still waiting; its lane's memory copy may go too.
+    fn answer(&mut self) {
+        while self.waiting.front().is_some_and(|w| w.resolved.is_some()) {
+            let Some(w) = self.waiting.pop_front() else {
+                break;
+            };
+            let outcome = w.resolved.unwrap_or(Ok(()));
+            if let (Some(committed), Ok(())) = (&w.committed, &outcome) {
+                committed.fetch_max(w.seq + 1, Ordering::Release);
+            }
+            let _ = w.ack.send(outcome);
+        }
+    }
+
+    /// Writes `removals` alone to the delivery log instead of the database, while the log has
+    /// room; false when they are to be committed.
+    fn hold(&mut self, removals: &[(Arc<str>, u64)]) -> bool {
         if removals.is_empty() {
             return true;
         }
         if self.held.len() + removals.len() > HELD {
             return false;
         }
-        match self.acks.append(&removals) {
+        match self.acks.append(removals) {
             Ok(()) => {
-                self.held.extend(removals);
+                self.held.extend_from_slice(removals);
                 true
             }
             Err(e) => {
@@ -326,22 +421,31 @@ impl Writer {
         }
     }
 
-    /// Commits `batch` with every held removal, then empties the delivery log.
+    /// Commits the waiting entries at `due`, `removals` and every held removal, then empties
+    /// the delivery log.
     fn commit(
         &mut self,
         file: &RwLock<Option<Database>>,
-        batch: &[Op],
-        unwritten: &HashSet<(&str, u64)>,
+        due: &[usize],
+        removals: &[(Arc<str>, u64)],
     ) -> Result<(), String> {
-        if batch.is_empty() && self.held.is_empty() {
+        if due.is_empty() && removals.is_empty() && self.held.is_empty() {
             return Ok(());
         }
+        let puts: Vec<(&str, u64, &[u8])> = due
+            .iter()
+            .map(|&i| {
+                let w = &self.waiting[i];
+                (&*w.rule, w.seq, w.record.as_slice())
+            })
+            .collect();
         match &*file.read().unwrap_or_else(PoisonError::into_inner) {
-            Some(db) => commit(db, batch, unwritten, &self.held),
+            Some(db) => commit(db, &puts, self.held.iter().chain(removals), &self.next),
             None => Err("the push outbox is closed".to_owned()),
         }
         .inspect_err(|e| tracing::error!(error = %e, "cannot write the push outbox"))?;
         self.held.clear();
+        self.next.clear();
         if let Err(e) = self.acks.clear() {
             // Records left in the log are applied again at the next start, removing nothing
             // else: sequence numbers are not reused.
@@ -351,115 +455,34 @@ impl Writer {
     }
 }
 
-/// Adds to `batch` what is queued, up to [`BATCH`] operations.
-fn take_queued(batch: &mut Vec<Op>, rx: &mpsc::Receiver<Op>) {
-    while batch.len() < BATCH {
-        match rx.try_recv() {
-            Ok(op) => batch.push(op),
-            Err(_) => break,
-        }
-    }
-}
-
-/// Waits up to [`LINGER`] for the new entries of `batch` to be delivered, checking every
-/// [`LINGER_STEP`]; returns at once for a batch without new entries or with a stop.
-fn linger(batch: &mut Vec<Op>, rx: &mpsc::Receiver<Op>) {
-    let until = Instant::now() + LINGER;
-    loop {
-        let puts = batch
-            .iter()
-            .filter(|op| matches!(op, Op::Put { .. }))
-            .count();
-        let stop = batch.iter().any(|op| matches!(op, Op::Stop(_)));
-        if puts == 0
-            || stop
-            || batch.len() >= BATCH
-            || Instant::now() >= until
-            || unwritten(batch).len() == puts
-        {
-            return;
-        }
-        std::thread::sleep(LINGER_STEP);
-        take_queued(batch, rx);
-    }
-}
-
-/// The entries both put and removed in `batch`: delivered (or dropped) before their put was
-/// committed, they never reach the file. While a commit's fsync runs, most messages of a busy
-/// rule are put and delivered.
-fn unwritten(batch: &[Op]) -> HashSet<(&str, u64)> {
-    let mut put = HashSet::new();
-    for op in batch {
-        if let Op::Put { rule, seq, .. } = op {
-            put.insert((&**rule, *seq));
-        }
-    }
-    let mut both = HashSet::new();
-    if put.is_empty() {
-        return both;
-    }
-    for op in batch {
-        if let Op::Delete { rule, seqs } = op {
-            both.extend(
-                seqs.iter()
-                    .map(|seq| (&**rule, *seq))
-                    .filter(|key| put.contains(key)),
-            );
-        }
-    }
-    both
-}
-
-/// One durable transaction: the puts and removals of `batch` but the `unwritten` entries, the
-/// removals `held`, and each rule's next sequence number past its puts (the unwritten ones
-/// too: their numbers are used up all the same).
-fn commit(
+/// One durable transaction: the entries `puts`, the `removals`, and each rule's next sequence
+/// number (`next`: past every entry seen, delivered ones too, so that no number is given twice).
+fn commit<'a>(
     db: &Database,
-    batch: &[Op],
-    unwritten: &HashSet<(&str, u64)>,
-    held: &[(Arc<str>, u64)],
+    puts: &[(&str, u64, &[u8])],
+    removals: impl IntoIterator<Item = &'a (Arc<str>, u64)>,
+    next: &HashMap<Arc<str>, u64>,
 ) -> Result<(), String> {
     let txn = db.begin_write().map_err(|e| e.to_string())?;
     {
         let mut table = txn.open_table(TABLE).map_err(|e| e.to_string())?;
-        let mut next: HashMap<&str, u64> = HashMap::new();
-        for (rule, seq) in held {
+        for (rule, seq) in removals {
             table.remove((&**rule, *seq)).map_err(|e| e.to_string())?;
         }
-        for op in batch {
-            match op {
-                Op::Put {
-                    rule, seq, record, ..
-                } => {
-                    let key = (&**rule, *seq);
-                    if !unwritten.contains(&key) {
-                        table
-                            .insert(key, record.as_slice())
-                            .map_err(|e| e.to_string())?;
-                    }
-                    let past = next.entry(rule).or_default();
-                    *past = (*past).max(seq + 1);
-                }
-                Op::Delete { rule, seqs } => {
-                    for seq in seqs {
-                        let key = (&**rule, *seq);
-                        if !unwritten.contains(&key) {
-                            table.remove(key).map_err(|e| e.to_string())?;
-                        }
-                    }
-                }
-                Op::Stop(_) => {}
-            }
+        for (rule, seq, record) in puts {
+            table
+                .insert((*rule, *seq), *record)
+                .map_err(|e| e.to_string())?;
         }
         if !next.is_empty() {
             let mut floors = txn.open_table(NEXT).map_err(|e| e.to_string())?;
             for (rule, past) in next {
                 let known = floors
-                    .get(rule)
+                    .get(&**rule)
                     .map_err(|e| e.to_string())?
                     .map_or(0, |v| v.value());
-                if past > known {
-                    floors.insert(rule, past).map_err(|e| e.to_string())?;
+                if *past > known {
+                    floors.insert(&**rule, *past).map_err(|e| e.to_string())?;
                 }
             }
         }
@@ -546,55 +569,100 @@ mod tests {
         (op, receipt)
     }
 
-    #[test]
-    fn an_entry_put_and_removed_in_one_batch_leaves_nothing_and_its_number_stays_used() {
-        let dir = tempfile::tempdir().unwrap();
-        let db = Database::create(dir.path().join("outbox.redb")).unwrap();
-        let (first, _) = put(0);
-        let (second, _) = put(1);
-        let (third, _) = put(2);
-        let delete = |seqs: Vec<u64>| Op::Delete {
+    fn delete(seqs: Vec<u64>) -> Op {
+        Op::Delete {
             rule: Arc::from("r"),
             seqs,
-        };
-        let write = |batch: &[Op]| commit(&db, batch, &unwritten(batch), &[]).unwrap();
-        write(&[first]);
-        // Entry 0 was committed before: its removal reaches the file; entry 1 never does.
-        write(&[second, third, delete(vec![0, 1])]);
-        let stored = scan(&db, |_| 10).unwrap().remove("r").unwrap();
-        let held: Vec<u64> = stored.held.iter().map(|e| e.seq).collect();
-        assert_eq!(held, [2]);
-        assert_eq!(stored.next_seq, 3);
-        // The last entry given, removed with its put, still moves the next number on.
-        let (fourth, _) = put(3);
-        write(&[fourth, delete(vec![2, 3])]);
-        let stored = scan(&db, |_| 10).unwrap().remove("r").unwrap();
-        assert!(stored.held.is_empty());
-        assert_eq!(stored.next_seq, 4);
+        }
+    }
+
+    /// A writer on a fresh file, as the thread runs it.
+    fn writer(dir: &Path) -> (Writer, RwLock<Option<Database>>) {
+        let (acks, _) = Acks::open(&dir.join("outbox.acks")).unwrap();
+        let db = Database::create(dir.join("outbox.redb")).unwrap();
+        (Writer::new(acks), RwLock::new(Some(db)))
+    }
+
+    fn stored(file: &RwLock<Option<Database>>) -> (Vec<u64>, u64) {
+        let file = file.read().unwrap();
+        let stored = scan(file.as_ref().unwrap(), |_| 10)
+            .unwrap()
+            .remove("r")
+            .unwrap_or_default();
+        let held = stored.held.iter().map(|e| e.seq).collect();
+        (held, stored.next_seq)
     }
 
     #[test]
-    fn a_batch_whose_new_entries_were_all_delivered_needs_no_commit() {
+    fn an_entry_delivered_before_its_write_is_never_written_and_is_answered() {
         let dir = tempfile::tempdir().unwrap();
-        let (acks, _) = Acks::open(&dir.path().join("outbox.acks")).unwrap();
-        let mut writer = Writer::new(acks);
-        let delete = |seqs: Vec<u64>| Op::Delete {
-            rule: Arc::from("r"),
-            seqs,
-        };
-        let (put5, _) = put(5);
-        let (put6, _) = put(6);
-        // Entry 4 was committed earlier; 5 and 6 were delivered before any commit.
-        let batch = [put5, delete(vec![4, 5]), put6, delete(vec![6])];
-        let skipped = unwritten(&batch);
-        assert_eq!(skipped.len(), 2);
-        assert!(writer.hold(&batch, &skipped));
-        assert_eq!(writer.held, [(Arc::from("r"), 4)]);
-        // An entry still waiting for its delivery must be committed.
-        let (put7, _) = put(7);
-        let batch = [put7, delete(vec![3])];
-        assert!(!writer.hold(&batch, &unwritten(&batch)));
+        let (mut writer, file) = writer(dir.path());
+        writer.lingering = false;
+        let (put0, r0) = put(0);
+        let (put1, _) = put(1);
+        let (removals, _) = writer.sort(vec![put0, put1]);
+        writer.write_due(&file, removals);
+        assert_eq!(r0.blocking_recv().unwrap(), Ok(()));
+        assert_eq!(stored(&file), (vec![0, 1], 2));
+        // 0 was written: its removal goes to the file; 2 never reaches it.
+        let (put2, r2) = put(2);
+        let (put3, r3) = put(3);
+        let (removals, _) = writer.sort(vec![put2, put3, delete(vec![0, 2])]);
+        assert_eq!(removals, [(Arc::from("r"), 0)]);
+        writer.write_due(&file, removals);
+        assert_eq!(r2.blocking_recv().unwrap(), Ok(()));
+        assert_eq!(r3.blocking_recv().unwrap(), Ok(()));
+        assert_eq!(stored(&file), (vec![1, 3], 4));
+        // Nothing left to write: the removal of 1 waits in the delivery log.
+        let (put4, r4) = put(4);
+        let (removals, _) = writer.sort(vec![put4, delete(vec![1, 4])]);
+        writer.write_due(&file, removals);
+        assert_eq!(r4.blocking_recv().unwrap(), Ok(()));
+        assert_eq!(writer.held, [(Arc::from("r"), 1)]);
+        assert_eq!(stored(&file), (vec![1, 3], 4));
         let (_, logged) = Acks::open(&dir.path().join("outbox.acks")).unwrap();
-        assert_eq!(logged, [("r".to_owned(), 4)]);
+        assert_eq!(logged, [("r".to_owned(), 1)]);
+        // The next commit takes it, and moves the next number past the one never written.
+        let (put5, _) = put(5);
+        let (removals, _) = writer.sort(vec![put5]);
+        writer.waiting[0].since -= LINGER;
+        writer.write_due(&file, removals);
+        assert_eq!(stored(&file), (vec![3, 5], 6));
+    }
+
+    #[test]
+    fn a_new_entry_waits_for_its_delivery_and_answers_keep_their_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut writer, file) = writer(dir.path());
+        let (put0, mut r0) = put(0);
+        let (put1, mut r1) = put(1);
+        let (removals, _) = writer.sort(vec![put0, put1, delete(vec![1])]);
+        writer.write_due(&file, removals);
+        // 1 is delivered, but a publisher waiting for it may be waiting for 0 as well.
+        assert!(r0.try_recv().is_err());
+        assert!(r1.try_recv().is_err());
+        assert_eq!(stored(&file), (vec![], 0));
+        // 0's wait is over: it is written, and both are answered.
+        writer.waiting[0].since -= LINGER;
+        writer.write_due(&file, Vec::new());
+        assert_eq!(r0.try_recv().unwrap(), Ok(()));
+        assert_eq!(r1.try_recv().unwrap(), Ok(()));
+        assert_eq!(stored(&file), (vec![0], 2));
+        // As many delivered as written: new entries keep waiting; then none delivered.
+        assert!(writer.lingering);
+        let (put2, mut r2) = put(2);
+        let (removals, _) = writer.sort(vec![put2]);
+        writer.write_due(&file, removals);
+        assert!(r2.try_recv().is_err());
+        writer.waiting[0].since -= LINGER;
+        writer.write_due(&file, Vec::new());
+        assert_eq!(r2.try_recv().unwrap(), Ok(()));
+        // Fewer delivered than written: the next entries are written without waiting.
+        assert!(!writer.lingering);
+        let (put3, mut r3) = put(3);
+        let (removals, _) = writer.sort(vec![put3]);
+        writer.write_due(&file, removals);
+        assert_eq!(r3.try_recv().unwrap(), Ok(()));
+        assert_eq!(stored(&file), (vec![0, 2, 3], 4));
     }
 }

@@ -199,8 +199,9 @@ impl Lane {
         durable
     }
 
-    /// Forgets delivered or dead-lettered entries, in memory and then on disk.
-    pub(super) fn remove(&self, seqs: &[u64]) {
+    /// Forgets delivered or dead-lettered entries in memory; [`Self::erase`] takes them off
+    /// the disk.
+    pub(crate) fn remove(&self, seqs: &[u64]) {
         {
             let mut state = self.lock();
             for &seq in seqs {
@@ -216,7 +217,11 @@ impl Lane {
         }
         // The next message on those topics may go now.
         self.ready.notify_one();
-        self.disk.delete(&self.name, seqs.to_vec());
+    }
+
+    /// Takes removed entries off the disk (through the delivery log).
+    pub(crate) fn erase(&self, seqs: Vec<u64>) {
+        self.disk.delete(&self.name, seqs);
     }
 
     /// Moves spilled entries back into the window once it is half empty: from memory when
