@@ -420,13 +420,17 @@ mod tests {
     #[tokio::test]
     async fn a_subscriber_that_stops_reading_holds_no_message_past_the_bytes() {
         let store = RetainedStore::new();
-        let hub = Hub::new(
-            1024,
-            History {
-                messages: 10_000,
-                bytes: 10_500,
-            },
-        );
+        // Room for ten or so of the 999-byte messages below, whatever the ring's length.
+        let hub_with_ring = |buffer| {
+            Hub::new(
+                buffer,
+                History {
+                    messages: 10_000,
+                    bytes: 10_500,
+                },
+            )
+        };
+        let hub = hub_with_ring(1024);
         let mut stalled = hub.live();
         let weak = send_sized(&hub, &store, "t/0", 999);
         for n in 1..100 {
@@ -444,13 +448,7 @@ mod tests {
         }
         assert!(matches!(stalled.try_recv(), Err(TryRecvError::Empty)));
         // Overtaken by the ring and let go by the hub at once: one count for both.
-        let hub = Hub::new(
-            16,
-            History {
-                messages: 10_000,
-                bytes: 10_500,
-            },
-        );
+        let hub = hub_with_ring(16);
         let mut stalled = hub.live();
         for n in 0..30 {
             send_sized(&hub, &store, &format!("t/{n}"), 999);

@@ -150,15 +150,12 @@ impl UrlTemplate {
 
     /// The template as configured, for `/rules`.
     pub(crate) fn display(&self) -> String {
-        let mut out = self.origin.clone();
-        for part in &self.rest {
-            match part {
-                Part::Text(t) => out.push_str(t),
-                Part::Level(n) => out.push_str(&format!("{{{n}}}")),
-                Part::Payload => out.push_str("{payload}"),
-            }
-        }
-        out
+        let rest = self.fill_with(|part| match part {
+            Part::Level(n) => format!("{{{n}}}"),
+            Part::Payload => "{payload}".to_owned(),
+            Part::Text(_) => String::new(),
+        });
+        format!("{}{rest}", self.origin)
     }
 
     /// The path and query with each placeholder replaced by `value`.

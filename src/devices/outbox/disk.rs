@@ -34,9 +34,10 @@ const BATCH: usize = 4096;
 const HELD: usize = 16_384;
 /// How long removals wait in the delivery log while nothing else comes.
 const QUIET: Duration = Duration::from_millis(250);
-/// Longest wait of a new entry for its commit, while those written last were mostly delivered
-/// within it: a delivered entry needs no commit, so a rule whose endpoint keeps up costs no
-/// fsync, and its HTTP and CoAP publishers are answered once it is delivered.
+/// Longest wait of a new entry for its commit, while at least as many entries were delivered
+/// within their wait as were written at the last write: a delivered entry needs no commit, so a
+/// rule whose endpoint keeps up costs no fsync, and its HTTP and CoAP publishers are answered
+/// once it is delivered.
 const LINGER: Duration = Duration::from_millis(2);
 /// How often a writer with new entries waiting looks at what came meanwhile.
 const LINGER_STEP: Duration = Duration::from_micros(250);
