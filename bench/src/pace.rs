@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::Semaphore;
 
 /// How far behind its time a slot may be handed out before it counts as late.
-const LATE: Duration = Duration::from_millis(1);
+pub const LATE: Duration = Duration::from_millis(1);
 
 /// The slots of a paced run.
 pub struct Schedule {
@@ -53,7 +53,7 @@ impl Schedule {
     fn pace(&self, rate: f64, start: Instant, senders: u64) -> u64 {
         let mut late = 0;
         for n in 0..self.count {
-            let at = start + Duration::from_secs_f64(n as f64 / rate);
+            let at = slot_time(start, rate, n);
             let now = Instant::now();
             if now < at {
                 std::thread::sleep(at - now);
@@ -66,6 +66,11 @@ impl Schedule {
             .add_permits(usize::try_from(senders).unwrap_or(usize::MAX));
         late
     }
+}
+
+/// When slot `n` of a run at `rate` per second from `start` is due.
+pub fn slot_time(start: Instant, rate: f64, n: u64) -> Instant {
+    start + Duration::from_secs_f64(n as f64 / rate)
 }
 
 impl Pacer {
