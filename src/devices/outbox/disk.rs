@@ -34,11 +34,23 @@ const BATCH: usize = 4096;
 const HELD: usize = 16_384;
 /// How long removals wait in the delivery log while nothing else comes.
 const QUIET: Duration = Duration::from_millis(250);
-/// Longest wait of a new entry for its commit, while at least as many entries were delivered
-/// within their wait as were written at the last write: a delivered entry needs no commit, so a
-/// rule whose endpoint keeps up costs no fsync, and its HTTP and CoAP publishers are answered
-/// once it is delivered.
+/// Longest wait of a new entry for its commit, while waiting pays (see [`LINGER_WINDOW`]): a
+/// delivered entry needs no commit, so a rule whose endpoint keeps up costs no fsync, and its
+/// HTTP and CoAP publishers are answered once it is delivered. Push workers report deliveries
+/// well within it (`ERASE_WITHIN`).
 const LINGER: Duration = Duration::from_millis(2);
+/// How long the writer looks before it decides again whether new entries wait. After a window
+/// in which they waited, they wait in the next one if at least as many were delivered within
+/// their wait as were written: a moment's stall of the endpoint, which makes a burst of entries
+/// outlast their wait, does not end the waiting. After a window in which they were written at
+/// once, they wait in the next one on trial: written at once, an entry is written before its
+/// delivery is known, so only a trial tells that the endpoint keeps up again. So a dead
+/// endpoint's publishers wait `LINGER` longer for their answers every other window.
+const LINGER_WINDOW: Duration = Duration::from_millis(100);
+/// Shortest time between two writes of new entries. When the endpoint falls behind, entries
+/// outlast their wait at every look, and a write (with its fsync) at every look cost more than
+/// the pushes themselves; at most one per this long, each write takes all that came due.
+const WRITE_GAP: Duration = Duration::from_millis(1);
 /// How often a writer with new entries waiting looks at what came meanwhile.
 const LINGER_STEP: Duration = Duration::from_micros(250);
 
@@ -215,10 +227,15 @@ struct Writer {
     waiting: VecDeque<Waiting>,
     /// Each rule's next sequence number past the entries seen, for the next commit.
     next: HashMap<Arc<str>, u64>,
-    /// Whether a new entry waits up to [`LINGER`] before it is written.
+    /// Whether a new entry waits up to [`LINGER`] before it is written, in this window.
     lingering: bool,
-    /// New entries delivered before their write since the last write of new entries.
+    /// When this window began, and the new entries delivered before their write and written
+    /// in it.
+    window: Instant,
     delivered: usize,
+    written: usize,
+    /// When new entries were last written.
+    last_write: Option<Instant>,
 }
 
 /// A new entry on its way to the file.
@@ -241,7 +258,10 @@ impl Writer {
             waiting: VecDeque::new(),
             next: HashMap::new(),
             lingering: true,
+            window: Instant::now(),
             delivered: 0,
+            written: 0,
+            last_write: None,
         }
     }
 
@@ -347,9 +367,16 @@ impl Writer {
     /// the delivery log when nothing is due. Then answers the resolved entries, in order.
     fn write_due(&mut self, file: &RwLock<Option<Database>>, removals: Vec<(Arc<str>, u64)>) {
         let now = Instant::now();
+        self.decide(now);
         let lingering = self.lingering;
+        let gap = self
+            .last_write
+            .is_some_and(|at| now.duration_since(at) < WRITE_GAP);
         let due: Vec<usize> = (0..self.waiting.len())
             .filter(|&i| {
+                if gap {
+                    return false;
+                }
                 let w = &self.waiting[i];
                 w.resolved.is_none()
                     && (!lingering || now.duration_since(w.since) >= LINGER || i >= BATCH)
@@ -364,11 +391,21 @@ impl Writer {
             for &i in &due {
                 self.waiting[i].resolved = Some(outcome.clone());
             }
-            // Waiting pays while more new entries are delivered within it than written.
-            self.lingering = self.delivered >= due.len();
-            self.delivered = 0;
+            self.written += due.len();
+            self.last_write = Some(now);
         }
         self.answer();
+    }
+
+    /// Decides, once a window is over, whether new entries wait in the next one.
+    fn decide(&mut self, now: Instant) {
+        if now.duration_since(self.window) < LINGER_WINDOW {
+            return;
+        }
+        self.lingering = !self.lingering || self.delivered >= self.written;
+        self.window = now;
+        self.delivered = 0;
+        self.written = 0;
     }
 
     /// Writes every new entry not delivered, with `removals`, and answers them all.
@@ -597,6 +634,16 @@ mod tests {
         (held, stored.next_seq)
     }
 
+    /// `write_due` as if the last write were long ago.
+    fn write_now(
+        writer: &mut Writer,
+        file: &RwLock<Option<Database>>,
+        removals: Vec<(Arc<str>, u64)>,
+    ) {
+        writer.last_write = None;
+        writer.write_due(file, removals);
+    }
+
     #[test]
     fn an_entry_delivered_before_its_write_is_never_written_and_is_answered() {
         let dir = tempfile::tempdir().unwrap();
@@ -605,7 +652,7 @@ mod tests {
         let (put0, r0) = put(0);
         let (put1, _) = put(1);
         let (removals, _) = writer.sort(vec![put0, put1]);
-        writer.write_due(&file, removals);
+        write_now(&mut writer, &file, removals);
         assert_eq!(r0.blocking_recv().unwrap(), Ok(()));
         assert_eq!(stored(&file), (vec![0, 1], 2));
         // 0 was written: its removal goes to the file; 2 never reaches it.
@@ -613,14 +660,14 @@ mod tests {
         let (put3, r3) = put(3);
         let (removals, _) = writer.sort(vec![put2, put3, delete(vec![0, 2])]);
         assert_eq!(removals, [(Arc::from("r"), 0)]);
-        writer.write_due(&file, removals);
+        write_now(&mut writer, &file, removals);
         assert_eq!(r2.blocking_recv().unwrap(), Ok(()));
         assert_eq!(r3.blocking_recv().unwrap(), Ok(()));
         assert_eq!(stored(&file), (vec![1, 3], 4));
         // Nothing left to write: the removal of 1 waits in the delivery log.
         let (put4, r4) = put(4);
         let (removals, _) = writer.sort(vec![put4, delete(vec![1, 4])]);
-        writer.write_due(&file, removals);
+        write_now(&mut writer, &file, removals);
         assert_eq!(r4.blocking_recv().unwrap(), Ok(()));
         assert_eq!(writer.held, [(Arc::from("r"), 1)]);
         assert_eq!(stored(&file), (vec![1, 3], 4));
@@ -630,8 +677,34 @@ mod tests {
         let (put5, _) = put(5);
         let (removals, _) = writer.sort(vec![put5]);
         writer.waiting[0].since -= LINGER;
-        writer.write_due(&file, removals);
+        write_now(&mut writer, &file, removals);
         assert_eq!(stored(&file), (vec![3, 5], 6));
+    }
+
+    #[test]
+    fn new_entries_are_written_at_most_once_per_gap() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut writer, file) = writer(dir.path());
+        writer.lingering = false;
+        let (put0, mut r0) = put(0);
+        let (removals, _) = writer.sort(vec![put0]);
+        writer.write_due(&file, removals);
+        assert_eq!(r0.try_recv().unwrap(), Ok(()));
+        // Within the gap (here, one that lasts), the next entry waits for the next write.
+        writer.last_write = Some(Instant::now() + Duration::from_secs(60));
+        let (put1, mut r1) = put(1);
+        let (removals, _) = writer.sort(vec![put1]);
+        writer.write_due(&file, removals);
+        assert!(r1.try_recv().is_err());
+        assert_eq!(stored(&file), (vec![0], 1));
+        // Once it is over, one write takes every entry that came due.
+        writer.last_write = Some(Instant::now() - WRITE_GAP);
+        let (put2, mut r2) = put(2);
+        let (removals, _) = writer.sort(vec![put2]);
+        writer.write_due(&file, removals);
+        assert_eq!(r1.try_recv().unwrap(), Ok(()));
+        assert_eq!(r2.try_recv().unwrap(), Ok(()));
+        assert_eq!(stored(&file), (vec![0, 1, 2], 3));
     }
 
     #[test]
@@ -641,32 +714,47 @@ mod tests {
         let (put0, mut r0) = put(0);
         let (put1, mut r1) = put(1);
         let (removals, _) = writer.sort(vec![put0, put1, delete(vec![1])]);
-        writer.write_due(&file, removals);
+        write_now(&mut writer, &file, removals);
         // 1 is delivered, but a publisher waiting for it may be waiting for 0 as well.
         assert!(r0.try_recv().is_err());
         assert!(r1.try_recv().is_err());
         assert_eq!(stored(&file), (vec![], 0));
         // 0's wait is over: it is written, and both are answered.
         writer.waiting[0].since -= LINGER;
-        writer.write_due(&file, Vec::new());
+        write_now(&mut writer, &file, Vec::new());
         assert_eq!(r0.try_recv().unwrap(), Ok(()));
         assert_eq!(r1.try_recv().unwrap(), Ok(()));
         assert_eq!(stored(&file), (vec![0], 2));
-        // As many delivered as written: new entries keep waiting; then none delivered.
-        assert!(writer.lingering);
+        // As many delivered as written in this window: in the next, new entries keep waiting.
+        writer.window -= LINGER_WINDOW;
         let (put2, mut r2) = put(2);
         let (removals, _) = writer.sort(vec![put2]);
-        writer.write_due(&file, removals);
+        write_now(&mut writer, &file, removals);
+        assert!(writer.lingering);
         assert!(r2.try_recv().is_err());
+        // None delivered: 2 is written once its wait is over, and in the next window new
+        // entries are written at once.
         writer.waiting[0].since -= LINGER;
-        writer.write_due(&file, Vec::new());
+        write_now(&mut writer, &file, Vec::new());
         assert_eq!(r2.try_recv().unwrap(), Ok(()));
-        // Fewer delivered than written: the next entries are written without waiting.
-        assert!(!writer.lingering);
+        writer.window -= LINGER_WINDOW;
         let (put3, mut r3) = put(3);
         let (removals, _) = writer.sort(vec![put3]);
-        writer.write_due(&file, removals);
+        write_now(&mut writer, &file, removals);
+        assert!(!writer.lingering);
         assert_eq!(r3.try_recv().unwrap(), Ok(()));
+        assert_eq!(stored(&file), (vec![0, 2, 3], 4));
+        // The window after is a trial: a new entry waits again, and, delivered within its
+        // wait, is never written.
+        writer.window -= LINGER_WINDOW;
+        let (put4, mut r4) = put(4);
+        let (removals, _) = writer.sort(vec![put4]);
+        write_now(&mut writer, &file, removals);
+        assert!(writer.lingering);
+        assert!(r4.try_recv().is_err());
+        let (removals, _) = writer.sort(vec![delete(vec![4])]);
+        write_now(&mut writer, &file, removals);
+        assert_eq!(r4.try_recv().unwrap(), Ok(()));
         assert_eq!(stored(&file), (vec![0, 2, 3], 4));
     }
 }
