@@ -42,14 +42,17 @@ const LINGER: Duration = Duration::from_millis(2);
 /// How long the writer looks before it decides again whether new entries wait. After a window
 /// in which they waited, they wait in the next one if at least as many were delivered within
 /// their wait as were written: a moment's stall of the endpoint, which makes a burst of entries
-/// outlast their wait, does not end the waiting. After a window in which they were written at
-/// once, they wait in the next one on trial: written at once, an entry is written before its
-/// delivery is known, so only a trial tells that the endpoint keeps up again. So a dead
-/// endpoint's publishers wait `LINGER` longer for their answers every other window.
+/// outlast their wait, does not end the waiting.
 const LINGER_WINDOW: Duration = Duration::from_millis(100);
-/// Shortest time between two writes of new entries. When the endpoint falls behind, entries
-/// outlast their wait at every look, and a write (with its fsync) at every look cost more than
-/// the pushes themselves; at most one per this long, each write takes all that came due.
+/// How long new entries are written at once after a window in which waiting did not pay; then
+/// they wait for a window on trial. Written at once, an entry is written before its delivery is
+/// known, so only a trial tells that the endpoint keeps up again; a dead endpoint's publishers
+/// wait up to `LINGER` longer for their answers during one window in eleven.
+const LINGER_RETRY: Duration = Duration::from_secs(1);
+/// Shortest time between two writes of new entries that nobody waits for. When the endpoint
+/// falls behind, entries outlast their wait at every look, and a write (with its fsync) at every
+/// look cost more than the pushes themselves; at most one per this long, each write takes all
+/// that came due. An entry a publisher waits for is written at the next look, as before.
 const WRITE_GAP: Duration = Duration::from_millis(1);
 /// How often a writer with new entries waiting looks at what came meanwhile.
 const LINGER_STEP: Duration = Duration::from_micros(250);
@@ -372,16 +375,17 @@ impl Writer {
         let gap = self
             .last_write
             .is_some_and(|at| now.duration_since(at) < WRITE_GAP);
-        let due: Vec<usize> = (0..self.waiting.len())
+        let mut due: Vec<usize> = (0..self.waiting.len())
             .filter(|&i| {
-                if gap {
-                    return false;
-                }
                 let w = &self.waiting[i];
                 w.resolved.is_none()
                     && (!lingering || now.duration_since(w.since) >= LINGER || i >= BATCH)
             })
             .collect();
+        // Within the gap, entries nobody waits for (MQTT publishes) wait for the next write.
+        if gap && due.iter().all(|&i| self.waiting[i].ack.is_closed()) {
+            due.clear();
+        }
         if due.is_empty() {
             if !self.hold(&removals) {
                 let _ = self.commit(file, &[], &removals);
@@ -399,7 +403,12 @@ impl Writer {
 
     /// Decides, once a window is over, whether new entries wait in the next one.
     fn decide(&mut self, now: Instant) {
-        if now.duration_since(self.window) < LINGER_WINDOW {
+        let length = if self.lingering {
+            LINGER_WINDOW
+        } else {
+            LINGER_RETRY
+        };
+        if now.duration_since(self.window) < length {
             return;
         }
         self.lingering = !self.lingering || self.delivered >= self.written;
@@ -682,29 +691,35 @@ mod tests {
     }
 
     #[test]
-    fn new_entries_are_written_at_most_once_per_gap() {
+    fn new_entries_nobody_waits_for_are_written_at_most_once_per_gap() {
         let dir = tempfile::tempdir().unwrap();
         let (mut writer, file) = writer(dir.path());
         writer.lingering = false;
-        let (put0, mut r0) = put(0);
+        let (put0, _) = put(0);
         let (removals, _) = writer.sort(vec![put0]);
         writer.write_due(&file, removals);
-        assert_eq!(r0.try_recv().unwrap(), Ok(()));
-        // Within the gap (here, one that lasts), the next entry waits for the next write.
+        assert_eq!(stored(&file), (vec![0], 1));
+        // Within the gap (here, one that lasts), an entry nobody waits for waits for the next
+        // write; one a publisher waits for is written at once, with every entry before it.
         writer.last_write = Some(Instant::now() + Duration::from_secs(60));
-        let (put1, mut r1) = put(1);
+        let (put1, _) = put(1);
         let (removals, _) = writer.sort(vec![put1]);
         writer.write_due(&file, removals);
-        assert!(r1.try_recv().is_err());
         assert_eq!(stored(&file), (vec![0], 1));
-        // Once it is over, one write takes every entry that came due.
-        writer.last_write = Some(Instant::now() - WRITE_GAP);
         let (put2, mut r2) = put(2);
         let (removals, _) = writer.sort(vec![put2]);
         writer.write_due(&file, removals);
-        assert_eq!(r1.try_recv().unwrap(), Ok(()));
         assert_eq!(r2.try_recv().unwrap(), Ok(()));
         assert_eq!(stored(&file), (vec![0, 1, 2], 3));
+        // Once the gap is over, one write takes what came due meanwhile.
+        writer.last_write = Some(Instant::now() + Duration::from_secs(60));
+        let (put3, _) = put(3);
+        let (removals, _) = writer.sort(vec![put3]);
+        writer.write_due(&file, removals);
+        assert_eq!(stored(&file), (vec![0, 1, 2], 3));
+        writer.last_write = Some(Instant::now() - WRITE_GAP);
+        writer.write_due(&file, Vec::new());
+        assert_eq!(stored(&file), (vec![0, 1, 2, 3], 4));
     }
 
     #[test]
@@ -744,17 +759,23 @@ mod tests {
         assert!(!writer.lingering);
         assert_eq!(r3.try_recv().unwrap(), Ok(()));
         assert_eq!(stored(&file), (vec![0, 2, 3], 4));
-        // The window after is a trial: a new entry waits again, and, delivered within its
+        // After a longer window, a trial: a new entry waits again, and, delivered within its
         // wait, is never written.
         writer.window -= LINGER_WINDOW;
-        let (put4, mut r4) = put(4);
+        let (put4, _) = put(4);
         let (removals, _) = writer.sort(vec![put4]);
         write_now(&mut writer, &file, removals);
-        assert!(writer.lingering);
-        assert!(r4.try_recv().is_err());
-        let (removals, _) = writer.sort(vec![delete(vec![4])]);
+        assert!(!writer.lingering);
+        assert_eq!(stored(&file), (vec![0, 2, 3, 4], 5));
+        writer.window -= LINGER_RETRY;
+        let (put5, mut r5) = put(5);
+        let (removals, _) = writer.sort(vec![put5]);
         write_now(&mut writer, &file, removals);
-        assert_eq!(r4.try_recv().unwrap(), Ok(()));
-        assert_eq!(stored(&file), (vec![0, 2, 3], 4));
+        assert!(writer.lingering);
+        assert!(r5.try_recv().is_err());
+        let (removals, _) = writer.sort(vec![delete(vec![5])]);
+        write_now(&mut writer, &file, removals);
+        assert_eq!(r5.try_recv().unwrap(), Ok(()));
+        assert_eq!(stored(&file), (vec![0, 2, 3, 4], 5));
     }
 }
