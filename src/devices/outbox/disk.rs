@@ -711,7 +711,7 @@ mod tests {
         writer.write_due(&file, removals);
         assert_eq!(r2.try_recv().unwrap(), Ok(()));
         assert_eq!(stored(&file), (vec![0, 1, 2], 3));
-        // Once the gap is over, one write takes what came due meanwhile.
+        // An entry nobody waits for, come due within the gap, goes with the first write after.
         writer.last_write = Some(Instant::now() + Duration::from_secs(60));
         let (put3, _) = put(3);
         let (removals, _) = writer.sort(vec![put3]);
