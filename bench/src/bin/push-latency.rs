@@ -103,8 +103,12 @@ fn publish(args: &Args, start: Instant) -> anyhow::Result<u64> {
             continue;
         }
         out.clear();
-        while n < args.count && slot_time(start, args.rate, n) <= now {
-            if now > slot_time(start, args.rate, n) + LATE {
+        while n < args.count {
+            let at = slot_time(start, args.rate, n);
+            if at > now {
+                break;
+            }
+            if now > at + LATE {
                 late += 1;
             }
             let topic = format!("{}/{run}-{n}", args.prefix);
