@@ -43,7 +43,7 @@ pub trait Tap: Send + Sync {
 
 use crate::config::RpcConfig;
 use crate::metrics::Metrics;
-use crate::mqtt::{Link, LinkStats, MqttPublish, Refused, RetainedSource};
+use crate::mqtt::{Inbound, Link, LinkStats, MqttPublish, Refused, RetainedSource};
 use crate::policy::{Action, Denial, Policy, Principal, Readable};
 
 /// Most broker publishes the bridge takes from its queue at a time.
@@ -152,36 +152,33 @@ impl Bridge {
         drop(self.accept(message));
     }
 
-    /// Feeds client publishes from the broker into the store and the hub until cancelled; then
-    /// lets waiting calls go.
+    /// Feeds an external broker's publishes into the store and the hub until cancelled (the
+    /// embedded broker's connections hand theirs over themselves, as [`Inbound`]); then lets
+    /// waiting calls go.
     pub async fn run(self, cancel: CancellationToken) {
-        let Some(mut inbound) = self.inner.link.take_inbound() else {
-            return;
-        };
-        // Taken in batches: one wake-up of this task for all that is queued.
-        let mut batch: Vec<MqttPublish> = Vec::with_capacity(INBOUND_BATCH);
-        loop {
-            let taken = tokio::select! {
-                n = inbound.recv_many(&mut batch, INBOUND_BATCH) => n,
-                () = cancel.cancelled() => break,
-            };
-            if taken == 0 {
-                break;
-            }
-            for publish in batch.drain(..) {
-                match from_mqtt(publish) {
-                    // An MQTT publish is durable with the writer's next commit, a few
-                    // milliseconds later; nobody waits for it.
-                    Ok(message) => drop(self.accept(message)),
-                    Err(e) => {
-                        tracing::warn!(error = %e, "dropped a broker message with an invalid topic")
-                    }
+        if let Some(mut inbound) = self.inner.link.take_inbound() {
+            // Taken in batches: one wake-up of this task for all that is queued.
+            let mut batch: Vec<MqttPublish> = Vec::with_capacity(INBOUND_BATCH);
+            loop {
+                let taken = tokio::select! {
+                    n = inbound.recv_many(&mut batch, INBOUND_BATCH) => n,
+                    () = cancel.cancelled() => break,
+                };
+                if taken == 0 {
+                    break;
                 }
+                self.take(&mut batch);
             }
         }
+        cancel.cancelled().await;
         // No reply can arrive any more: calls end now rather than at their timeout, which
         // would hold up the shutdown.
         self.inner.replies.close();
+    }
+
+    /// The bridge as the embedded broker's connections see it: where their publishes go.
+    pub fn inbound(&self) -> Arc<dyn Inbound> {
+        Arc::new(self.clone())
     }
 
     /// Publishes through the broker for `who`, then updates the store and the streams; a
@@ -443,6 +440,21 @@ impl Bridge {
         self.inner.replies.deliver(&message);
         let taken = self.inner.tap.get().and_then(|tap| tap.offer(&message));
         (self.inner.hub.publish(message, &self.inner.store), taken)
+    }
+}
+
+impl Inbound for Bridge {
+    fn take(&self, publishes: &mut Vec<MqttPublish>) {
+        for publish in publishes.drain(..) {
+            match from_mqtt(publish) {
+                // An MQTT publish is durable with the writer's next commit, a few milliseconds
+                // later; nobody waits for it.
+                Ok(message) => drop(self.accept(message)),
+                Err(e) => {
+                    tracing::warn!(error = %e, "dropped a broker message with an invalid topic")
+                }
+            }
+        }
     }
 }
 

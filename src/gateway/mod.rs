@@ -230,17 +230,16 @@ impl Gateway {
             "retained store loaded"
         );
         let mut broker_stats = None;
-        let mut acceptor = None;
+        let mut ready = None;
         let mut sharing = None;
         let link = match broker {
             BrokerMode::Embedded(broker) => {
                 broker_stats = Some(broker.stats());
                 let mqtt_addrs = broker.addrs();
                 let mqtts_addr = broker.tls_addr();
-                let (link, serve) = broker
-                    .run(config.bridge.link_buffer, &tracker, cancel.clone())
-                    .await?;
-                acceptor = Some(serve);
+                let (link, bound) =
+                    broker.run(config.bridge.link_buffer, &tracker, cancel.clone())?;
+                ready = Some(bound);
                 for addr in &mqtt_addrs {
                     tracing::info!(protocol = "mqtt", %addr, "listening");
                     warn_if_open(&policy, "mqtt", *addr);
@@ -283,6 +282,10 @@ impl Gateway {
         );
         // Attached before anything can publish, so every accepted message reaches the outbox.
         let devices = devices.start(&bridge, sharing, &tracker, &cancel);
+        // MQTT clients are accepted once their publishes have somewhere to go.
+        let acceptor = ready
+            .map(|ready| ready.accept_clients(bridge.inbound()))
+            .transpose()?;
         tracker.spawn(bridge.clone().run(cancel.clone()));
         if let Some(stats) = broker_stats
             && !config.mqtt.sys_interval.is_zero()

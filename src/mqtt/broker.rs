@@ -7,11 +7,10 @@ use std::sync::{Arc, PoisonError};
 use std::time::Duration;
 
 use futures_util::FutureExt;
-use rumqttd::local::LinkBuilder;
+use rumqttd::local::{LinkBuilder, LinkRx, LinkTx};
 use rumqttd::protocol as r;
 use rumqttd::{Router, RouterConfig, Strategy};
 use tokio::net::TcpListener;
-use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -19,7 +18,7 @@ use super::MqttError;
 use super::connection::{Front, LinkFactory, serve};
 use super::flow::Matcher;
 use super::link::{Link, LinkParts, LinkStats};
-use super::message::{Meta, MqttPublish, RetainedSource};
+use super::message::{Inbound, Meta, MqttPublish, RetainedSource};
 use super::routing::to_router;
 use super::sessions::{Reap, Sessions, WillSink};
 use super::settings::{Audience, BrokerStats, Settings};
@@ -54,8 +53,8 @@ struct FrontParts {
     settings: Arc<Settings>,
     links: LinkFactory,
     reap: Reap,
-    wills: WillSink,
-    inbound: (mpsc::Sender<MqttPublish>, mpsc::Receiver<MqttPublish>),
+    /// The router link wills are published on.
+    will_link: (LinkTx, LinkRx),
     max_clients: usize,
 }
 
@@ -140,7 +139,6 @@ impl Broker {
                 }
             })
         };
-        let (inbound_tx, inbound_rx) = mpsc::channel(4096);
         let stats = Arc::new(LinkStats::default());
         let broker_stats = Arc::new(BrokerStats::default());
         let settings = Arc::new(Settings::new(
@@ -155,30 +153,11 @@ impl Broker {
             stats.clone(),
             kept_log_bytes(config),
         ));
-        let wills: WillSink = {
-            let (will_tx, will_rx) = links(
-                &format!("topicgate-wills-{:016x}", rand::random::<u64>()),
-                true,
-            )
-            .map_err(MqttError::Link)?;
-            let will_link = std::sync::Mutex::new((will_tx, will_rx));
-            let inbound = inbound_tx.clone();
-            let settings = settings.clone();
-            let known = std::sync::Mutex::new((Matcher::default(), Audience::default()));
-            Arc::new(move |publish: MqttPublish| {
-                let mut known = known.lock().unwrap_or_else(PoisonError::into_inner);
-                let (matcher, audience) = &mut *known;
-                if settings.is_read(audience, &publish.topic) {
-                    settings.flow.gateway_publish(matcher, &publish);
-                    drop(known);
-                    let packet = router_publish(&publish);
-                    let mut link = will_link.lock().unwrap_or_else(PoisonError::into_inner);
-                    let _ = link.0.send(packet).now_or_never();
-                }
-                // The gateway's store and streams see the will as they see any client publish.
-                let _ = inbound.try_send(publish);
-            })
-        };
+        let will_link = links(
+            &format!("topicgate-wills-{:016x}", rand::random::<u64>()),
+            true,
+        )
+        .map_err(MqttError::Link)?;
         Ok(Self {
             listeners,
             secure,
@@ -187,8 +166,7 @@ impl Broker {
                 settings,
                 links,
                 reap,
-                wills,
-                inbound: (inbound_tx, inbound_rx),
+                will_link,
                 max_clients: config.max_connections,
             }),
             stats,
@@ -223,30 +201,76 @@ impl Broker {
         self.broker_stats.clone()
     }
 
-    /// Starts accepting clients and the gateway's link; the acceptor serves connections that
-    /// come in another way (MQTT over WebSocket).
-    pub async fn run(
+    /// Starts the gateway's link. Clients are accepted once [`Ready::accept_clients`] names
+    /// where their publishes go: the gateway's bridge, which needs the link first.
+    pub fn run(
         mut self,
         link_buffer: usize,
         tracker: &TaskTracker,
         cancel: CancellationToken,
-    ) -> Result<(Link, Acceptor), MqttError> {
+    ) -> Result<(Link, Ready), MqttError> {
         let addr = self.addr();
         let Some(parts) = self.front.take() else {
             return Err(MqttError::NotReady(addr));
         };
-        let sessions = Sessions::new(parts.reap, parts.wills, tracker.clone(), cancel.clone());
+        let link = self.link_parts.run(
+            self.stats,
+            parts.settings.clone(),
+            link_buffer,
+            tracker,
+            cancel.clone(),
+        );
+        let ready = Ready {
+            listeners: self.listeners,
+            secure: self.secure,
+            parts,
+            connect_timeout: self.connect_timeout,
+            tracker: tracker.clone(),
+            cancel,
+        };
+        Ok((link, ready))
+    }
+}
+
+/// The broker with its link running and its listeners bound, not yet accepting clients.
+pub struct Ready {
+    listeners: Vec<StdTcpListener>,
+    secure: Option<(StdTcpListener, Tls)>,
+    parts: FrontParts,
+    connect_timeout: Duration,
+    tracker: TaskTracker,
+    cancel: CancellationToken,
+}
+
+impl Ready {
+    /// Starts accepting clients, whose publishes (wills too) `inbound` takes; the acceptor
+    /// serves connections that come in another way (MQTT over WebSocket).
+    pub fn accept_clients(self, inbound: Arc<dyn Inbound>) -> Result<Acceptor, MqttError> {
+        let Self {
+            listeners,
+            secure,
+            parts,
+            connect_timeout,
+            tracker,
+            cancel,
+        } = self;
+        let addr = listeners
+            .first()
+            .and_then(|l| l.local_addr().ok())
+            .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0)));
+        let wills = will_sink(parts.will_link, parts.settings.clone(), inbound.clone());
+        let sessions = Sessions::new(parts.reap, wills, tracker.clone(), cancel.clone());
         let front = Arc::new(Front {
             settings: parts.settings,
             sessions,
             links: parts.links,
-            bridge: parts.inbound.0,
-            connect_timeout: self.connect_timeout,
+            bridge: inbound,
+            connect_timeout,
             max_clients: parts.max_clients,
             clients: AtomicUsize::new(0),
             origins: AtomicU64::new(0),
         });
-        for listener in self.listeners {
+        for listener in listeners {
             let listener = TcpListener::from_std(listener)
                 .map_err(|source| MqttError::Bind { addr, source })?;
             tracker.spawn(accept_plain(
@@ -256,7 +280,7 @@ impl Broker {
                 cancel.clone(),
             ));
         }
-        if let Some((secure, tls)) = self.secure {
+        if let Some((secure, tls)) = secure {
             let secure_addr = secure.local_addr().unwrap_or(addr);
             let secure = TcpListener::from_std(secure).map_err(|source| MqttError::Bind {
                 addr: secure_addr,
@@ -270,22 +294,36 @@ impl Broker {
                 cancel.clone(),
             ));
         }
-        let settings = front.settings.clone();
-        let acceptor = Acceptor {
+        Ok(Acceptor {
             front,
-            tracker: tracker.clone(),
-            cancel: cancel.clone(),
-        };
-        let link = self.link_parts.run(
-            self.stats,
-            settings,
-            parts.inbound.1,
-            link_buffer,
             tracker,
             cancel,
-        );
-        Ok((link, acceptor))
+        })
     }
+}
+
+/// Publishes a will to MQTT subscribers on `link`, and hands it to `inbound` as any client
+/// publish.
+fn will_sink(
+    link: (LinkTx, LinkRx),
+    settings: Arc<Settings>,
+    inbound: Arc<dyn Inbound>,
+) -> WillSink {
+    let link = std::sync::Mutex::new(link);
+    let known = std::sync::Mutex::new((Matcher::default(), Audience::default()));
+    Arc::new(move |publish: MqttPublish| {
+        let mut known = known.lock().unwrap_or_else(PoisonError::into_inner);
+        let (matcher, audience) = &mut *known;
+        if settings.is_read(audience, &publish.topic) {
+            settings.flow.gateway_publish(matcher, &publish);
+            drop(known);
+            let packet = router_publish(&publish);
+            let mut link = link.lock().unwrap_or_else(PoisonError::into_inner);
+            let _ = link.0.send(packet).now_or_never();
+        }
+        // The gateway's store and streams see the will as they see any client publish.
+        inbound.take(&mut vec![publish]);
+    })
 }
 
 /// Serves MQTT on connections accepted elsewhere, with the same identity, ACL and limits.

@@ -12,12 +12,11 @@ use futures_util::FutureExt;
 use rumqttd::local::{LinkRx, LinkTx};
 use rumqttd::protocol as r;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::flow::{Blocked, Flow};
-use super::message::MqttPublish;
+use super::message::{Inbound, MqttPublish};
 use super::session::{End, Out, Session, code};
 use super::sessions::{PendingWill, Sessions, Start};
 use super::settings::Settings;
@@ -36,7 +35,8 @@ pub(crate) struct Front {
     pub(super) settings: Arc<Settings>,
     pub(super) sessions: Arc<Sessions>,
     pub(super) links: LinkFactory,
-    pub(super) bridge: mpsc::Sender<MqttPublish>,
+    /// Where client publishes go besides the router: the gateway's store, streams and outbox.
+    pub(super) bridge: Arc<dyn Inbound>,
     pub(super) connect_timeout: Duration,
     pub(super) max_clients: usize,
     pub(super) clients: AtomicUsize,
@@ -695,16 +695,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Joined<'_, S> {
                 }
             }
         }
-        while !out.bridge.is_empty() {
-            // A full queue slows this publisher down: the socket is not read meanwhile. Room
-            // is taken for the whole batch at once rather than message by message.
-            let n = out.bridge.len().min(self.front.bridge.max_capacity());
-            let Ok(permits) = self.front.bridge.reserve_many(n).await else {
-                return Some(Closed::Shutdown);
-            };
-            for (permit, publish) in permits.zip(out.bridge.drain(..n)) {
-                permit.send(publish);
-            }
+        if !out.bridge.is_empty() {
+            // Taken here, in this task: the socket is not read meanwhile, so a publisher
+            // faster than the gateway's store and outbox is slowed down by them.
+            self.front.bridge.take(&mut out.bridge);
         }
         if std::mem::take(&mut out.wake_router) && self.rx.wake().await.is_err() {
             return Some(Closed::RouterGone);

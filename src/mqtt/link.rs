@@ -82,12 +82,12 @@ impl LinkParts {
         Self { tx, rx, full }
     }
 
-    /// Starts the link; `inbound` carries the publishes of the broker's clients.
+    /// Starts the link. The publishes of the broker's clients do not come through it: each
+    /// connection hands its own to the gateway ([`super::Inbound`]).
     pub(crate) fn run(
         self,
         stats: Arc<LinkStats>,
         settings: Arc<Settings>,
-        inbound: mpsc::Receiver<MqttPublish>,
         buffer: usize,
         tracker: &TaskTracker,
         cancel: CancellationToken,
@@ -107,7 +107,7 @@ impl LinkParts {
             cancel.clone(),
         ));
         tracker.spawn(receive(self.rx, stats.clone(), cancel));
-        let mut link = Link::new(Sink::Router(sink), inbound, stats);
+        let mut link = Link::new(Sink::Router(sink), None, stats);
         link.subscribers = Some(settings);
         link
     }
@@ -323,6 +323,7 @@ pub struct Link {
     sink: Sink,
     /// The embedded broker's sessions, which know every subscription.
     subscribers: Option<Arc<Settings>>,
+    /// An external broker's publishes, from its client task; none from the embedded broker.
     inbound: std::sync::Mutex<Option<mpsc::Receiver<MqttPublish>>>,
     stats: Arc<LinkStats>,
 }
@@ -330,13 +331,13 @@ pub struct Link {
 impl Link {
     pub(crate) fn new(
         sink: Sink,
-        inbound: mpsc::Receiver<MqttPublish>,
+        inbound: Option<mpsc::Receiver<MqttPublish>>,
         stats: Arc<LinkStats>,
     ) -> Self {
         Self {
             sink,
             subscribers: None,
-            inbound: std::sync::Mutex::new(Some(inbound)),
+            inbound: std::sync::Mutex::new(inbound),
             stats,
         }
     }
@@ -345,8 +346,7 @@ impl Link {
     /// handling run without a broker, as the fuzz targets do.
     pub(crate) fn detached() -> Self {
         let (sink, _) = mpsc::channel(1);
-        let (_, inbound) = mpsc::channel(1);
-        Self::new(Sink::Remote(sink), inbound, Arc::new(LinkStats::default()))
+        Self::new(Sink::Remote(sink), None, Arc::new(LinkStats::default()))
     }
 
     /// Queues a publish for the broker without waiting, so that callers can keep their own
@@ -398,7 +398,8 @@ impl Link {
         self.subscribers.as_ref().map(|s| s.has_subscribers(topic))
     }
 
-    /// The stream of client publishes; can be taken once.
+    /// The stream of an external broker's publishes; can be taken once. None from the embedded
+    /// broker, whose connections hand theirs over themselves.
     pub fn take_inbound(&self) -> Option<mpsc::Receiver<MqttPublish>> {
         self.inbound
             .lock()
@@ -474,14 +475,12 @@ mod tests {
         let asked = AtomicUsize::new(0);
         let full: RouterFull =
             Box::new(move || !asked.fetch_add(1, Ordering::Relaxed).is_multiple_of(3));
-        let (_inbound_tx, inbound) = mpsc::channel(1);
         // The reader subscribes beside the sessions: it is counted as a session's would be.
         let settings = Settings::for_tests();
         settings.subscribed("order/#");
         let link = LinkParts::new(tx, rx, full).run(
             Arc::new(LinkStats::default()),
             settings,
-            inbound,
             8,
             &TaskTracker::new(),
             CancellationToken::new(),

@@ -46,6 +46,14 @@ impl MqttPublish {
     }
 }
 
+/// Where the publishes of the broker's clients go (the gateway's store, streams and push
+/// outbox). The connection that read them hands them over itself, in the order it read them:
+/// no task between the socket and the outbox to wake per batch.
+pub trait Inbound: Send + Sync {
+    /// Takes every publish in `publishes`, leaving it empty. Never waits.
+    fn take(&self, publishes: &mut Vec<MqttPublish>);
+}
+
 /// Where retained messages come from when a client subscribes.
 pub trait RetainedSource: Send + Sync {
     /// The live retained messages whose topics match `filter`.

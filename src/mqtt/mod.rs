@@ -18,9 +18,9 @@ pub(crate) mod wire;
 
 use std::net::SocketAddr;
 
-pub use broker::{Acceptor, Broker};
+pub use broker::{Acceptor, Broker, Ready};
 pub use link::{Link, LinkStats, Receipt, Refused};
-pub use message::{MqttPublish, RetainedSource};
+pub use message::{Inbound, MqttPublish, RetainedSource};
 pub use remote::{RemoteBroker, SharedDelivery, lease, subscribe_shared};
 pub use settings::BrokerStats;
 

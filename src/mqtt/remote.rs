@@ -90,7 +90,7 @@ pub(crate) fn start(
     let (out_tx, out_rx) = mpsc::channel(buffer.max(1));
     let (in_tx, in_rx) = mpsc::channel(buffer.max(1));
     tracker.spawn(run(broker, out_rx, in_tx, stats.clone(), cancel));
-    Link::new(Sink::Remote(out_tx), in_rx, stats)
+    Link::new(Sink::Remote(out_tx), Some(in_rx), stats)
 }
 
 async fn run(

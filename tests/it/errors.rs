@@ -214,7 +214,7 @@ async fn publishes_get_503_when_the_broker_link_is_down() {
     .unwrap();
     let tracker = TaskTracker::new();
     let link_cancel = CancellationToken::new();
-    let (link, _acceptor) = broker.run(16, &tracker, link_cancel.clone()).await.unwrap();
+    let (link, _ready) = broker.run(16, &tracker, link_cancel.clone()).unwrap();
     let bridge = Bridge::new(
         store,
         link,
