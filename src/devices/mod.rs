@@ -544,6 +544,36 @@ mod tests {
     use crate::config::DEFAULT_TOML;
     use std::time::Duration;
 
+    #[tokio::test]
+    async fn push_workers_run_on_their_own_threads_under_the_gateways_tracker() {
+        let tracker = TaskTracker::new();
+        let none = PushThreads::start(0);
+        assert!(none.handle.is_none());
+        let threads = PushThreads::start(3);
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let stop = CancellationToken::new();
+        let cancelled = stop.clone();
+        threads.spawn(&tracker, async move {
+            let _ = tx.send(std::thread::current().name().map(str::to_owned));
+            cancelled.cancelled().await;
+        });
+        assert_eq!(rx.await.unwrap().as_deref(), Some("push"));
+        // The gateway waits for the worker as for its own tasks.
+        tracker.close();
+        assert!(
+            tokio::time::timeout(Duration::from_millis(50), tracker.wait())
+                .await
+                .is_err()
+        );
+        stop.cancel();
+        tokio::time::timeout(Duration::from_secs(5), tracker.wait())
+            .await
+            .unwrap();
+        // Stopped from a task of another runtime, without blocking it.
+        threads.stop();
+        assert!(threads.runtime.lock().unwrap().is_none());
+    }
+
     /// The commented block of the documented config that starts with the line `start`.
     fn example(start: &str) -> String {
         DEFAULT_TOML
