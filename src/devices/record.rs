@@ -1,6 +1,7 @@
 //! How the outbox stores a message: a version byte, then the postcard encoding of a
 //! [`Record`], keyed by (rule, sequence number).
 
+use std::borrow::Cow;
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -12,9 +13,9 @@ use crate::bridge::{Message, Origin, Qos, Topic, from_millis, millis};
 /// Format of a stored value: this byte, then the postcard encoding of [`Record`].
 const VERSION: u8 = 1;
 
-/// A message as the outbox stores it.
-#[derive(Deserialize)]
-#[cfg_attr(test, derive(Serialize))]
+/// A message as the outbox stores it, as earlier versions wrote it field by field.
+#[cfg(test)]
+#[derive(Serialize)]
 struct Record {
     topic: String,
     payload: Vec<u8>,
@@ -29,15 +30,21 @@ struct Record {
     taken_at_ms: u64,
 }
 
-/// A [`Record`] borrowed from the message it stores: the same fields in the same order, so the
-/// same encoding, without a copy of every field first.
-#[derive(Serialize)]
+/// A message as the outbox stores it, borrowed from the message (to encode) or from the stored
+/// bytes (to decode): no copy of every field on the way. Bytes are written as a sequence of
+/// `u8`, which postcard encodes as it encodes bytes (a length, then the bytes), so they are read
+/// back in one piece.
+#[derive(Serialize, Deserialize)]
 struct RecordRef<'a> {
     topic: &'a str,
     payload: &'a [u8],
+    #[serde(borrow)]
     content_type: Option<&'a str>,
-    user_properties: &'a [(String, String)],
+    #[serde(borrow)]
+    user_properties: Cow<'a, [(String, String)]>,
+    #[serde(borrow)]
     response_topic: Option<&'a str>,
+    #[serde(borrow)]
     correlation_data: Option<&'a [u8]>,
     qos: u8,
     retain: bool,
@@ -55,7 +62,7 @@ pub(crate) fn encode(entry: &Entry) -> Vec<u8> {
         topic: m.topic.as_str(),
         payload: &m.payload,
         content_type: m.content_type.as_deref(),
-        user_properties: &m.user_properties,
+        user_properties: Cow::Borrowed(&m.user_properties),
         response_topic: m.response_topic.as_deref(),
         correlation_data: m.correlation_data.as_deref(),
         qos: m.qos.level(),
@@ -88,14 +95,14 @@ pub(crate) fn decode(seq: u64, bytes: &[u8]) -> Option<Entry> {
     if version != VERSION {
         return None;
     }
-    let r: Record = postcard::from_bytes(rest).ok()?;
+    let r: RecordRef<'_> = postcard::from_bytes(rest).ok()?;
     let message = Message {
-        topic: Topic::parse_any(&r.topic).ok()?,
-        payload: Bytes::from(r.payload),
-        content_type: r.content_type,
-        user_properties: r.user_properties,
-        response_topic: r.response_topic,
-        correlation_data: r.correlation_data.map(Bytes::from),
+        topic: Topic::parse_any(r.topic).ok()?,
+        payload: Bytes::copy_from_slice(r.payload),
+        content_type: r.content_type.map(str::to_owned),
+        user_properties: r.user_properties.into_owned(),
+        response_topic: r.response_topic.map(str::to_owned),
+        correlation_data: r.correlation_data.map(Bytes::copy_from_slice),
         qos: Qos::new(r.qos).unwrap_or_default(),
         retain: r.retain,
         expires_at: r.expires_at_ms.map(from_millis),
