@@ -545,9 +545,7 @@ fn commit<'a>(
     let txn = db.begin_write().map_err(|e| e.to_string())?;
     {
         let mut table = txn.open_table(TABLE).map_err(|e| e.to_string())?;
-        for (rule, seq) in removals {
-            table.remove((&**rule, *seq)).map_err(|e| e.to_string())?;
-        }
+        remove_all(&mut table, removals)?;
         for (rule, seq, record) in puts {
             table
                 .insert((*rule, *seq), *record)
@@ -567,6 +565,45 @@ fn commit<'a>(
         }
     }
     txn.commit().map_err(|e| e.to_string())
+}
+
+/// A rule's removals are swept in one pass over their range when they are at least this dense in
+/// it (one in `DENSE` numbers or more), else removed one by one.
+const DENSE: u64 = 4;
+
+/// Removes the entries `removals` names. Deliveries come about in order, so a rule's removals
+/// are mostly a run of numbers: one pass over their range (redb's `retain_in`, which rewrites
+/// each leaf once) costs a fraction of a B-tree removal for each (a drain spent 7 % of the
+/// gateway's CPU in those).
+fn remove_all<'a>(
+    table: &mut redb::Table<'_, (&'static str, u64), &'static [u8]>,
+    removals: impl IntoIterator<Item = &'a (Arc<str>, u64)>,
+) -> Result<(), String> {
+    let mut by_rule: HashMap<&str, Vec<u64>> = HashMap::new();
+    for (rule, seq) in removals {
+        by_rule.entry(&**rule).or_default().push(*seq);
+    }
+    for (rule, mut seqs) in by_rule {
+        seqs.sort_unstable();
+        seqs.dedup();
+        let (Some(&first), Some(&last)) = (seqs.first(), seqs.last()) else {
+            continue;
+        };
+        if last - first < DENSE * seqs.len() as u64 {
+            let mut listed = seqs.iter().copied().peekable();
+            table
+                .retain_in((rule, first)..=(rule, last), |(_, seq), _| {
+                    while listed.next_if(|&s| s < seq).is_some() {}
+                    listed.next_if_eq(&seq).is_none()
+                })
+                .map_err(|e| e.to_string())?;
+        } else {
+            for seq in seqs {
+                table.remove((rule, seq)).map_err(|e| e.to_string())?;
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Every rule's stored queue: the first `window(rule)` entries read, the rest counted; every
@@ -749,6 +786,44 @@ mod tests {
         writer.last_write = Some(Instant::now() - WRITE_GAP);
         writer.write_due(&file, Vec::new());
         assert_eq!(stored(&file), (vec![0, 1, 2, 3], 4));
+    }
+
+    #[test]
+    fn removals_go_in_one_sweep_when_dense_and_one_by_one_when_not() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Database::create(dir.path().join("outbox.redb")).unwrap();
+        let txn = db.begin_write().unwrap();
+        {
+            let mut table = txn.open_table(TABLE).unwrap();
+            for rule in ["a", "b"] {
+                for seq in (0..100u64).filter(|&s| (rule, s) != ("a", 18)) {
+                    table.insert((rule, seq), &[0u8][..]).unwrap();
+                }
+            }
+            let (a, b): (Arc<str>, Arc<str>) = (Arc::from("a"), Arc::from("b"));
+            // Rule a: a run with a gap (swept), listed out of order, once twice, one not stored.
+            // Rule b: four numbers far apart (one by one).
+            let mut removals: Vec<(Arc<str>, u64)> = [12, 10, 11, 13, 14, 16, 17, 12, 18]
+                .into_iter()
+                .map(|s| (a.clone(), s))
+                .collect();
+            removals.extend([3, 50, 51, 99].into_iter().map(|s| (b.clone(), s)));
+            remove_all(&mut table, &removals).unwrap();
+            let left = |rule: &'static str| -> Vec<u64> {
+                table
+                    .range((rule, 0)..=(rule, u64::MAX))
+                    .unwrap()
+                    .map(|row| row.unwrap().0.value().1)
+                    .collect()
+            };
+            let expected_a: Vec<u64> = (0..100)
+                .filter(|s| !(10..=18).contains(s) || *s == 15)
+                .collect();
+            assert_eq!(left("a"), expected_a);
+            let expected_b: Vec<u64> = (0..100).filter(|s| ![3, 50, 51, 99].contains(s)).collect();
+            assert_eq!(left("b"), expected_b);
+        }
+        txn.commit().unwrap();
     }
 
     #[test]
