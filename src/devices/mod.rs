@@ -81,7 +81,6 @@ pub struct Running {
 /// connections. On threads of their own they do neither: on the MQTT → push path at 20,000
 /// messages/s the gateway spent about a quarter less CPU per message (`bench/README.md`).
 struct PushThreads {
-    handle: Option<tokio::runtime::Handle>,
     /// Shut down, without waiting, once the workers have stopped (or when the gateway goes).
     runtime: Mutex<Option<tokio::runtime::Runtime>>,
 }
@@ -106,7 +105,6 @@ impl PushThreads {
             })
             .flatten();
         Self {
-            handle: runtime.as_ref().map(|r| r.handle().clone()),
             runtime: Mutex::new(runtime),
         }
     }
@@ -116,18 +114,20 @@ impl PushThreads {
     where
         F: std::future::Future<Output = ()> + Send + 'static,
     {
-        match &self.handle {
-            Some(handle) => drop(handle.spawn(tracker.track_future(task))),
+        match &*self.lock() {
+            Some(runtime) => drop(runtime.spawn(tracker.track_future(task))),
             None => drop(tracker.spawn(task)),
         }
     }
 
-    fn stop(&self) {
-        let runtime = self
-            .runtime
+    fn lock(&self) -> std::sync::MutexGuard<'_, Option<tokio::runtime::Runtime>> {
+        self.runtime
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .take();
+    }
+
+    fn stop(&self) {
+        let runtime = self.lock().take();
         // Never blocks, so it may run on a runtime's thread.
         if let Some(runtime) = runtime {
             runtime.shutdown_background();
@@ -548,7 +548,7 @@ mod tests {
     async fn push_workers_run_on_their_own_threads_under_the_gateways_tracker() {
         let tracker = TaskTracker::new();
         let none = PushThreads::start(0);
-        assert!(none.handle.is_none());
+        assert!(none.lock().is_none());
         let threads = PushThreads::start(3);
         let (tx, rx) = tokio::sync::oneshot::channel();
         let stop = CancellationToken::new();
@@ -571,7 +571,7 @@ mod tests {
             .unwrap();
         // Stopped from a task of another runtime, without blocking it.
         threads.stop();
-        assert!(threads.runtime.lock().unwrap().is_none());
+        assert!(threads.lock().is_none());
     }
 
     /// The commented block of the documented config that starts with the line `start`.
